@@ -1,0 +1,352 @@
+"""Timing and concurrency harnesses shared by every notebook, test and benchmark.
+
+- :func:`percentiles` / :func:`summarize`: p50/p95/p99 of latency samples (nearest-rank on
+  sorted samples; no interpolation, so a reported p99 is a latency that really happened).
+- :class:`Timer` and :func:`time_calls`: wall-clock timing with ``time.perf_counter``.
+- :func:`run_threads`, :func:`run_processes`, :func:`run_tasks`: run one function from N
+  threads / N processes / N asyncio tasks that start together (a barrier releases them at
+  once, which is what makes races and stampedes reproducible) and collect one
+  :class:`Call` per invocation: worker, start/end time, value or exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing
+import os
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+__all__ = [
+    "Call",
+    "Calls",
+    "Timer",
+    "percentiles",
+    "run_processes",
+    "run_tasks",
+    "run_threads",
+    "summarize",
+    "time_calls",
+]
+
+DEFAULT_PERCENTILES = (50.0, 95.0, 99.0)
+
+
+def percentiles(
+    samples: Iterable[float], ps: Sequence[float] = DEFAULT_PERCENTILES
+) -> dict[str, float]:
+    """Nearest-rank percentiles, keyed ``"p50"``, ``"p95"``, ...; raises on no samples."""
+    ordered = sorted(samples)
+    if not ordered:
+        raise ValueError("samples must not be empty")
+    result = {}
+    for p in ps:
+        if not 0 < p <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {p}")
+        rank = max(1, math.ceil(p / 100 * len(ordered)))
+        result[f"p{p:g}"] = ordered[rank - 1]
+    return result
+
+
+def summarize(samples: Iterable[float], *, scale: float = 1.0) -> dict[str, float]:
+    """Count, mean, p50/p95/p99 and max of ``samples`` multiplied by ``scale`` (e.g. 1e3 for ms)."""
+    values = [s * scale for s in samples]
+    return {
+        "n": float(len(values)),
+        "mean": sum(values) / len(values) if values else math.nan,
+        **percentiles(values),
+        "max": max(values),
+    }
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.elapsed`` in seconds."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.elapsed = 0.0
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.elapsed = time.perf_counter() - self.start
+
+
+def time_calls(fn: Callable[[], Any], n: int, *, warmup: int = 0) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``n`` times; return each call's seconds."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+@dataclass(frozen=True)
+class Call:
+    """One invocation made by a harness. Times are ``time.perf_counter()`` seconds."""
+
+    worker: int
+    index: int
+    start: float
+    end: float
+    value: Any = None
+    error: str | None = None
+
+    @property
+    def latency(self) -> float:
+        return self.end - self.start
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Calls:
+    """Everything one harness run collected, in completion order per worker."""
+
+    calls: list[Call] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def __iter__(self):
+        return iter(self.calls)
+
+    @property
+    def values(self) -> list[Any]:
+        return [c.value for c in self.calls if c.ok]
+
+    @property
+    def errors(self) -> list[str]:
+        return [c.error for c in self.calls if c.error is not None]
+
+    @property
+    def latencies(self) -> list[float]:
+        return [c.latency for c in self.calls]
+
+    def summary(self, *, scale: float = 1e3) -> dict[str, float]:
+        """Latency summary, in milliseconds by default."""
+        return summarize(self.latencies, scale=scale)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per call; ``start``/``end`` relative to the first start, in seconds."""
+        origin = min((c.start for c in self.calls), default=0.0)
+        return pd.DataFrame(
+            {
+                "worker": [c.worker for c in self.calls],
+                "index": [c.index for c in self.calls],
+                "start": [c.start - origin for c in self.calls],
+                "end": [c.end - origin for c in self.calls],
+                "latency": [c.latency for c in self.calls],
+                "value": [c.value for c in self.calls],
+                "error": [c.error for c in self.calls],
+            }
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def _check_counts(workers: int, calls: int) -> None:
+    if workers <= 0:
+        raise ValueError(f"workers must be positive, got {workers}")
+    if calls <= 0:
+        raise ValueError(f"calls must be positive, got {calls}")
+
+
+def _worker_loop(
+    fn: Callable[..., Any], worker: int, calls: int, pass_worker: bool
+) -> list[Call]:
+    out = []
+    for index in range(calls):
+        start = time.perf_counter()
+        try:
+            value = fn(worker, index) if pass_worker else fn()
+            out.append(Call(worker, index, start, time.perf_counter(), value))
+        except Exception as exc:
+            out.append(Call(worker, index, start, time.perf_counter(), error=_describe(exc)))
+    return out
+
+
+def run_threads(
+    fn: Callable[..., Any],
+    workers: int,
+    *,
+    calls: int = 1,
+    pass_worker: bool = False,
+    timeout: float | None = 60.0,
+) -> Calls:
+    """Run ``fn`` ``calls`` times in each of ``workers`` threads released together.
+
+    With ``pass_worker`` it is called as ``fn(worker, index)``. Exceptions are recorded, not
+    raised. Raises ``TimeoutError`` if a thread is still running after ``timeout`` seconds
+    (the threads are daemons, so a hung call cannot keep the interpreter alive).
+    """
+    _check_counts(workers, calls)
+    barrier = threading.Barrier(workers)
+    results: list[list[Call]] = [[] for _ in range(workers)]
+
+    def body(worker: int) -> None:
+        barrier.wait()
+        results[worker] = _worker_loop(fn, worker, calls, pass_worker)
+
+    threads = [threading.Thread(target=body, args=(w,), daemon=True) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for thread in threads:
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            raise TimeoutError(f"a thread was still running after {timeout} s")
+    return Calls([c for chunk in results for c in chunk])
+
+
+def _process_body(
+    fn: Callable[..., Any],
+    worker: int,
+    calls: int,
+    pass_worker: bool,
+    barrier: Any,
+    queue: Any,
+) -> None:
+    try:
+        barrier.wait()
+        queue.put((worker, _worker_loop(fn, worker, calls, pass_worker), None))
+    except BaseException as exc:
+        queue.put((worker, [], _describe(exc)))
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # fork lets notebooks pass functions defined in a cell; spawn would need them importable.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def run_processes(
+    fn: Callable[..., Any],
+    workers: int,
+    *,
+    calls: int = 1,
+    pass_worker: bool = False,
+    timeout: float | None = 120.0,
+) -> Calls:
+    """Like :func:`run_threads`, with ``workers`` OS processes.
+
+    Each process must open its own connections (a client created before the fork must not be
+    shared). ``perf_counter`` is system-wide on Linux and macOS, so times are comparable
+    across processes. Processes still running after ``timeout`` are killed and
+    ``TimeoutError`` is raised.
+    """
+    _check_counts(workers, calls)
+    ctx = _context()
+    barrier = ctx.Barrier(workers)
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_process_body, args=(fn, w, calls, pass_worker, barrier, queue))
+        for w in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    collected: list[Call] = []
+    failures = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for _ in procs:
+            remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
+            try:
+                worker, chunk, failure = queue.get(timeout=remaining)
+            except Exception as exc:
+                raise TimeoutError(f"a process was still running after {timeout} s") from exc
+            collected.extend(chunk)
+            if failure:
+                failures.append(f"worker {worker}: {failure}")
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if failures:
+        raise RuntimeError("; ".join(failures))
+    return Calls(sorted(collected, key=lambda c: (c.worker, c.index)))
+
+
+async def _run_tasks_async(
+    fn: Callable[..., Awaitable[Any]], workers: int, calls: int, pass_worker: bool
+) -> list[Call]:
+    start_gate = asyncio.Event()
+    results: list[list[Call]] = [[] for _ in range(workers)]
+
+    async def body(worker: int) -> None:
+        await start_gate.wait()
+        for index in range(calls):
+            start = time.perf_counter()
+            try:
+                value = await (fn(worker, index) if pass_worker else fn())
+                results[worker].append(Call(worker, index, start, time.perf_counter(), value))
+            except Exception as exc:
+                results[worker].append(
+                    Call(worker, index, start, time.perf_counter(), error=_describe(exc))
+                )
+
+    tasks = [asyncio.create_task(body(w)) for w in range(workers)]
+    await asyncio.sleep(0)
+    start_gate.set()
+    await asyncio.gather(*tasks)
+    return [c for chunk in results for c in chunk]
+
+
+def run_tasks(
+    fn: Callable[..., Awaitable[Any]],
+    workers: int,
+    *,
+    calls: int = 1,
+    pass_worker: bool = False,
+    timeout: float | None = 60.0,
+) -> Calls:
+    """Like :func:`run_threads`, with ``workers`` asyncio tasks on one event loop.
+
+    ``fn`` is a coroutine function. Runs its own event loop in a helper thread, so it also
+    works inside Jupyter, where a loop is already running. Raises ``TimeoutError`` after
+    ``timeout`` seconds (the tasks are cancelled).
+    """
+    _check_counts(workers, calls)
+
+    async def bounded() -> list[Call]:
+        return await asyncio.wait_for(
+            _run_tasks_async(fn, workers, calls, pass_worker), timeout=timeout
+        )
+
+    outcome: dict[str, Any] = {}
+
+    def runner() -> None:
+        try:
+            outcome["calls"] = asyncio.run(bounded())
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=runner, name=f"run_tasks-{os.getpid()}")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        error = outcome["error"]
+        if isinstance(error, asyncio.TimeoutError | TimeoutError):
+            raise TimeoutError(f"asyncio tasks were still running after {timeout} s") from error
+        raise error
+    return Calls(outcome["calls"])

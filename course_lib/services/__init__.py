@@ -1,0 +1,171 @@
+"""One place that hands out connections to the course's Redis and PostgreSQL.
+
+Every notebook, test and benchmark calls these functions instead of hard-coding addresses, so
+the same code runs against the servers of a CI machine, a URL the user exported, or the
+embedded servers the course starts on a laptop that has none (see
+:mod:`course_lib.services.resolve` for the order).
+
+Guarantees: the choice is made once per process and reused; an explicitly set URL that does
+not answer raises :class:`ServiceError` naming it; embedded servers listen on Unix sockets
+only and are shared by every process of the user.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import redis
+from sqlalchemy import Engine, create_engine
+
+from .embedded import EmbeddedPostgres, EmbeddedRedis, state_dir
+from .errors import ServiceError
+from .resolve import Resolution, libpq_url, mask, resolve_postgres, resolve_redis, sqlalchemy_url
+
+__all__ = [
+    "EmbeddedPostgres",
+    "EmbeddedRedis",
+    "Resolution",
+    "ServiceError",
+    "ServiceStatus",
+    "database_url",
+    "engine",
+    "redis_client",
+    "redis_url",
+    "reset",
+    "resolution",
+    "start_embedded",
+    "state_dir",
+    "status",
+    "stop_embedded",
+]
+
+_RESOLVERS: dict[str, Callable[[], Resolution]] = {
+    "redis": resolve_redis,
+    "postgres": resolve_postgres,
+}
+_cache: dict[str, Resolution] = {}
+_cache_lock = threading.Lock()
+
+
+def resolution(service: str) -> Resolution:
+    """Where ``service`` (``"redis"`` or ``"postgres"``) comes from; decided once per process."""
+    if service not in _RESOLVERS:
+        raise ValueError(f"service must be one of {sorted(_RESOLVERS)}, got {service!r}")
+    with _cache_lock:
+        if service not in _cache:
+            _cache[service] = _RESOLVERS[service]()
+        return _cache[service]
+
+
+def reset() -> None:
+    """Forget the choices made so far (after changing the environment, e.g. in tests)."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def redis_url() -> str:
+    """URL of the course's Redis (``redis://``, ``rediss://`` or ``unix://``)."""
+    return resolution("redis").url
+
+
+def redis_client(**kwargs: Any) -> redis.Redis:
+    """A new ``redis.Redis`` for the course's Redis; ``kwargs`` go to ``Redis.from_url``."""
+    return redis.Redis.from_url(redis_url(), **kwargs)
+
+
+def database_url() -> str:
+    """SQLAlchemy URL (``postgresql+psycopg://...``) of the course's PostgreSQL database."""
+    return resolution("postgres").url
+
+
+def engine(**kwargs: Any) -> Engine:
+    """A new SQLAlchemy ``Engine`` on psycopg 3; keep it, it owns a connection pool.
+
+    ``pool_pre_ping`` is on unless overridden, so a restarted server costs one retry, not
+    an error. ``kwargs`` go to ``create_engine``.
+    """
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(database_url(), **kwargs)
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """What ``course doctor`` reports for one service."""
+
+    service: str
+    ok: bool
+    source: str
+    reason: str
+    url: str
+    version: str
+    latency_ms: float | None
+    error: str = ""
+
+
+def _rtt_ms(call: Callable[[], object], rounds: int = 7) -> float:
+    call()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1000)
+    return statistics.median(samples)
+
+
+def _redis_status() -> ServiceStatus:
+    chosen = resolution("redis")
+    client = redis.Redis.from_url(chosen.url, socket_timeout=5)
+    try:
+        version = str(client.info("server")["redis_version"])
+        latency = _rtt_ms(client.ping)
+    finally:
+        client.close()
+    return ServiceStatus(
+        "redis", True, chosen.source, chosen.reason, mask(chosen.url), version, latency
+    )
+
+
+def _postgres_status() -> ServiceStatus:
+    chosen = resolution("postgres")
+    with psycopg.connect(libpq_url(sqlalchemy_url(chosen.url)), connect_timeout=5) as conn:
+        version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+        latency = _rtt_ms(lambda: conn.execute("SELECT 1").fetchone())
+    return ServiceStatus(
+        "postgres", True, chosen.source, chosen.reason, mask(chosen.url), version, latency
+    )
+
+
+def status() -> list[ServiceStatus]:
+    """Per service: the source chosen and why, server version, median round trip in ms.
+
+    Never raises for an unreachable service: it is reported with ``ok=False`` and the error.
+    """
+    report = []
+    for service, probe in (("redis", _redis_status), ("postgres", _postgres_status)):
+        try:
+            report.append(probe())
+        except (ServiceError, redis.RedisError, psycopg.Error, OSError) as exc:
+            report.append(ServiceStatus(service, False, "-", "-", "-", "-", None, str(exc)))
+    return report
+
+
+def start_embedded() -> dict[str, str]:
+    """Start (or reuse) both embedded servers; return their URLs."""
+    return {
+        "redis": EmbeddedRedis.default().start(),
+        "postgres": EmbeddedPostgres.default().start(),
+    }
+
+
+def stop_embedded() -> dict[str, bool]:
+    """Stop both embedded servers; return which ones were running."""
+    return {
+        "redis": EmbeddedRedis.default().stop(),
+        "postgres": EmbeddedPostgres.default().stop(),
+    }

@@ -1,0 +1,74 @@
+"""Fixtures: real Redis and PostgreSQL from ``course_lib.services``, isolated per test.
+
+- ``redis`` : a ``redis.Redis`` on the course's Redis (bytes responses).
+- ``ns``    : a namespace unique to the test; every key containing it is deleted afterwards.
+- ``pg_engine`` : a SQLAlchemy engine whose ``search_path`` is a schema of the test's own,
+  dropped afterwards.
+- ``embedded_dir`` : a fresh, short state folder for tests that start and stop embedded
+  servers themselves; whatever they started there is stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import Engine, create_engine, text
+
+from course_lib import services
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = []
+    for item in services.status():
+        where = f"{item.source} ({item.reason}) {item.url} v{item.version}"
+        lines.append(f"{item.service}: {where if item.ok else 'UNAVAILABLE ' + item.error}")
+    return lines
+
+
+@pytest.fixture
+def redis() -> Iterator[redis_lib.Redis]:
+    client = services.redis_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def ns(redis: redis_lib.Redis) -> Iterator[str]:
+    token = f"t{uuid.uuid4().hex[:12]}"
+    yield token
+    keys = list(redis.scan_iter(match=f"*{token}*", count=1000))
+    if keys:
+        redis.delete(*keys)
+
+
+@pytest.fixture
+def pg_engine() -> Iterator[Engine]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = services.engine()
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine = create_engine(
+        services.database_url(),
+        pool_pre_ping=True,
+        connect_args={"options": f"-c search_path={schema}"},
+    )
+    yield engine
+    engine.dispose()
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture
+def embedded_dir() -> Iterator[Path]:
+    # Unix socket paths are limited to ~100 bytes, so keep the folder short.
+    with tempfile.TemporaryDirectory(prefix="pc-", dir="/tmp") as folder:
+        root = Path(folder)
+        yield root
+        services.EmbeddedRedis(root / "redis").stop()
+        services.EmbeddedPostgres(root / "postgres").stop()
