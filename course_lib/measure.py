@@ -170,9 +170,7 @@ def _check_counts(workers: int, calls: int) -> None:
         raise ValueError(f"calls must be positive, got {calls}")
 
 
-def _worker_loop(
-    fn: Callable[..., Any], worker: int, calls: int, pass_worker: bool
-) -> list[Call]:
+def _worker_loop(fn: Callable[..., Any], worker: int, calls: int, pass_worker: bool) -> list[Call]:
     out = []
     for index in range(calls):
         start = time.perf_counter()

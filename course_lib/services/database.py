@@ -18,5 +18,7 @@ def ensure_database(admin_url: str, name: str, *, connect_timeout: float = 5) ->
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=int(connect_timeout)) as conn:
         found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if found is None:
-            with contextlib.suppress(psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+            with contextlib.suppress(
+                psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation
+            ):
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

@@ -328,4 +328,3 @@ class EmbeddedPostgres:
             if done.returncode != 0:
                 raise ServiceError(f"embedded PostgreSQL did not stop: {done.stderr.strip()}")
             return True
-

@@ -1,0 +1,253 @@
+"""The course's charts: one style, one palette, every function returns a ``Figure``.
+
+The same strategy gets the same colour in every notebook (:data:`PALETTE`, :func:`color`),
+latency is shown as percentiles and CDFs rather than means, and titles are meant to state the
+conclusion. Functions never call ``plt.show()``: notebooks display the returned figure,
+tests inspect it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from .measure import percentiles
+
+__all__ = [
+    "PALETTE",
+    "bar_by_category",
+    "color",
+    "ladder",
+    "latency_cdf",
+    "latency_hist",
+    "new_figure",
+    "step_timeline",
+    "timeline",
+]
+
+# Same colour for the same strategy across the course.
+PALETTE: dict[str, str] = {
+    "naive": "#d62728",
+    "seed": "#ff7f0e",
+    "course_lib": "#2ca02c",
+    "baseline": "#7f7f7f",
+    "hit": "#2ca02c",
+    "miss": "#d62728",
+    "redis": "#dc382d",
+    "postgres": "#336791",
+    "python": "#3776ab",
+    "allowed": "#2ca02c",
+    "denied": "#d62728",
+    "fixed_window": "#9467bd",
+    "sliding_window_log": "#1f77b4",
+    "sliding_window_counter": "#17becf",
+    "token_bucket": "#2ca02c",
+    "gcra": "#8c564b",
+    "round_robin": "#1f77b4",
+    "least_connections": "#2ca02c",
+    "random": "#bcbd22",
+    "write_through": "#1f77b4",
+    "write_behind": "#9467bd",
+}
+_FALLBACK = itertools.cycle(["#e377c2", "#bcbd22", "#17becf", "#8c564b", "#9467bd"])
+_assigned: dict[str, str] = {}
+
+STYLE = {
+    "figure.figsize": (8.0, 4.2),
+    "figure.dpi": 100,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titleweight": "bold",
+    "axes.titlesize": 11,
+    "legend.frameon": False,
+}
+
+
+def color(name: str) -> str:
+    """Colour of a strategy; names not in :data:`PALETTE` get a stable colour of their own."""
+    key = name.lower().replace(" ", "_").replace("-", "_")
+    if key in PALETTE:
+        return PALETTE[key]
+    return _assigned.setdefault(key, next(_FALLBACK))
+
+
+def new_figure(
+    title: str, *, xlabel: str = "", ylabel: str = "", ncols: int = 1
+) -> tuple[Figure, list]:
+    """A figure in the course style with ``ncols`` axes side by side."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, ncols, squeeze=False, figsize=(4.2 * ncols + 3.8, 4.2))
+    axes_list = list(axes[0])
+    for ax in axes_list:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, fontweight="bold", fontsize=11)
+    plt.close(fig)  # the caller displays it; keeps pyplot from showing it twice
+    return fig, axes_list
+
+
+def _label_with_percentiles(label: str, values: Sequence[float], unit: str) -> str:
+    p = percentiles(values)
+    return f"{label} (p50 {p['p50']:.3g} {unit}, p99 {p['p99']:.3g} {unit})"
+
+
+def latency_hist(
+    samples: Mapping[str, Sequence[float]],
+    title: str,
+    *,
+    unit: str = "ms",
+    scale: float = 1e3,
+    bins: int = 60,
+    log_x: bool = True,
+) -> Figure:
+    """Overlaid histograms of latency samples (seconds, shown in ``unit`` via ``scale``)."""
+    fig, (ax,) = new_figure(title, xlabel=f"latency ({unit})", ylabel="calls")
+    scaled = {k: np.asarray(v, dtype=float) * scale for k, v in samples.items() if len(v)}
+    every = np.concatenate(list(scaled.values()))
+    lo, hi = max(every.min(), 1e-9), every.max()
+    edges = np.geomspace(lo, hi * 1.0001, bins) if log_x else np.linspace(lo, hi, bins)
+    for label, values in scaled.items():
+        ax.hist(
+            values,
+            bins=edges,
+            alpha=0.55,
+            color=color(label),
+            label=_label_with_percentiles(label, values, unit),
+        )
+    if log_x:
+        ax.set_xscale("log")
+    ax.legend()
+    return fig
+
+
+def latency_cdf(
+    samples: Mapping[str, Sequence[float]],
+    title: str,
+    *,
+    unit: str = "ms",
+    scale: float = 1e3,
+    log_x: bool = True,
+) -> Figure:
+    """Empirical CDF per label, with p50 and p99 in the legend."""
+    fig, (ax,) = new_figure(title, xlabel=f"latency ({unit})", ylabel="fraction of calls ≤ x")
+    for label, values in samples.items():
+        if not len(values):
+            continue
+        ordered = np.sort(np.asarray(values, dtype=float) * scale)
+        fraction = np.arange(1, len(ordered) + 1) / len(ordered)
+        ax.step(
+            ordered,
+            fraction,
+            where="post",
+            color=color(label),
+            label=_label_with_percentiles(label, ordered, unit),
+        )
+    for level in (0.5, 0.99):
+        ax.axhline(level, color="#999999", linewidth=0.8, linestyle=":")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_ylim(0, 1.01)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def timeline(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str,
+    *,
+    xlabel: str = "time (s)",
+    ylabel: str = "",
+    markers: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+) -> Figure:
+    """Lines of ``(x, y)`` per label over time, plus optional scatter ``markers`` per label.
+
+    Markers are how the course marks discrete events on a continuous quantity, e.g. the
+    allowed and denied requests on a token-count line.
+    """
+    fig, (ax,) = new_figure(title, xlabel=xlabel, ylabel=ylabel)
+    for label, (x, y) in series.items():
+        ax.plot(x, y, color=color(label), label=label, linewidth=1.6)
+    for label, (x, y) in (markers or {}).items():
+        ax.scatter(x, y, color=color(label), label=label, s=14, zorder=3)
+    ax.legend()
+    return fig
+
+
+def step_timeline(
+    events: Mapping[str, Iterable[tuple[float, bool]]],
+    title: str,
+    *,
+    xlabel: str = "time (s)",
+) -> Figure:
+    """One row per label, a tick per request at its time: allowed green, denied red."""
+    fig, (ax,) = new_figure(title, xlabel=xlabel)
+    labels = list(events)
+    for row, label in enumerate(labels):
+        pairs = list(events[label])
+        for verdict in (True, False):
+            xs = [t for t, ok in pairs if ok is verdict]
+            ax.scatter(
+                xs,
+                [row] * len(xs),
+                marker="|",
+                s=120,
+                color=PALETTE["allowed" if verdict else "denied"],
+                label=("allowed" if verdict else "denied") if row == 0 else None,
+            )
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.legend(loc="upper right")
+    return fig
+
+
+def bar_by_category(
+    values: Mapping[str, float],
+    title: str,
+    *,
+    ylabel: str = "",
+    log: bool = False,
+    annotate: str = "{:.3g}",
+) -> Figure:
+    """One bar per category, coloured by :func:`color`, value written on each bar."""
+    fig, (ax,) = new_figure(title, ylabel=ylabel)
+    names = list(values)
+    heights = [values[n] for n in names]
+    bars = ax.bar(names, heights, color=[color(n) for n in names])
+    if log:
+        ax.set_yscale("log")
+    for bar, height in zip(bars, heights, strict=True):
+        ax.annotate(
+            annotate.format(height),
+            (bar.get_x() + bar.get_width() / 2, height),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
+    return fig
+
+
+def ladder(
+    rungs: Mapping[str, float],
+    title: str,
+    *,
+    unit: str = "µs",
+    scale: float = 1e6,
+) -> Figure:
+    """Horizontal log-scale bars, fastest at the top: the course's latency ladder."""
+    fig, (ax,) = new_figure(title, xlabel=f"time per operation ({unit}, log scale)")
+    names = list(rungs)[::-1]
+    widths = [rungs[n] * scale for n in names]
+    ax.barh(names, widths, color=[color(n.split()[0]) for n in names])
+    ax.set_xscale("log")
+    for y, width in enumerate(widths):
+        ax.annotate(f" {width:.3g} {unit}", (width, y), va="center", fontsize=9)
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    return fig
