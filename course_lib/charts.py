@@ -39,7 +39,8 @@ PALETTE: dict[str, str] = {
     "miss": "#d62728",
     "redis": "#dc382d",
     "postgres": "#336791",
-    "python": "#3776ab",
+    "postgresql": "#336791",
+    "python": "#f2b701",
     "allowed": "#2ca02c",
     "denied": "#d62728",
     "fixed_window": "#9467bd",
@@ -248,6 +249,7 @@ def ladder(
     ax.barh(names, widths, color=[color(n.split()[0]) for n in names])
     ax.set_xscale("log")
     for y, width in enumerate(widths):
-        ax.annotate(f" {width:.3g} {unit}", (width, y), va="center", fontsize=9)
+        shown = f"{width:,.0f}" if width >= 100 else f"{width:.3g}"
+        ax.annotate(f" {shown} {unit}", (width, y), va="center", fontsize=9)
     ax.grid(True, axis="x", which="both", alpha=0.3)
     return fig

@@ -27,6 +27,7 @@ import pandas as pd
 __all__ = [
     "Call",
     "Calls",
+    "RoundTripCounter",
     "Timer",
     "percentiles",
     "run_processes",
@@ -348,3 +349,37 @@ def run_tasks(
             raise TimeoutError(f"asyncio tasks were still running after {timeout} s") from error
         raise error
     return Calls(outcome["calls"])
+
+
+class RoundTripCounter:
+    """A new ``redis.Redis`` on ``url`` (``.client``) that counts the requests it sends.
+
+    One command is one round trip; a pipeline or a ``MGET`` is one round trip however many
+    keys it carries. The pool's connection class is a subclass that counts
+    ``send_packed_command`` calls, so it observes the real client talking to the real
+    server. The connection handshake is not counted.
+    """
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        import redis
+
+        self._lock = threading.Lock()
+        self.count = 0
+        pool = redis.ConnectionPool.from_url(url, **kwargs)
+        counter = self
+
+        class Counting(pool.connection_class):  # type: ignore[name-defined, misc]
+            def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+                with counter._lock:
+                    counter.count += 1
+                super().send_packed_command(command, check_health)
+
+        pool.connection_class = Counting
+        self.client = redis.Redis(connection_pool=pool)
+        self.client.ping()
+        self.reset()
+
+    def reset(self) -> None:
+        """Start counting from zero."""
+        with self._lock:
+            self.count = 0

@@ -1,0 +1,136 @@
+"""The ``course`` command: ``doctor``, ``build``, ``lab`` and ``services start|stop|status``.
+
+Errors a user can fix (an unreachable URL, nothing to run) end the command with one line on
+stderr and a non-zero status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import services
+from .services.resolve import mask
+
+__all__ = ["main"]
+
+
+def _root() -> Path:
+    """The course folder: the current one if it holds ``notebooks/``, else the package's."""
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "notebooks").is_dir() and (folder / "course_lib").is_dir():
+            return folder
+    return Path(__file__).resolve().parent.parent
+
+
+def _doctor(_: argparse.Namespace) -> int:
+    from .doctor import package_versions, services_frame
+
+    frame = services_frame()
+    print(frame.drop(columns=["error"]).to_string())
+    print()
+    for name, version in package_versions().items():
+        print(f"{name:<12} {version}")
+    broken = frame[~frame["ok"]]
+    for service, row in broken.iterrows():
+        print(f"course: error: {service}: {row['error']}", file=sys.stderr)
+    return 1 if len(broken) else 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .build import build
+
+    root = _root()
+    for item in services.status():
+        if not item.ok:
+            raise services.ServiceError(f"{item.service}: {item.error}")
+    runs = build(
+        root,
+        [Path(p) for p in args.notebooks] or None,
+        out=Path(args.out) if args.out else None,
+        inplace=args.inplace,
+        timeout=args.timeout,
+    )
+    for run in runs:
+        print(run.describe())
+    if not args.inplace:
+        print(f"open {(Path(args.out) if args.out else root / 'build') / 'index.html'}")
+    return 0 if all(run.ok for run in runs) else 1
+
+
+def _lab(args: argparse.Namespace) -> int:
+    os.environ["REDIS_URL"] = services.redis_url()
+    os.environ["DATABASE_URL"] = services.database_url()
+    print(f"REDIS_URL={mask(services.redis_url())}")
+    print(f"DATABASE_URL={mask(services.database_url())}")
+    command = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        f"--notebook-dir={_root() / 'notebooks'}",
+        "--ServerApp.ip=127.0.0.1",
+        *args.jupyter_args,
+    ]
+    os.execv(sys.executable, command)
+    return 0  # pragma: no cover - execv does not return
+
+
+def _services(args: argparse.Namespace) -> int:
+    if args.action == "start":
+        for name, url in services.start_embedded().items():
+            print(f"{name}: running at {mask(url)}")
+    elif args.action == "stop":
+        for name, was_running in services.stop_embedded().items():
+            print(f"{name}: {'stopped' if was_running else 'was not running'}")
+    else:
+        for name, server in (
+            ("redis", services.EmbeddedRedis.default()),
+            ("postgres", services.EmbeddedPostgres.default()),
+        ):
+            state = "running" if server.is_running() else "stopped"
+            print(f"{name}: embedded server {state} in {server.root}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="course", description="perf-course: run, build and check the course."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "doctor", help="show which Redis/PostgreSQL the course uses; exit 1 if one is unreachable"
+    ).set_defaults(func=_doctor)
+    build = sub.add_parser("build", help="execute the notebooks and write HTML under build/")
+    build.add_argument("notebooks", nargs="*", help="notebooks to run (default: all, in order)")
+    build.add_argument("--out", help="output folder (default: build/)")
+    build.add_argument(
+        "--inplace", action="store_true", help="write outputs back into the notebooks"
+    )
+    build.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
+    build.set_defaults(func=_build)
+    lab = sub.add_parser("lab", help="provision the services and start JupyterLab")
+    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed to jupyter lab")
+    lab.set_defaults(func=_lab)
+    svc = sub.add_parser("services", help="start, stop or inspect the embedded servers")
+    svc.add_argument("action", choices=("start", "stop", "status"))
+    svc.set_defaults(func=_services)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (services.ServiceError, ValueError) as exc:
+        print(f"course: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

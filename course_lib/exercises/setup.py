@@ -1,0 +1,48 @@
+"""Warm-up exercise of notebook 00: fetch many keys in one round trip."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable, Sequence
+
+import redis
+
+from .. import services
+from ..measure import RoundTripCounter
+from .result import CheckResult, failed, not_attempted, passed
+
+__all__ = ["check_get_many"]
+
+GetMany = Callable[[redis.Redis, Sequence[str]], Sequence[bytes | None]]
+
+
+def check_get_many(student_fn: GetMany, *, keys: int = 50) -> CheckResult:
+    """``student_fn(client, keys)`` must return each key's value (``None`` if missing), in
+    order, using exactly one round trip to Redis, whatever the number of keys."""
+    name = "check_get_many"
+    client = services.redis_client()
+    prefix = f"exercise:get_many:{uuid.uuid4().hex[:8]}"
+    names = [f"{prefix}:{i}" for i in range(keys)]
+    present = {k: f"value-{i}".encode() for i, k in enumerate(names) if i % 5}
+    random.Random(0).shuffle(names)
+    expected = [present.get(k) for k in names]
+    try:
+        client.mset(present)
+        counter = RoundTripCounter(services.redis_url())
+        try:
+            got = list(student_fn(counter.client, names))
+        except NotImplementedError:
+            return not_attempted(name, "implement get_many")
+        trips = counter.count
+        counter.client.close()
+    finally:
+        client.delete(*present)
+        client.close()
+    if got != expected:
+        wrong = sum(a != b for a, b in zip(got, expected, strict=False))
+        wrong += abs(len(got) - len(expected))
+        return failed(name, f"{wrong} of {keys} values wrong or missing (order matters)")
+    if trips != 1:
+        return failed(name, f"{keys} keys fetched in {trips} round trips; expected 1")
+    return passed(name, f"{keys} keys ({keys - len(present)} missing) fetched in 1 round trip")
