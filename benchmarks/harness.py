@@ -52,7 +52,7 @@ def per_call(fn: Callable[[], object], calls: int) -> float:
 
 
 def best_of(fn: Callable[[], object], calls: int, repeats: int) -> float:
-    """Lowest per-call time over ``repeats`` runs: the least disturbed by the rest of the machine."""
+    """Lowest per-call time over ``repeats`` runs: the run least disturbed by the machine."""
     return min(per_call(fn, calls) for _ in range(repeats))
 
 
@@ -65,7 +65,7 @@ def interleaved(
     CPU frequency) over all of them instead of penalising whichever ran last.
     """
     samples: dict[str, list[float]] = {name: [] for name in subjects}
-    for name, fn in subjects.items():
+    for fn in subjects.values():
         per_call(fn, max(1, calls // 10))
     for _ in range(rounds):
         for name, fn in subjects.items():

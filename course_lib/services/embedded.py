@@ -106,7 +106,7 @@ def find_redis_server() -> Path:
 
 
 def find_postgres_bin_dir() -> Path:
-    """Folder with ``initdb``/``pg_ctl``/``postgres``: pgserver's bundled build, else the system's."""
+    """Folder with ``initdb``, ``pg_ctl`` and ``postgres``: pgserver's, else the system's."""
     bundled = _package_file("pgserver", "pginstall", "bin")
     if bundled is not None:
         return bundled
