@@ -61,7 +61,8 @@ def measure_ladder(
     """Measure every rung of :data:`RUNGS`; one row per rung with p50/p99 in seconds.
 
     ``engine`` only supplies the URL. ``samples`` calls per rung (a tenth of that for new
-    connections, which are slow); ``batch`` keys per pipeline and dict-lookup sample. Keys it writes are deleted after.
+    connections, which are slow); ``batch`` keys per pipeline and dict-lookup sample.
+    Keys it writes are deleted afterwards.
     """
     if samples < 20:
         raise ValueError(f"samples must be at least 20, got {samples}")
