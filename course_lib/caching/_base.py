@@ -1,0 +1,192 @@
+"""What the sync and asyncio cache-aside share: validation, key names, payloads, stats, health.
+
+Nothing here talks to Redis; :mod:`course_lib.caching.cache_aside` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .serialization import dumps, loads
+from .xfetch import Envelope, should_refresh
+
+__all__ = ["STAMPEDE_MODES", "CacheConfig", "LoaderError", "Stats", "Ticket"]
+
+log = logging.getLogger("course_lib.caching")
+
+STAMPEDE_MODES = (None, "local", "lock", "xfetch")
+STAT_NAMES = (
+    "hits",
+    "misses",
+    "loads",
+    "load_errors",
+    "stale_fills_rejected",
+    "lock_waits",
+    "lock_timeouts",
+    "early_refreshes",
+    "fail_open",
+    "redis_errors",
+)
+# A generation must outlive any load that read it; loads longer than this are not protected.
+GENERATION_TTL_MIN = 60.0
+# Long enough for every waiter polling the lock to see the leader's error once.
+ERROR_TTL_MS = 2000
+FIRST_POLL = 0.001
+MAX_POLL = 0.02
+
+
+class LoaderError(RuntimeError):
+    """The loader raised in another process that held the lock; the message says what."""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A reservation to fill ``key``: the generation seen before the load began."""
+
+    key: Any
+    generation: str
+
+
+class Stats:
+    """Thread-safe counters; ``snapshot()`` is the mapping exposed as ``cache.stats``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(STAT_NAMES, 0)
+
+    def incr(self, name: str, by: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += by
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+    return float(value)
+
+
+class CacheConfig:
+    """Validated settings, key names, payload encoding and the Redis health state."""
+
+    def __init__(
+        self,
+        loader: Callable[..., Any],
+        *,
+        ttl: float,
+        namespace: str,
+        stampede: str | None,
+        negative_ttl: float | None,
+        lock_ttl: float,
+        wait_timeout: float,
+        beta: float,
+        retry_after: float,
+        rng: random.Random | None,
+    ) -> None:
+        if not callable(loader):
+            raise TypeError(f"loader must be callable, got {type(loader).__name__}")
+        self.ttl = _positive("ttl", ttl)
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a string, got {type(namespace).__name__}")
+        if not namespace.strip():
+            raise ValueError("namespace must be a non-empty string")
+        if stampede not in STAMPEDE_MODES:
+            raise ValueError(f"stampede must be one of {STAMPEDE_MODES}, got {stampede!r}")
+        self.negative_ttl = _positive(
+            "negative_ttl", min(self.ttl, 30.0) if negative_ttl is None else negative_ttl
+        )
+        self.lock_ttl = _positive("lock_ttl", lock_ttl)
+        self.wait_timeout = _positive("wait_timeout", wait_timeout)
+        self.beta = _positive("beta", beta)
+        self.retry_after = _positive("retry_after", retry_after)
+        self.loader = loader
+        self.namespace = namespace
+        self.stampede = stampede
+        self.distributed = stampede in ("lock", "xfetch")
+        self.xfetch = stampede == "xfetch"
+        self.rng = rng if rng is not None else random.Random()
+        self.generation_ttl_ms = int(max(self.ttl, GENERATION_TTL_MIN) * 1000)
+        self.lock_ms = int(self.lock_ttl * 1000)
+        self.stats = Stats()
+        self.down_until = 0.0
+        self._warned = False
+
+    # Key names. The value key is "<namespace>:<key>"; metadata lives under "<namespace>#...".
+    def value_key(self, key: Any) -> str:
+        return f"{self.namespace}:{key}"
+
+    def generation_key(self, key: Any) -> str:
+        return f"{self.namespace}#gen:{key}"
+
+    def lock_key(self, key: Any) -> str:
+        return f"{self.namespace}#lock:{key}"
+
+    def error_key(self, token: str) -> str:
+        return f"{self.namespace}#err:{token}"
+
+    # Payloads.
+    def encode(self, value: Any, delta: float) -> tuple[bytes, int]:
+        """Bytes to store and their TTL in ms (``None`` values get the negative TTL)."""
+        ttl = self.negative_ttl if value is None else self.ttl
+        if self.xfetch:
+            return dumps(Envelope(value, delta, time.time() + ttl).to_json()), int(ttl * 1000)
+        return dumps(value), int(ttl * 1000)
+
+    def decode(self, raw: bytes) -> Any:
+        data = loads(raw)
+        return Envelope.from_json(data).value if self.xfetch else data
+
+    def wants_early_refresh(self, raw: bytes) -> tuple[Any, bool]:
+        envelope = Envelope.from_json(loads(raw))
+        refresh = should_refresh(
+            now=time.time(),
+            delta=envelope.delta,
+            expiry=envelope.expiry,
+            beta=self.beta,
+            rng=self.rng,
+        )
+        return envelope.value, refresh
+
+    # Redis health: fail open, log once per outage, skip Redis for retry_after seconds.
+    def bypassing(self) -> bool:
+        return bool(self.down_until) and time.monotonic() < self.down_until
+
+    def failed(self, exc: BaseException) -> None:
+        self.stats.incr("redis_errors")
+        self.down_until = time.monotonic() + self.retry_after
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "Redis unreachable (%s); cache %r serves from the loader", exc, self.namespace
+            )
+
+    def recovered(self) -> None:
+        self.down_until = 0.0
+        if self._warned:
+            self._warned = False
+            log.warning("Redis reachable again; cache %r resumes", self.namespace)
+
+    def load(self, key: Any) -> tuple[Any, float]:
+        self.stats.incr("loads")
+        start = time.perf_counter()
+        try:
+            value = self.loader(key)
+        except Exception:
+            self.stats.incr("load_errors")
+            raise
+        return value, time.perf_counter() - start
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,505 @@
+"""Cache-aside (lazy loading) on Redis, with stampede protection and safe invalidation.
+
+``CacheAside(redis, loader, ttl=..., namespace=...)``; ``cache.get(key)`` returns the cached
+value or calls ``loader(key)`` on a miss and caches what it returns. ``None`` is cached too
+(a negative entry, for ``negative_ttl`` seconds) so a missing row does not cost a query per
+lookup.
+
+``stampede`` decides what concurrent misses of one key do:
+
+- ``None``: every miss calls the loader (the naive pattern; N misses, N loads);
+- ``"local"``: single-flight within the process (one load per process);
+- ``"lock"`` (default): single-flight plus a Redis lock (``SET NX PX`` + token,
+  compare-and-delete release), so one load across every process; waiters poll for the value,
+  bounded by ``wait_timeout``, after which they load themselves;
+- ``"xfetch"``: ``"lock"`` plus probabilistic early refresh of hot keys
+  (:mod:`course_lib.caching.xfetch`), so a hot key is reloaded before it expires.
+
+Guarantees:
+
+- Values are stored as JSON (:mod:`course_lib.caching.serialization`), never pickled.
+- A loader exception reaches the caller and every waiter of that load (waiters in another
+  process get :class:`LoaderError` carrying its type and message); the lock is released and
+  the next call loads again.
+- No stale fill: :meth:`invalidate` bumps a per-key generation, and a load that began before
+  it is not cached (``lua/fill.lua``). This closes the race where a reader caches the row
+  it read just before a writer updated the row and deleted the key.
+- Fail-open: if Redis is unreachable, ``get`` returns ``loader(key)`` (through the local
+  single-flight), counts it in ``stats["fail_open"]``, logs one warning per outage, and skips
+  Redis for ``retry_after`` seconds before trying it again. Give the client a short
+  ``socket_timeout`` and few retries, or each failing call waits out redis-py's retry policy.
+  ``invalidate`` does raise: a write that could not invalidate must know it.
+- Bad settings raise ``ValueError``/``TypeError`` at construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from ._base import (
+    ERROR_TTL_MS,
+    FIRST_POLL,
+    MAX_POLL,
+    STAMPEDE_MODES,
+    CacheConfig,
+    LoaderError,
+    Ticket,
+    describe,
+)
+from .redis_lock import new_token
+from .scripts import register
+from .single_flight import AsyncSingleFlight, SingleFlight
+
+__all__ = ["STAMPEDE_MODES", "AsyncCacheAside", "CacheAside", "LoaderError", "Ticket"]
+
+
+def _text(raw: bytes | str | None) -> str:
+    if raw is None:
+        return ""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+class CacheAside:
+    """Cache-aside over a synchronous ``redis.Redis``; safe to share between threads."""
+
+    def __init__(
+        self,
+        redis: Any,
+        loader: Callable[[Any], Any],
+        *,
+        ttl: float,
+        namespace: str,
+        stampede: str | None = "lock",
+        negative_ttl: float | None = None,
+        lock_ttl: float = 5.0,
+        wait_timeout: float = 10.0,
+        beta: float = 1.0,
+        retry_after: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._c = CacheConfig(
+            loader,
+            ttl=ttl,
+            namespace=namespace,
+            stampede=stampede,
+            negative_ttl=negative_ttl,
+            lock_ttl=lock_ttl,
+            wait_timeout=wait_timeout,
+            beta=beta,
+            retry_after=retry_after,
+            rng=rng,
+        )
+        self.redis = redis
+        self._scripts = register(redis, "release", "fill", "invalidate")
+        # A waiter of the local flight may sit behind a leader waiting for the Redis lock.
+        timeout = self._c.wait_timeout + (self._c.lock_ttl if self._c.distributed else 0)
+        self._flight: SingleFlight[Any] | None = (
+            SingleFlight(timeout=timeout) if stampede is not None else None
+        )
+
+    @property
+    def namespace(self) -> str:
+        return self._c.namespace
+
+    @property
+    def ttl(self) -> float:
+        return self._c.ttl
+
+    @property
+    def stampede(self) -> str | None:
+        return self._c.stampede
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: hits, misses, loads, load_errors, stale_fills_rejected, lock_waits,
+        lock_timeouts, early_refreshes, fail_open, redis_errors."""
+        return self._c.stats.snapshot()
+
+    def key(self, key: Any) -> str:
+        """The Redis key holding ``key``'s value."""
+        return self._c.value_key(key)
+
+    def get(self, key: Any) -> Any:
+        """The value for ``key``: from Redis, else from the loader (then cached)."""
+        c = self._c
+        if c.down_until and c.bypassing():
+            return self._without_redis(key, None)
+        try:
+            raw = self.redis.get(c.value_key(key))
+        except RedisError as exc:
+            return self._without_redis(key, exc)
+        if c.down_until:
+            c.recovered()
+        if raw is not None:
+            c.stats.incr("hits")
+            if c.xfetch:
+                value, refresh = c.wants_early_refresh(raw)
+                return self._refresh_early(key, value) if refresh else value
+            return c.decode(raw)
+        c.stats.incr("misses")
+        if self._flight is None:
+            return self._miss(key)
+        miss = self._miss_locked if c.distributed else self._miss
+        return self._flight.do(key, lambda: miss(key))
+
+    def invalidate(self, key: Any) -> int:
+        """Delete ``key`` and refuse any fill from a load that began before; new generation."""
+        c = self._c
+        return int(
+            self._scripts["invalidate"](
+                keys=[c.value_key(key), c.generation_key(key)], args=[c.generation_ttl_ms]
+            )
+        )
+
+    # The two halves of a miss, public so that an interleaving can be scripted step by step.
+    def reserve(self, key: Any) -> Ticket:
+        """First half of a miss: note ``key``'s generation before the load begins."""
+        return Ticket(key, _text(self.redis.get(self._c.generation_key(key))))
+
+    def fill(self, ticket: Ticket, value: Any, *, delta: float = 0.0) -> bool:
+        """Second half: cache ``value`` unless ``ticket.key`` was invalidated since reserve."""
+        c = self._c
+        payload, ttl_ms = c.encode(value, delta)
+        stored = bool(
+            self._scripts["fill"](
+                keys=[c.value_key(ticket.key), c.generation_key(ticket.key)],
+                args=[ticket.generation, payload, ttl_ms],
+            )
+        )
+        if not stored:
+            c.stats.incr("stale_fills_rejected")
+        return stored
+
+    def _without_redis(self, key: Any, exc: BaseException | None) -> Any:
+        c = self._c
+        if exc is not None:
+            c.failed(exc)
+        c.stats.incr("fail_open")
+        if self._flight is None:
+            return c.load(key)[0]
+        return self._flight.do(("fail-open", key), lambda: c.load(key)[0])
+
+    def _fill_quietly(self, ticket: Ticket, value: Any, delta: float) -> None:
+        try:
+            self.fill(ticket, value, delta=delta)
+        except RedisError as exc:
+            self._c.failed(exc)
+
+    def _miss(self, key: Any) -> Any:
+        try:
+            ticket = self.reserve(key)
+        except RedisError as exc:
+            return self._without_redis(key, exc)
+        value, delta = self._c.load(key)
+        self._fill_quietly(ticket, value, delta)
+        return value
+
+    def _miss_locked(self, key: Any) -> Any:
+        c = self._c
+        value_key, lock_key = c.value_key(key), c.lock_key(key)
+        deadline = time.monotonic() + c.wait_timeout
+        seen: str | None = None
+        waited = False
+        pause = FIRST_POLL
+        while True:
+            token = new_token()
+            try:
+                acquired = self.redis.set(lock_key, token, nx=True, px=c.lock_ms)
+            except RedisError as exc:
+                return self._without_redis(key, exc)
+            if acquired:
+                return self._lead(key, token)
+            if not waited:
+                waited = True
+                c.stats.incr("lock_waits")
+            while True:
+                keys = [value_key, lock_key] + ([c.error_key(seen)] if seen else [])
+                try:
+                    found = self.redis.mget(keys)
+                except RedisError as exc:
+                    return self._without_redis(key, exc)
+                if found[0] is not None:
+                    return c.decode(found[0])
+                if seen is not None and found[2] is not None:
+                    raise LoaderError(_text(found[2]))
+                if found[1] is None:
+                    break  # released without a value (rejected fill, expiry): compete again
+                seen = _text(found[1])
+                if time.monotonic() >= deadline:
+                    c.stats.incr("lock_timeouts")
+                    return self._miss(key)
+                time.sleep(pause)
+                pause = min(pause * 1.5, MAX_POLL)
+
+    def _lead(self, key: Any, token: str) -> Any:
+        c = self._c
+        try:
+            try:
+                raw, generation = self.redis.mget([c.value_key(key), c.generation_key(key)])
+            except RedisError as exc:
+                return self._without_redis(key, exc)
+            if raw is not None:  # filled by another process while we took the lock
+                return c.decode(raw)
+            ticket = Ticket(key, _text(generation))
+            try:
+                value, delta = c.load(key)
+            except Exception as exc:
+                with contextlib.suppress(RedisError):
+                    self.redis.set(c.error_key(token), describe(exc), px=ERROR_TTL_MS)
+                raise
+            self._fill_quietly(ticket, value, delta)
+            return value
+        finally:
+            with contextlib.suppress(RedisError):
+                self._scripts["release"](keys=[c.lock_key(key)], args=[token])
+
+    def _refresh_early(self, key: Any, current: Any) -> Any:
+        """XFetch chose this caller: reload now if no one else is, else serve ``current``."""
+        c = self._c
+        token = new_token()
+        try:
+            if not self.redis.set(c.lock_key(key), token, nx=True, px=c.lock_ms):
+                return current
+        except RedisError as exc:
+            c.failed(exc)
+            return current
+        c.stats.incr("early_refreshes")
+        try:
+            ticket = self.reserve(key)
+            value, delta = c.load(key)
+            self.fill(ticket, value, delta=delta)
+            return value
+        except Exception:
+            # The cached value is still valid: an optional refresh must not fail the read.
+            return current
+        finally:
+            with contextlib.suppress(RedisError):
+                self._scripts["release"](keys=[c.lock_key(key)], args=[token])
+
+
+class AsyncCacheAside:
+    """The same over ``redis.asyncio.Redis``: ``await cache.get(key)``.
+
+    ``loader`` may be a coroutine function or a plain function. Use one instance per event
+    loop (its single-flight and the client's connections belong to that loop).
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        loader: Callable[[Any], Any],
+        *,
+        ttl: float,
+        namespace: str,
+        stampede: str | None = "lock",
+        negative_ttl: float | None = None,
+        lock_ttl: float = 5.0,
+        wait_timeout: float = 10.0,
+        beta: float = 1.0,
+        retry_after: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._c = CacheConfig(
+            loader,
+            ttl=ttl,
+            namespace=namespace,
+            stampede=stampede,
+            negative_ttl=negative_ttl,
+            lock_ttl=lock_ttl,
+            wait_timeout=wait_timeout,
+            beta=beta,
+            retry_after=retry_after,
+            rng=rng,
+        )
+        self.redis = redis
+        self._scripts = register(redis, "release", "fill", "invalidate")
+        timeout = self._c.wait_timeout + (self._c.lock_ttl if self._c.distributed else 0)
+        self._flight: AsyncSingleFlight[Any] | None = (
+            AsyncSingleFlight(timeout=timeout) if stampede is not None else None
+        )
+
+    @property
+    def namespace(self) -> str:
+        return self._c.namespace
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self._c.stats.snapshot()
+
+    def key(self, key: Any) -> str:
+        return self._c.value_key(key)
+
+    async def _load(self, key: Any) -> tuple[Any, float]:
+        c = self._c
+        c.stats.incr("loads")
+        start = time.perf_counter()
+        try:
+            value = c.loader(key)
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception:
+            c.stats.incr("load_errors")
+            raise
+        return value, time.perf_counter() - start
+
+    async def get(self, key: Any) -> Any:
+        c = self._c
+        if c.down_until and c.bypassing():
+            return await self._without_redis(key, None)
+        try:
+            raw = await self.redis.get(c.value_key(key))
+        except RedisError as exc:
+            return await self._without_redis(key, exc)
+        if c.down_until:
+            c.recovered()
+        if raw is not None:
+            c.stats.incr("hits")
+            if c.xfetch:
+                value, refresh = c.wants_early_refresh(raw)
+                return await self._refresh_early(key, value) if refresh else value
+            return c.decode(raw)
+        c.stats.incr("misses")
+        if self._flight is None:
+            return await self._miss(key)
+        miss = self._miss_locked if c.distributed else self._miss
+        return await self._flight.do(key, lambda: miss(key))
+
+    async def invalidate(self, key: Any) -> int:
+        c = self._c
+        return int(
+            await self._scripts["invalidate"](
+                keys=[c.value_key(key), c.generation_key(key)], args=[c.generation_ttl_ms]
+            )
+        )
+
+    async def reserve(self, key: Any) -> Ticket:
+        return Ticket(key, _text(await self.redis.get(self._c.generation_key(key))))
+
+    async def fill(self, ticket: Ticket, value: Any, *, delta: float = 0.0) -> bool:
+        c = self._c
+        payload, ttl_ms = c.encode(value, delta)
+        stored = bool(
+            await self._scripts["fill"](
+                keys=[c.value_key(ticket.key), c.generation_key(ticket.key)],
+                args=[ticket.generation, payload, ttl_ms],
+            )
+        )
+        if not stored:
+            c.stats.incr("stale_fills_rejected")
+        return stored
+
+    async def _without_redis(self, key: Any, exc: BaseException | None) -> Any:
+        c = self._c
+        if exc is not None:
+            c.failed(exc)
+        c.stats.incr("fail_open")
+
+        async def load() -> Any:
+            return (await self._load(key))[0]
+
+        if self._flight is None:
+            return await load()
+        return await self._flight.do(("fail-open", key), load)
+
+    async def _fill_quietly(self, ticket: Ticket, value: Any, delta: float) -> None:
+        try:
+            await self.fill(ticket, value, delta=delta)
+        except RedisError as exc:
+            self._c.failed(exc)
+
+    async def _miss(self, key: Any) -> Any:
+        try:
+            ticket = await self.reserve(key)
+        except RedisError as exc:
+            return await self._without_redis(key, exc)
+        value, delta = await self._load(key)
+        await self._fill_quietly(ticket, value, delta)
+        return value
+
+    async def _miss_locked(self, key: Any) -> Any:
+        c = self._c
+        value_key, lock_key = c.value_key(key), c.lock_key(key)
+        deadline = time.monotonic() + c.wait_timeout
+        seen: str | None = None
+        waited = False
+        pause = FIRST_POLL
+        while True:
+            token = new_token()
+            try:
+                acquired = await self.redis.set(lock_key, token, nx=True, px=c.lock_ms)
+            except RedisError as exc:
+                return await self._without_redis(key, exc)
+            if acquired:
+                return await self._lead(key, token)
+            if not waited:
+                waited = True
+                c.stats.incr("lock_waits")
+            while True:
+                keys = [value_key, lock_key] + ([c.error_key(seen)] if seen else [])
+                try:
+                    found = await self.redis.mget(keys)
+                except RedisError as exc:
+                    return await self._without_redis(key, exc)
+                if found[0] is not None:
+                    return c.decode(found[0])
+                if seen is not None and found[2] is not None:
+                    raise LoaderError(_text(found[2]))
+                if found[1] is None:
+                    break
+                seen = _text(found[1])
+                if time.monotonic() >= deadline:
+                    c.stats.incr("lock_timeouts")
+                    return await self._miss(key)
+                await asyncio.sleep(pause)
+                pause = min(pause * 1.5, MAX_POLL)
+
+    async def _lead(self, key: Any, token: str) -> Any:
+        c = self._c
+        try:
+            try:
+                raw, generation = await self.redis.mget([c.value_key(key), c.generation_key(key)])
+            except RedisError as exc:
+                return await self._without_redis(key, exc)
+            if raw is not None:
+                return c.decode(raw)
+            ticket = Ticket(key, _text(generation))
+            try:
+                value, delta = await self._load(key)
+            except Exception as exc:
+                with contextlib.suppress(RedisError):
+                    await self.redis.set(c.error_key(token), describe(exc), px=ERROR_TTL_MS)
+                raise
+            await self._fill_quietly(ticket, value, delta)
+            return value
+        finally:
+            with contextlib.suppress(RedisError):
+                await self._scripts["release"](keys=[c.lock_key(key)], args=[token])
+
+    async def _refresh_early(self, key: Any, current: Any) -> Any:
+        c = self._c
+        token = new_token()
+        try:
+            if not await self.redis.set(c.lock_key(key), token, nx=True, px=c.lock_ms):
+                return current
+        except RedisError as exc:
+            c.failed(exc)
+            return current
+        c.stats.incr("early_refreshes")
+        try:
+            ticket = await self.reserve(key)
+            value, delta = await self._load(key)
+            await self.fill(ticket, value, delta=delta)
+            return value
+        except Exception:
+            return current
+        finally:
+            with contextlib.suppress(RedisError):
+                await self._scripts["release"](keys=[c.lock_key(key)], args=[token])
