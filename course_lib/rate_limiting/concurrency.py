@@ -1,0 +1,147 @@
+"""Drive a limiter from many threads and processes at once and count what it let through.
+
+These are the experiments behind the course's concurrency claims: the harnesses of
+:mod:`course_lib.measure` release all workers together, so races show up and the counts
+are exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from course_lib.measure import run_processes, run_threads
+
+__all__ = [
+    "Admission",
+    "Yielding",
+    "admission_count",
+    "fast_switching",
+    "hammer_threads",
+    "run_for",
+]
+
+Decide = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Admission:
+    """``allowed`` of ``attempts`` were admitted over ``elapsed`` wall-clock seconds."""
+
+    allowed: int
+    attempts: int
+    elapsed: float
+
+
+def _raise_errors(errors: list[str]) -> None:
+    if errors:
+        raise RuntimeError(f"{len(errors)} call(s) failed, first: {errors[0]}")
+
+
+def admission_count(
+    make_decide: Callable[[], Decide],
+    *,
+    processes: int = 2,
+    threads: int = 8,
+    attempts: int = 800,
+    timeout: float = 60.0,
+) -> Admission:
+    """``attempts`` decisions spread over ``processes`` x ``threads`` workers started together.
+
+    ``make_decide()`` runs once in each process (open connections there, never before the
+    fork) and returns a function whose truthiness is "allowed". Any error is raised.
+    """
+    workers = processes * threads
+    if attempts % workers:
+        raise ValueError(f"attempts must be a multiple of processes * threads = {workers}")
+    per_worker = attempts // workers
+
+    def in_process() -> int:
+        decide = make_decide()
+        calls = run_threads(lambda: bool(decide()), threads, calls=per_worker, timeout=timeout)
+        _raise_errors(calls.errors)
+        return sum(calls.values)
+
+    start = time.perf_counter()
+    result = run_processes(in_process, processes, timeout=timeout)
+    elapsed = time.perf_counter() - start
+    _raise_errors(result.errors)
+    return Admission(sum(result.values), attempts, elapsed)
+
+
+@contextlib.contextmanager
+def fast_switching(interval: float = 1e-6) -> Iterator[None]:
+    """Make CPython switch threads every ``interval`` seconds instead of every 5 ms.
+
+    A race between Python statements needs a thread switch to land inside it; switching
+    far more often makes a rare interleaving common, so a test or a demo sees it reliably.
+    """
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(interval)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def hammer_threads(decide: Decide, *, threads: int = 8, calls: int = 200) -> int:
+    """How many of ``threads * calls`` concurrent in-process decisions were allowed."""
+    result = run_threads(lambda: bool(decide()), threads, calls=calls)
+    _raise_errors(result.errors)
+    return sum(result.values)
+
+
+def run_for(
+    make_decide: Callable[[], Decide],
+    *,
+    processes: int,
+    seconds: float,
+    pause: float = 0.001,
+) -> list[int]:
+    """Each of ``processes`` processes asks ``make_decide()``'s function every ``pause``
+    seconds for ``seconds``; returns how many each one was allowed."""
+
+    def in_process() -> int:
+        decide = make_decide()
+        allowed = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            allowed += bool(decide())
+            time.sleep(pause)
+        return allowed
+
+    result = run_processes(in_process, processes, timeout=seconds + 60)
+    _raise_errors(result.errors)
+    return sorted(result.values)
+
+
+class Yielding(float):
+    """A float whose arithmetic and comparisons give up the GIL first (``time.sleep(0)``).
+
+    On CPython a thread switch can only land at a few points of a short method, so an
+    unlocked read-modify-write on floats loses updates only now and then. Handing the seed's
+    bucket ``Yielding`` numbers puts a switch point inside every step of the
+    read-modify-write: the race it always had shows up on every run instead of once in a
+    while (as it would on free-threaded Python or under load).
+    """
+
+    def __add__(self, other: float) -> Yielding:
+        time.sleep(0)
+        return Yielding(float(self) + other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: float) -> Yielding:
+        time.sleep(0)
+        return Yielding(float(self) - other)
+
+    def __ge__(self, other: float) -> bool:
+        time.sleep(0)
+        return float(self) >= other
+
+    def __lt__(self, other: float) -> bool:
+        time.sleep(0)
+        return float(self) < other

@@ -1,0 +1,143 @@
+"""ASGI middleware that rate-limits each client (works with Starlette, FastAPI, any ASGI app).
+
+Every HTTP request is charged ``cost`` units against a key derived from the request
+(:func:`client_ip` by default, or :func:`api_key_or_ip`). Allowed requests go on to the app
+and get the ``RateLimit-Policy`` / ``RateLimit`` headers of the IETF draft
+(draft-ietf-httpapi-ratelimit-headers, the structured-field syntax of drafts 08 and later):
+
+    RateLimit-Policy: "default";q=100;w=60      quota 100 units per 60 s
+    RateLimit: "default";r=42;t=17              42 units left, full quota back in 17 s
+
+Refused requests get ``429 Too Many Requests`` with the same headers plus ``Retry-After``
+(whole seconds, at least 1) and never reach the app. Other ASGI traffic (websocket,
+lifespan) passes through untouched.
+
+The limiters of this package talk to Redis with a blocking client, so the decision runs in
+a worker thread (``anyio.to_thread``) instead of stalling the event loop for a round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Protocol
+
+import anyio.to_thread
+
+from .decision import Decision
+
+__all__ = ["Limiter", "RateLimitMiddleware", "api_key_or_ip", "client_ip", "rate_limit_headers"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+KeyFunc = Callable[[Scope], str]
+
+_POLICY_NAME = re.compile(r"[A-Za-z0-9_.:/ -]{1,64}")
+
+
+class Limiter(Protocol):
+    """What the middleware needs: a keyed ``hit`` and the policy it enforces."""
+
+    quota: int
+    window: float
+
+    def hit(self, key: str, cost: int = 1) -> Decision: ...
+
+
+def client_ip(scope: Scope) -> str:
+    """The peer address of the connection. Behind a proxy that is the proxy: use a key
+    function that reads the header your proxy sets, and only trust it from that proxy."""
+    client = scope.get("client")
+    return f"ip:{client[0]}" if client else "ip:unknown"
+
+
+def api_key_or_ip(header: str = "x-api-key") -> KeyFunc:
+    """Key function: the value of ``header`` when present (one limit per API key), else the
+    client's IP."""
+    name = header.lower().encode("latin-1")
+
+    def key(scope: Scope) -> str:
+        for field, value in scope.get("headers", ()):
+            if field == name and value:
+                return f"key:{value.decode('latin-1')}"
+        return client_ip(scope)
+
+    return key
+
+
+def rate_limit_headers(
+    limiter: Limiter, decision: Decision, policy: str = "default"
+) -> list[tuple[str, str]]:
+    """The response headers for ``decision``: ``RateLimit-Policy``, ``RateLimit`` (omitted
+    when the decision was made without the store, as nothing was counted) and, when
+    refused, ``Retry-After``."""
+    window = max(1, math.ceil(limiter.window))
+    headers = [("RateLimit-Policy", f'"{policy}";q={limiter.quota};w={window}')]
+    if not decision.degraded:
+        reset = math.ceil(decision.reset_after)
+        headers.append(("RateLimit", f'"{policy}";r={decision.remaining};t={reset}'))
+    if not decision.allowed:
+        headers.append(("Retry-After", str(max(1, math.ceil(decision.retry_after)))))
+    return headers
+
+
+class RateLimitMiddleware:
+    """``app = RateLimitMiddleware(app, limiter, key=client_ip, cost=1, policy="default")``,
+    or with Starlette/FastAPI ``app.add_middleware(RateLimitMiddleware, limiter=...)``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: Limiter,
+        *,
+        key: KeyFunc = client_ip,
+        cost: int = 1,
+        policy: str = "default",
+    ) -> None:
+        if not callable(getattr(limiter, "hit", None)):
+            raise TypeError(f"limiter must have a hit(key, cost) method, got {limiter!r}")
+        if not callable(key):
+            raise TypeError(f"key must be callable, got {type(key).__name__}")
+        if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= limiter.quota:
+            raise ValueError(f"cost must be an integer in [0, {limiter.quota}], got {cost!r}")
+        if not isinstance(policy, str) or not _POLICY_NAME.fullmatch(policy):
+            raise ValueError(f"policy must be 1-64 letters, digits or _.:/- , got {policy!r}")
+        self.app = app
+        self.limiter = limiter
+        self.key = key
+        self.cost = cost
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        decision = await anyio.to_thread.run_sync(self.limiter.hit, self.key(scope), self.cost)
+        extra = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in rate_limit_headers(self.limiter, decision, self.policy)
+        ]
+        if not decision.allowed:
+            body = json.dumps(
+                {"detail": "Too Many Requests", "retry_after": decision.retry_after}
+            ).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *extra,
+            ]
+            await send({"type": "http.response.start", "status": 429, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

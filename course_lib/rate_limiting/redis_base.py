@@ -1,0 +1,177 @@
+"""What every Redis limiter of the course shares.
+
+- One Lua script per algorithm, in ``scripts/<name>.lua``, read once per process and called
+  with ``EVALSHA``; the script is sent (``SCRIPT LOAD``) only when Redis answers
+  ``NOSCRIPT`` (first use, or after a restart or ``SCRIPT FLUSH``). A script runs atomically
+  on the server, so one decision is one round trip and no other client can interleave.
+- Time comes from the Redis server (``TIME`` inside the script), so application servers
+  whose clocks disagree still share one notion of "now". An injected ``clock`` replaces it,
+  for replaying recorded traffic and for tests.
+- Keys are ``<prefix>:{<key>}``: the braces are a Redis Cluster hash tag, so every key of
+  one client lands in the same slot.
+- ``hit_many`` decides a batch in one pipelined round trip.
+- When Redis cannot be reached (connection refused or lost, timeout), the limiter does not
+  raise: it answers with its ``fail_open`` policy and marks the decision ``degraded``.
+  The default, ``fail_open=True``, admits the request, because a rate limiter usually
+  protects availability and should not take the whole API down with its store (Envoy's
+  global rate limit filter defaults to the same). Pass ``fail_open=False`` where an extra
+  request costs more than a refused one (paid upstream APIs, login attempts); the request
+  is then refused with ``retry_after`` = :data:`FAIL_CLOSED_RETRY_AFTER`. How long a dead
+  server takes to be noticed is the client's business: give the limiter a ``redis.Redis``
+  with a short ``socket_timeout`` and few retries.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from importlib import resources
+from typing import Any, ClassVar
+
+import redis
+
+from .decision import Decision
+from .validation import cost_within
+
+__all__ = ["FAIL_CLOSED_RETRY_AFTER", "RedisLimiter", "script_sha", "script_source"]
+
+FAIL_CLOSED_RETRY_AFTER = 1.0
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+_new = tuple.__new__
+
+
+@functools.cache
+def script_source(name: str) -> str:
+    """Text of ``scripts/<name>.lua``."""
+    return (resources.files(__package__) / "scripts" / f"{name}.lua").read_text()
+
+
+@functools.cache
+def script_sha(name: str) -> str:
+    """SHA1 of the script, the name Redis knows it by once loaded."""
+    return hashlib.sha1(script_source(name).encode()).hexdigest()
+
+
+def _to_decision(reply: Sequence[int]) -> Decision:
+    allowed, remaining, retry_us, reset_us = reply
+    return _new(Decision, (allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, False))
+
+
+class RedisLimiter:
+    """Base class: subclasses set :attr:`script`, :attr:`quota`, :attr:`window` and the
+    script's parameters (:attr:`_params`); see the module docstring for the guarantees."""
+
+    script: ClassVar[str]
+    quota_name: ClassVar[str] = "limit"
+    quota: int
+    """Units admissible at once (the ``q`` of the ``RateLimit-Policy`` header)."""
+    window: float
+    """Seconds over which :attr:`quota` applies (the ``w`` of ``RateLimit-Policy``)."""
+    _params: tuple[Any, ...]
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str,
+        fail_open: bool = True,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if not isinstance(client, redis.Redis):
+            raise TypeError(f"redis must be a redis.Redis client, got {type(client).__name__}")
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        if not isinstance(fail_open, bool):
+            raise TypeError(f"fail_open must be a bool, got {type(fail_open).__name__}")
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be callable or None, got {type(clock).__name__}")
+        self.redis = client
+        self.prefix = prefix
+        self.fail_open = fail_open
+        self.clock = clock
+        self._sha = script_sha(self.script)
+
+    def key(self, key: str) -> str:
+        """The Redis key that holds ``key``'s state."""
+        return f"{self.prefix}:{{{key}}}"
+
+    def _now(self) -> str:
+        return "" if self.clock is None else str(round(self.clock() * 1_000_000))
+
+    def _extra(self) -> tuple[Any, ...]:
+        """Per-call arguments after the fixed parameters (none by default)."""
+        return ()
+
+    def _check_cost(self, cost: object) -> int:
+        return cost_within(cost, self.quota, self.quota_name)
+
+    def _fallback(self) -> Decision:
+        if self.fail_open:
+            return Decision(True, self.quota, 0.0, 0.0, True)
+        return Decision(False, 0, FAIL_CLOSED_RETRY_AFTER, FAIL_CLOSED_RETRY_AFTER, True)
+
+    def _load(self) -> None:
+        self.redis.script_load(script_source(self.script))
+
+    def hit(self, key: str, cost: int = 1) -> Decision:
+        """Count ``cost`` units against ``key`` if they fit; one atomic round trip.
+
+        ``cost=0`` asks without spending. Raises ``ValueError`` for a negative cost or one
+        above :attr:`quota`; never raises because Redis is unreachable (see ``fail_open``).
+        """
+        if cost != 1 or cost.__class__ is not int:
+            cost = self._check_cost(cost)
+        args = (self._sha, 1, self.key(key), self._now(), cost, *self._params, *self._extra())
+        try:
+            try:
+                reply = self.redis.execute_command("EVALSHA", *args)
+            except redis.exceptions.NoScriptError:
+                self._load()
+                reply = self.redis.execute_command("EVALSHA", *args)
+        except _UNREACHABLE:
+            return self._fallback()
+        return _to_decision(reply)
+
+    def hit_many(self, keys_or_pairs: Iterable[str | tuple[str, int]]) -> list[Decision]:
+        """Decide a batch in one pipelined round trip; decisions come back in input order.
+
+        Items are keys (cost 1) or ``(key, cost)`` pairs; the same key may appear several
+        times and is counted in order. All costs are validated before anything is sent.
+        Each decision is atomic on its own; the batch is not a transaction.
+        """
+        calls = []
+        now = self._now()
+        for item in keys_or_pairs:
+            key, cost = (item, 1) if isinstance(item, str) else item
+            cost = self._check_cost(cost)
+            calls.append((self._sha, 1, self.key(key), now, cost, *self._params, *self._extra()))
+        if not calls:
+            return []
+        try:
+            replies = self._pipeline(calls)
+            missing = [
+                i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)
+            ]
+            if missing:
+                self._load()
+                for i, reply in zip(
+                    missing, self._pipeline([calls[i] for i in missing]), strict=True
+                ):
+                    replies[i] = reply
+        except _UNREACHABLE:
+            return [self._fallback() for _ in calls]
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [_to_decision(reply) for reply in replies]
+
+    def _pipeline(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for args in calls:
+            pipe.execute_command("EVALSHA", *args)
+        return pipe.execute(raise_on_error=False)
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(quota={self.quota}, window={self.window:g}s, prefix={self.prefix!r})"

@@ -1,0 +1,40 @@
+-- Fixed window: at most `limit` units per window aligned on multiples of `window`.
+-- KEYS[1]  hash {w = window start (us), c = units counted in that window}
+-- ARGV     now_us ('' = Redis server TIME), cost, limit, window_us
+-- Returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[1])
+end
+local cost = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
+
+local start = now - (now % window)
+local reset = start + window - now
+local state = redis.call('HMGET', KEYS[1], 'w', 'c')
+local count = 0
+if tonumber(state[1]) == start then
+  count = tonumber(state[2])
+end
+
+if count + cost > limit then
+  return {0, math.max(0, limit - count), reset, reset}
+end
+if cost > 0 then
+  count = count + cost
+  redis.call('HSET', KEYS[1], 'w', string.format('%.0f', start), 'c', count)
+  local ttl = math.ceil(reset / 1000)
+  -- Expiry runs on server time; with an injected clock keep the key long enough to replay.
+  if ARGV[1] ~= '' and ttl < 60000 then
+    ttl = 60000
+  end
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+if count == 0 then
+  reset = 0
+end
+return {1, limit - count, 0, reset}

@@ -1,0 +1,64 @@
+-- Sliding window counter (Cloudflare's approximation): two counters per key, the current
+-- fixed window and the previous one; the previous one is weighted by how much of it still
+-- overlaps the sliding window:  estimate = previous * (window - elapsed) / window + current.
+-- KEYS[1]  hash {w = current window start (us), c = current count, p = previous count}
+-- ARGV     now_us ('' = Redis server TIME), cost, limit, window_us
+-- Returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[1])
+end
+local cost = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
+
+local start = now - (now % window)
+local elapsed = now - start
+local state = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
+local stored = tonumber(state[1])
+local current, previous = 0, 0
+if stored == start then
+  current, previous = tonumber(state[2]), tonumber(state[3])
+elseif stored == start - window then
+  previous = tonumber(state[2])
+end
+
+local estimate = previous * (window - elapsed) / window + current
+
+local function reset_after(cur, prev)
+  if cur > 0 then
+    return 2 * window - elapsed
+  elseif prev > 0 then
+    return window - elapsed
+  end
+  return 0
+end
+
+if estimate + cost > limit then
+  local retry
+  if current + cost <= limit then
+    -- wait in this window for the previous window's weight to shrink enough
+    local at = window * (1 - (limit - current - cost) / previous)
+    retry = at - elapsed
+  else
+    -- wait until the next window, where today's count becomes the weighted one
+    local at = window * (1 - (limit - cost) / current)
+    retry = window - elapsed + at
+  end
+  return {0, math.max(0, math.floor(limit - estimate)), math.ceil(retry),
+          reset_after(current, previous)}
+end
+
+if cost > 0 then
+  current = current + cost
+  redis.call('HSET', KEYS[1], 'w', string.format('%.0f', start), 'c', current, 'p', previous)
+  local ttl = math.ceil((2 * window - elapsed) / 1000)
+  if ARGV[1] ~= '' and ttl < 60000 then
+    ttl = 60000
+  end
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return {1, math.floor(limit - estimate - cost), 0, reset_after(current, previous)}

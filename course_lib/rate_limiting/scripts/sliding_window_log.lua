@@ -1,0 +1,58 @@
+-- Sliding window log: exact, one sorted-set entry per admitted unit in the last `window`.
+-- KEYS[1]  sorted set, score = admission time (us), member = '<time>:<nonce>:<i>' (unique
+--          even when two requests arrive in the same microsecond)
+-- ARGV     now_us ('' = Redis server TIME), cost, limit, window_us, nonce
+-- Returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[1])
+end
+local cost = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
+local key = KEYS[1]
+
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+local count = redis.call('ZCARD', key)
+
+if count + cost > limit then
+  -- The request fits once the (count + cost - limit) oldest entries have left the window.
+  local index = count + cost - limit - 1
+  local entry = redis.call('ZRANGE', key, index, index, 'WITHSCORES')
+  local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  return {0, math.max(0, limit - count), tonumber(entry[2]) + window - now,
+          tonumber(newest[2]) + window - now}
+end
+
+if cost > 0 then
+  local stamp = string.format('%.0f', now)
+  local prefix = stamp .. ':' .. ARGV[5] .. ':'
+  -- ZADD in slices: Lua's unpack() is limited to a few thousand values.
+  local i = 1
+  while i <= cost do
+    local args = {}
+    local last = math.min(cost, i + 999)
+    for j = i, last do
+      args[#args + 1] = stamp
+      args[#args + 1] = prefix .. j
+    end
+    redis.call('ZADD', key, unpack(args))
+    i = last + 1
+  end
+  local ttl = math.ceil(window / 1000)
+  if ARGV[1] ~= '' and ttl < 60000 then
+    ttl = 60000
+  end
+  redis.call('PEXPIRE', key, ttl)
+  return {1, limit - count - cost, 0, window}
+end
+
+local reset = 0
+if count > 0 then
+  local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  reset = tonumber(newest[2]) + window - now
+end
+return {1, limit - count, 0, reset}

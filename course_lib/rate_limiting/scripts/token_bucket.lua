@@ -1,0 +1,47 @@
+-- Token bucket: `capacity` tokens refilled continuously at `rate` tokens per second.
+-- Tokens are kept in micro-tokens so all arithmetic is on integers below 2^53.
+-- KEYS[1]  hash {t = micro-tokens left, ts = time of that reading (us)}
+-- ARGV     now_us ('' = Redis server TIME), cost, capacity, rate (tokens/s = micro-tokens/us)
+-- Returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[1])
+end
+local cost = tonumber(ARGV[2]) * 1000000
+local capacity = tonumber(ARGV[3]) * 1000000
+local rate = tonumber(ARGV[4])
+
+local state = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = tonumber(state[1])
+if tokens == nil then
+  tokens = capacity
+else
+  local elapsed = now - tonumber(state[2])
+  -- an injected clock that runs backwards means no time passed, not negative tokens
+  if elapsed > 0 then
+    tokens = math.min(capacity, tokens + elapsed * rate)
+  end
+end
+
+if tokens < cost then
+  return {0, math.floor(tokens / 1000000), math.ceil((cost - tokens) / rate),
+          math.ceil((capacity - tokens) / rate)}
+end
+
+tokens = math.floor(tokens - cost)
+local reset = math.ceil((capacity - tokens) / rate)
+if reset > 0 then
+  redis.call('HSET', KEYS[1], 't', string.format('%.0f', tokens), 'ts', string.format('%.0f', now))
+  local ttl = math.ceil(reset / 1000)
+  if ARGV[1] ~= '' and ttl < 60000 then
+    ttl = 60000
+  end
+  redis.call('PEXPIRE', KEYS[1], ttl)
+else
+  -- a full bucket is the same as no bucket: free the memory
+  redis.call('DEL', KEYS[1])
+end
+return {1, math.floor(tokens / 1000000), 0, reset}

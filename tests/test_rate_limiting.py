@@ -1,0 +1,114 @@
+"""In-process rate limiting: Decision, TokenBucket (injected clock, threads), the seed's
+token bucket flaws, argument validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from course_lib.rate_limiting import Decision, ManualClock, TokenBucket, replaced_time, seed
+from course_lib.rate_limiting.concurrency import Yielding, fast_switching, hammer_threads
+
+
+def test_decision_truthiness_follows_allowed() -> None:
+    assert bool(Decision(True, 3, 0.0, 1.0)) is True
+    assert bool(Decision(False, 0, 0.5, 1.0)) is False
+    assert Decision(False, 0, 0.5, 1.0).degraded is False
+
+
+def test_token_bucket_refill_and_retry_after_with_injected_clock() -> None:
+    clock = ManualClock(100.0)
+    bucket = TokenBucket(10, 2, clock=clock)
+    assert [bool(bucket.consume()) for _ in range(11)] == [True] * 10 + [False]
+    denied = bucket.consume()
+    assert denied.remaining == 0
+    assert denied.retry_after == pytest.approx(0.5)
+    assert denied.reset_after == pytest.approx(5.0)
+    clock.advance(0.5)
+    allowed = bucket.consume()
+    assert allowed.allowed and allowed.retry_after == 0.0 and allowed.remaining == 0
+    clock.advance(1.0)  # two tokens back
+    big = bucket.consume(3)
+    assert not big and big.remaining == 2 and big.retry_after == pytest.approx(0.5)
+    assert bucket.consume(2).allowed
+    clock.advance(60)  # refill stops at capacity
+    assert bucket.tokens == 10
+    assert bucket.consume(10).allowed and not bucket.consume(1)
+
+
+def test_token_bucket_zero_cost_peeks_without_spending() -> None:
+    clock = ManualClock()
+    bucket = TokenBucket(3, 1, clock=clock)
+    assert bucket.consume(0).remaining == 3
+    assert bucket.consume(3).allowed
+
+
+def test_token_bucket_survives_a_clock_that_steps_backwards() -> None:
+    clock = ManualClock(1000.0)
+    bucket = TokenBucket(10, 1, clock=clock)
+    bucket.consume(10)
+    clock.advance(-3600)  # an NTP correction
+    assert not bucket.consume()  # no time passed, no tokens: but not negative either
+    clock.advance(5)
+    assert bucket.consume(5).allowed
+
+
+def test_seed_token_bucket_is_locked_for_an_hour_by_a_backward_clock_step() -> None:
+    clock = ManualClock(1000.0)
+    with replaced_time(seed, clock):
+        bucket = seed.TokenBucket(capacity=10, refill_rate=1)
+        for _ in range(10):
+            bucket.consume()
+        clock.advance(-3600)
+        bucket.consume()
+        clock.advance(600)  # ten minutes later: 600 tokens' worth of refill
+        assert bucket.consume() is False
+        assert bucket.tokens < -2000
+    assert seed.time.time is not clock  # the module got its real clock back
+
+
+def test_token_bucket_admits_exactly_capacity_under_threads() -> None:
+    bucket = TokenBucket(100, 1, clock=ManualClock())  # frozen clock: no refill
+    with fast_switching():
+        allowed = hammer_threads(bucket.consume, threads=8, calls=200)
+    assert allowed == 100
+
+
+@pytest.mark.timeout(60)
+def test_seed_token_bucket_over_admits_under_threads() -> None:
+    # Yielding numbers put a thread switch inside the unlocked read-modify-write; it is
+    # still a race, so allow a few rounds (one is plenty in practice).
+    seen = []
+    for _ in range(5):
+        with replaced_time(seed, ManualClock()):
+            bucket = seed.TokenBucket(capacity=Yielding(100), refill_rate=1)
+            seen.append(hammer_threads(bucket.consume, threads=8, calls=200))
+        if seen[-1] > 100:
+            break
+    assert max(seen) > 100, seen
+
+
+def test_token_bucket_holds_with_yielding_numbers_too() -> None:
+    bucket = TokenBucket(Yielding(100), Yielding(1), clock=ManualClock())
+    assert hammer_threads(bucket.consume, threads=8, calls=200) == 100
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"capacity": 0, "refill_rate": 1}, ValueError, "capacity"),
+        ({"capacity": -5, "refill_rate": 1}, ValueError, "capacity"),
+        ({"capacity": 5, "refill_rate": 0}, ValueError, "refill_rate"),
+        ({"capacity": 5, "refill_rate": float("inf")}, ValueError, "refill_rate"),
+        ({"capacity": "5", "refill_rate": 1}, TypeError, "capacity"),
+        ({"capacity": 5, "refill_rate": 1, "clock": 3}, TypeError, "clock"),
+    ],
+)
+def test_token_bucket_rejects_bad_arguments(kwargs: dict, error: type, name: str) -> None:
+    with pytest.raises(error, match=name):
+        TokenBucket(**kwargs)
+
+
+@pytest.mark.parametrize("tokens", [-1, 11])
+def test_token_bucket_rejects_impossible_costs(tokens: int) -> None:
+    with pytest.raises(ValueError, match="tokens"):
+        TokenBucket(10, 1, clock=ManualClock()).consume(tokens)
