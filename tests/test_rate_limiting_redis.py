@@ -1,0 +1,362 @@
+"""Redis limiters against the real server: exact admission counts under 8 threads x 2
+processes, real-time retry_after, injected-clock semantics, the fixed window's boundary
+burst, batches in one round trip, NOSCRIPT recovery, and Redis going away (fail_open)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import redis as redis_lib
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from course_lib import services
+from course_lib.rate_limiting import (
+    FAIL_CLOSED_RETRY_AFTER,
+    GCRA,
+    FixedWindow,
+    ManualClock,
+    RedisLimiter,
+    RedisTokenBucket,
+    SlidingWindowCounter,
+    SlidingWindowLog,
+    TokenBucket,
+    replaced_time,
+    seed,
+)
+from course_lib.rate_limiting.concurrency import admission_count
+
+Factory = Callable[..., RedisLimiter]
+
+# name -> factory(client, ns, quota, window_seconds, **kw)
+LIMITERS: dict[str, Factory] = {
+    "fixed_window": lambda r, ns, q, w, **kw: FixedWindow(r, q, w, prefix=f"{ns}:fw", **kw),
+    "sliding_window_log": lambda r, ns, q, w, **kw: SlidingWindowLog(
+        r, q, w, prefix=f"{ns}:swl", **kw
+    ),
+    "sliding_window_counter": lambda r, ns, q, w, **kw: SlidingWindowCounter(
+        r, q, w, prefix=f"{ns}:swc", **kw
+    ),
+    "token_bucket": lambda r, ns, q, w, **kw: RedisTokenBucket(
+        r, q, q / w, prefix=f"{ns}:tb", **kw
+    ),
+    "gcra": lambda r, ns, q, w, **kw: GCRA(r, q / w, q, prefix=f"{ns}:gcra", **kw),
+}
+WINDOWS = ("fixed_window", "sliding_window_log", "sliding_window_counter")
+BUCKETS = ("token_bucket", "gcra")
+
+
+def server_seconds(client: redis_lib.Redis) -> float:
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
+def wait_until_inside_window(client: redis_lib.Redis, window: float, margin: float) -> None:
+    """Sleep past the next aligned window boundary if it is less than ``margin`` s away."""
+    left = window - server_seconds(client) % window
+    if left < margin:
+        time.sleep(left + 0.05)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", WINDOWS)
+def test_windows_admit_exactly_the_limit_under_threads_and_processes(
+    redis: redis_lib.Redis, ns: str, name: str
+) -> None:
+    window = 3600.0
+    wait_until_inside_window(redis, window, margin=10.0)
+
+    def make_decide() -> Callable[[], object]:
+        limiter = LIMITERS[name](services.redis_client(), ns, 100, window)
+        return lambda: limiter.hit("client")
+
+    result = admission_count(make_decide, processes=2, threads=8, attempts=800)
+    assert result.allowed == 100
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", BUCKETS)
+def test_buckets_admit_at_most_capacity_plus_refill(
+    redis: redis_lib.Redis, ns: str, name: str
+) -> None:
+    capacity, refill_rate = 100, 10.0
+
+    def make_decide() -> Callable[[], object]:
+        limiter = LIMITERS[name](services.redis_client(), ns, capacity, capacity / refill_rate)
+        return lambda: limiter.hit("client")
+
+    result = admission_count(make_decide, processes=2, threads=8, attempts=800)
+    assert capacity <= result.allowed <= capacity + refill_rate * result.elapsed + 1
+
+
+@pytest.mark.timeout(120)
+def test_seed_sliding_window_over_admits(redis: redis_lib.Redis, ns: str) -> None:
+    # Four round trips per decision: concurrent callers read the same count and all add.
+    # It is a race, so give it a few rounds on fresh keys.
+    seen = []
+    for round_ in range(5):
+
+        def make_decide(user: str = f"{ns}-{round_}") -> Callable[[], object]:
+            client = services.redis_client()
+            return lambda: not seed.is_rate_limited(user, 100, 60, cache=client)
+
+        seen.append(admission_count(make_decide, processes=2, threads=8, attempts=800).allowed)
+        if seen[-1] > 100:
+            break
+    assert max(seen) > 100, seen
+
+
+def test_seed_sliding_window_collapses_requests_of_the_same_instant(
+    redis: redis_lib.Redis, ns: str
+) -> None:
+    clock = ManualClock(1_700_000_000.0)
+    with replaced_time(seed, clock):
+        allowed = [not seed.is_rate_limited(ns, 5, 60, cache=redis) for _ in range(10)]
+    assert allowed == [True] * 10
+    assert redis.zcard(f"rate_limit:{ns}") == 1
+
+
+def test_sliding_window_log_counts_every_request_of_the_same_instant(
+    redis: redis_lib.Redis, ns: str
+) -> None:
+    limiter = SlidingWindowLog(redis, 5, 60, prefix=f"{ns}:swl", clock=ManualClock(1000.0))
+    assert [bool(limiter.hit("u")) for _ in range(10)] == [True] * 5 + [False] * 5
+    assert redis.zcard(limiter.key("u")) == 5
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", list(LIMITERS))
+def test_retry_after_is_honest_in_real_time(redis: redis_lib.Redis, ns: str, name: str) -> None:
+    window = 0.3
+    limiter = LIMITERS[name](redis, ns, 2, window)
+    decisions = [limiter.hit("u") for _ in range(3)]
+    assert [d.allowed for d in decisions] == [True, True, False]
+    denied = decisions[-1]
+    # generous bounds: a bucket refills one unit in window / 2, a window clears in <= 2 windows
+    assert 0 < denied.retry_after <= 2 * window + 0.01
+    assert denied.reset_after >= denied.retry_after - 1e-6
+    time.sleep(denied.retry_after + 0.05)
+    assert limiter.hit("u").allowed
+
+
+@pytest.mark.parametrize("name", list(LIMITERS))
+def test_remaining_counts_down_and_cost_is_charged(
+    redis: redis_lib.Redis, ns: str, name: str
+) -> None:
+    limiter = LIMITERS[name](redis, ns, 10, 3600, clock=ManualClock(7200.0))
+    assert limiter.hit("u", cost=0).remaining == 10  # a peek spends nothing
+    assert [limiter.hit("u", cost=4).remaining for _ in range(3)] == [6, 2, 2]
+    assert not limiter.hit("u", cost=3)
+    assert limiter.hit("u", cost=2).remaining == 0
+    assert limiter.hit("other").remaining == 9  # keys are independent
+
+
+def test_buckets_refill_exactly_with_an_injected_clock(redis: redis_lib.Redis, ns: str) -> None:
+    for name in BUCKETS:
+        clock = ManualClock(500.0)
+        limiter = LIMITERS[name](redis, ns, 4, 2.0, clock=clock)  # 2 tokens/s
+        assert [bool(limiter.hit("u")) for _ in range(5)] == [True] * 4 + [False]
+        denied = limiter.hit("u")
+        assert denied.retry_after == pytest.approx(0.5) and denied.reset_after == 2.0
+        clock.advance(0.5)
+        assert limiter.hit("u").allowed and not limiter.hit("u")
+        clock.advance(100)
+        assert limiter.hit("u", cost=4).remaining == 0
+
+
+def test_buckets_agree_with_the_in_process_token_bucket(redis: redis_lib.Redis, ns: str) -> None:
+    import random
+
+    rng = random.Random(7)
+    times = sorted(round(rng.uniform(0, 20), 3) for _ in range(300))
+    clock = ManualClock()
+    expected_bucket = TokenBucket(5, 4, clock=clock)
+    redis_bucket = RedisTokenBucket(redis, 5, 4, prefix=f"{ns}:tb", clock=clock)
+    gcra = GCRA(redis, 4, 5, prefix=f"{ns}:gcra", clock=clock)
+    rows = []
+    for t in times:
+        clock.set(t)
+        rows.append(
+            (bool(expected_bucket.consume()), bool(redis_bucket.hit("u")), bool(gcra.hit("u")))
+        )
+    assert all(a == b == c for a, b, c in rows)
+    assert 0 < sum(r[0] for r in rows) < len(rows)
+
+
+def test_fixed_window_lets_twice_the_limit_through_around_a_boundary(
+    redis: redis_lib.Redis, ns: str
+) -> None:
+    clock = ManualClock()
+    fixed = FixedWindow(redis, 10, 1.0, prefix=f"{ns}:fw", clock=clock)
+    log = SlidingWindowLog(redis, 10, 1.0, prefix=f"{ns}:swl", clock=clock)
+    allowed = {"fixed": 0, "log": 0}
+    for i in range(40):  # 40 requests between t=0.9 and t=1.1 (5 ms apart)
+        clock.set(0.9 + i * 0.005)
+        allowed["fixed"] += bool(fixed.hit("u"))
+        allowed["log"] += bool(log.hit("u"))
+    assert allowed == {"fixed": 20, "log": 10}
+
+
+@pytest.mark.timeout(30)
+def test_fixed_window_boundary_burst_in_real_time(redis: redis_lib.Redis, ns: str) -> None:
+    window = 0.5
+    limiter = FixedWindow(redis, 5, window, prefix=f"{ns}:fw")
+    # start 100 ms before a boundary of the server's clock
+    time.sleep((window - server_seconds(redis) % window - 0.1) % window)
+    start = time.monotonic()
+    first = sum(bool(limiter.hit("u")) for _ in range(8))
+    time.sleep(0.15)
+    second = sum(bool(limiter.hit("u")) for _ in range(8))
+    assert time.monotonic() - start < window
+    assert (first, second) == (5, 5)
+
+
+def test_sliding_window_counter_weights_the_previous_window(
+    redis: redis_lib.Redis, ns: str
+) -> None:
+    clock = ManualClock(0.5)
+    limiter = SlidingWindowCounter(redis, 10, 1.0, prefix=f"{ns}:swc", clock=clock)
+    assert sum(bool(limiter.hit("u")) for _ in range(10)) == 10
+    clock.set(1.25)  # 75 % of the previous window still overlaps: estimate 7.5
+    assert sum(bool(limiter.hit("u")) for _ in range(10)) == 2
+    clock.set(1.75)  # 25 % overlap: estimate 2.5 + 2
+    assert sum(bool(limiter.hit("u")) for _ in range(10)) == 5
+
+
+class CountingSends:
+    """Counts the writes a client makes to the socket: one per round trip."""
+
+    def __init__(self, client: redis_lib.Redis) -> None:
+        self.sends = 0
+        connection = client.connection_pool.get_connection()
+        client.connection_pool.release(connection)
+        original = connection.send_packed_command
+
+        def counted(*args, **kwargs):
+            self.sends += 1
+            return original(*args, **kwargs)
+
+        connection.send_packed_command = counted
+
+
+@pytest.mark.parametrize("name", list(LIMITERS))
+def test_hit_many_is_one_round_trip_in_order(ns: str, name: str) -> None:
+    client = services.redis_client(single_connection_client=False)
+    limiter = LIMITERS[name](client, ns, 3, 3600, clock=ManualClock(10.0))
+    limiter.hit("warm")  # the script is loaded now
+    counter = CountingSends(client)
+    decisions = limiter.hit_many(["a", "a", ("a", 2), "b", ("c", 3), "a"])
+    assert counter.sends == 1
+    assert [d.allowed for d in decisions] == [True, True, False, True, True, True]
+    assert [d.remaining for d in decisions] == [2, 1, 1, 2, 0, 0]
+    assert limiter.hit_many([]) == []
+    client.close()
+
+
+def test_hit_many_validates_before_sending(redis: redis_lib.Redis, ns: str) -> None:
+    limiter = FixedWindow(redis, 3, 60, prefix=f"{ns}:fw")
+    with pytest.raises(ValueError, match="cost"):
+        limiter.hit_many(["a", ("b", 4)])
+    assert redis.exists(limiter.key("a")) == 0
+
+
+def test_keys_carry_a_cluster_hash_tag(redis: redis_lib.Redis, ns: str) -> None:
+    for name, make in LIMITERS.items():
+        limiter = make(redis, ns, 5, 60)
+        assert limiter.key("user:42").endswith(":{user:42}"), name
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda r: FixedWindow(r, 0, 60), "limit"),
+        (lambda r: FixedWindow(r, 10, 0), "window"),
+        (lambda r: FixedWindow(r, 10, -1), "window"),
+        (lambda r: SlidingWindowLog(r, -1, 60), "limit"),
+        (lambda r: SlidingWindowLog(r, 10, 0.0), "window"),
+        (lambda r: SlidingWindowCounter(r, 0, 60), "limit"),
+        (lambda r: SlidingWindowCounter(r, 10, float("nan")), "window"),
+        (lambda r: RedisTokenBucket(r, 0, 1), "capacity"),
+        (lambda r: RedisTokenBucket(r, 10, 0), "refill_rate"),
+        (lambda r: GCRA(r, 0, 10), "rate"),
+        (lambda r: GCRA(r, 10, 0), "burst"),
+        (lambda r: FixedWindow(r, 10, 60, prefix=""), "prefix"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_parameter(
+    redis: redis_lib.Redis, make: Callable, name: str
+) -> None:
+    with pytest.raises(ValueError, match=name):
+        make(redis)
+
+
+@pytest.mark.parametrize("name", list(LIMITERS))
+@pytest.mark.parametrize("cost", [-1, 6])
+def test_impossible_costs_raise_value_error(
+    redis: redis_lib.Redis, ns: str, name: str, cost: int
+) -> None:
+    limiter = LIMITERS[name](redis, ns, 5, 60)
+    with pytest.raises(ValueError, match="cost"):
+        limiter.hit("u", cost=cost)
+
+
+def test_wrong_types_raise_type_error(redis: redis_lib.Redis, ns: str) -> None:
+    with pytest.raises(TypeError, match="limit"):
+        FixedWindow(redis, 2.5, 60)
+    with pytest.raises(TypeError, match="redis"):
+        FixedWindow("localhost", 2, 60)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cost"):
+        FixedWindow(redis, 2, 60, prefix=f"{ns}:fw").hit("u", cost=1.5)  # type: ignore[arg-type]
+
+
+def _private_client(url: str) -> redis_lib.Redis:
+    # no retries: the test is about what the limiter does once the client gives up
+    return redis_lib.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=2)
+
+
+@pytest.mark.timeout(120)
+def test_redis_unavailable_follows_fail_open(embedded_dir) -> None:
+    server = services.EmbeddedRedis(embedded_dir / "redis")
+    client = _private_client(server.start())
+    for name, make in LIMITERS.items():
+        default = make(client, "t", 2, 60)
+        assert default.fail_open is True, name  # the documented default
+        working = default.hit("up")
+        assert (working.allowed, working.degraded, working.remaining) == (True, False, 1), name
+    server.stop()
+    for name, make in LIMITERS.items():
+        default = make(client, "t", 2, 60)
+        closed = make(client, "t", 2, 60, fail_open=False)
+        opened = default.hit("u")
+        assert (opened.allowed, opened.degraded, opened.remaining) == (True, True, 2), name
+        refused = closed.hit("u")
+        assert (refused.allowed, refused.degraded) == (False, True), name
+        assert refused.retry_after == FAIL_CLOSED_RETRY_AFTER
+        assert [d.degraded for d in default.hit_many(["a", "b"])] == [True, True]
+        assert not any(closed.hit_many(["a", "b"]))
+    server.start()  # Redis is back: counting resumes, and the script is loaded again
+    for name, make in LIMITERS.items():
+        limiter = make(client, "t", 2, 60)
+        decisions = [limiter.hit("u") for _ in range(3)]
+        assert [(d.allowed, d.degraded) for d in decisions] == [
+            (True, False),
+            (True, False),
+            (False, False),
+        ], name
+    client.close()
+    server.stop()
+
+
+def test_noscript_is_recovered_for_hit_and_hit_many(embedded_dir) -> None:
+    server = services.EmbeddedRedis(embedded_dir / "redis")
+    client = _private_client(server.start())
+    limiter = FixedWindow(client, 5, 60, prefix="t")
+    assert limiter.hit("u").remaining == 4
+    client.script_flush()
+    assert limiter.hit("u").remaining == 3
+    client.script_flush()
+    assert [d.remaining for d in limiter.hit_many(["u", "u"])] == [2, 1]
+    client.close()
+    server.stop()
