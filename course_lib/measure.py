@@ -265,19 +265,21 @@ def run_processes(
     collected: list[Call] = []
     failures = []
     deadline = None if timeout is None else time.monotonic() + timeout
+    grace = 5.0
     try:
         for _ in procs:
             remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
             try:
                 worker, chunk, failure = queue.get(timeout=remaining)
             except Exception as exc:
+                grace = 0.0
                 raise TimeoutError(f"a process was still running after {timeout} s") from exc
             collected.extend(chunk)
             if failure:
                 failures.append(f"worker {worker}: {failure}")
     finally:
         for proc in procs:
-            proc.join(timeout=5)
+            proc.join(timeout=grace)
             if proc.is_alive():
                 proc.kill()
                 proc.join()

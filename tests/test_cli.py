@@ -1,0 +1,85 @@
+"""The ``course`` command, run as a user runs it: a subprocess with its own environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def course(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
+    merged = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    merged.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "course_lib.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=merged,
+        timeout=timeout,
+    )
+
+
+def test_doctor_reports_both_services() -> None:
+    done = course("doctor")
+    assert done.returncode == 0, done.stderr
+    assert "redis" in done.stdout and "postgres" in done.stdout and "python" in done.stdout
+
+
+def test_doctor_with_unreachable_url_fails_with_one_clear_line() -> None:
+    done = course("doctor", env={"REDIS_URL": "redis://127.0.0.1:1"})
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, done.stderr
+    assert "REDIS_URL=redis://127.0.0.1:1" in errors[0] and "Traceback" not in done.stderr
+
+
+def _notebook(path: Path, *sources: str) -> Path:
+    nb = new_notebook(cells=[new_markdown_cell("# A broken notebook")])
+    nb.cells += [new_code_cell(source) for source in sources]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.timeout(180)
+def test_build_names_the_failing_notebook_and_cell(tmp_path: Path) -> None:
+    broken = _notebook(tmp_path / "99_broken.ipynb", "x = 1", "assert x == 2, 'x is not 2'")
+    done = course("build", str(broken), "--out", str(tmp_path / "out"))
+    assert done.returncode == 1
+    assert f"FAILED  {broken} cell 2: AssertionError: x is not 2" in done.stdout
+    index = (tmp_path / "out" / "index.html").read_text()
+    assert "A broken notebook" in index and "FAILED at cell 2" in index
+
+
+@pytest.mark.timeout(300)
+def test_build_with_embedded_services(tmp_path: Path) -> None:
+    state = Path(f"/tmp/pc-build-{os.getpid()}")
+    env = {"COURSE_SERVICES": "embedded", "COURSE_STATE_DIR": str(state)}
+    try:
+        done = course("build", "notebooks/00_setup.ipynb", "--out", str(tmp_path), env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        index = (tmp_path / "index.html").read_text()
+        assert "00 · Setup and the latency ladder" in index and "class='ok'" in index
+        assert (tmp_path / "00_setup.html").stat().st_size > 10_000
+        executed = json.dumps(nbformat.read(tmp_path / "00_setup.ipynb", as_version=4).cells)
+        assert executed.count("COURSE_SERVICES=embedded") >= 2  # both services, embedded
+        status = course("services", "status", env=env)
+        assert "redis: embedded server running" in status.stdout
+    finally:
+        stopped = course("services", "stop", env=env)
+        shutil.rmtree(state, ignore_errors=True)
+    assert "redis: stopped" in stopped.stdout and "postgres: stopped" in stopped.stdout

@@ -1,0 +1,33 @@
+"""The warm-up checker passes the reference answers and fails planted wrong ones."""
+
+from __future__ import annotations
+
+from course_lib.exercises.setup import check_get_many
+
+
+def reference(client, keys):
+    return client.mget(keys)
+
+
+def test_reference_passes(capsys) -> None:
+    result = check_get_many(reference)
+    assert result.passed
+    assert capsys.readouterr().out.startswith("PASS check_get_many: 50 keys (10 missing)")
+
+
+def test_one_round_trip_per_key_fails() -> None:
+    result = check_get_many(lambda client, keys: [client.get(k) for k in keys])
+    assert not result and "50 round trips; expected 1" in result.message
+
+
+def test_wrong_order_fails() -> None:
+    result = check_get_many(lambda client, keys: client.mget(sorted(keys)))
+    assert not result and "order matters" in result.message
+
+
+def test_not_attempted_is_reported() -> None:
+    def stub(client, keys):
+        raise NotImplementedError
+
+    result = check_get_many(stub)
+    assert not result and result.message.startswith("not attempted yet")

@@ -1,0 +1,137 @@
+"""``course_lib.measure``: percentiles, the concurrency harnesses and the round-trip counter."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+from course_lib import services
+from course_lib.measure import (
+    RoundTripCounter,
+    percentiles,
+    run_processes,
+    run_tasks,
+    run_threads,
+    summarize,
+    time_calls,
+)
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    samples = list(range(1, 101))
+    assert percentiles(samples) == {"p50": 50, "p95": 95, "p99": 99}
+    assert percentiles([7.0]) == {"p50": 7.0, "p95": 7.0, "p99": 7.0}
+    assert percentiles([3, 1, 2], ps=(100,)) == {"p100": 3}
+
+
+@pytest.mark.parametrize("bad", [[], None])
+def test_percentiles_reject_no_samples(bad) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        percentiles(bad)
+
+
+def test_percentile_outside_range_is_rejected() -> None:
+    with pytest.raises(ValueError, match="percentile"):
+        percentiles([1, 2], ps=(0,))
+
+
+def test_summarize_scales() -> None:
+    summary = summarize([0.001, 0.002, 0.003], scale=1e3)
+    assert summary["n"] == 3 and summary["p50"] == pytest.approx(2.0)
+    assert summary["max"] == pytest.approx(3.0)
+
+
+def test_time_calls_counts_calls() -> None:
+    calls = []
+    samples = time_calls(lambda: calls.append(1), 5, warmup=2)
+    assert len(samples) == 5 and len(calls) == 7 and all(s >= 0 for s in samples)
+    with pytest.raises(ValueError, match="n must be positive"):
+        time_calls(lambda: None, 0)
+
+
+def test_threads_really_run_together() -> None:
+    # Each call waits for all the others: it only completes if the 8 threads overlap.
+    rendezvous = threading.Barrier(8, timeout=10)
+    result = run_threads(lambda: rendezvous.wait() is not None, 8)
+    assert len(result) == 8 and result.errors == [] and all(result.values)
+
+
+def test_threads_record_exceptions_and_workers() -> None:
+    def fn(worker: int, index: int) -> int:
+        if worker == 1:
+            raise KeyError("boom")
+        return worker * 10 + index
+
+    result = run_threads(fn, 3, calls=2, pass_worker=True)
+    assert sorted(result.values) == [0, 1, 20, 21]
+    assert result.errors == ["KeyError: 'boom'"] * 2
+    frame = result.to_frame()
+    assert list(frame.columns) == ["worker", "index", "start", "end", "latency", "value", "error"]
+    assert frame["start"].min() == 0.0
+
+
+def test_threads_time_out_instead_of_hanging() -> None:
+    never = threading.Event()
+    with pytest.raises(TimeoutError):
+        run_threads(lambda: never.wait(), 2, timeout=0.3)
+
+
+@pytest.mark.parametrize("runner", [run_threads, run_processes, run_tasks])
+def test_bad_counts_are_rejected(runner) -> None:
+    with pytest.raises(ValueError, match="workers"):
+        runner(lambda: None, 0)
+    with pytest.raises(ValueError, match="calls"):
+        runner(lambda: None, 1, calls=0)
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+def test_processes_are_distinct_processes() -> None:
+    result = run_processes(_pid, 4, calls=3)
+    assert len(result) == 12 and result.errors == []
+    assert len(set(result.values)) == 4 and os.getpid() not in result.values
+
+
+def test_processes_time_out() -> None:
+    with pytest.raises(TimeoutError):
+        run_processes(lambda: time.sleep(30), 2, timeout=1)
+
+
+def test_tasks_run_concurrently_on_one_loop() -> None:
+    async def fn() -> int:
+        await rendezvous.wait()
+        return threading.get_ident()
+
+    rendezvous = asyncio.Barrier(20)
+    result = run_tasks(fn, 20)
+    assert len(result) == 20 and result.errors == [] and len(set(result.values)) == 1
+
+
+def test_tasks_time_out() -> None:
+    async def forever() -> None:
+        await asyncio.sleep(60)
+
+    with pytest.raises(TimeoutError):
+        run_tasks(forever, 3, timeout=0.2)
+
+
+def test_round_trip_counter_counts_requests_not_commands(ns: str) -> None:
+    counter = RoundTripCounter(services.redis_url())
+    client = counter.client
+    client.set(f"{ns}:a", 1)
+    client.get(f"{ns}:a")
+    assert counter.count == 2
+    counter.reset()
+    pipe = client.pipeline(transaction=False)
+    for i in range(50):
+        pipe.incr(f"{ns}:n{i}")
+    pipe.execute()
+    client.mget([f"{ns}:n{i}" for i in range(50)])
+    assert counter.count == 2
+    client.close()

@@ -1,0 +1,62 @@
+"""The two ways to install the course (pip and conda) ask for the same Python packages."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parent.parent
+# conda-forge names that differ from PyPI's
+CONDA_TO_PYPI = {"redis-py": "redis", "msgpack-python": "msgpack"}
+# redis[hiredis] installs the hiredis package; psycopg[binary] installs psycopg-binary, which
+# conda-forge folds into psycopg itself.
+EXTRAS_THAT_ARE_PACKAGES = {"hiredis"}
+NOT_PYTHON_PACKAGES = {"python", "pip", "redis-server", "postgresql"}
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pyproject_requirements() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    found = {}
+    for line in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        req = Requirement(line)
+        found[normalise(req.name)] = str(req.specifier)
+        for extra in req.extras & EXTRAS_THAT_ARE_PACKAGES:
+            found[normalise(extra)] = ""
+    return found
+
+
+def environment_requirements() -> dict[str, str]:
+    found = {}
+    for raw in (ROOT / "environment.yml").read_text().splitlines():
+        match = re.match(r"^\s+- ([A-Za-z0-9_.\-]+)\s*([<>=!~].*)?$", raw)
+        if not match:
+            continue
+        name = normalise(CONDA_TO_PYPI.get(match.group(1), match.group(1)))
+        if name not in NOT_PYTHON_PACKAGES:
+            found[name] = (match.group(2) or "").replace(" ", "")
+    return found
+
+
+def test_same_packages_in_pyproject_and_environment() -> None:
+    pip, conda = pyproject_requirements(), environment_requirements()
+    assert sorted(set(pip) - set(conda)) == [], "missing from environment.yml"
+    assert sorted(set(conda) - set(pip)) == [], "missing from pyproject.toml"
+
+
+def test_same_version_bounds() -> None:
+    pip, conda = pyproject_requirements(), environment_requirements()
+    for name, spec in pip.items():
+        if spec and conda[name]:
+            assert set(spec.split(",")) == set(conda[name].split(",")), name
+
+
+def test_environment_pins_python_to_the_embedded_servers_wheels() -> None:
+    text = (ROOT / "environment.yml").read_text()
+    assert "python>=3.11,<3.13" in text and "-e .[dev]" in text
