@@ -34,7 +34,8 @@ def pyproject_requirements() -> dict[str, str]:
 
 def environment_requirements() -> dict[str, str]:
     found = {}
-    for raw in (ROOT / "environment.yml").read_text().splitlines():
+    text = (ROOT / "environment.yml").read_text()
+    for raw in text.split("\ndependencies:", 1)[1].splitlines():
         match = re.match(r"^\s+- ([A-Za-z0-9_.\-]+)\s*([<>=!~].*)?$", raw)
         if not match:
             continue
