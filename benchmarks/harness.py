@@ -74,7 +74,7 @@ def interleaved(
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """Plain-text table of rows, one per line, ratios to 2 decimals."""
+    """Plain-text table of rows, one per line, ratios to 3 significant digits."""
     header = ("benchmark", "subject", "metric", "value", "baseline", "ratio", "target", "")
     lines = [header]
     for row in rows:
@@ -87,7 +87,7 @@ def format_table(rows: Sequence[Row]) -> str:
                 row.metric,
                 f"{row.value:.4g} {row.unit}",
                 f"{row.baseline} = {row.baseline_value:.4g} {row.unit}",
-                f"{row.ratio:.2f}x",
+                f"{row.ratio:.3g}x",
                 target,
                 row.verdict,
             )
