@@ -1,0 +1,378 @@
+"""The experiments of the caching notebook, kept here so the notebook stays short.
+
+Each function runs against the real Redis and PostgreSQL, starts its own threads, tasks or
+processes, stops them before returning (also on error), and returns plain numbers or a
+``pandas.DataFrame``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Engine, update
+
+import course_lib.services as services
+from course_lib.measure import Calls, percentiles, run_processes, run_tasks, run_threads
+
+from . import seed
+from .cache_aside import CacheAside
+from .store import UserStore
+from .users import users_table
+from .write_behind import WriteBehind
+
+__all__ = [
+    "CrashResult",
+    "StampedeResult",
+    "count_lost",
+    "hit_ratio_series",
+    "hot_key_run",
+    "in_process_queue_crash",
+    "replay",
+    "run_async",
+    "seed_hang_demo",
+    "stampede",
+    "write_behind_crash",
+    "write_latencies",
+    "zipf_keys",
+]
+
+
+def zipf_keys(n_keys: int, n_requests: int, *, s: float = 1.1, seed: int = 0) -> list[int]:
+    """``n_requests`` ids in ``1..n_keys`` drawn with Zipf popularity (rank ``r`` ~ 1/r^s)."""
+    rng = random.Random(seed)
+    weights = [1 / rank**s for rank in range(1, n_keys + 1)]
+    ids = list(range(1, n_keys + 1))
+    rng.shuffle(ids)  # popularity must not follow id order
+    return rng.choices(ids, weights=weights, k=n_requests)
+
+
+def replay(cache: CacheAside, keys: Iterable[Any]) -> pd.DataFrame:
+    """Call ``cache.get`` for each key in order; one row per call: t, key, hit, latency (s)."""
+    rows = []
+    origin = time.perf_counter()
+    for key in keys:
+        before = cache.stats["hits"]
+        start = time.perf_counter()
+        cache.get(key)
+        end = time.perf_counter()
+        rows.append((start - origin, key, cache.stats["hits"] > before, end - start))
+    return pd.DataFrame(rows, columns=["t", "key", "hit", "latency"])
+
+
+def hit_ratio_series(frame: pd.DataFrame, bucket: float = 0.1) -> tuple[list[float], list[float]]:
+    """Hit ratio per ``bucket`` seconds of a :func:`replay` frame: ``(times, ratios)``."""
+    slot = (frame["t"] // bucket) * bucket
+    ratio = frame.groupby(slot)["hit"].mean()
+    return [float(t) for t in ratio.index], [float(v) for v in ratio.values]
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` on a fresh event loop in a helper thread (works inside Jupyter too)."""
+    outcome: dict[str, Any] = {}
+
+    def runner() -> None:
+        try:
+            outcome["value"] = asyncio.run(coro)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=runner)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+@dataclass(frozen=True)
+class StampedeResult:
+    """One stampede run: loader calls (counted in Redis, so across processes) and latency."""
+
+    strategy: str
+    callers: int
+    loader_calls: int
+    p99: float
+    errors: int
+
+
+def _counting_loader(counter: str, delay: float) -> Callable[[Any], Any]:
+    client = services.redis_client()
+
+    def loader(key: Any) -> dict[str, Any]:
+        client.incr(counter)
+        time.sleep(delay)
+        return {"key": key, "computed_by": os.getpid()}
+
+    return loader
+
+
+def stampede(
+    strategy: str,
+    callers: int,
+    *,
+    namespace: str,
+    delay: float = 0.05,
+    processes: int = 1,
+) -> StampedeResult:
+    """``callers`` concurrent misses of one cold key, split over ``processes`` processes.
+
+    ``strategy``: ``"naive"`` (``CacheAside(stampede=None)``, threads), ``"seed"`` (the seed's
+    ``get_with_lock``, asyncio tasks) or ``"course_lib"`` (``CacheAside(stampede="lock")``,
+    threads). The loader sleeps ``delay`` seconds: an expensive query.
+    """
+    if strategy not in ("naive", "seed", "course_lib"):
+        raise ValueError(f"strategy must be naive, seed or course_lib, got {strategy!r}")
+    if callers % processes:
+        raise ValueError(f"callers ({callers}) must divide evenly over {processes} processes")
+    client = services.redis_client()
+    counter = f"{namespace}:{strategy}:loads"
+    key = f"{namespace}:{strategy}:hot"
+    client.delete(counter, key)
+    per_process = callers // processes
+
+    def in_one_process() -> list[tuple[float, bool]]:
+        loader = _counting_loader(counter, delay)
+        if strategy == "seed":
+
+            async def fetch(k: str) -> str:
+                await asyncio.to_thread(loader, k)
+                return "value"
+
+            seed.bind(services.redis_client(), services.engine(), fetch=fetch)
+            seed.locks.clear()
+            calls: Calls = run_tasks(lambda: seed.get_with_lock(key), per_process)
+        else:
+            cache = CacheAside(
+                services.redis_client(),
+                loader,
+                ttl=60,
+                namespace=f"{namespace}:{strategy}",
+                stampede=None if strategy == "naive" else "lock",
+            )
+            calls = run_threads(lambda: cache.get("hot"), per_process)
+        return [(c.latency, c.ok) for c in calls]
+
+    if processes == 1:
+        samples = in_one_process()
+    else:
+        samples = [s for chunk in run_processes(in_one_process, processes).values for s in chunk]
+    loads = int(client.get(counter) or 0)
+    client.delete(counter)
+    client.close()
+    latencies = [lat for lat, _ in samples]
+    return StampedeResult(
+        strategy,
+        callers,
+        loads,
+        percentiles(latencies)["p99"],
+        sum(not ok for _, ok in samples),
+    )
+
+
+def seed_hang_demo(namespace: str, *, waiters: int = 10, timeout: float = 0.5) -> dict[str, int]:
+    """The seed's ``get_with_lock`` with a loader that raises: who returns, who hangs.
+
+    Every call runs under ``asyncio.wait_for(timeout)``; without it they would wait forever.
+    """
+    client = services.redis_client()
+    loads = {"n": 0}
+
+    async def failing_fetch(key: str) -> str:
+        loads["n"] += 1
+        await asyncio.sleep(0.05)
+        raise ConnectionError("database unavailable")
+
+    seed.bind(client, services.engine(), fetch=failing_fetch)
+    seed.locks.clear()
+    key = f"{namespace}:seed:failing"
+
+    async def scenario() -> dict[str, int]:
+        async def one() -> str:
+            try:
+                await asyncio.wait_for(seed.get_with_lock(key), timeout)
+                return "returned"
+            except TimeoutError:
+                return "timed_out"
+            except ConnectionError:
+                return "raised"
+
+        first = await asyncio.gather(*(one() for _ in range(waiters)))
+        later = await one()
+        return {
+            "loader_calls": loads["n"],
+            "raised": first.count("raised"),
+            "timed_out": first.count("timed_out"),
+            "later_call_timed_out": int(later == "timed_out"),
+            "stuck_locks": len(seed.locks),
+        }
+
+    try:
+        return run_async(scenario())
+    finally:
+        seed.locks.clear()
+
+
+def hot_key_run(
+    cache: CacheAside, *, duration: float, threads: int, key: Any = "hot"
+) -> pd.DataFrame:
+    """``threads`` threads call ``cache.get(key)`` for ``duration`` s; t, latency per call."""
+    cache.get(key)
+    origin = time.perf_counter()
+
+    def worker(_worker: int, _index: int) -> list[tuple[float, float]]:
+        out = []
+        while (now := time.perf_counter()) - origin < duration:
+            cache.get(key)
+            out.append((now - origin, time.perf_counter() - now))
+        return out
+
+    calls = run_threads(worker, threads, pass_worker=True, timeout=duration + 30)
+    rows = [row for chunk in calls.values for row in chunk]
+    return pd.DataFrame(rows, columns=["t", "latency"]).sort_values("t", ignore_index=True)
+
+
+@dataclass(frozen=True)
+class CrashResult:
+    """Updates issued before a crash, and how many never reached the database."""
+
+    issued: int
+    lost: int
+    keys_stale: int
+
+    @property
+    def landed(self) -> int:
+        return self.issued - self.lost
+
+
+def _plan(updates: int, keys: list[int]) -> list[tuple[int, int]]:
+    """Update ``i`` sets ``score = i`` on ``keys[i % len(keys)]``: scores grow per key."""
+    return [(keys[i % len(keys)], i) for i in range(updates)]
+
+
+def _reset_scores(engine: Engine, keys: list[int]) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(users_table).where(users_table.c.id.in_(keys)).values(score=-1))
+
+
+def count_lost(engine: Engine, plan: list[tuple[int, int]]) -> CrashResult:
+    """Compare the database with the planned updates: an update with a score above the
+    row's final score never landed."""
+    store = UserStore(engine)
+    final = {key: store.load(key)["score"] for key in {k for k, _ in plan}}  # type: ignore[index]
+    lost = sum(score > final[key] for key, score in plan)
+    last = {key: score for key, score in plan}
+    stale = sum(final[key] != last[key] for key in last)
+    return CrashResult(len(plan), lost, stale)
+
+
+def _seed_writer(
+    engine_options: dict[str, Any], prefix: str, plan: list[tuple[int, int]], ready: Any
+) -> None:
+    seed.bind(services.redis_client(), services.engine(**engine_options), prefix=prefix)
+    for key, score in plan:
+        seed.update_user_write_behind(key, {"score": score})
+    ready.set()
+    time.sleep(60)  # the parent kills us long before this ends
+
+
+def in_process_queue_crash(
+    engine: Engine,
+    engine_options: dict[str, Any],
+    *,
+    prefix: str,
+    updates: int = 2000,
+    keys: int = 200,
+) -> CrashResult:
+    """A process makes ``updates`` seed write-behind updates, then dies (SIGKILL).
+
+    Its ``task_queue`` lived in its memory: whatever it had not applied yet is gone.
+    """
+    ids = list(range(1, keys + 1))
+    _reset_scores(engine, ids)
+    plan = _plan(updates, ids)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    child = ctx.Process(target=_seed_writer, args=(engine_options, prefix, plan, ready))
+    child.start()
+    try:
+        if not ready.wait(60):
+            raise TimeoutError("the writer process did not finish its updates in 60 s")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join()
+    return count_lost(engine, plan)
+
+
+def write_behind_crash(
+    wb: WriteBehind,
+    engine: Engine,
+    *,
+    updates: int = 2000,
+    keys: int = 200,
+    kill_after: float = 0.4,
+    down_for: float = 0.5,
+    sample_every: float = 0.025,
+    timeout: float = 60.0,
+) -> tuple[CrashResult, pd.DataFrame, dict[str, float]]:
+    """Write ``updates`` through ``wb``, SIGKILL its worker mid-run, restart another one.
+
+    Returns the loss count (after the backlog drained), a frame of the DB lag sampled every
+    ``sample_every`` s (t, lag, backlog), and the kill/restart times.
+    """
+    ids = list(range(1, keys + 1))
+    _reset_scores(engine, ids)
+    plan = _plan(updates, ids)
+    rows = {row["id"]: row for row in (UserStore(engine).load(k) for k in ids) if row}
+    samples: list[tuple[float, float, int]] = []
+    origin = time.perf_counter()
+    events: dict[str, float] = {}
+    first = wb.start_worker("worker-a")
+    second = None
+    try:
+        for key, score in plan:
+            rows[key] = {**rows[key], "score": score}
+            wb.write(key, {k: v for k, v in rows[key].items() if k not in ("id", "version")})
+        events["writes_done"] = time.perf_counter() - origin
+        deadline = origin + timeout
+        while time.perf_counter() < deadline:
+            now = time.perf_counter() - origin
+            samples.append((now, wb.lag(), wb.backlog()))
+            if first.is_alive() and now >= kill_after:
+                first.kill()
+                events["killed"] = now
+            if second is None and "killed" in events and now >= events["killed"] + down_for:
+                second = wb.start_worker("worker-b")
+                events["restarted"] = now
+            if second is not None and samples[-1][2] == 0:
+                break
+            time.sleep(sample_every)
+        else:
+            raise TimeoutError(f"{wb.backlog()} writes still queued after {timeout} s")
+    finally:
+        first.kill()
+        if second is not None:
+            second.stop()
+    frame = pd.DataFrame(samples, columns=["t", "lag", "backlog"])
+    return count_lost(engine, plan), frame, events
+
+
+def write_latencies(fn: Callable[[int], object], keys: list[int]) -> list[float]:
+    """Seconds taken by ``fn(key)`` for each key, in order."""
+    out = []
+    for key in keys:
+        start = time.perf_counter()
+        fn(key)
+        out.append(time.perf_counter() - start)
+    return out

@@ -1,0 +1,173 @@
+"""Exercises of the caching notebook (01), checked against the real Redis.
+
+- :func:`check_cache_aside`: ``get_user(r, key, load)`` — cache-aside with JSON and negative
+  caching: one load per key, however many calls, also when the row does not exist.
+- :func:`check_safe_release`: ``release(r, lock_key, token) -> bool`` — delete the lock only if
+  it still holds ``token``.
+- :func:`check_single_flight`: ``get_once(key, fn)`` — concurrent calls for one key share one
+  ``fn()`` call, its result or its exception, and the next call after a failure runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import course_lib.services as services
+from course_lib.measure import run_threads
+
+from .result import CheckResult, failed, not_attempted, passed
+
+__all__ = ["check_cache_aside", "check_safe_release", "check_single_flight"]
+
+
+def _namespace(exercise: str) -> str:
+    return f"ex01:{exercise}:{uuid.uuid4().hex[:8]}"
+
+
+def _cleanup(r: Any, namespace: str) -> None:
+    keys = list(r.scan_iter(match=f"{namespace}*", count=1000))
+    if keys:
+        r.delete(*keys)
+
+
+def check_cache_aside(get_user: Callable[[Any, str, Callable[[str], Any]], Any]) -> CheckResult:
+    """``get_user(r, key, load)`` must return ``load(key)``'s value, calling ``load`` once per
+    key for 5 calls, cache ``None`` too, and store JSON."""
+    name = "check_cache_aside"
+    r = services.redis_client()
+    ns = _namespace("cache_aside")
+    rows = {f"{ns}:user:1": {"id": 1, "name": "Ana"}, f"{ns}:user:2": None}
+    loads: dict[str, int] = dict.fromkeys(rows, 0)
+
+    def load(key: str) -> Any:
+        loads[key] += 1
+        return rows[key]
+
+    try:
+        for key, expected in rows.items():
+            for _ in range(5):
+                got = get_user(r, key, load)
+                if got != expected:
+                    return failed(
+                        name, f"get_user(r, {key!r}, load) returned {got!r}, expected {expected!r}"
+                    )
+        raw = {key: r.get(key) for key in rows}
+    except NotImplementedError:
+        return not_attempted(name, "write get_user")
+    finally:
+        _cleanup(r, ns)
+        r.close()
+    existing, missing = loads.values()
+    if existing != 1:
+        return failed(
+            name, f"5 calls for an existing user called load {existing} times, expected 1"
+        )
+    if missing != 1:
+        return failed(
+            name,
+            f"5 calls for a missing user called load {missing} times, expected 1 (cache None too)",
+        )
+    for key, value in raw.items():
+        try:
+            if value is None or json.loads(value) != rows[key]:
+                return failed(
+                    name, f"Redis holds {value!r} under {key!r}, not the JSON of {rows[key]!r}"
+                )
+        except ValueError:
+            return failed(name, f"Redis holds {value!r} under {key!r}: not JSON")
+    return passed(
+        name, "5 calls per key: 1 load for an existing user, 1 for a missing one; JSON in Redis"
+    )
+
+
+def check_safe_release(release: Callable[[Any, str, str], bool]) -> CheckResult:
+    """``release(r, lock_key, token)`` deletes the lock only while it holds ``token``."""
+    name = "check_safe_release"
+    r = services.redis_client()
+    ns = _namespace("release")
+    key = f"{ns}:lock"
+    try:
+        r.set(key, "someone-else", px=10_000)
+        foreign = release(r, key, "my-token")
+        still_there = r.get(key)
+        r.set(key, "my-token", px=10_000)
+        own = release(r, key, "my-token")
+        gone = r.get(key) is None
+        r.delete(key)
+        absent = release(r, key, "my-token")
+    except NotImplementedError:
+        return not_attempted(name, "write release")
+    finally:
+        _cleanup(r, ns)
+        r.close()
+    if foreign or still_there != b"someone-else":
+        return failed(
+            name,
+            f"released a lock held by another token "
+            f"(returned {foreign!r}, lock now {still_there!r})",
+        )
+    if not own or not gone:
+        return failed(name, f"did not release our own lock (returned {own!r}, deleted: {gone})")
+    if absent:
+        return failed(name, "returned True for a lock that did not exist")
+    return passed(name, "foreign token kept, own token released, missing lock reported False")
+
+
+def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> CheckResult:
+    """50 threads call ``get_once(key, fn)`` together: 1 call of ``fn``, all get its result;
+    with a failing ``fn``: 1 call, all 50 raise within 10 s; the next call calls ``fn`` again."""
+    name = "check_single_flight"
+    key = f"ex01:flight:{uuid.uuid4().hex[:8]}"
+    calls = {"ok": 0, "bad": 0}
+    lock = threading.Lock()
+
+    def slow() -> str:
+        with lock:
+            calls["ok"] += 1
+        time.sleep(0.2)
+        return "value"
+
+    def broken() -> str:
+        with lock:
+            calls["bad"] += 1
+        time.sleep(0.2)
+        raise ConnectionError("database unavailable")
+
+    try:
+        get_once(key + ":probe", lambda: "probe")
+    except NotImplementedError:
+        return not_attempted(name, "write get_once")
+    try:
+        good = run_threads(lambda: get_once(key, slow), 50, timeout=10)
+        bad = run_threads(lambda: get_once(key + ":bad", broken), 50, timeout=10)
+    except TimeoutError:
+        return failed(
+            name, "some callers were still waiting after 10 s (a waiter that never wakes?)"
+        )
+    if calls["ok"] != 1 or good.values.count("value") != 50:
+        return failed(
+            name,
+            f"50 concurrent calls: fn ran {calls['ok']} times, "
+            f"{good.values.count('value')} callers got its value; expected 1 and 50",
+        )
+    raised = sum("ConnectionError" in e for e in bad.errors)
+    if calls["bad"] != 1 or raised != 50:
+        return failed(
+            name,
+            f"failing fn: ran {calls['bad']} times, {raised}/50 callers got its exception; "
+            "expected 1 and 50",
+        )
+    with contextlib.suppress(ConnectionError):
+        get_once(key + ":bad", broken)
+    if calls["bad"] != 2:
+        return failed(name, "the call after a failure did not run fn again (the key stayed stuck)")
+    return passed(
+        name,
+        "50 callers -> 1 call; failure shared by 50/50 callers in bounded time; next call retries",
+    )
