@@ -54,5 +54,5 @@ def test_bar_timeline_step_and_ladder() -> None:
 
 
 def test_new_figure_columns() -> None:
-    fig, axes = charts.new_figure("Side by side", xlabel="s", ylabel="n", ncols=3)
+    _, axes = charts.new_figure("Side by side", xlabel="s", ylabel="n", ncols=3)
     assert len(axes) == 3 and axes[0].get_xlabel() == "s"
