@@ -3,12 +3,15 @@
 =======================  =================================  ================  ==========
 limiter                  state per key                      accuracy          memory
 =======================  =================================  ================  ==========
-``FixedWindow``          hash: window start, count          2x at the edge    constant
+``FixedWindow``          string "window start:count"        2x at the edge    constant
 ``SlidingWindowLog``     sorted set: one entry per unit     exact             O(limit)
-``SlidingWindowCounter`` hash: window start, 2 counts       approximate       constant
-``RedisTokenBucket``     hash: tokens, time                 exact bucket      constant
+``SlidingWindowCounter`` string "start:current:previous"    approximate       constant
+``RedisTokenBucket``     string "micro-tokens:time"         exact bucket      constant
 ``GCRA``                 one integer (theoretical arrival)  exact bucket      constant
 =======================  =================================  ================  ==========
+
+Small state is packed into one string so a decision is ``TIME`` + ``GET`` + ``SET ... PX``:
+every extra command inside a script costs about a microsecond of server time.
 
 All share :class:`~course_lib.rate_limiting.redis_base.RedisLimiter`: ``hit(key, cost=1)``
 and ``hit_many(...)`` return :class:`~course_lib.rate_limiting.decision.Decision`, one round

@@ -1,5 +1,6 @@
 -- Fixed window: at most `limit` units per window aligned on multiples of `window`.
--- KEYS[1]  hash {w = window start (us), c = units counted in that window}
+-- KEYS[1]  string '<window start us>:<units counted in that window>' (one GET and one
+--          SET per call: each extra command costs about 1 us of server time)
 -- ARGV     now_us ('' = Redis server TIME), cost, limit, window_us
 -- Returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
 local now
@@ -15,10 +16,13 @@ local window = tonumber(ARGV[4])
 
 local start = now - (now % window)
 local reset = start + window - now
-local state = redis.call('HMGET', KEYS[1], 'w', 'c')
 local count = 0
-if tonumber(state[1]) == start then
-  count = tonumber(state[2])
+local state = redis.call('GET', KEYS[1])
+if state then
+  local stored, counted = string.match(state, '^(-?%d+):(-?%d+)$')
+  if tonumber(stored) == start then
+    count = tonumber(counted)
+  end
 end
 
 if count + cost > limit then
@@ -26,13 +30,12 @@ if count + cost > limit then
 end
 if cost > 0 then
   count = count + cost
-  redis.call('HSET', KEYS[1], 'w', string.format('%.0f', start), 'c', count)
   local ttl = math.ceil(reset / 1000)
   -- Expiry runs on server time; with an injected clock keep the key long enough to replay.
   if ARGV[1] ~= '' and ttl < 60000 then
     ttl = 60000
   end
-  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('SET', KEYS[1], string.format('%.0f:%d', start, count), 'PX', ttl)
 end
 if count == 0 then
   reset = 0

@@ -1,7 +1,7 @@
 -- Sliding window counter (Cloudflare's approximation): two counters per key, the current
 -- fixed window and the previous one; the previous one is weighted by how much of it still
 -- overlaps the sliding window:  estimate = previous * (window - elapsed) / window + current.
--- KEYS[1]  hash {w = current window start (us), c = current count, p = previous count}
+-- KEYS[1]  string '<current window start us>:<current count>:<previous count>'
 -- ARGV     now_us ('' = Redis server TIME), cost, limit, window_us
 -- Returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
 local now
@@ -17,13 +17,16 @@ local window = tonumber(ARGV[4])
 
 local start = now - (now % window)
 local elapsed = now - start
-local state = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
-local stored = tonumber(state[1])
 local current, previous = 0, 0
-if stored == start then
-  current, previous = tonumber(state[2]), tonumber(state[3])
-elseif stored == start - window then
-  previous = tonumber(state[2])
+local state = redis.call('GET', KEYS[1])
+if state then
+  local w, c, p = string.match(state, '^(-?%d+):(%d+):(%d+)$')
+  local stored = tonumber(w)
+  if stored == start then
+    current, previous = tonumber(c), tonumber(p)
+  elseif stored == start - window then
+    previous = tonumber(c)
+  end
 end
 
 local estimate = previous * (window - elapsed) / window + current
@@ -54,11 +57,11 @@ end
 
 if cost > 0 then
   current = current + cost
-  redis.call('HSET', KEYS[1], 'w', string.format('%.0f', start), 'c', current, 'p', previous)
   local ttl = math.ceil((2 * window - elapsed) / 1000)
   if ARGV[1] ~= '' and ttl < 60000 then
     ttl = 60000
   end
-  redis.call('PEXPIRE', KEYS[1], ttl)
+  local value = string.format('%.0f:%d:%d', start, current, previous)
+  redis.call('SET', KEYS[1], value, 'PX', ttl)
 end
 return {1, math.floor(limit - estimate - cost), 0, reset_after(current, previous)}
