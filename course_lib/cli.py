@@ -112,8 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
     build.set_defaults(func=_build)
-    lab = sub.add_parser("lab", help="provision the services and start JupyterLab")
-    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed to jupyter lab")
+    lab = sub.add_parser(
+        "lab", help="provision the services and start JupyterLab (other options go to it)"
+    )
     lab.set_defaults(func=_lab)
     svc = sub.add_parser("services", help="start, stop or inspect the embedded servers")
     svc.add_argument("action", choices=("start", "stop", "status"))
@@ -122,7 +123,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Everything after `course lab` that is not ours goes to JupyterLab unchanged.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "lab":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.jupyter_args = extra
     try:
         return args.func(args)
     except (services.ServiceError, ValueError) as exc:

@@ -83,3 +83,10 @@ def test_build_with_embedded_services(tmp_path: Path) -> None:
         stopped = course("services", "stop", env=env)
         shutil.rmtree(state, ignore_errors=True)
     assert "redis: stopped" in stopped.stdout and "postgres: stopped" in stopped.stdout
+
+
+def test_lab_provisions_services_then_hands_over_to_jupyter() -> None:
+    done = course("lab", "--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("REDIS_URL=") and "DATABASE_URL=" in done.stdout
+    assert done.stdout.strip().splitlines()[-1][0].isdigit()  # jupyter lab's version

@@ -8,6 +8,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from course_lib import services
 from course_lib.measure import (
@@ -135,3 +137,15 @@ def test_round_trip_counter_counts_requests_not_commands(ns: str) -> None:
     client.mget([f"{ns}:n{i}" for i in range(50)])
     assert counter.count == 2
     client.close()
+
+
+@given(
+    st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=200),
+    st.floats(min_value=0.001, max_value=100),
+    st.floats(min_value=0.001, max_value=100),
+)
+def test_percentiles_are_observed_values_and_monotonic(samples, p, q) -> None:
+    low, high = sorted((p, q))
+    values = [percentiles(samples, ps=(x,))[f"p{x:g}"] for x in (low, high, 100)]
+    assert all(v in samples for v in values)
+    assert values[0] <= values[1] <= values[2] == max(samples)
