@@ -75,6 +75,8 @@ def _execute(path: Path, timeout: int, bar: tqdm) -> tuple[nbformat.NotebookNode
         timeout=timeout,
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
+        # The kernel listens on loopback only; its warning about that is noise in a build log.
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
         on_cell_executed=lambda **_: bar.update(1),
     )
     start = time.perf_counter()
