@@ -1,0 +1,151 @@
+"""Exercises of notebook 03 (rate limiting); each checker runs the student's code for real.
+
+- :func:`check_token_bucket`: a thread-safe token bucket that survives clock steps.
+- :func:`check_atomic_limiter`: a Redis limiter that admits exactly the limit under
+  8 threads x 2 processes and leaves no key without a TTL.
+- :func:`check_retry_delays`: a client back-off that honours ``Retry-After`` and spreads
+  a crowd of refused clients out with jitter.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from course_lib import services
+from course_lib.rate_limiting.clocks import ManualClock
+from course_lib.rate_limiting.concurrency import Yielding, admission_count, hammer_threads
+
+from .result import CheckResult, failed, not_attempted, passed
+
+__all__ = ["check_atomic_limiter", "check_retry_delays", "check_token_bucket"]
+
+
+def _attempted(fn: Callable[[], Any], exercise: str, what: str) -> tuple[bool, Any]:
+    try:
+        return True, fn()
+    except NotImplementedError:
+        return False, not_attempted(exercise, what)
+
+
+def check_token_bucket(make_bucket: Callable[..., Any]) -> CheckResult:
+    """``make_bucket(capacity, refill_rate, clock)`` returns an object whose
+    ``consume(tokens=1)`` is truthy when allowed. Checked: refill arithmetic on a manual
+    clock, a clock stepping back an hour, and exactly ``capacity`` admissions from 8
+    threads on a frozen clock."""
+    name = "check_token_bucket"
+    clock = ManualClock(1000.0)
+    ok, bucket = _attempted(lambda: make_bucket(5, 2.0, clock), name, "implement make_bucket")
+    if not ok:
+        return bucket
+    try:
+        first = [bool(bucket.consume()) for _ in range(6)]
+        clock.advance(0.5)
+        after_half_second = [bool(bucket.consume()) for _ in range(2)]
+        clock.advance(100)
+        after_idle = sum(bool(bucket.consume()) for _ in range(8))
+        clock.advance(-3600)
+        at_step = bool(bucket.consume())
+        clock.advance(1.0)
+        after_step_back = sum(bool(bucket.consume()) for _ in range(3))
+    except NotImplementedError:
+        return not_attempted(name, "implement consume")
+    if first != [True] * 5 + [False]:
+        return failed(name, f"capacity 5: expected 5 allowed then 1 denied, got {first}")
+    if after_half_second != [True, False]:
+        return failed(name, f"0.5 s at 2 tokens/s refills 1 token, got {after_half_second}")
+    if after_idle != 5:
+        return failed(
+            name, f"after 100 s idle the bucket holds capacity=5, it allowed {after_idle}"
+        )
+    if at_step or after_step_back != 2:
+        return failed(
+            name,
+            "clock stepped back 1 h, then 1 s passed at 2 tokens/s: expected 2 allowed, "
+            f"got {after_step_back}",
+        )
+    frozen = make_bucket(Yielding(100), Yielding(1.0), ManualClock(0.0))
+    try:
+        allowed = hammer_threads(frozen.consume, threads=8, calls=100)
+    except RuntimeError as exc:
+        return failed(name, f"consume raised under 8 threads: {exc}")
+    if allowed != 100:
+        return failed(name, f"8 threads x 100 calls, capacity 100: allowed {allowed}, not 100")
+    return passed(
+        name,
+        "refill and capacity exact, survives a 1 h clock step, 8 threads allowed exactly 100",
+    )
+
+
+def _seconds_to_boundary(client: redis.Redis, window: float) -> float:
+    seconds, micros = client.time()
+    return window - (seconds + micros / 1e6) % window
+
+
+def check_atomic_limiter(allow: Callable[[redis.Redis, str, int, int], bool]) -> CheckResult:
+    """``allow(client, key, limit, window_seconds)`` returns ``True`` to admit. Run from
+    8 threads in each of 2 processes (400 attempts, limit 50, window 3600 s): exactly 50
+    must be admitted, and every key it created must expire within the window."""
+    name = "check_atomic_limiter"
+    limit, window = 50, 3600
+    token = f"ex03:{uuid.uuid4().hex[:10]}"
+    client = services.redis_client()
+    try:
+        ok, first = _attempted(
+            lambda: allow(client, f"{token}:probe", limit, window), name, "implement allow"
+        )
+        if not ok:
+            return first
+        left = _seconds_to_boundary(client, window)
+        if left < 10:  # a window aligned on the clock may roll over mid-check: start after it
+            time.sleep(left + 0.05)
+
+        def make_decide() -> Callable[[], object]:
+            own = services.redis_client()
+            return lambda: allow(own, f"{token}:client", limit, window)
+
+        admitted = admission_count(make_decide, processes=2, threads=8, attempts=400).allowed
+        keys = list(client.scan_iter(match=f"*{token}*", count=1000))
+        ttls = {k: client.ttl(k) for k in keys}
+    finally:
+        leftovers = list(client.scan_iter(match=f"*{token}*", count=1000))
+        if leftovers:
+            client.delete(*leftovers)
+        client.close()
+    if admitted != limit:
+        return failed(name, f"400 concurrent attempts, limit {limit}: admitted {admitted}")
+    immortal = sorted(k.decode() for k, ttl in ttls.items() if not 0 < ttl <= window)
+    if immortal:
+        return failed(name, f"{len(immortal)} key(s) without a TTL within the window")
+    return passed(name, f"8 threads x 2 processes: admitted exactly {limit} of 400; keys expire")
+
+
+def check_retry_delays(delay: Callable[[float, int, random.Random], float]) -> CheckResult:
+    """``delay(retry_after, attempt, rng)`` is how long a client waits after a 429.
+    200 clients are refused together with ``Retry-After: 2``: each must wait at least 2 s
+    and at most 6 s, and no 100 ms slot may hold more than 20 % of their retries."""
+    name = "check_retry_delays"
+    rng = random.Random(3)
+    ok, waits = _attempted(
+        lambda: [float(delay(2.0, 1, rng)) for _ in range(200)], name, "implement delay"
+    )
+    if not ok:
+        return waits
+    early = sum(w < 2.0 for w in waits)
+    if early:
+        return failed(name, f"{early} of 200 clients came back before Retry-After (2 s)")
+    late = sum(w > 6.0 for w in waits)
+    if late:
+        return failed(name, f"{late} of 200 clients waited more than 6 s (3x Retry-After)")
+    slots: dict[int, int] = {}
+    for w in waits:
+        slots[int(w * 10)] = slots.get(int(w * 10), 0) + 1
+    busiest = max(slots.values())
+    if busiest > 40:
+        return failed(name, f"{busiest} of 200 retries land in one 100 ms slot: add jitter")
+    return passed(name, f"all 200 wait 2-6 s; the busiest 100 ms slot holds {busiest} retries")

@@ -1,0 +1,117 @@
+"""Each checker of notebook 03 passes the reference solution and fails planted wrong answers."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import redis as redis_lib
+
+from course_lib.exercises.rate_limiting import (
+    check_atomic_limiter,
+    check_retry_delays,
+    check_token_bucket,
+)
+from course_lib.rate_limiting import seed
+
+
+class ReferenceBucket:
+    def __init__(self, capacity, refill_rate, clock=time.monotonic):
+        self.capacity, self.rate, self.clock = capacity, refill_rate, clock
+        self.tokens, self.last = capacity, clock()
+        self.lock = threading.Lock()
+
+    def consume(self, tokens=1):
+        with self.lock:
+            now = self.clock()
+            elapsed = max(0.0, now - self.last)
+            self.last = now
+            self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
+            if self.tokens >= tokens:
+                self.tokens -= tokens
+                return True
+            return False
+
+
+class UnlockedBucket(ReferenceBucket):
+    def consume(self, tokens=1):
+        now = self.clock()
+        elapsed = max(0.0, now - self.last)
+        self.last = now
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
+        if self.tokens >= tokens:
+            self.tokens -= tokens
+            return True
+        return False
+
+
+REFERENCE_FIXED_WINDOW = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return count <= tonumber(ARGV[1]) and 1 or 0
+"""
+
+
+def reference_allow(client: redis_lib.Redis, key: str, limit: int, window: int) -> bool:
+    return client.eval(REFERENCE_FIXED_WINDOW, 1, key, limit, window) == 1
+
+
+def reference_delay(retry_after: float, attempt: int, rng: random.Random) -> float:
+    return retry_after * (1 + rng.uniform(0, 1))
+
+
+def test_token_bucket_checker() -> None:
+    assert check_token_bucket(lambda c, r, clock: ReferenceBucket(c, r, clock))
+    # the seed: its clock-step bug (a wall clock jumping back locks it for an hour)
+    assert not check_token_bucket(lambda c, r, clock: _seed_bucket(c, r, clock))
+    # a lock is missing: the race lets more than the capacity through
+    assert not check_token_bucket(lambda c, r, clock: UnlockedBucket(c, r, clock))
+
+
+def _seed_bucket(capacity, refill_rate, clock):
+    class Clocked(seed.TokenBucket):
+        def consume(self, tokens=1):
+            from course_lib.rate_limiting import replaced_time
+
+            with replaced_time(seed, clock):
+                return super().consume(tokens)
+
+    bucket = Clocked(capacity, refill_rate)
+    bucket.last_refill = clock()
+    return bucket
+
+
+def test_checkers_report_not_attempted(capsys: pytest.CaptureFixture[str]) -> None:
+    def todo(*args):
+        raise NotImplementedError
+
+    assert not check_token_bucket(todo)
+    assert not check_atomic_limiter(todo)
+    assert not check_retry_delays(todo)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all("not attempted yet" in line for line in lines)
+
+
+@pytest.mark.timeout(120)
+def test_atomic_limiter_checker() -> None:
+    assert check_atomic_limiter(reference_allow)
+
+    def without_ttl(client, key, limit, window):
+        return client.incr(key) <= limit
+
+    assert not check_atomic_limiter(without_ttl)
+
+    def always(client, key, limit, window):
+        client.set(key, 1, ex=window)
+        return True
+
+    assert not check_atomic_limiter(always)
+
+
+def test_retry_delays_checker() -> None:
+    assert check_retry_delays(reference_delay)
+    assert not check_retry_delays(lambda retry_after, attempt, rng: retry_after)  # no jitter
+    assert not check_retry_delays(lambda retry_after, attempt, rng: rng.uniform(0, retry_after))
+    assert not check_retry_delays(lambda retry_after, attempt, rng: retry_after * 5)
