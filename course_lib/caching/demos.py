@@ -160,6 +160,8 @@ def stampede(
                 namespace=f"{namespace}:{strategy}",
                 stampede=None if strategy == "naive" else "lock",
             )
+            # A running service has its connection pool open: open one per thread first.
+            run_threads(lambda: cache.redis.ping(), per_process)
             calls = run_threads(lambda: cache.get("hot"), per_process)
         return [(c.latency, c.ok) for c in calls]
 
