@@ -96,12 +96,12 @@ def write_through_race_seed(redis: Any, engine: Engine, user_id: int, *, prefix:
         out.step(
             "writer2",
             f"SETEX {key} 3600 {{'plan': 'team'}}",
-            lambda: redis.setex(key, 3600, json.dumps({"plan": "team"})),
+            lambda: redis.set(key, json.dumps({"plan": "team"}), ex=3600),
         )
         out.step(
             "writer1",
             f"SETEX {key} 3600 {{'plan': 'pro'}}",
-            lambda: redis.setex(key, 3600, json.dumps({"plan": "pro"})),
+            lambda: redis.set(key, json.dumps({"plan": "pro"}), ex=3600),
         )
     out.database = _db_row(engine, user_id)
     raw = redis.get(key)
@@ -142,7 +142,7 @@ def invalidation_race_seed(redis: Any, engine: Engine, user_id: int, *, prefix: 
     out.step(
         "reader",
         f"SETEX {key} 3600 <row read in step 2>",
-        lambda: redis.setex(key, 3600, json.dumps(row)),
+        lambda: redis.set(key, json.dumps(row), ex=3600),
     )
     out.database = store.load(user_id)
     raw = redis.get(key)

@@ -1,0 +1,193 @@
+"""Single-flight, the Redis lock, XFetch and serialisation on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import threading
+import time
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from course_lib.caching import (
+    AsyncSingleFlight,
+    CacheAside,
+    RedisLock,
+    SingleFlight,
+    dumps,
+    loads,
+    to_jsonable,
+)
+from course_lib.caching.scripts import NAMES, source
+from course_lib.caching.xfetch import should_refresh
+from course_lib.measure import run_threads
+
+
+@pytest.mark.timeout(30)
+def test_single_flight_shares_result_and_exception():
+    flight: SingleFlight = SingleFlight(timeout=5)
+    calls = {"n": 0}
+
+    def work():
+        calls["n"] += 1
+        time.sleep(0.2)
+        return "v"
+
+    assert run_threads(lambda: flight.do("k", work), 40).values == ["v"] * 40
+    assert calls["n"] == 1
+
+    def broken():
+        calls["n"] += 1
+        time.sleep(0.2)
+        raise KeyError("gone")
+
+    out = run_threads(lambda: flight.do("k", broken), 40, timeout=10)
+    assert len(out.errors) == 40 and calls["n"] == 2
+    assert flight.in_flight() == 0
+    assert flight.do("k", lambda: "again") == "again"
+
+
+@pytest.mark.timeout(10)
+def test_single_flight_waiter_timeout():
+    flight: SingleFlight = SingleFlight(timeout=0.2)
+    started = threading.Event()
+
+    def slow():
+        started.set()
+        time.sleep(1)
+        return 1
+
+    leader = threading.Thread(target=lambda: flight.do("k", slow))
+    leader.start()
+    started.wait()
+    with pytest.raises(TimeoutError):
+        flight.do("k", slow)
+    leader.join()
+
+
+@pytest.mark.timeout(10)
+def test_async_single_flight_shares_exception_and_recovers():
+    async def scenario():
+        flight: AsyncSingleFlight = AsyncSingleFlight(timeout=5)
+        calls = {"n": 0}
+
+        async def broken():
+            calls["n"] += 1
+            await asyncio.sleep(0.1)
+            raise ValueError("boom")
+
+        results = await asyncio.gather(
+            *(flight.do("k", broken) for _ in range(30)), return_exceptions=True
+        )
+
+        async def fine():
+            calls["n"] += 1
+            return 7
+
+        return results, await flight.do("k", fine), calls["n"]
+
+    results, after, calls = asyncio.run(scenario())
+    assert all(isinstance(r, ValueError) for r in results)
+    assert (after, calls) == (7, 2)
+
+
+def test_redis_lock_release_is_compare_and_delete(redis, ns):
+    lock = RedisLock(redis, f"{ns}:lock", ttl=0.2, wait=0)
+    assert lock.acquire()
+    time.sleep(0.3)  # expired under us; someone else takes it
+    other = RedisLock(redis, f"{ns}:lock", ttl=5, wait=0)
+    assert other.acquire()
+    assert lock.release() is False
+    assert redis.get(f"{ns}:lock") == other.token.encode()  # type: ignore[union-attr]
+    assert other.release() is True
+
+
+@pytest.mark.timeout(10)
+def test_redis_lock_bounded_wait(redis, ns):
+    holder = RedisLock(redis, f"{ns}:lock", ttl=5)
+    assert holder.acquire()
+    start = time.monotonic()
+    assert RedisLock(redis, f"{ns}:lock", ttl=5, wait=0.3).acquire() is False
+    assert 0.25 < time.monotonic() - start < 2
+    holder.release()
+
+
+def test_redis_lock_counts_mutual_exclusion(redis, ns):
+    inside = {"now": 0, "max": 0}
+    guard = threading.Lock()
+
+    def critical():
+        with RedisLock(redis, f"{ns}:mutex", ttl=5, wait=10):
+            with guard:
+                inside["now"] += 1
+                inside["max"] = max(inside["max"], inside["now"])
+            time.sleep(0.005)
+            with guard:
+                inside["now"] -= 1
+
+    assert run_threads(critical, 20, timeout=20).errors == []
+    assert inside["max"] == 1
+
+
+def test_lock_validation(redis):
+    with pytest.raises(ValueError, match="ttl"):
+        RedisLock(redis, "x", ttl=0)
+    with pytest.raises(ValueError, match="name"):
+        RedisLock(redis, "", ttl=1)
+
+
+def test_xfetch_probability_grows_near_expiry():
+    rng = random.Random(0)
+    far = sum(should_refresh(now=0, delta=0.1, expiry=10, rng=rng) for _ in range(1000))
+    near = sum(should_refresh(now=9.9, delta=0.1, expiry=10, rng=rng) for _ in range(1000))
+    past = sum(should_refresh(now=10, delta=0.1, expiry=10, rng=rng) for _ in range(1000))
+    assert far == 0 and 300 < near < 450 and past == 1000  # P = exp(-1) ~ 0.37 one delta early
+
+
+@pytest.mark.timeout(30)
+def test_xfetch_refreshes_before_expiry(redis, ns):
+    loads = {"n": 0}
+
+    def loader(key):
+        loads["n"] += 1
+        time.sleep(0.05)
+        return loads["n"]
+
+    cache = CacheAside(
+        redis, loader, ttl=0.4, namespace=ns, stampede="xfetch", beta=2.0, rng=random.Random(1)
+    )
+    cache.get("k")
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        cache.get("k")
+    stats = cache.stats
+    assert stats["early_refreshes"] >= 2
+    assert stats["misses"] == 1  # only the cold start: every expiry was pre-empted
+
+
+def test_serialisation_is_json_only():
+    value = {
+        "when": dt.datetime(2024, 1, 2, 3, 4, 5),
+        "price": Decimal("9.90"),
+        "id": uuid.UUID(int=1),
+    }
+    assert to_jsonable(value) == {
+        "when": "2024-01-02T03:04:05",
+        "price": "9.90",
+        "id": "00000000-0000-0000-0000-000000000001",
+    }
+    assert loads(dumps([1, None, "a"])) == [1, None, "a"]
+    with pytest.raises(TypeError, match="set"):
+        dumps({1, 2})
+    with pytest.raises(ValueError):
+        loads(b"\x80\x04K\x01.")  # a pickle is rejected, never executed
+
+
+def test_lua_scripts_ship_with_the_package():
+    for name in NAMES:
+        assert "redis.call" in source(name)
+    with pytest.raises(ValueError):
+        source("nope")

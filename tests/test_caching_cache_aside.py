@@ -1,0 +1,260 @@
+"""CacheAside: values, negative caching, validation, exact loader counts under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+import redis.asyncio as aredis
+
+from course_lib import services
+from course_lib.caching import AsyncCacheAside, CacheAside, LoaderError
+from course_lib.measure import run_processes, run_tasks, run_threads
+
+
+class Counting:
+    """A loader that counts its calls (thread-safe) and takes ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.delay = delay
+        self.fail = fail
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, key: object) -> object:
+        with self._lock:
+            self.calls += 1
+        time.sleep(self.delay)
+        if self.fail:
+            raise ConnectionError("database unavailable")
+        return None if key == "missing" else {"key": key}
+
+
+def test_miss_then_hit_stores_json(redis, ns):
+    loader = Counting()
+    cache = CacheAside(redis, loader, ttl=60, namespace=ns)
+    assert cache.get(1) == {"key": 1}
+    assert cache.get(1) == {"key": 1}
+    assert loader.calls == 1
+    assert json.loads(redis.get(cache.key(1))) == {"key": 1}
+    stats = cache.stats
+    assert (stats["hits"], stats["misses"], stats["loads"]) == (1, 1, 1)
+    assert 55_000 < redis.pttl(cache.key(1)) <= 60_000
+
+
+def test_none_is_cached_with_negative_ttl(redis, ns):
+    loader = Counting()
+    cache = CacheAside(redis, loader, ttl=60, namespace=ns, negative_ttl=2)
+    assert [cache.get("missing") for _ in range(20)] == [None] * 20
+    assert loader.calls == 1
+    assert redis.get(cache.key("missing")) == b"null"
+    assert redis.pttl(cache.key("missing")) <= 2000
+
+
+def test_invalidate_forces_reload(redis, ns):
+    loader = Counting()
+    cache = CacheAside(redis, loader, ttl=60, namespace=ns)
+    cache.get(5)
+    assert cache.invalidate(5) == 1
+    assert redis.get(cache.key(5)) is None
+    cache.get(5)
+    assert loader.calls == 2
+
+
+def test_unserialisable_value_raises_type_error(redis, ns):
+    cache = CacheAside(redis, lambda k: object(), ttl=60, namespace=ns)
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        cache.get(1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"ttl": 0}, ValueError, "ttl"),
+        ({"ttl": -1}, ValueError, "ttl"),
+        ({"ttl": "60"}, TypeError, "ttl"),
+        ({"namespace": ""}, ValueError, "namespace"),
+        ({"namespace": "  "}, ValueError, "namespace"),
+        ({"stampede": "dogpile"}, ValueError, "stampede"),
+        ({"negative_ttl": 0}, ValueError, "negative_ttl"),
+        ({"lock_ttl": 0}, ValueError, "lock_ttl"),
+    ],
+)
+def test_bad_settings_raise_at_construction(redis, ns, kwargs, error, match):
+    settings = {"ttl": 60, "namespace": ns, **kwargs}
+    with pytest.raises(error, match=match):
+        CacheAside(redis, Counting(), **settings)
+
+
+def test_loader_must_be_callable(redis, ns):
+    with pytest.raises(TypeError, match="loader"):
+        CacheAside(redis, "not callable", ttl=60, namespace=ns)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("stampede", "expected"), [(None, 50), ("local", 1), ("lock", 1), ("xfetch", 1)]
+)
+def test_loader_calls_under_50_threads(redis, ns, stampede, expected):
+    loader = Counting(delay=0.2)
+    cache = CacheAside(redis, loader, ttl=60, namespace=ns, stampede=stampede)
+    run_threads(lambda: redis.ping(), 50)  # open the pool's connections first
+    calls = run_threads(lambda: cache.get("hot"), 50, timeout=20)
+    assert calls.errors == []
+    assert calls.values == [{"key": "hot"}] * 50
+    assert loader.calls == expected
+
+
+@pytest.mark.timeout(60)
+def test_four_processes_25_threads_one_load(redis, ns):
+    counter = f"{ns}:loads"
+
+    def body() -> list:
+        client = services.redis_client()
+
+        def loader(key):
+            client.incr(counter)
+            time.sleep(0.2)
+            return {"key": key}
+
+        cache = CacheAside(client, loader, ttl=60, namespace=ns)
+        return run_threads(lambda: cache.get("hot"), 25, timeout=30).values
+
+    results = run_processes(body, 4, timeout=60)
+    assert [v for chunk in results.values for v in chunk] == [{"key": "hot"}] * 100
+    assert int(redis.get(counter)) == 1
+
+
+@pytest.mark.timeout(30)
+def test_asyncio_tasks_one_load(ns):
+    loads = {"n": 0}
+
+    async def loader(key):
+        loads["n"] += 1
+        await asyncio.sleep(0.1)
+        return {"key": key}
+
+    holder: dict = {}
+
+    async def get():
+        if "cache" not in holder:
+            client = aredis.from_url(services.redis_url())
+            holder["cache"] = AsyncCacheAside(client, loader, ttl=60, namespace=ns)
+        return await holder["cache"].get("hot")
+
+    calls = run_tasks(get, 100, timeout=20)
+    assert calls.errors == []
+    assert calls.values == [{"key": "hot"}] * 100
+    assert loads["n"] == 1
+    assert holder["cache"].stats["loads"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_asyncio_naive_loads_per_task(ns):
+    loads = {"n": 0}
+
+    async def scenario():
+        client = aredis.from_url(services.redis_url())
+
+        async def loader(key):
+            loads["n"] += 1
+            await asyncio.sleep(0.1)
+            return key
+
+        cache = AsyncCacheAside(client, loader, ttl=60, namespace=ns, stampede=None)
+        values = await asyncio.gather(*(cache.get("k") for _ in range(20)))
+        await client.aclose()
+        return values
+
+    assert asyncio.run(scenario()) == ["k"] * 20
+    assert loads["n"] == 20
+
+
+@pytest.mark.timeout(30)
+def test_loader_error_reaches_every_thread_and_next_call_retries(redis, ns):
+    loader = Counting(delay=0.2, fail=True)
+    cache = CacheAside(redis, loader, ttl=60, namespace=ns)
+    start = time.monotonic()
+    calls = run_threads(lambda: cache.get("k"), 30, timeout=10)
+    assert time.monotonic() - start < 5
+    assert len(calls.errors) == 30
+    assert all("database unavailable" in e for e in calls.errors)
+    assert loader.calls == 1
+    assert redis.get(f"{ns}#lock:k") is None  # released
+    loader.fail = False
+    assert cache.get("k") == {"key": "k"}
+    assert loader.calls == 2
+
+
+@pytest.mark.timeout(60)
+def test_loader_error_reaches_every_process_in_bounded_time(redis, ns):
+    counter = f"{ns}:loads"
+
+    def body() -> list[str]:
+        client = services.redis_client()
+
+        def loader(key):
+            client.incr(counter)
+            time.sleep(0.2)
+            raise ConnectionError("database unavailable")
+
+        cache = CacheAside(client, loader, ttl=60, namespace=ns)
+        return run_threads(lambda: cache.get("k"), 25, timeout=20).errors
+
+    start = time.monotonic()
+    errors = [e for chunk in run_processes(body, 4, timeout=60).values for e in chunk]
+    assert time.monotonic() - start < 20
+    assert len(errors) == 100
+    assert int(redis.get(counter)) == 1
+    assert sum("LoaderError" in e for e in errors) == 75  # the 3 processes that did not load
+    assert all("database unavailable" in e for e in errors)
+
+
+@pytest.mark.timeout(30)
+def test_async_loader_error_reaches_every_task(ns):
+    loads = {"n": 0}
+
+    async def scenario():
+        client = aredis.from_url(services.redis_url())
+
+        async def loader(key):
+            loads["n"] += 1
+            await asyncio.sleep(0.1)
+            raise ConnectionError("database unavailable")
+
+        cache = AsyncCacheAside(client, loader, ttl=60, namespace=ns)
+        results = await asyncio.gather(*(cache.get("k") for _ in range(20)), return_exceptions=True)
+        await client.aclose()
+        return results
+
+    results = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert loads["n"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_dead_lock_holder_bounded_wait(redis, ns):
+    """A lock left by a crashed holder expires; waiters load within lock_ttl, not forever."""
+    redis.set(f"{ns}#lock:k", "dead-holder", px=500)
+    loader = Counting()
+    cache = CacheAside(redis, loader, ttl=60, namespace=ns, lock_ttl=0.5, wait_timeout=5)
+    start = time.monotonic()
+    assert cache.get("k") == {"key": "k"}
+    assert 0.3 < time.monotonic() - start < 3
+    assert loader.calls == 1
+
+
+@pytest.mark.timeout(30)
+def test_wait_timeout_loads_without_the_lock(redis, ns):
+    redis.set(f"{ns}#lock:k", "slow-holder", px=20_000)
+    loader = Counting()
+    cache = CacheAside(redis, loader, ttl=60, namespace=ns, wait_timeout=0.3)
+    assert cache.get("k") == {"key": "k"}
+    assert cache.stats["lock_timeouts"] == 1
+
+
+def test_loader_error_class_is_public():
+    assert issubclass(LoaderError, RuntimeError)

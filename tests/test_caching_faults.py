@@ -1,0 +1,63 @@
+"""Redis going away under a running cache: it keeps serving (fail-open) and recovers."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import redis as redis_lib
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from course_lib.caching import CacheAside, UserStore, WriteThrough, seed_users
+from course_lib.measure import run_threads
+from course_lib.services import EmbeddedRedis
+
+
+def _client(url: str) -> redis_lib.Redis:
+    return redis_lib.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=1)
+
+
+@pytest.mark.timeout(60)
+def test_cache_serves_while_redis_is_stopped_and_resumes(embedded_dir, ns, caplog):
+    server = EmbeddedRedis(embedded_dir / "redis")
+    client = _client(server.start())
+    loads = {"n": 0}
+
+    def loader(key):
+        loads["n"] += 1
+        return {"key": key}
+
+    cache = CacheAside(client, loader, ttl=60, namespace=ns, retry_after=0.2)
+    assert [cache.get(k) for k in (1, 2, 1, 2)] == [{"key": 1}, {"key": 2}] * 2
+    assert loads["n"] == 2
+    server.stop()
+    with caplog.at_level(logging.WARNING, logger="course_lib.caching"):
+        during = run_threads(lambda: cache.get(1), 20, calls=5, timeout=30)
+    assert during.errors == []
+    assert during.values == [{"key": 1}] * 100
+    stats = cache.stats
+    assert stats["fail_open"] == 100
+    assert stats["redis_errors"] >= 1
+    assert sum("Redis unreachable" in r.message for r in caplog.records) == 1  # logged once
+    server.start()
+    time.sleep(0.25)  # past retry_after: the next call tries Redis again
+    assert cache.get(1) == {"key": 1}
+    assert cache.get(1) == {"key": 1}
+    assert cache.stats["hits"] > stats["hits"]
+    client.close()
+
+
+@pytest.mark.timeout(60)
+def test_write_through_survives_redis_stop(embedded_dir, pg_engine):
+    seed_users(pg_engine, 20)
+    server = EmbeddedRedis(embedded_dir / "redis")
+    client = _client(server.start())
+    wt = WriteThrough(client, UserStore(pg_engine), ttl=60, namespace="wt")
+    server.stop()
+    row = wt.write(3, {"plan": "pro"})
+    assert row["plan"] == "pro" and row["version"] == 1
+    assert wt.read(3)["plan"] == "pro"
+    assert wt.stats["redis_errors"] == 2
+    client.close()
