@@ -48,6 +48,7 @@ PALETTE: dict[str, str] = {
     "sliding_window_counter": "#17becf",
     "token_bucket": "#2ca02c",
     "gcra": "#8c564b",
+    "tokens": "#1f77b4",
     "round_robin": "#1f77b4",
     "least_connections": "#2ca02c",
     "random": "#bcbd22",
