@@ -1,0 +1,117 @@
+"""Each caching checker passes the reference solution and fails a planted wrong answer."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from course_lib.exercises.caching import (
+    check_cache_aside,
+    check_safe_release,
+    check_single_flight,
+)
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def good_get_user(r, key, load):
+    raw = r.get(key)
+    if raw is not None:
+        return json.loads(raw)
+    value = load(key)
+    r.set(key, json.dumps(value), ex=60)
+    return value
+
+
+def no_negative_caching(r, key, load):
+    raw = r.get(key)
+    if raw is not None:
+        return json.loads(raw)
+    value = load(key)
+    if value is not None:
+        r.set(key, json.dumps(value), ex=60)
+    return value
+
+
+def good_release(r, key, token):
+    return bool(r.eval(RELEASE, 1, key, token))
+
+
+def plain_delete(r, key, token):
+    return bool(r.delete(key))
+
+
+_lock = threading.Lock()
+_flights: dict = {}
+
+
+def good_get_once(key, fn):
+    with _lock:
+        flight = _flights.get(key)
+        leader = flight is None
+        if leader:
+            flight = _flights[key] = {"done": threading.Event()}
+    if not leader:
+        flight["done"].wait()
+        if "error" in flight:
+            raise flight["error"]
+        return flight["value"]
+    try:
+        flight["value"] = fn()
+        return flight["value"]
+    except Exception as exc:
+        flight["error"] = exc
+        raise
+    finally:
+        with _lock:
+            del _flights[key]
+        flight["done"].set()
+
+
+def hangs_on_error(key, fn):
+    """Like the seed's get_with_lock: an exception leaves the waiters waiting."""
+    with _lock:
+        flight = _flights.get(key)
+        leader = flight is None
+        if leader:
+            flight = _flights[key] = {"done": threading.Event()}
+    if not leader:
+        flight["done"].wait(30)
+        return flight.get("value")
+    flight["value"] = fn()
+    flight["done"].set()
+    with _lock:
+        del _flights[key]
+    return flight["value"]
+
+
+def not_attempted(*args):
+    raise NotImplementedError
+
+
+@pytest.mark.parametrize(
+    ("checker", "good", "bad", "why"),
+    [
+        (check_cache_aside, good_get_user, no_negative_caching, "missing user called load 5"),
+        (check_safe_release, good_release, plain_delete, "released a lock held by another"),
+        (check_single_flight, good_get_once, hangs_on_error, "still waiting after 10 s"),
+    ],
+)
+@pytest.mark.timeout(60)
+def test_checker_passes_reference_and_fails_planted_bug(checker, good, bad, why, capsys):
+    assert checker(good)
+    assert "PASS" in capsys.readouterr().out
+    result = checker(bad)
+    assert not result
+    assert why in result.message
+
+
+@pytest.mark.parametrize("checker", [check_cache_aside, check_safe_release, check_single_flight])
+def test_checker_reports_not_attempted(checker):
+    result = checker(not_attempted)
+    assert not result and "not attempted yet" in result.message
