@@ -22,7 +22,7 @@ Guarantees:
   process get :class:`LoaderError` carrying its type and message); the lock is released and
   the next call loads again.
 - No stale fill: :meth:`invalidate` bumps a per-key generation, and a load that began before
-  it is not cached (``lua/fill.lua``). This closes the race where a reader caches the row
+  it is not cached (``fill.lua``). This closes the race where a reader caches the row
   it read just before a writer updated the row and deleted the key.
 - Fail-open: if Redis is unreachable, ``get`` returns ``loader(key)`` (through the local
   single-flight), counts it in ``stats["fail_open"]``, logs one warning per outage, and skips

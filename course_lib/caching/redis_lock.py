@@ -5,7 +5,7 @@ Guarantees:
 - Acquire is one atomic ``SET ... NX PX``: at most one holder at a time, and the lock expires
   by itself after ``ttl`` seconds if its holder dies, so a crash cannot block others forever.
 - Each acquisition has a random token; :meth:`RedisLock.release` deletes the key only if it
-  still holds that token (``lua/release.lua``), so a holder whose lock expired cannot release
+  still holds that token (``release.lua``), so a holder whose lock expired cannot release
   the lock someone else took meanwhile.
 - Waiting is bounded: ``acquire`` gives up after ``wait`` seconds and returns ``False``.
 

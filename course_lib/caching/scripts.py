@@ -1,4 +1,4 @@
-"""The Lua scripts of ``course_lib.caching``, read once from the ``lua/`` folder.
+"""The Lua scripts of ``course_lib.caching`` (``<name>.lua`` beside this module), read once.
 
 Each client registers a script once (``register_script``), which runs it with ``EVALSHA``
 and sends the source only if the server does not know it yet, as the ``limits`` library
@@ -18,10 +18,10 @@ NAMES = ("release", "fill", "invalidate", "set_if_newer", "write_behind")
 
 @cache
 def source(name: str) -> str:
-    """Text of ``lua/<name>.lua``."""
+    """Text of ``<name>.lua``."""
     if name not in NAMES:
         raise ValueError(f"name must be one of {NAMES}, got {name!r}")
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+    return resources.files(__package__).joinpath(f"{name}.lua").read_text()
 
 
 def register(client: Any, *names: str) -> dict[str, Any]:

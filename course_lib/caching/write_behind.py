@@ -6,7 +6,7 @@ write survives the death of the process that made it and of the worker applying 
 Guarantees:
 
 - :meth:`WriteBehind.write` sets the cache and appends to the stream in one Lua script
-  (``lua/write_behind.lua``): both happen or neither.
+  (``write_behind.lua``): both happen or neither.
 - The worker acknowledges entries only after the database committed them (``XACK`` after
   ``save``), then deletes them, so the stream length is the backlog not yet in the database.
 - Writes are idempotent and ordered: each entry's stream id becomes the row's ``version`` and

@@ -5,7 +5,7 @@ Guarantees:
 - The cache holds whole rows *as committed* (``store.save`` returns them), never just the
   fields a caller changed.
 - The cache never goes backwards: a row is cached only if its ``version`` is higher than the
-  cached one (``lua/set_if_newer.lua``). Two writers that commit in one order and reach Redis
+  cached one (``set_if_newer.lua``). Two writers that commit in one order and reach Redis
   in the other leave the newer row cached, not the older one until the TTL.
 - Redis being unreachable does not fail a write (the database is the source of truth): it is
   counted in ``stats["redis_errors"]``; ``read`` then serves from the store.
