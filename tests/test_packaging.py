@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import tomllib
 from pathlib import Path
@@ -61,3 +62,16 @@ def test_same_version_bounds() -> None:
 def test_environment_pins_python_to_the_embedded_servers_wheels() -> None:
     text = (ROOT / "environment.yml").read_text()
     assert "python>=3.11,<3.13" in text and "-e .[dev]" in text
+
+
+def test_every_lua_script_ships_in_the_wheel() -> None:
+    """Each .lua file matches a package-data pattern relative to its nearest package."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["*"]
+    scripts = sorted((ROOT / "course_lib").rglob("*.lua"))
+    assert scripts
+    for script in scripts:
+        package = next(p for p in script.parents if (p / "__init__.py").exists())
+        relative = script.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatchcase(relative, pattern) for pattern in patterns), relative
