@@ -1,6 +1,7 @@
 """What every Redis limiter of the course shares.
 
-- One Lua script per algorithm, in ``scripts/<name>.lua``, read once per process and called
+- One Lua script per algorithm, in ``scripts/<name>.lua`` (after the shared ``_now.lua``
+  prelude), read once per process and called
   with ``EVALSHA``; the script is sent (``SCRIPT LOAD``) only when Redis answers
   ``NOSCRIPT`` (first use, or after a restart or ``SCRIPT FLUSH``). A script runs atomically
   on the server, so one decision is one round trip and no other client can interleave.
@@ -41,10 +42,15 @@ _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 _new = tuple.__new__
 
 
+def _read(name: str) -> str:
+    return (resources.files(__package__) / "scripts" / f"{name}.lua").read_text()
+
+
 @functools.cache
 def script_source(name: str) -> str:
-    """Text of ``scripts/<name>.lua``."""
-    return (resources.files(__package__) / "scripts" / f"{name}.lua").read_text()
+    """Text sent to Redis for ``scripts/<name>.lua``: the shared ``_now.lua`` prelude, which
+    defines ``now`` (microseconds), followed by the script itself."""
+    return _read("_now") + _read(name)
 
 
 @functools.cache

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable
+from typing import ClassVar
 
 import redis
 
@@ -42,13 +43,10 @@ def _window_us(window: object) -> int:
     return micros
 
 
-class FixedWindow(RedisLimiter):
-    """At most ``limit`` units per window of ``window`` seconds aligned on multiples of the
-    window (since the epoch, or since 0 of an injected clock). Cheap and simple, but a
-    client can spend ``limit`` at the end of one window and ``limit`` again at the start of
-    the next: up to ``2 * limit`` within one window length."""
+class _WindowLimiter(RedisLimiter):
+    """Shared constructor of the limiters configured by ``limit`` units per ``window`` s."""
 
-    script = "fixed_window"
+    default_prefix: ClassVar[str]
 
     def __init__(
         self,
@@ -56,7 +54,7 @@ class FixedWindow(RedisLimiter):
         limit: int,
         window: float,
         *,
-        prefix: str = "rl:fw",
+        prefix: str | None = None,
         fail_open: bool = True,
         clock: Clock = None,
     ) -> None:
@@ -64,7 +62,23 @@ class FixedWindow(RedisLimiter):
         self._window_us = _window_us(window)
         self.window = self._window_us / 1_000_000
         self._params = (self.limit, self._window_us)
-        super().__init__(redis, prefix=prefix, fail_open=fail_open, clock=clock)
+        super().__init__(
+            redis,
+            prefix=self.default_prefix if prefix is None else prefix,
+            fail_open=fail_open,
+            clock=clock,
+        )
+
+
+class FixedWindow(_WindowLimiter):
+    """At most ``limit`` units per window of ``window`` seconds aligned on multiples of the
+    window (since the epoch, or since 0 of an injected clock). Cheap and simple, but a
+    client can spend ``limit`` at the end of one window and ``limit`` again at the start of
+    the next: up to ``2 * limit`` within one window length."""
+
+    script = "fixed_window"
+
+    default_prefix = "rl:fw"
 
 
 class _Nonces:
@@ -86,7 +100,7 @@ _NONCES = _Nonces()
 os.register_at_fork(after_in_child=_NONCES.reseed)
 
 
-class SlidingWindowLog(RedisLimiter):
+class SlidingWindowLog(_WindowLimiter):
     """Exactly at most ``limit`` units in any ``window`` seconds: every admitted unit is a
     sorted-set entry scored by its time. Exact, at the price of memory proportional to the
     limit. Members are unique (time, per-process nonce, index), so requests arriving in the
@@ -94,27 +108,13 @@ class SlidingWindowLog(RedisLimiter):
 
     script = "sliding_window_log"
 
-    def __init__(
-        self,
-        redis: redis.Redis,
-        limit: int,
-        window: float,
-        *,
-        prefix: str = "rl:swl",
-        fail_open: bool = True,
-        clock: Clock = None,
-    ) -> None:
-        self.quota = self.limit = positive_int("limit", limit)
-        self._window_us = _window_us(window)
-        self.window = self._window_us / 1_000_000
-        self._params = (self.limit, self._window_us)
-        super().__init__(redis, prefix=prefix, fail_open=fail_open, clock=clock)
+    default_prefix = "rl:swl"
 
     def _extra(self) -> tuple[str]:
         return (_NONCES.next(),)
 
 
-class SlidingWindowCounter(RedisLimiter):
+class SlidingWindowCounter(_WindowLimiter):
     """Cloudflare's approximation of a sliding window: the current fixed window's count
     plus the previous window's count weighted by its overlap with the sliding window.
     Constant memory; exact when traffic is evenly spread over the previous window, off by
@@ -122,21 +122,7 @@ class SlidingWindowCounter(RedisLimiter):
 
     script = "sliding_window_counter"
 
-    def __init__(
-        self,
-        redis: redis.Redis,
-        limit: int,
-        window: float,
-        *,
-        prefix: str = "rl:swc",
-        fail_open: bool = True,
-        clock: Clock = None,
-    ) -> None:
-        self.quota = self.limit = positive_int("limit", limit)
-        self._window_us = _window_us(window)
-        self.window = self._window_us / 1_000_000
-        self._params = (self.limit, self._window_us)
-        super().__init__(redis, prefix=prefix, fail_open=fail_open, clock=clock)
+    default_prefix = "rl:swc"
 
 
 class RedisTokenBucket(RedisLimiter):

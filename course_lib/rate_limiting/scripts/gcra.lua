@@ -4,13 +4,6 @@
 -- KEYS[1]  string: TAT in us
 -- ARGV     now_us ('' = Redis server TIME), cost, interval_us (1 / rate), burst
 -- Returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
 local cost = tonumber(ARGV[2])
 local interval = tonumber(ARGV[3])
 local burst = tonumber(ARGV[4])

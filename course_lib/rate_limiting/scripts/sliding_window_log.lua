@@ -3,13 +3,6 @@
 --          even when two requests arrive in the same microsecond)
 -- ARGV     now_us ('' = Redis server TIME), cost, limit, window_us, nonce
 -- Returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
 local cost = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local window = tonumber(ARGV[4])

@@ -3,13 +3,6 @@
 -- KEYS[1]  string '<micro-tokens left>:<time of that reading, us>'
 -- ARGV     now_us ('' = Redis server TIME), cost, capacity, rate (tokens/s = micro-tokens/us)
 -- Returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
 local cost = tonumber(ARGV[2]) * 1000000
 local capacity = tonumber(ARGV[3]) * 1000000
 local rate = tonumber(ARGV[4])
