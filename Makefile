@@ -6,7 +6,7 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
 	$$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' >/dev/null 2>&1 \
 	&& echo $$p && break; done)
 
-.PHONY: install course test lint lab notebooks bench doctor services-stop clean
+.PHONY: install course test test-services test-embedded lint lab notebooks bench doctor services-stop clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or 3.12 not found; install one (see README) or run make PYTHON=/path/to/python3.12"; exit 1; }
@@ -24,8 +24,18 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint  ## set up, then lint and run the whole suite (unit tests + every notebook via nbval)
+test: lint test-services test-embedded  ## set up, lint, run the suite against both kinds of services
+
+test-services: install  ## the suite (unit tests + every notebook via nbval) on the services the course picks
 	$(VENV)/bin/pytest
+
+# The same suite on embedded servers only, as on a laptop with nothing installed; they run
+# in a folder of their own and are stopped afterwards.
+TEST_STATE := /tmp/perf-course-test-$(shell id -u)
+test-embedded: install
+	@status=0; COURSE_SERVICES=embedded COURSE_STATE_DIR=$(TEST_STATE) $(VENV)/bin/pytest || status=$$?; \
+	COURSE_STATE_DIR=$(TEST_STATE) $(VENV)/bin/course services stop >/dev/null; \
+	rm -rf $(TEST_STATE); exit $$status
 
 lab: install  ## start JupyterLab on notebooks/ with the services provisioned
 	$(VENV)/bin/course lab

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def course(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
-    merged = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    ours = ("REDIS_URL", "DATABASE_URL", "COURSE_SERVICES")
+    merged = {k: v for k, v in os.environ.items() if k not in ours}
     merged.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "course_lib.cli", *args],
