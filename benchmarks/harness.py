@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from tqdm import tqdm
 
 __all__ = ["Row", "best_of", "format_table", "interleaved", "per_call"]
 
@@ -67,7 +70,7 @@ def interleaved(
     samples: dict[str, list[float]] = {name: [] for name in subjects}
     for fn in subjects.values():
         per_call(fn, max(1, calls // 10))
-    for _ in range(rounds):
+    for _ in tqdm(range(rounds), desc="rounds", unit="round", leave=False, file=sys.stderr):
         for name, fn in subjects.items():
             samples[name].append(per_call(fn, calls))
     return {name: statistics.median(values) for name, values in samples.items()}
