@@ -89,6 +89,39 @@ def test_second_process_reuses_the_running_embedded_servers(state: Path, monkeyp
     assert (second_redis, second_pg) == (first_redis, first_pg)
 
 
+@pytest.mark.timeout(180)
+def test_processes_starting_at_once_share_one_pair_of_servers(state: Path, monkeypatch) -> None:
+    monkeypatch.setenv("COURSE_SERVICES", "embedded")
+    script = textwrap.dedent(
+        """
+        import psycopg
+        from course_lib import services
+        from course_lib.services.resolve import libpq_url, sqlalchemy_url
+        run_id = services.redis_client().info("server")["run_id"]
+        with psycopg.connect(libpq_url(sqlalchemy_url(services.database_url()))) as conn:
+            started = conn.execute("SELECT pg_postmaster_start_time()::text").fetchone()[0]
+        print(run_id, started)
+        """
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ.copy(),
+        )
+        for _ in range(3)
+    ]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=150)
+        assert proc.returncode == 0, err
+        outputs.append(out.strip())
+    assert len(set(outputs)) == 1, outputs
+    assert len(list(state.glob("redis/redis.sock"))) == 1
+
+
 def test_redis_url_from_environment_is_used_as_given(state: Path, monkeypatch) -> None:
     url = services.EmbeddedRedis(state / "redis").start()
     monkeypatch.setenv("REDIS_URL", url)
