@@ -225,6 +225,29 @@ def test_sliding_window_counter_weights_the_previous_window(
     assert sum(bool(limiter.hit("u")) for _ in range(10)) == 5
 
 
+@pytest.mark.parametrize("step", [60.0, 3600.0])
+@pytest.mark.parametrize("name", list(LIMITERS))
+def test_a_clock_step_back_neither_frees_quota_nor_locks_out(
+    redis: redis_lib.Redis, ns: str, name: str, step: float
+) -> None:
+    # The Redis server's clock can step like any wall clock (the injected clock stands in
+    # for it). State stamped in the future must count as stamped now.
+    window = 60.0
+    clock = ManualClock(36_030.0)  # half way through a window
+    limiter = LIMITERS[name](redis, ns, 5, window, clock=clock)
+    assert sum(bool(limiter.hit("u")) for _ in range(5)) == 5
+    clock.advance(-step)
+    refused = [limiter.hit("u") for _ in range(3)]
+    assert not any(refused)  # the step granted no extra quota
+    assert all(d.remaining == 0 for d in refused)
+    wait = refused[-1].retry_after
+    assert 0 < wait <= 2 * window  # not the length of the step
+    clock.advance(wait)
+    assert limiter.hit("u").allowed
+    clock.advance(10 * window)  # and it settles back to the full quota
+    assert sum(bool(limiter.hit("u")) for _ in range(6)) == 5
+
+
 class CountingSends:
     """Counts the writes a client makes to the socket: one per round trip."""
 

@@ -11,8 +11,14 @@
 - Keys are ``<prefix>:{<key>}``: the braces are a Redis Cluster hash tag, so every key of
   one client lands in the same slot.
 - ``hit_many`` decides a batch in one pipelined round trip.
-- When Redis cannot be reached (connection refused or lost, timeout), the limiter does not
-  raise: it answers with its ``fail_open`` policy and marks the decision ``degraded``.
+- A step of the server's clock is survived: state stamped after "now" (the clock stepped
+  back) is treated as stamped now, so the step neither grants extra quota nor blocks a
+  client longer than one window (window limiters) or one refill of the cost (buckets).
+  Redis keeps expiry times on its wall clock too, so after a step back keys live longer
+  than their TTL said: memory, not admissions.
+- When Redis cannot be reached (connection refused or lost, timeout) or cannot take writes
+  (``READONLY`` from a replica after a failover, ``LOADING`` after a restart), the limiter
+  does not raise: it answers with its ``fail_open`` policy and marks the decision ``degraded``.
   The default, ``fail_open=True``, admits the request, because a rate limiter usually
   protects availability and should not take the whole API down with its store (Envoy's
   global rate limit filter defaults to the same). Pass ``fail_open=False`` where an extra

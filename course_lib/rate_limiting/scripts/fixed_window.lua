@@ -10,19 +10,22 @@ local window = tonumber(ARGV[4])
 local start = now - (now % window)
 local reset = start + window - now
 local count = 0
+local rebased = false
 local state = redis.call('GET', KEYS[1])
 if state then
   local stored, counted = string.match(state, '^(-?%d+):(-?%d+)$')
-  if tonumber(stored) == start then
+  stored = tonumber(stored)
+  if stored == start then
     count = tonumber(counted)
+  elseif stored > start then
+    -- A window that starts after now: the clock stepped back. Its count moves into the
+    -- current window, so the step grants no extra quota and blocks no longer than this one.
+    count = tonumber(counted)
+    rebased = true
   end
 end
 
-if count + cost > limit then
-  return {0, math.max(0, limit - count), reset, reset}
-end
-if cost > 0 then
-  count = count + cost
+local function save()
   local ttl = math.ceil(reset / 1000)
   -- Expiry runs on server time; with an injected clock keep the key long enough to replay.
   if ARGV[1] ~= '' and ttl < 60000 then
@@ -30,7 +33,18 @@ if cost > 0 then
   end
   redis.call('SET', KEYS[1], string.format('%.0f:%d', start, count), 'PX', ttl)
 end
+
+if count + cost > limit then
+  if rebased then
+    save()
+  end
+  return {0, math.max(0, limit - count), reset, reset}
+end
+if cost > 0 or rebased then
+  count = count + cost
+  save()
+end
 if count == 0 then
   reset = 0
 end
-return {1, limit - count, 0, reset}
+return {1, math.max(0, limit - count), 0, reset}

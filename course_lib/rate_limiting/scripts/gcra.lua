@@ -7,24 +7,38 @@
 local cost = tonumber(ARGV[2])
 local interval = tonumber(ARGV[3])
 local burst = tonumber(ARGV[4])
+local span = burst * interval
+
+local function save(tat)
+  local ttl = math.ceil((tat - now) / 1000)
+  if ARGV[1] ~= '' and ttl < 60000 then
+    ttl = 60000
+  end
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', ttl)
+end
 
 local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
+local capped = false
 if tat < now then
   tat = now
+elseif tat > now + span then
+  -- Further ahead than an empty bucket can be: the clock stepped back. Treat the bucket
+  -- as empty now (no extra quota, and the next unit is one interval away, not the step).
+  tat = now + span
+  capped = true
 end
 local new_tat = tat + cost * interval
-local allow_at = new_tat - burst * interval
+local allow_at = new_tat - span
 
 if now < allow_at then
-  local remaining = math.floor((now - (tat - burst * interval)) / interval)
+  if capped then
+    save(tat)
+  end
+  local remaining = math.max(0, math.floor((now - (tat - span)) / interval))
   return {0, remaining, allow_at - now, tat - now}
 end
 
 if new_tat > now then
-  local ttl = math.ceil((new_tat - now) / 1000)
-  if ARGV[1] ~= '' and ttl < 60000 then
-    ttl = 60000
-  end
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl)
+  save(new_tat)
 end
-return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
+return {1, math.max(0, math.floor((now - allow_at) / interval)), 0, new_tat - now}

@@ -11,6 +11,7 @@ local window = tonumber(ARGV[4])
 local start = now - (now % window)
 local elapsed = now - start
 local current, previous = 0, 0
+local rebased = false
 local state = redis.call('GET', KEYS[1])
 if state then
   local w, c, p = string.match(state, '^(-?%d+):(%d+):(%d+)$')
@@ -19,7 +20,22 @@ if state then
     current, previous = tonumber(c), tonumber(p)
   elseif stored == start - window then
     previous = tonumber(c)
+  elseif stored > start then
+    -- Windows that start after now: the clock stepped back. Their counts move into the
+    -- current and previous windows, so the step grants no extra quota and blocks no longer
+    -- than the counts would have anyway.
+    current, previous = tonumber(c), tonumber(p)
+    rebased = true
   end
+end
+
+local function save()
+  local ttl = math.ceil((2 * window - elapsed) / 1000)
+  if ARGV[1] ~= '' and ttl < 60000 then
+    ttl = 60000
+  end
+  local value = string.format('%.0f:%d:%d', start, current, previous)
+  redis.call('SET', KEYS[1], value, 'PX', ttl)
 end
 
 local estimate = previous * (window - elapsed) / window + current
@@ -44,17 +60,15 @@ if estimate + cost > limit then
     local at = window * (1 - (limit - cost) / current)
     retry = window - elapsed + at
   end
+  if rebased then
+    save()
+  end
   return {0, math.max(0, math.floor(limit - estimate)), math.ceil(retry),
           reset_after(current, previous)}
 end
 
-if cost > 0 then
+if cost > 0 or rebased then
   current = current + cost
-  local ttl = math.ceil((2 * window - elapsed) / 1000)
-  if ARGV[1] ~= '' and ttl < 60000 then
-    ttl = 60000
-  end
-  local value = string.format('%.0f:%d:%d', start, current, previous)
-  redis.call('SET', KEYS[1], value, 'PX', ttl)
+  save()
 end
-return {1, math.floor(limit - estimate - cost), 0, reset_after(current, previous)}
+return {1, math.max(0, math.floor(limit - estimate - cost)), 0, reset_after(current, previous)}

@@ -9,6 +9,28 @@ local window = tonumber(ARGV[4])
 local key = KEYS[1]
 
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+-- Entries after now mean the clock stepped back: they are moved to now, so the step grants
+-- no extra quota and they leave the window one window from now, not one step later.
+local stamp = string.format('%.0f', now)
+local ahead = redis.call('ZREMRANGEBYSCORE', key, '(' .. stamp, '+inf')
+local function add(n, tag)
+  -- ZADD in slices: Lua's unpack() is limited to a few thousand values.
+  local prefix = stamp .. ':' .. ARGV[5] .. tag
+  local i = 1
+  while i <= n do
+    local args = {}
+    local last = math.min(n, i + 999)
+    for j = i, last do
+      args[#args + 1] = stamp
+      args[#args + 1] = prefix .. j
+    end
+    redis.call('ZADD', key, unpack(args))
+    i = last + 1
+  end
+end
+if ahead > 0 then
+  add(ahead, ':moved:')
+end
 local count = redis.call('ZCARD', key)
 
 if count + cost > limit then
@@ -20,27 +42,16 @@ if count + cost > limit then
           tonumber(newest[2]) + window - now}
 end
 
-if cost > 0 then
-  local stamp = string.format('%.0f', now)
-  local prefix = stamp .. ':' .. ARGV[5] .. ':'
-  -- ZADD in slices: Lua's unpack() is limited to a few thousand values.
-  local i = 1
-  while i <= cost do
-    local args = {}
-    local last = math.min(cost, i + 999)
-    for j = i, last do
-      args[#args + 1] = stamp
-      args[#args + 1] = prefix .. j
-    end
-    redis.call('ZADD', key, unpack(args))
-    i = last + 1
-  end
+if cost > 0 or ahead > 0 then
+  add(cost, ':')
   local ttl = math.ceil(window / 1000)
   if ARGV[1] ~= '' and ttl < 60000 then
     ttl = 60000
   end
   redis.call('PEXPIRE', key, ttl)
-  return {1, limit - count - cost, 0, window}
+end
+if cost > 0 then
+  return {1, math.max(0, limit - count - cost), 0, window}
 end
 
 local reset = 0
@@ -48,4 +59,4 @@ if count > 0 then
   local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
   reset = tonumber(newest[2]) + window - now
 end
-return {1, limit - count, 0, reset}
+return {1, math.max(0, limit - count), 0, reset}

@@ -7,31 +7,42 @@ local cost = tonumber(ARGV[2]) * 1000000
 local capacity = tonumber(ARGV[3]) * 1000000
 local rate = tonumber(ARGV[4])
 
-local tokens = capacity
-local state = redis.call('GET', KEYS[1])
-if state then
-  local left, stamp = string.match(state, '^(-?%d+):(-?%d+)$')
-  tokens = tonumber(left)
-  local elapsed = now - tonumber(stamp)
-  -- an injected clock that runs backwards means no time passed, not negative tokens
-  if elapsed > 0 then
-    tokens = math.min(capacity, tokens + elapsed * rate)
-  end
-end
-
-if tokens < cost then
-  return {0, math.floor(tokens / 1000000), math.ceil((cost - tokens) / rate),
-          math.ceil((capacity - tokens) / rate)}
-end
-
-tokens = math.floor(tokens - cost)
-local reset = math.ceil((capacity - tokens) / rate)
-if reset > 0 then
+local function save(tokens, reset)
   local ttl = math.ceil(reset / 1000)
   if ARGV[1] ~= '' and ttl < 60000 then
     ttl = 60000
   end
   redis.call('SET', KEYS[1], string.format('%.0f:%.0f', tokens, now), 'PX', ttl)
+end
+
+local tokens = capacity
+local rebased = false
+local state = redis.call('GET', KEYS[1])
+if state then
+  local left, stamp = string.match(state, '^(-?%d+):(-?%d+)$')
+  tokens = math.max(0, tonumber(left))
+  local elapsed = now - tonumber(stamp)
+  if elapsed > 0 then
+    tokens = math.min(capacity, tokens + elapsed * rate)
+  elseif elapsed < 0 then
+    -- A reading from the future: the clock stepped back. No time passed, and the reading
+    -- is restamped now, or the bucket would not refill until the clock caught up.
+    rebased = true
+  end
+end
+
+if tokens < cost then
+  local reset = math.ceil((capacity - tokens) / rate)
+  if rebased then
+    save(tokens, reset)
+  end
+  return {0, math.floor(tokens / 1000000), math.ceil((cost - tokens) / rate), reset}
+end
+
+tokens = math.floor(tokens - cost)
+local reset = math.ceil((capacity - tokens) / rate)
+if reset > 0 then
+  save(tokens, reset)
 else
   -- a full bucket is the same as no bucket: free the memory
   redis.call('DEL', KEYS[1])
