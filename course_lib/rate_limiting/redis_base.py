@@ -24,8 +24,12 @@
   global rate limit filter defaults to the same). Pass ``fail_open=False`` where an extra
   request costs more than a refused one (paid upstream APIs, login attempts); the request
   is then refused with ``retry_after`` = :data:`FAIL_CLOSED_RETRY_AFTER`. How long a dead
-  server takes to be noticed is the client's business: give the limiter a ``redis.Redis``
-  with a short ``socket_timeout`` and few retries.
+  server takes to be noticed is the client's business: a default redis-py 8 client retries
+  with backoff and takes seconds per call; give the limiter
+  :func:`~course_lib.rate_limiting.clients.fail_fast_client` (short timeouts, no retries).
+- The client is a ``redis.Redis`` or a ``redis.cluster.RedisCluster``: each decision touches
+  one key, so ``EVALSHA`` routes to that key's node, and ``hit_many`` uses a cluster
+  pipeline (one round trip per node involved). Tested on a local 3-node cluster.
 """
 
 from __future__ import annotations
@@ -44,8 +48,18 @@ from .validation import cost_within
 __all__ = ["FAIL_CLOSED_RETRY_AFTER", "RedisLimiter", "script_sha", "script_source"]
 
 FAIL_CLOSED_RETRY_AFTER = 1.0
-_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+# BusyLoadingError (LOADING) is a ConnectionError; ReadOnlyError (a replica after a failover)
+# is a ResponseError but means the same thing here: this server cannot count right now.
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
 _new = tuple.__new__
+
+
+def _store_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "this server cannot count now" rather than a bug."""
+    if isinstance(exc, _UNREACHABLE):
+        return True
+    # Redis 6.2 reports a script's refused write as a generic script error.
+    return isinstance(exc, redis.ResponseError) and "-READONLY " in str(exc)
 
 
 def _read(name: str) -> str:
@@ -141,8 +155,10 @@ class RedisLimiter:
             except redis.exceptions.NoScriptError:
                 self._load()
                 reply = self.redis.execute_command("EVALSHA", *args)
-        except _UNREACHABLE:
-            return self._fallback()
+        except redis.RedisError as exc:
+            if _store_unavailable(exc):
+                return self._fallback()
+            raise
         return _to_decision(reply)
 
     def hit_many(self, keys_or_pairs: Iterable[str | tuple[str, int]]) -> list[Decision]:
@@ -171,12 +187,19 @@ class RedisLimiter:
                     missing, self._pipeline([calls[i] for i in missing]), strict=True
                 ):
                     replies[i] = reply
-        except _UNREACHABLE:
-            return [self._fallback() for _ in calls]
+        except redis.RedisError as exc:
+            if _store_unavailable(exc):
+                return [self._fallback() for _ in calls]
+            raise
+        decisions = []
         for reply in replies:
-            if isinstance(reply, Exception):
+            if _store_unavailable(reply):
+                decisions.append(self._fallback())
+            elif isinstance(reply, Exception):
                 raise reply
-        return [_to_decision(reply) for reply in replies]
+            else:
+                decisions.append(_to_decision(reply))
+        return decisions
 
     def _pipeline(self, calls: list[tuple[Any, ...]]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
