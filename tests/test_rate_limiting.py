@@ -112,3 +112,12 @@ def test_token_bucket_rejects_bad_arguments(kwargs: dict, error: type, name: str
 def test_token_bucket_rejects_impossible_costs(tokens: int) -> None:
     with pytest.raises(ValueError, match="tokens"):
         TokenBucket(10, 1, clock=ManualClock()).consume(tokens)
+
+
+@pytest.mark.parametrize("tokens", [True, "1", None])
+def test_token_bucket_rejects_tokens_that_are_not_numbers(tokens: object) -> None:
+    bucket = TokenBucket(10, 1, clock=ManualClock())
+    with pytest.raises(TypeError, match="tokens"):
+        bucket.consume(tokens)  # type: ignore[arg-type]
+    assert bucket.tokens == 10  # nothing was taken
+

@@ -309,6 +309,12 @@ def test_keys_carry_a_cluster_hash_tag(redis: redis_lib.Redis, ns: str) -> None:
         (lambda r: GCRA(r, 0, 10), "rate"),
         (lambda r: GCRA(r, 10, 0), "burst"),
         (lambda r: FixedWindow(r, 10, 60, prefix=""), "prefix"),
+        # 1/rate is kept in whole microseconds: these would become 500000/s and 1000000/s
+        (lambda r: GCRA(r, 400_000, 10), "rate"),
+        (lambda r: GCRA(r, 700_000, 10), "rate"),
+        (lambda r: GCRA(r, 1e-3, 10**9), "burst"),
+        # micro-tokens past 2^53 lose precision in the script
+        (lambda r: RedisTokenBucket(r, 10**12, 1), "capacity"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_parameter(
@@ -335,6 +341,34 @@ def test_wrong_types_raise_type_error(redis: redis_lib.Redis, ns: str) -> None:
         FixedWindow("localhost", 2, 60)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="cost"):
         FixedWindow(redis, 2, 60, prefix=f"{ns}:fw").hit("u", cost=1.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("item", [b"abc", ("a",), ("a", 1, 2), None, (1, 1), ["a", 1]])
+def test_hit_many_rejects_malformed_items_naming_the_parameter(
+    redis: redis_lib.Redis, ns: str, item: object
+) -> None:
+    limiter = FixedWindow(redis, 3, 60, prefix=f"{ns}:fw")
+    with pytest.raises(TypeError, match="keys_or_pairs"):
+        limiter.hit_many(["a", item])  # type: ignore[list-item]
+    assert redis.exists(limiter.key("a")) == 0
+
+
+@pytest.mark.parametrize("key", [123, b"user", None])
+def test_hit_rejects_keys_that_are_not_strings(
+    redis: redis_lib.Redis, ns: str, key: object
+) -> None:
+    with pytest.raises(TypeError, match="key"):
+        FixedWindow(redis, 3, 60, prefix=f"{ns}:fw").hit(key)  # type: ignore[arg-type]
+
+
+def test_gcra_keeps_high_rates_that_are_whole_microseconds(redis: redis_lib.Redis, ns: str) -> None:
+    clock = ManualClock(100.0)
+    gcra = GCRA(redis, 250_000, 1, prefix=f"{ns}:gcra", clock=clock)  # one every 4 us
+    assert gcra.hit("u") and not gcra.hit("u")
+    clock.advance(3e-6)
+    assert not gcra.hit("u")
+    clock.advance(1e-6)
+    assert gcra.hit("u")
 
 
 def _private_client(url: str) -> redis_lib.Redis:

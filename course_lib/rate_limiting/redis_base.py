@@ -149,6 +149,8 @@ class RedisLimiter:
         ``cost=0`` asks without spending. Raises ``ValueError`` for a negative cost or one
         above :attr:`quota`; never raises because Redis is unreachable (see ``fail_open``).
         """
+        if key.__class__ is not str and not isinstance(key, str):
+            raise TypeError(f"key must be a str, got {type(key).__name__}")
         if cost != 1 or cost.__class__ is not int:
             cost = self._check_cost(cost)
         args = (self._sha, 1, self.key(key), self._now(), cost, *self._params, *self._extra())
@@ -174,7 +176,15 @@ class RedisLimiter:
         calls = []
         now = self._now()
         for item in keys_or_pairs:
-            key, cost = (item, 1) if isinstance(item, str) else item
+            if isinstance(item, str):
+                key, cost = item, 1
+            elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                key, cost = item
+            else:
+                raise TypeError(
+                    f"keys_or_pairs items must be str keys or (str key, int cost) pairs, "
+                    f"got {item!r}"
+                )
             cost = self._check_cost(cost)
             calls.append((self._sha, 1, self.key(key), now, cost, *self._params, *self._extra()))
         if not calls:

@@ -30,9 +30,22 @@ import redis
 from .redis_base import RedisLimiter
 from .validation import positive_int, positive_number
 
-__all__ = ["GCRA", "FixedWindow", "RedisTokenBucket", "SlidingWindowCounter", "SlidingWindowLog"]
+__all__ = [
+    "GCRA",
+    "MAX_BUCKET_CAPACITY",
+    "FixedWindow",
+    "RedisTokenBucket",
+    "SlidingWindowCounter",
+    "SlidingWindowLog",
+]
 
 Clock = Callable[[], float] | None
+
+MAX_BUCKET_CAPACITY = 10**9
+"""Largest ``RedisTokenBucket`` capacity: its script counts micro-tokens (1e15 at most)."""
+_MAX_SPAN_US = 10**15
+"""Largest GCRA ``burst / rate`` in microseconds (about 31 years): epoch time plus the span
+must stay an exact integer in Lua's doubles (below 2^53, about 9e15)."""
 
 
 def _window_us(window: object) -> int:
@@ -145,6 +158,9 @@ class RedisTokenBucket(RedisLimiter):
         clock: Clock = None,
     ) -> None:
         self.quota = self.capacity = positive_int("capacity", capacity)
+        if self.capacity > MAX_BUCKET_CAPACITY:
+            # the script counts micro-tokens in Lua doubles, exact only below 2^53
+            raise ValueError(f"capacity must be <= {MAX_BUCKET_CAPACITY:.0e}, got {self.capacity}")
         self.refill_rate = positive_number("refill_rate", refill_rate)
         self.window = self.capacity / self.refill_rate
         self._params = (self.capacity, repr(self.refill_rate))
@@ -172,9 +188,20 @@ class GCRA(RedisLimiter):
     ) -> None:
         self.rate = positive_number("rate", rate)
         self.quota = self.burst = positive_int("burst", burst)
-        interval = round(1_000_000 / self.rate)
-        if interval < 1:
-            raise ValueError(f"rate must be at most 1e6 per second, got {rate}")
+        exact = 1_000_000 / self.rate
+        interval = round(exact)
+        # The script keeps whole microseconds (Lua doubles are exact below 2^53, and epoch
+        # time in nanoseconds is not): refuse a rate the rounding would change by over 1 %.
+        if interval < 1 or abs(interval - exact) > 0.01 * exact:
+            raise ValueError(
+                f"rate must be such that 1/rate is a whole number of microseconds within "
+                f"1 % (at most about 1e4 per second unless it divides 1e6), got {rate}"
+            )
+        if self.burst * interval > _MAX_SPAN_US:
+            raise ValueError(
+                f"burst / rate must be at most {_MAX_SPAN_US / 1e6:.0e} s, "
+                f"got burst={burst}, rate={rate}"
+            )
         self._interval_us = interval
         self.window = self.burst / self.rate
         self._params = (interval, self.burst)
