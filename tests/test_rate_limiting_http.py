@@ -3,7 +3,9 @@ client keys, pass-through of non-HTTP traffic; and the live demo server and poli
 
 from __future__ import annotations
 
+import os
 import random
+import socket
 import types
 
 import anyio
@@ -14,12 +16,15 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from course_lib import services
 from course_lib.rate_limiting import (
     GCRA,
     FixedWindow,
     ManualClock,
     RateLimitMiddleware,
+    RedisTokenBucket,
     api_key_or_ip,
+    fail_fast_client,
     rate_limit_headers,
 )
 from course_lib.rate_limiting.decision import Decision
@@ -64,22 +69,48 @@ def test_middleware_answers_429_with_retry_after_and_ratelimit_headers(
 def test_middleware_limits_each_api_key_separately(redis: redis_lib.Redis, ns: str) -> None:
     limiter = FixedWindow(redis, 1, 60, prefix=f"{ns}:fw")
     alice, bob = {"headers": {"X-API-Key": "alice"}}, {"headers": {"X-API-Key": "bob"}}
-    responses = get_all(_app(limiter, key=api_key_or_ip()), [alice, alice, bob, {}])
+    key = api_key_or_ip({"alice", "bob"})
+    responses = get_all(_app(limiter, key=key), [alice, alice, bob, {}])
     codes = [r.status_code for r in responses]  # the last one has no key: limited by IP
     assert codes == [200, 429, 200, 200]
     assert redis.exists(limiter.key("key:alice"), limiter.key("key:bob")) == 2
+
+
+def test_rotating_unknown_api_keys_buys_no_extra_quota(redis: redis_lib.Redis, ns: str) -> None:
+    limiter = FixedWindow(redis, 2, 60, prefix=f"{ns}:fw")
+    invented = [{"headers": {"X-API-Key": f"made-up-{i}"}} for i in range(6)]
+    for key in (api_key_or_ip({"alice"}), api_key_or_ip(lambda k: k == "alice")):
+        redis.delete(limiter.key("ip:127.0.0.1"))
+        codes = [r.status_code for r in get_all(_app(limiter, key=key), invented)]
+        assert codes == [200, 200, 429, 429, 429, 429]  # all counted against the IP
+    assert [k.decode() for k in redis.scan_iter(match=f"{ns}:fw:*")] == [
+        limiter.key("ip:127.0.0.1")
+    ]  # and no state per invented key
+    with pytest.raises(TypeError, match="known"):
+        api_key_or_ip("alice")  # type: ignore[arg-type]
 
 
 def test_retry_after_is_whole_seconds_and_at_least_one() -> None:
     limiter = types.SimpleNamespace(quota=5, window=2.5)  # all the headers read
     headers = dict(rate_limit_headers(limiter, Decision(False, 0, 0.2, 2.2)))
     assert headers == {
-        "RateLimit-Policy": '"default";q=5;w=3',
+        "RateLimit-Policy": '"default";q=5;course-window-ms=2500',
         "RateLimit": '"default";r=0;t=3',
         "Retry-After": "1",
     }
     degraded = dict(rate_limit_headers(limiter, Decision(True, 5, 0.0, 0.0, True)))
     assert "RateLimit" not in degraded and "RateLimit-Policy" in degraded
+
+
+def test_policy_header_states_the_policy_without_rounding(redis: redis_lib.Redis, ns: str) -> None:
+    def policy(limiter) -> str:
+        return dict(rate_limit_headers(limiter, Decision(True, 1, 0.0, 0.0)))["RateLimit-Policy"]
+
+    # 2/s with bursts of 5: a drained bucket is full again after 2.5 s, not 3
+    assert policy(GCRA(redis, 2, 5, prefix=ns)) == '"default";q=5;course-window-ms=2500'
+    assert policy(RedisTokenBucket(redis, 10, 10 / 60, prefix=ns)) == '"default";q=10;w=60'
+    assert policy(FixedWindow(redis, 100, 60, prefix=ns)) == '"default";q=100;w=60'
+    assert policy(FixedWindow(redis, 2, 0.3, prefix=ns)) == '"default";q=2;course-window-ms=300'
 
 
 def test_middleware_rejects_bad_configuration(redis: redis_lib.Redis, ns: str) -> None:
@@ -112,14 +143,61 @@ def test_middleware_passes_other_asgi_traffic_through(redis: redis_lib.Redis, ns
 
 @pytest.mark.timeout(60)
 def test_live_server_and_polite_client(redis: redis_lib.Redis, ns: str) -> None:
-    limiter = GCRA(redis, 5, 2, prefix=f"{ns}:gcra")
+    # The limiter reads a manual clock and the polite client "sleeps" by advancing it: real
+    # HTTP, real Redis, and no dependence on how fast this machine is.
+    clock = ManualClock(1000.0)
+    limiter = GCRA(redis, 5, 2, prefix=f"{ns}:gcra", clock=clock)
     with serve(demo_app(limiter)) as url, httpx.Client(base_url=url, timeout=5) as client:
         quick = [client.get("/").status_code for _ in range(3)]
-        attempts = polite_get(client, "/", rng=random.Random(1))
-    assert quick[:2] == [200, 200] and quick[2] == 429
-    assert [a.status for a in attempts][-1] == 200
-    refused = [a for a in attempts if a.status == 429]
-    assert refused, attempts
-    assert attempts[1].waited >= float(refused[0].retry_after)
+        attempts = polite_get(client, "/", rng=random.Random(1), sleep=clock.advance)
+    assert quick == [200, 200, 429]
+    assert [a.status for a in attempts] == [429, 200]
+    assert attempts[0].retry_after == "1"
+    assert 1.0 <= attempts[1].waited <= 1.5  # Retry-After times 1 + U(0, 0.5)
     with pytest.raises(httpx.TransportError):
         httpx.get(url, timeout=1)  # the context manager stopped the server
+
+
+def _server_side_nodelay(port: int, peer_port: int) -> int:
+    """TCP_NODELAY of the server's end of the connection from ``peer_port``: the server
+    runs in this process, so its socket is one of our file descriptors."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:
+            continue
+        with sock:
+            try:
+                if sock.getsockname()[1] == port and sock.getpeername()[1] == peer_port:
+                    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            except (OSError, IndexError, TypeError):
+                continue
+    raise LookupError(f"no server socket for 127.0.0.1:{port} <- {peer_port}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_demo_server_sends_small_responses_without_delay(redis: redis_lib.Redis, ns: str) -> None:
+    # Without TCP_NODELAY each small response waits for the client's delayed ACK (~40 ms).
+    limiter = FixedWindow(redis, 100, 60, prefix=f"{ns}:fw")
+    with serve(demo_app(limiter)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+            assert _server_side_nodelay(port, conn.getsockname()[1]) == 1
+
+
+@pytest.mark.timeout(60)
+def test_fail_fast_client_lets_the_middleware_fail_open(embedded_dir) -> None:
+    server = services.EmbeddedRedis(embedded_dir / "redis")
+    client = fail_fast_client(server.start(), timeout=0.5)
+    assert client.get_retry().get_retries() == 0
+    assert client.connection_pool.connection_kwargs["socket_timeout"] == 0.5
+    limiter = GCRA(client, 2, 5, prefix="t")
+    assert get_all(_app(limiter), [{}])[0].headers["ratelimit"] == '"default";r=4;t=1'
+    server.stop()
+    response = get_all(_app(limiter), [{}])[0]
+    assert response.status_code == 200 and "ratelimit" not in response.headers
+    client.close()
+    with pytest.raises(ValueError, match="timeout"):
+        fail_fast_client(server.url, timeout=0)

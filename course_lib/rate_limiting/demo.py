@@ -27,17 +27,25 @@ from starlette.routing import Route
 
 from .middleware import KeyFunc, Limiter, RateLimitMiddleware, api_key_or_ip
 
-__all__ = ["Attempt", "demo_app", "polite_get", "serve"]
+__all__ = ["DEMO_API_KEYS", "Attempt", "demo_app", "polite_get", "serve"]
+
+DEMO_API_KEYS = frozenset({"alice", "bob"})
+"""The API keys :func:`demo_app` knows; any other ``X-API-Key`` is limited by IP."""
 
 
 def demo_app(limiter: Limiter, *, key: KeyFunc | None = None) -> RateLimitMiddleware:
-    """``GET /`` answers ``{"ok": true}``, limited per ``X-API-Key`` (else per IP)."""
+    """``GET /`` answers ``{"ok": true}``, limited per known ``X-API-Key``
+    (:data:`DEMO_API_KEYS`), else per IP.
+
+    Build ``limiter`` on :func:`~course_lib.rate_limiting.clients.fail_fast_client` so a
+    dead Redis costs each request at most its timeout before ``fail_open`` answers.
+    """
 
     async def home(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
 
     app = Starlette(routes=[Route("/", home)])
-    return RateLimitMiddleware(app, limiter, key=key or api_key_or_ip())
+    return RateLimitMiddleware(app, limiter, key=key or api_key_or_ip(DEMO_API_KEYS))
 
 
 @contextlib.contextmanager
@@ -47,7 +55,9 @@ def serve(app: Callable, *, startup_timeout: float = 10.0) -> Iterator[str]:
     The socket is bound before uvicorn starts (no race for the port). On exit the server is
     asked to stop and its thread joined; ``TimeoutError`` if it does not start in time.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets whose proto
+    # says TCP, and without it every small response waits ~40 ms (Nagle + delayed ACK).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

@@ -1,9 +1,12 @@
 """ASGI middleware that rate-limits each client (works with Starlette, FastAPI, any ASGI app).
 
 Every HTTP request is charged ``cost`` units against a key derived from the request
-(:func:`client_ip` by default, or :func:`api_key_or_ip`). Allowed requests go on to the app
-and get the ``RateLimit-Policy`` / ``RateLimit`` headers of the IETF draft
-(draft-ietf-httpapi-ratelimit-headers, the structured-field syntax of drafts 08 and later):
+(:func:`client_ip` by default, or :func:`api_key_or_ip`). The key function must return an
+identity the client cannot choose freely: a value read from an unauthenticated header lets
+a client rotate it for a fresh quota each time (and fill the store with keys). Allowed
+requests go on to the app and get the ``RateLimit-Policy`` / ``RateLimit`` headers of the
+IETF draft (draft-ietf-httpapi-ratelimit-headers, the structured-field syntax of drafts 08
+and later):
 
     RateLimit-Policy: "default";q=100;w=60      quota 100 units per 60 s
     RateLimit: "default";r=42;t=17              42 units left, full quota back in 17 s
@@ -24,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Container, MutableMapping
 from typing import Any, Protocol
 
 import anyio.to_thread
@@ -59,18 +62,48 @@ def client_ip(scope: Scope) -> str:
     return f"ip:{client[0]}" if client else "ip:unknown"
 
 
-def api_key_or_ip(header: str = "x-api-key") -> KeyFunc:
-    """Key function: the value of ``header`` when present (one limit per API key), else the
-    client's IP."""
+def api_key_or_ip(
+    known: Container[str] | Callable[[str], bool], header: str = "x-api-key"
+) -> KeyFunc:
+    """Key function: one limit per API key for keys that ``known`` accepts (a set of keys,
+    or a function that validates one), else the client's IP.
+
+    An unknown or missing key is limited by IP, so inventing keys buys no extra quota and
+    creates no state. ``known`` is required for that reason: the header alone proves
+    nothing about who sent it.
+    """
+    if callable(known):
+        accepts = known
+    elif isinstance(known, Container) and not isinstance(known, str):
+        accepts = known.__contains__
+    else:
+        raise TypeError(
+            f"known must be a set of API keys or a callable, got {type(known).__name__}"
+        )
     name = header.lower().encode("latin-1")
 
     def key(scope: Scope) -> str:
         for field, value in scope.get("headers", ()):
             if field == name and value:
-                return f"key:{value.decode('latin-1')}"
+                api_key = value.decode("latin-1")
+                if accepts(api_key):
+                    return f"key:{api_key}"
+                break
         return client_ip(scope)
 
     return key
+
+
+def _policy(limiter: Limiter, policy: str) -> str:
+    window = limiter.window
+    whole = round(window)
+    # capacity / refill_rate can land a hair off a whole number (10 / (10 / 60))
+    if whole >= 1 and abs(window - whole) <= 1e-9 * window:
+        return f'"{policy}";q={limiter.quota};w={whole}'
+    # The draft's w is whole seconds; rounding would misstate the policy (2/s with bursts
+    # of 5 refills in 2.5 s, not 3), so w is left out (it is optional) and the exact
+    # period goes in a vendor-prefixed parameter, as the draft suggests for extensions.
+    return f'"{policy}";q={limiter.quota};course-window-ms={round(window * 1000)}'
 
 
 def rate_limit_headers(
@@ -78,9 +111,17 @@ def rate_limit_headers(
 ) -> list[tuple[str, str]]:
     """The response headers for ``decision``: ``RateLimit-Policy``, ``RateLimit`` (omitted
     when the decision was made without the store, as nothing was counted) and, when
-    refused, ``Retry-After``."""
-    window = max(1, math.ceil(limiter.window))
-    headers = [("RateLimit-Policy", f'"{policy}";q={limiter.quota};w={window}')]
+    refused, ``Retry-After``.
+
+    ``RateLimit-Policy`` says ``q`` units per ``w`` seconds: for the window limiters the
+    limit and the window, for the buckets the burst (capacity) and the time an empty bucket
+    takes to refill completely (burst / rate), so ``r`` never exceeds ``q``. The draft's
+    ``w`` is a whole number of seconds; when the period is not, ``w`` is left out (it is
+    optional) rather than rounded, and the period goes in the vendor parameter
+    ``course-window-ms`` (rounded to the millisecond): 2/s with bursts of 5 is
+    ``q=5;course-window-ms=2500``.
+    """
+    headers = [("RateLimit-Policy", _policy(limiter, policy))]
     if not decision.degraded:
         reset = math.ceil(decision.reset_after)
         headers.append(("RateLimit", f'"{policy}";r={decision.remaining};t={reset}'))
