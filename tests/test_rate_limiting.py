@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from course_lib.rate_limiting import Decision, ManualClock, TokenBucket, replaced_time, seed
-from course_lib.rate_limiting.concurrency import Yielding, fast_switching, hammer_threads
+from course_lib.rate_limiting.concurrency import Yielding, fast_switching, hammer_threads, run_for
 
 
 def test_decision_truthiness_follows_allowed() -> None:
@@ -121,3 +121,8 @@ def test_token_bucket_rejects_tokens_that_are_not_numbers(tokens: object) -> Non
         bucket.consume(tokens)  # type: ignore[arg-type]
     assert bucket.tokens == 10  # nothing was taken
 
+
+def test_run_for_reports_the_real_span_of_the_run() -> None:
+    run = run_for(lambda: TokenBucket(5, 1).consume, processes=2, seconds=0.2)
+    assert len(run.allowed) == 2 and all(5 <= n <= 6 for n in run.allowed)
+    assert run.span >= 0.2

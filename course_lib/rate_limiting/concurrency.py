@@ -17,6 +17,7 @@ from course_lib.measure import run_processes, run_threads
 
 __all__ = [
     "Admission",
+    "TimedRun",
     "Yielding",
     "admission_count",
     "fast_switching",
@@ -94,28 +95,42 @@ def hammer_threads(decide: Decide, *, threads: int = 8, calls: int = 200) -> int
     return sum(result.values)
 
 
+@dataclass(frozen=True)
+class TimedRun:
+    """What :func:`run_for` saw: ``allowed`` per process (ascending) and ``span``, seconds
+    from the first process's first decision to the last one's end."""
+
+    allowed: list[int]
+    span: float
+
+
 def run_for(
     make_decide: Callable[[], Decide],
     *,
     processes: int,
     seconds: float,
     pause: float = 0.001,
-) -> list[int]:
+) -> TimedRun:
     """Each of ``processes`` processes asks ``make_decide()``'s function every ``pause``
-    seconds for ``seconds``; returns how many each one was allowed."""
+    seconds for ``seconds``. Processes do not start in the same instant; ``span`` measures
+    how long the whole run really took (``time.monotonic`` is one clock for every process
+    of a machine), so a claim about a rate can use the real duration."""
 
-    def in_process() -> int:
+    def in_process() -> tuple[int, float, float]:
         decide = make_decide()
         allowed = 0
-        deadline = time.monotonic() + seconds
+        start = time.monotonic()
+        deadline = start + seconds
         while time.monotonic() < deadline:
             allowed += bool(decide())
             time.sleep(pause)
-        return allowed
+        return allowed, start, time.monotonic()
 
     result = run_processes(in_process, processes, timeout=seconds + 60)
     _raise_errors(result.errors)
-    return sorted(result.values)
+    runs = result.values
+    span = max(end for _, _, end in runs) - min(start for _, start, _ in runs)
+    return TimedRun(sorted(allowed for allowed, _, _ in runs), span)
 
 
 class Yielding(float):
