@@ -54,12 +54,37 @@ return count <= tonumber(ARGV[1]) and 1 or 0
 """
 
 
+# register_script hashes the script once; each call is an EVALSHA on the client passed in
+fixed_window_script = redis_lib.Redis().register_script(REFERENCE_FIXED_WINDOW)
+
+
 def reference_allow(client: redis_lib.Redis, key: str, limit: int, window: int) -> bool:
-    return client.eval(REFERENCE_FIXED_WINDOW, 1, key, limit, window) == 1
+    return fixed_window_script(keys=[key], args=[limit, window], client=client) == 1
 
 
 def reference_delay(retry_after: float, attempt: int, rng: random.Random) -> float:
     return retry_after * (1 + rng.uniform(0, 1))
+
+
+class AbsoluteElapsedBucket(ReferenceBucket):
+    """Refills by |elapsed|: a clock stepping back an hour fills it to the brim."""
+
+    def consume(self, tokens=1):
+        with self.lock:
+            now = self.clock()
+            elapsed = abs(now - self.last)
+            self.last = now
+            self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
+            if self.tokens >= tokens:
+                self.tokens -= tokens
+                return True
+            return False
+
+
+def test_token_bucket_checker_reports_what_failed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert not check_token_bucket(lambda c, r, clock: AbsoluteElapsedBucket(c, r, clock))
+    line = capsys.readouterr().out
+    assert line.startswith("FAIL check_token_bucket") and "request at the step was allowed" in line
 
 
 def test_token_bucket_checker() -> None:
@@ -108,6 +133,20 @@ def test_atomic_limiter_checker() -> None:
         return True
 
     assert not check_atomic_limiter(always)
+
+    def get_then_incr(client, key, limit, window):
+        # read, decide, write: two round trips with room for others in between (the sleep
+        # widens the gap so the race shows on every run, as it would under real load)
+        if int(client.get(key) or 0) >= limit:
+            return False
+        time.sleep(0.005)
+        pipe = client.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, window)
+        pipe.execute()
+        return True
+
+    assert not check_atomic_limiter(get_then_incr)
 
 
 def test_retry_delays_checker() -> None:
