@@ -4,14 +4,18 @@ Guarantees: notebooks run in order (``notebooks/NN_*.ipynb``, then ``notebooks/s
 each in a fresh kernel of the current Python, against the services of
 :mod:`course_lib.services`; every notebook is attempted even after one fails; the result
 names the failing notebook and cell. Output under ``build/``: the executed ``.ipynb``, one
-``.html`` per notebook and an ``index.html`` with each notebook's title, status and run time.
+``.html`` per notebook and an ``index.html`` with each notebook's title, status and run time
+(of its latest build, kept in ``build/runs.json``, so building one notebook keeps the others'
+rows).
 With ``inplace`` the executed notebooks are written back over the sources instead, which is
 how the committed outputs are regenerated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,15 +108,39 @@ def _relative(path: Path, root: Path) -> Path:
         return Path(path.name)
 
 
-def _index(runs: list[NotebookRun], root: Path) -> str:
-    rows = []
+def _record(runs: list[NotebookRun], root: Path, out: Path) -> list[dict[str, object]]:
+    """Merge this run's results into ``out/runs.json``: the index shows every notebook's
+    latest build, also after a build of only some notebooks."""
+    ledger = out / "runs.json"
+    entries: dict[str, dict[str, object]] = {}
+    if ledger.exists():
+        with contextlib.suppress(ValueError):
+            entries = {e["page"]: e for e in json.loads(ledger.read_text())}
     for run in runs:
-        page = _relative(run.path, root).with_suffix(".html")
-        status = "ok" if run.ok else f"FAILED at cell {run.failed_cell}: {run.error}"
+        page = str(_relative(run.path, root).with_suffix(".html"))
+        entries[page] = {
+            "page": page,
+            "title": run.title,
+            "ok": run.ok,
+            "seconds": round(run.seconds, 1),
+            "failed_cell": run.failed_cell,
+            "error": run.error,
+        }
+    ordered = sorted(entries.values(), key=lambda e: (str(e["page"]).count("/"), e["page"]))
+    ledger.write_text(json.dumps(ordered, indent=1), encoding="utf-8")
+    return ordered
+
+
+def _index(entries: list[dict[str, object]]) -> str:
+    rows = []
+    for entry in entries:
+        ok = bool(entry["ok"])
+        status = "ok" if ok else f"FAILED at cell {entry['failed_cell']}: {entry['error']}"
         rows.append(
-            f"<tr><td><a href='{html.escape(str(page))}'>{html.escape(run.title)}</a></td>"
-            f"<td class='{'ok' if run.ok else 'fail'}'>{html.escape(status)}</td>"
-            f"<td>{run.seconds:.1f} s</td></tr>"
+            f"<tr><td><a href='{html.escape(str(entry['page']))}'>"
+            f"{html.escape(str(entry['title']))}</a></td>"
+            f"<td class='{'ok' if ok else 'fail'}'>{html.escape(status)}</td>"
+            f"<td>{entry['seconds']} s</td></tr>"
         )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>perf-course</title>"
@@ -133,11 +161,24 @@ def build(
     inplace: bool = False,
     timeout: int = 600,
 ) -> list[NotebookRun]:
-    """Execute ``notebooks`` (default: :func:`discover`) and write the results; see module doc."""
+    """Execute ``notebooks`` (default: :func:`discover`) and write the results; see module doc.
+
+    Raises ``ValueError`` before running anything if a notebook is missing or ``timeout`` is
+    not positive, and ``OSError`` if the output folder cannot be written.
+    """
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
     paths = [p.resolve() for p in (notebooks or discover(root))]
     if not paths:
         raise ValueError(f"no notebooks found under {root / 'notebooks'}")
+    for path in paths:
+        if not path.is_file() or path.suffix != ".ipynb":
+            raise ValueError(f"not a notebook file: {path}")
     out = (out or root / "build").resolve()
+    if not inplace:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
     total = sum(
         sum(c.cell_type == "code" for c in nbformat.read(p, as_version=4).cells) for p in paths
     )
@@ -155,6 +196,5 @@ def build(
             nbformat.write(nb, target)
             target.with_suffix(".html").write_text(_html(nb), encoding="utf-8")
     if not inplace:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "index.html").write_text(_index(runs, root), encoding="utf-8")
+        (out / "index.html").write_text(_index(_record(runs, root, out)), encoding="utf-8")
     return runs

@@ -8,7 +8,7 @@ tests inspect it.
 
 from __future__ import annotations
 
-import itertools
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -55,8 +55,9 @@ PALETTE: dict[str, str] = {
     "write_through": "#1f77b4",
     "write_behind": "#9467bd",
 }
-_FALLBACK = itertools.cycle(["#e377c2", "#bcbd22", "#17becf", "#8c564b", "#9467bd"])
-_assigned: dict[str, str] = {}
+# Names outside PALETTE: a colour picked by a stable hash of the name, from colours the
+# palette does not use, so a name gets the same colour in every notebook and every run.
+_EXTRA = ("#e377c2", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")
 
 STYLE = {
     "figure.figsize": (8.0, 4.2),
@@ -76,7 +77,7 @@ def color(name: str) -> str:
     key = name.lower().replace(" ", "_").replace("-", "_")
     if key in PALETTE:
         return PALETTE[key]
-    return _assigned.setdefault(key, next(_FALLBACK))
+    return _EXTRA[zlib.crc32(key.encode()) % len(_EXTRA)]
 
 
 def new_figure(
@@ -113,6 +114,8 @@ def latency_hist(
     """Overlaid histograms of latency samples (seconds, shown in ``unit`` via ``scale``)."""
     fig, (ax,) = new_figure(title, xlabel=f"latency ({unit})", ylabel="calls")
     scaled = {k: np.asarray(v, dtype=float) * scale for k, v in samples.items() if len(v)}
+    if not scaled:
+        raise ValueError("samples must hold at least one non-empty series")
     every = np.concatenate(list(scaled.values()))
     lo, hi = max(every.min(), 1e-9), every.max()
     edges = np.geomspace(lo, hi * 1.0001, bins) if log_x else np.linspace(lo, hi, bins)

@@ -17,13 +17,18 @@ from .services.resolve import mask
 __all__ = ["main"]
 
 
-def _root() -> Path:
-    """The course folder: the current one if it holds ``notebooks/``, else the package's."""
+def _checkout() -> Path | None:
+    """The course checkout the current folder is in, if any."""
     here = Path.cwd()
     for folder in (here, *here.parents):
         if (folder / "notebooks").is_dir() and (folder / "course_lib").is_dir():
             return folder
-    return Path(__file__).resolve().parent.parent
+    return None
+
+
+def _root() -> Path:
+    """The course folder: the checkout we are in, else the one the package was installed from."""
+    return _checkout() or Path(__file__).resolve().parent.parent
 
 
 def _doctor(_: argparse.Namespace) -> int:
@@ -35,8 +40,10 @@ def _doctor(_: argparse.Namespace) -> int:
     for name, version in package_versions().items():
         print(f"{name:<12} {version}")
     broken = frame[~frame["ok"]]
-    for service, row in broken.iterrows():
-        print(f"course: error: {service}: {row['error']}", file=sys.stderr)
+    errors = dict.fromkeys(broken["error"])  # one line per distinct problem
+    for error in errors:
+        services_hit = ", ".join(broken.index[broken["error"] == error])
+        print(f"course: error: {services_hit}: {error}", file=sys.stderr)
     return 1 if len(broken) else 0
 
 
@@ -47,17 +54,19 @@ def _build(args: argparse.Namespace) -> int:
     for item in services.status():
         if not item.ok:
             raise services.ServiceError(f"{item.service}: {item.error}")
+    # Outside a checkout, results go where the user is, never into the installed package.
+    out = Path(args.out) if args.out else (root if _checkout() else Path.cwd()) / "build"
     runs = build(
         root,
         [Path(p) for p in args.notebooks] or None,
-        out=Path(args.out) if args.out else None,
+        out=out,
         inplace=args.inplace,
         timeout=args.timeout,
     )
     for run in runs:
         print(run.describe())
     if not args.inplace:
-        print(f"open {(Path(args.out) if args.out else root / 'build') / 'index.html'}")
+        print(f"open {out.resolve() / 'index.html'}")
     return 0 if all(run.ok for run in runs) else 1
 
 
@@ -96,6 +105,13 @@ def _services(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="course", description="perf-course: run, build and check the course."
@@ -110,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--inplace", action="store_true", help="write outputs back into the notebooks"
     )
-    build.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
+    build.add_argument(
+        "--timeout", type=_positive_int, default=600, help="seconds allowed per cell"
+    )
     build.set_defaults(func=_build)
     lab = sub.add_parser(
         "lab", help="provision the services and start JupyterLab (other options go to it)"
@@ -131,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     args.jupyter_args = extra
     try:
         return args.func(args)
-    except (services.ServiceError, ValueError) as exc:
+    except BrokenPipeError:  # `course doctor | head`: the reader left, nothing to report
+        return 0
+    except (services.ServiceError, ValueError, OSError) as exc:
         print(f"course: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import multiprocessing
 import os
+import queue as queue_module
 import threading
 import time
 import traceback
@@ -50,7 +52,7 @@ def percentiles(
     result = {}
     for p in ps:
         if not 0 < p <= 100:
-            raise ValueError(f"percentile must be in (0, 100], got {p}")
+            raise ValueError(f"ps must be percentiles in (0, 100], got {p}")
         rank = max(1, math.ceil(p / 100 * len(ordered)))
         result[f"p{p:g}"] = ordered[rank - 1]
     return result
@@ -59,10 +61,11 @@ def percentiles(
 def summarize(samples: Iterable[float], *, scale: float = 1.0) -> dict[str, float]:
     """Count, mean, p50/p95/p99 and max of ``samples`` multiplied by ``scale`` (e.g. 1e3 for ms)."""
     values = [s * scale for s in samples]
+    spread = percentiles(values)  # raises ValueError on no samples
     return {
         "n": float(len(values)),
-        "mean": sum(values) / len(values) if values else math.nan,
-        **percentiles(values),
+        "mean": sum(values) / len(values),
+        **spread,
         "max": max(values),
     }
 
@@ -86,6 +89,8 @@ def time_calls(fn: Callable[[], Any], n: int, *, warmup: int = 0) -> list[float]
     """Call ``fn`` ``warmup`` times untimed, then ``n`` times; return each call's seconds."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
     for _ in range(warmup):
         fn()
     samples = []
@@ -164,11 +169,14 @@ def _describe(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
-def _check_counts(workers: int, calls: int) -> None:
-    if workers <= 0:
-        raise ValueError(f"workers must be positive, got {workers}")
-    if calls <= 0:
-        raise ValueError(f"calls must be positive, got {calls}")
+def _check_counts(workers: int, calls: int, timeout: float | None) -> None:
+    for name, value in (("workers", workers), ("calls", calls)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"timeout must be positive or None, got {timeout}")
 
 
 def _worker_loop(fn: Callable[..., Any], worker: int, calls: int, pass_worker: bool) -> list[Call]:
@@ -178,7 +186,7 @@ def _worker_loop(fn: Callable[..., Any], worker: int, calls: int, pass_worker: b
         try:
             value = fn(worker, index) if pass_worker else fn()
             out.append(Call(worker, index, start, time.perf_counter(), value))
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit() in a worker is a result too, not a lost call
             out.append(Call(worker, index, start, time.perf_counter(), error=_describe(exc)))
     return out
 
@@ -197,7 +205,7 @@ def run_threads(
     raised. Raises ``TimeoutError`` if a thread is still running after ``timeout`` seconds
     (the threads are daemons, so a hung call cannot keep the interpreter alive).
     """
-    _check_counts(workers, calls)
+    _check_counts(workers, calls, timeout)
     barrier = threading.Barrier(workers)
     results: list[list[Call]] = [[] for _ in range(workers)]
 
@@ -249,10 +257,12 @@ def run_processes(
 
     Each process must open its own connections (a client created before the fork must not be
     shared). ``perf_counter`` is system-wide on Linux and macOS, so times are comparable
-    across processes. Processes still running after ``timeout`` are killed and
-    ``TimeoutError`` is raised.
+    across processes. Values travel back pickled between these processes only (never from
+    Redis). Raises ``TimeoutError`` after ``timeout`` (the processes are killed) and
+    ``RuntimeError`` naming the worker if one dies (killed, crashed) or exits without
+    reporting (e.g. a value that cannot be pickled).
     """
-    _check_counts(workers, calls)
+    _check_counts(workers, calls, timeout)
     ctx = _context()
     barrier = ctx.Barrier(workers)
     queue = ctx.Queue()
@@ -263,20 +273,28 @@ def run_processes(
     for proc in procs:
         proc.start()
     collected: list[Call] = []
-    failures = []
+    failures: list[str] = []
+    reported: set[int] = set()
     deadline = None if timeout is None else time.monotonic() + timeout
+    exited_at: dict[int, float] = {}
     grace = 5.0
     try:
-        for _ in procs:
-            remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
-            try:
-                worker, chunk, failure = queue.get(timeout=remaining)
-            except Exception as exc:
+        while len(reported) < workers:
+            if deadline is not None and time.monotonic() > deadline:
                 grace = 0.0
-                raise TimeoutError(f"a process was still running after {timeout} s") from exc
+                raise TimeoutError(f"a process was still running after {timeout} s")
+            try:
+                worker, chunk, failure = queue.get(timeout=0.05)
+            except queue_module.Empty:
+                _check_dead(procs, reported, exited_at)
+                continue
+            reported.add(worker)
             collected.extend(chunk)
             if failure:
                 failures.append(f"worker {worker}: {failure}")
+    except BaseException:
+        grace = 0.0
+        raise
     finally:
         for proc in procs:
             proc.join(timeout=grace)
@@ -286,6 +304,19 @@ def run_processes(
     if failures:
         raise RuntimeError("; ".join(failures))
     return Calls(sorted(collected, key=lambda c: (c.worker, c.index)))
+
+
+def _check_dead(procs: list[Any], reported: set[int], exited_at: dict[int, float]) -> None:
+    """Raise if a worker ended without reporting (its result may still be in the pipe briefly)."""
+    now = time.monotonic()
+    for worker, proc in enumerate(procs):
+        if worker in reported or proc.exitcode is None:
+            continue
+        first_seen = exited_at.setdefault(worker, now)
+        if proc.exitcode != 0:
+            raise RuntimeError(f"worker {worker} died with exit code {proc.exitcode}")
+        if now - first_seen > 2.0:
+            raise RuntimeError(f"worker {worker} exited without reporting (unpicklable value?)")
 
 
 async def _run_tasks_async(
@@ -298,8 +329,11 @@ async def _run_tasks_async(
         await start_gate.wait()
         for index in range(calls):
             start = time.perf_counter()
+            pending = fn(worker, index) if pass_worker else fn()
+            if not inspect.isawaitable(pending):
+                raise TypeError(f"fn must return an awaitable, got {type(pending).__name__}")
             try:
-                value = await (fn(worker, index) if pass_worker else fn())
+                value = await pending
                 results[worker].append(Call(worker, index, start, time.perf_counter(), value))
             except Exception as exc:
                 results[worker].append(
@@ -323,11 +357,12 @@ def run_tasks(
 ) -> Calls:
     """Like :func:`run_threads`, with ``workers`` asyncio tasks on one event loop.
 
-    ``fn`` is a coroutine function. Runs its own event loop in a helper thread, so it also
-    works inside Jupyter, where a loop is already running. Raises ``TimeoutError`` after
-    ``timeout`` seconds (the tasks are cancelled).
+    ``fn`` returns an awaitable (``TypeError`` otherwise). Runs its own event loop in a
+    helper thread, so it also works inside Jupyter, where a loop is already running. Raises
+    ``TimeoutError`` after ``timeout`` seconds: the tasks are cancelled, and if blocking code
+    keeps the loop from even cancelling them, the (daemon) loop thread is abandoned.
     """
-    _check_counts(workers, calls)
+    _check_counts(workers, calls, timeout)
 
     async def bounded() -> list[Call]:
         return await asyncio.wait_for(
@@ -342,9 +377,11 @@ def run_tasks(
         except BaseException as exc:
             outcome["error"] = exc
 
-    thread = threading.Thread(target=runner, name=f"run_tasks-{os.getpid()}")
+    thread = threading.Thread(target=runner, name=f"run_tasks-{os.getpid()}", daemon=True)
     thread.start()
-    thread.join()
+    thread.join(None if timeout is None else timeout + 1.0)
+    if thread.is_alive():
+        raise TimeoutError(f"asyncio tasks were still running after {timeout} s (blocking code?)")
     if "error" in outcome:
         error = outcome["error"]
         if isinstance(error, asyncio.TimeoutError | TimeoutError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ def test_benchmark_runs_and_prints_ratios(name: str) -> None:
     assert lines[0].split()[:3] == ["benchmark", "subject", "metric"]
     rows = [line for line in lines[1:] if line.startswith(name.split("_")[0])]
     assert rows, done.stdout
-    assert all("x" in line for line in rows)
+    # every row carries a baseline "name = value unit" and a numeric ratio such as 1.02x
+    assert all(re.search(r" = [\d.e+-]+ \S+ +[\d.e+-]+x", line) for line in rows), done.stdout
 
 
 def test_unknown_benchmark_is_refused() -> None:

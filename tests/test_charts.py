@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
+import pytest
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
@@ -17,8 +20,21 @@ SLOW = [rng.uniform(0.002, 0.004) for _ in range(200)]
 def test_same_strategy_same_colour_everywhere() -> None:
     assert charts.color("course_lib") == charts.PALETTE["course_lib"]
     assert charts.color("Token Bucket") == charts.PALETTE["token_bucket"]
-    assert charts.color("something new") == charts.color("something new")
-    assert charts.color("something new") != charts.color("another new one")
+    assert charts.color("something new") == charts.color("Something New")
+    extras = {charts.color(f"series {i}") for i in range(40)}
+    assert len(extras) > 4 and not extras & set(charts.PALETTE.values())
+
+
+def test_unknown_names_get_the_same_colour_in_every_process() -> None:
+    script = "from course_lib import charts; print(charts.color('ttl 5 s'))"
+    runs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True).stdout for _ in range(2)}  # fmt: skip
+    assert runs == {charts.color("ttl 5 s") + "\n"}
+
+
+def test_empty_samples_are_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        charts.latency_hist({"hit": []}, "nothing")
 
 
 def test_latency_hist_and_cdf_show_percentiles_in_legend() -> None:

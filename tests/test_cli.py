@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def course(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
-    ours = ("REDIS_URL", "DATABASE_URL", "COURSE_SERVICES")
-    merged = {k: v for k, v in os.environ.items() if k not in ours}
+    # COURSE_SERVICES and COURSE_STATE_DIR pass through: under `make test-embedded` the
+    # command runs on the embedded servers too.
+    merged = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     merged.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "course_lib.cli", *args],
@@ -33,11 +34,17 @@ def course(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
 def test_doctor_reports_both_services() -> None:
     done = course("doctor")
     assert done.returncode == 0, done.stderr
-    assert "redis" in done.stdout and "postgres" in done.stdout and "python" in done.stdout
+    rows: dict[str, str] = {}
+    for words in map(str.split, done.stdout.splitlines()):
+        if len(words) > 1:
+            rows.setdefault(words[0], words[1])  # the services table comes first
+    assert rows["redis"] == "True" and rows["postgres"] == "True"
+    assert rows["python"].startswith("3.")
 
 
 def test_doctor_with_unreachable_url_fails_with_one_clear_line() -> None:
-    done = course("doctor", env={"REDIS_URL": "redis://127.0.0.1:1"})
+    # auto: an explicit URL is only ignored when COURSE_SERVICES=embedded forces the embedded.
+    done = course("doctor", env={"REDIS_URL": "redis://127.0.0.1:1", "COURSE_SERVICES": "auto"})
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(errors) == 1, done.stderr
@@ -91,3 +98,21 @@ def test_lab_provisions_services_then_hands_over_to_jupyter() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("REDIS_URL=") and "DATABASE_URL=" in done.stdout
     assert done.stdout.strip().splitlines()[-1][0].isdigit()  # jupyter lab's version
+
+
+def test_build_refuses_a_missing_notebook_before_running_anything(tmp_path: Path) -> None:
+    done = course("build", str(tmp_path / "nope.ipynb"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"course: error: not a notebook file: {tmp_path / 'nope.ipynb'}"
+    assert not (tmp_path / "out" / "index.html").exists()
+
+
+@pytest.mark.timeout(180)
+def test_index_keeps_the_rows_of_notebooks_built_earlier(tmp_path: Path) -> None:
+    good = _notebook(tmp_path / "01_good.ipynb", "x = 1")
+    broken = _notebook(tmp_path / "02_broken.ipynb", "assert False, 'no'")
+    assert course("build", str(good), "--out", str(tmp_path / "out")).returncode == 0
+    assert course("build", str(broken), "--out", str(tmp_path / "out")).returncode == 1
+    index = (tmp_path / "out" / "index.html").read_text()
+    assert "01_good.html" in index and "02_broken.html" in index
+    assert index.count("class='ok'") == 1 and index.count("class='fail'") == 1

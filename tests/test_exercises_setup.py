@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from course_lib.exercises.setup import check_get_many
 
 
@@ -31,3 +33,13 @@ def test_not_attempted_is_reported() -> None:
 
     result = check_get_many(stub)
     assert not result and result.message.startswith("not attempted yet")
+
+
+def test_a_crashing_answer_is_a_fail_line_not_an_exception() -> None:
+    result = check_get_many(lambda client, keys: client.execute_command("NOSUCHCOMMAND"))
+    assert not result and result.message.startswith("get_many raised ResponseError")
+
+
+def test_too_few_keys_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="keys"):
+        check_get_many(reference, keys=1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 import threading
 import time
 
@@ -30,14 +32,13 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentiles([3, 1, 2], ps=(100,)) == {"p100": 3}
 
 
-@pytest.mark.parametrize("bad", [[], None])
-def test_percentiles_reject_no_samples(bad) -> None:
-    with pytest.raises((ValueError, TypeError)):
-        percentiles(bad)
+def test_percentiles_reject_no_samples() -> None:
+    with pytest.raises(ValueError, match="samples"):
+        percentiles([])
 
 
 def test_percentile_outside_range_is_rejected() -> None:
-    with pytest.raises(ValueError, match="percentile"):
+    with pytest.raises(ValueError, match="ps must"):
         percentiles([1, 2], ps=(0,))
 
 
@@ -53,6 +54,8 @@ def test_time_calls_counts_calls() -> None:
     assert len(samples) == 5 and len(calls) == 7 and all(s >= 0 for s in samples)
     with pytest.raises(ValueError, match="n must be positive"):
         time_calls(lambda: None, 0)
+    with pytest.raises(ValueError, match="warmup"):
+        time_calls(lambda: None, 1, warmup=-1)
 
 
 def test_threads_really_run_together() -> None:
@@ -88,6 +91,10 @@ def test_bad_counts_are_rejected(runner) -> None:
         runner(lambda: None, 0)
     with pytest.raises(ValueError, match="calls"):
         runner(lambda: None, 1, calls=0)
+    with pytest.raises(TypeError, match="workers"):
+        runner(lambda: None, True)
+    with pytest.raises(ValueError, match="timeout"):
+        runner(lambda: None, 1, timeout=0)
 
 
 def _pid() -> int:
@@ -149,3 +156,41 @@ def test_percentiles_are_observed_values_and_monotonic(samples, p, q) -> None:
     values = [percentiles(samples, ps=(x,))[f"p{x:g}"] for x in (low, high, 100)]
     assert all(v in samples for v in values)
     assert values[0] <= values[1] <= values[2] == max(samples)
+
+
+def test_sys_exit_in_a_thread_is_recorded_not_lost() -> None:
+    result = run_threads(lambda: sys.exit(3), 2)
+    assert len(result) == 2 and result.errors == ["SystemExit: 3", "SystemExit: 3"]
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _unpicklable() -> object:
+    return threading.Lock()
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"), [(_die, "died with exit code -9"), (_unpicklable, "without reporting")]
+)
+def test_processes_that_cannot_report_are_named_quickly(fn, message: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=message):
+        run_processes(fn, 2, timeout=60)
+    assert time.monotonic() - start < 20  # well before the timeout
+
+
+def test_tasks_need_an_awaitable() -> None:
+    with pytest.raises(TypeError, match="awaitable"):
+        run_tasks(lambda: 42, 2)
+
+
+def test_tasks_blocking_the_loop_time_out() -> None:
+    async def blocking() -> None:
+        time.sleep(3)
+
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        run_tasks(blocking, 1, timeout=0.3)
+    assert time.monotonic() - start < 2.5

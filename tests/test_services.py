@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
-import psycopg
+import psutil
 import pytest
 import redis as redis_lib
 
 from course_lib import services
 from course_lib.services import embedded, resolve
-from course_lib.services.resolve import libpq_url, sqlalchemy_url
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +36,7 @@ def state(embedded_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _pg_scalar(url: str, query: str) -> object:
-    with psycopg.connect(libpq_url(sqlalchemy_url(url)), connect_timeout=5) as conn:
+    with services.connect(url, connect_timeout=5) as conn:
         return conn.execute(query).fetchone()[0]  # type: ignore[index]
 
 
@@ -69,11 +72,8 @@ def test_second_process_reuses_the_running_embedded_servers(state: Path, monkeyp
     script = textwrap.dedent(
         """
         from course_lib import services
-        import psycopg
-        from course_lib.services.resolve import libpq_url, sqlalchemy_url
         print(services.redis_client().info("server")["run_id"])
-        url = libpq_url(sqlalchemy_url(services.database_url()))
-        with psycopg.connect(url) as conn:
+        with services.connect(services.database_url()) as conn:
             print(conn.execute("SELECT pg_postmaster_start_time()::text").fetchone()[0])
         """
     )
@@ -94,11 +94,9 @@ def test_processes_starting_at_once_share_one_pair_of_servers(state: Path, monke
     monkeypatch.setenv("COURSE_SERVICES", "embedded")
     script = textwrap.dedent(
         """
-        import psycopg
         from course_lib import services
-        from course_lib.services.resolve import libpq_url, sqlalchemy_url
         run_id = services.redis_client().info("server")["run_id"]
-        with psycopg.connect(libpq_url(sqlalchemy_url(services.database_url()))) as conn:
+        with services.connect(services.database_url()) as conn:
             started = conn.execute("SELECT pg_postmaster_start_time()::text").fetchone()[0]
         print(run_id, started)
         """
@@ -176,13 +174,30 @@ def test_unknown_service_is_a_value_error() -> None:
 
 
 @pytest.mark.skipif(not _local_redis_up(), reason="no Redis on 127.0.0.1:6379 on this machine")
-def test_local_servers_are_preferred_to_embedded() -> None:
+def test_local_redis_is_preferred_to_embedded() -> None:
     chosen = services.resolution("redis")
     assert (chosen.source, chosen.url) == ("local", resolve.LOCAL_REDIS)
-    pg = services.resolution("postgres")
-    if pg.source == "local":
-        assert pg.url.endswith("/course") or "/course?" in pg.url
-        assert _pg_scalar(pg.url, "SELECT current_database()") == "course"
+
+
+def _local_postgres_up() -> bool:
+    return any(
+        resolve._postgres_error(c.set(database="postgres"), 1) is None
+        for c in resolve._local_candidates()
+    )
+
+
+@pytest.mark.skipif(not _local_postgres_up(), reason="no local PostgreSQL on this machine")
+def test_local_postgres_gets_a_course_database_created_if_missing(monkeypatch) -> None:
+    name = f"course_test_{os.getpid()}"
+    monkeypatch.setattr(resolve, "COURSE_DATABASE", name)
+    chosen = services.resolution("postgres")
+    try:
+        assert chosen.source == "local" and f"/{name}" in chosen.url
+        assert _pg_scalar(chosen.url, "SELECT current_database()") == name
+    finally:
+        admin = chosen.url.replace(f"/{name}", "/postgres", 1)
+        with services.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 @pytest.mark.timeout(120)
@@ -265,3 +280,101 @@ def test_status_reports_an_unreachable_service_without_raising(monkeypatch) -> N
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     report = {item.service: item for item in services.status()}
     assert not report["redis"].ok and "127.0.0.1:1" in report["redis"].error
+
+
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("REDIS_URL", "redis://127.0.0.1:1/0?password=s3cret"),
+        ("REDIS_URL", "redis://user:s3cret@127.0.0.1:1/0"),
+        ("DATABASE_URL", "host=/nonexistent password=s3cret dbname=course"),
+        ("DATABASE_URL", "postgresql://u:s3cret@[bad/x"),
+        ("DATABASE_URL", "postgresql://u@127.0.0.1:1/course?password=s3cret"),
+    ],
+)
+def test_no_error_or_status_prints_a_password(variable: str, url: str, monkeypatch) -> None:
+    monkeypatch.setenv(variable, url)
+    service = "redis" if variable == "REDIS_URL" else "postgres"
+    with pytest.raises(services.ServiceError) as caught:
+        services.resolution(service)
+    assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+    services.reset()
+    report = {item.service: item for item in services.status()}
+    assert not report[service].ok and "s3cret" not in report[service].error
+
+
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [("REDIS_URL", "redis://127.0.0.1:abc/0"), ("DATABASE_URL", "postgresql://x@h:abc/db")],
+)
+def test_malformed_port_is_a_clear_error(variable: str, url: str, monkeypatch) -> None:
+    monkeypatch.setenv(variable, url)
+    service = "redis" if variable == "REDIS_URL" else "postgres"
+    with pytest.raises(services.ServiceError, match=variable):
+        services.resolution(service)
+    services.reset()
+    assert not {i.service: i for i in services.status()}[service].ok
+
+
+@pytest.mark.timeout(60)
+def test_a_busy_embedded_redis_is_waited_for_not_replaced(embedded_dir: Path) -> None:
+    server = services.EmbeddedRedis(embedded_dir / "redis")
+    client = redis_lib.Redis.from_url(server.start())
+    run_id = client.info("server")["run_id"]
+    busy = "local i = 0 while i < 150000000 do i = i + 1 end return i"
+    worker = threading.Thread(target=lambda: redis_lib.Redis.from_url(server.url).eval(busy, 0))
+    worker.start()
+    time.sleep(0.3)  # the script now holds the server; a 1 s PING would time out
+    assert services.EmbeddedRedis(embedded_dir / "redis").start() == server.url
+    worker.join()
+    assert client.info("server")["run_id"] == run_id
+    # redis-server runs in its --dir: count the live ones working in this server's folder.
+    servers = [
+        p
+        for p in psutil.process_iter(["name", "cwd", "status"])
+        if "redis" in (p.info["name"] or "")
+        and p.info["cwd"] == str(server.root)
+        and p.info["status"] != psutil.STATUS_ZOMBIE
+    ]
+    assert len(servers) == 1
+    client.close()
+
+
+@pytest.mark.timeout(120)
+def test_servers_killed_with_sigkill_are_started_again(embedded_dir: Path) -> None:
+    cache = services.EmbeddedRedis(embedded_dir / "redis")
+    database = services.EmbeddedPostgres(embedded_dir / "postgres")
+    cache.start()
+    url = database.start()
+    for pid_file in (cache.pidfile, database.data / "postmaster.pid"):
+        os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (cache.is_running() or database.is_running()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not cache.is_running() and not database.is_running()
+    assert redis_lib.Redis.from_url(cache.start()).ping()
+    assert database.start() == url and _pg_scalar(url, "SELECT 1") == 1
+
+
+@pytest.mark.timeout(120)
+def test_state_dir_with_spaces(monkeypatch) -> None:
+    folder = Path(f"/tmp/pc sp {os.getpid()}")
+    monkeypatch.setenv("COURSE_STATE_DIR", str(folder))
+    monkeypatch.setenv("COURSE_SERVICES", "embedded")
+    try:
+        assert services.redis_client().ping()
+        assert _pg_scalar(services.database_url(), "SELECT current_database()") == "course"
+    finally:
+        services.stop_embedded()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_default_state_dir(monkeypatch) -> None:
+    monkeypatch.delenv("COURSE_STATE_DIR", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setattr(embedded.os, "geteuid", lambda: 0)
+    assert embedded.state_dir() == Path("/var/tmp/perf-course-root")
+    monkeypatch.setattr(embedded.os, "geteuid", lambda: 1000)
+    assert embedded.state_dir() == Path.home() / ".local" / "state" / "perf-course"
+    monkeypatch.setenv("XDG_STATE_HOME", "/tmp/xdg")
+    assert embedded.state_dir() == Path("/tmp/xdg/perf-course")

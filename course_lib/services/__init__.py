@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import redis
 from sqlalchemy import Engine, create_engine
 
+from .database import connect
 from .embedded import EmbeddedPostgres, EmbeddedRedis, state_dir
 from .errors import ServiceError
-from .resolve import Resolution, libpq_url, mask, resolve_postgres, resolve_redis, sqlalchemy_url
+from .resolve import Resolution, mask, resolve_postgres, resolve_redis
 
 __all__ = [
     "EmbeddedPostgres",
@@ -33,6 +33,7 @@ __all__ = [
     "Resolution",
     "ServiceError",
     "ServiceStatus",
+    "connect",
     "database_url",
     "engine",
     "redis_client",
@@ -133,7 +134,7 @@ def _redis_status() -> ServiceStatus:
 
 def _postgres_status() -> ServiceStatus:
     chosen = resolution("postgres")
-    with psycopg.connect(libpq_url(sqlalchemy_url(chosen.url)), connect_timeout=5) as conn:
+    with connect(chosen.url, connect_timeout=5) as conn:
         version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         latency = _rtt_ms(lambda: conn.execute("SELECT 1").fetchone())
     return ServiceStatus(
@@ -150,8 +151,9 @@ def status() -> list[ServiceStatus]:
     for service, probe in (("redis", _redis_status), ("postgres", _postgres_status)):
         try:
             report.append(probe())
-        except (ServiceError, redis.RedisError, psycopg.Error, OSError) as exc:
-            report.append(ServiceStatus(service, False, "-", "-", "-", "-", None, str(exc)))
+        except Exception as exc:  # the contract is to report, whatever went wrong
+            error = mask(str(exc)) or type(exc).__name__
+            report.append(ServiceStatus(service, False, "-", "-", "-", "-", None, error))
     return report
 
 

@@ -13,6 +13,11 @@ Guarantees:
   :class:`ServiceError` says what to install.
 - PostgreSQL refuses to run as root: started by root, it runs as the ``postgres`` user (or a
   ``perfcourse`` system user created for it) and its directories are handed to that user.
+  Root's default state folder is therefore ``/var/tmp/perf-course-root``, which that user
+  can reach without opening up ``/root``.
+- Liveness is decided by the server's pid (alive, not a zombie), not by a ping: a server
+  that is merely busy is waited for, never replaced by a second one.
+- Anything that goes wrong while starting or stopping raises :class:`ServiceError`.
 """
 
 from __future__ import annotations
@@ -24,13 +29,17 @@ import importlib.util
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
+import psutil
+import psycopg
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -48,18 +57,21 @@ def state_dir() -> Path:
     """Folder that holds the embedded servers' data, sockets and logs.
 
     ``COURSE_STATE_DIR`` wins; else ``$XDG_STATE_HOME/perf-course``; else
-    ``~/.local/state/perf-course``.
+    ``~/.local/state/perf-course`` (for root: ``/var/tmp/perf-course-root``, see above).
     """
     explicit = os.environ.get("COURSE_STATE_DIR")
     if explicit:
         return Path(explicit).expanduser().absolute()
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base).expanduser().absolute() / "perf-course"
+    base = os.environ.get("XDG_STATE_HOME")
+    if base is None and os.geteuid() == 0:
+        return Path("/var/tmp/perf-course-root")
+    return Path(base or Path.home() / ".local" / "state").expanduser().absolute() / "perf-course"
 
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # 0o711: other users (the PostgreSQL account) may pass through, nobody else may list.
+    path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -139,7 +151,39 @@ def _one_shot_client(socket: Path, timeout: float) -> redis.Redis:
     )
 
 
-def _wait_until(predicate, timeout: float, what: str, log: Path) -> None:
+def _alive(pid: int | None, name: str) -> bool:
+    """Whether ``pid`` is a running (not zombie) process whose name contains ``name``."""
+    if pid is None:
+        return False
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and name in process.name()
+    except psutil.Error:
+        return False
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _run(args: list[str], what: str, timeout: float, **kwargs: object) -> str:
+    """Run a server command; any failure becomes a :class:`ServiceError` naming ``what``."""
+    try:
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+        )  # type: ignore[call-overload]
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ServiceError(f"{what} failed: {exc}") from None
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().replace("\n", " ")
+        raise ServiceError(f"{what} failed (exit {done.returncode}): {detail}")
+    return done.stdout
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -168,53 +212,73 @@ class EmbeddedRedis:
         return self.root / "redis.log"
 
     @property
+    def pidfile(self) -> Path:
+        return self.root / "redis.pid"
+
+    @property
     def url(self) -> str:
         return f"unix://{self.socket}"
 
-    def is_running(self) -> bool:
+    def _pid(self) -> int | None:
+        pid = _read_pid(self.pidfile)
+        return pid if _alive(pid, "redis") else None
+
+    def _answers(self) -> bool:
         if not self.socket.exists():
             return False
         client = _one_shot_client(self.socket, timeout=1)
         try:
             return bool(client.ping())
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except (redis.RedisError, OSError):
             return False
         finally:
             client.close()
 
+    def is_running(self) -> bool:
+        """Whether this folder's server process is alive (it may be busy, e.g. loading)."""
+        return self._pid() is not None
+
     def start(self, timeout: float = 20.0) -> str:
-        """Start the server unless it runs already; return its URL."""
+        """Start the server unless it runs already; return its URL once it answers."""
         _check_socket_path(self.socket)
         with _locked(self.root / "lock"):
-            if self.is_running():
-                return self.url
-            self.socket.unlink(missing_ok=True)
-            args = [
-                str(find_redis_server()),
-                "--port", "0",
-                "--unixsocket", str(self.socket),
-                "--unixsocketperm", "700",
-                "--daemonize", "yes",
-                "--pidfile", str(self.root / "redis.pid"),
-                "--dir", str(self.root),
-                "--logfile", str(self.log),
-                "--save", "",
-                "--appendonly", "no",
-            ]  # fmt: skip
-            subprocess.run(args, check=True, capture_output=True, timeout=timeout)
-            _wait_until(self.is_running, timeout, "embedded Redis", self.log)
+            self.root.chmod(0o700)
+            if self._pid() is None:
+                # No live process: whatever socket or pid file is left belongs to a dead one.
+                self.socket.unlink(missing_ok=True)
+                self.pidfile.unlink(missing_ok=True)
+                args = [
+                    str(find_redis_server()),
+                    "--port", "0",
+                    "--unixsocket", str(self.socket),
+                    "--unixsocketperm", "700",
+                    "--daemonize", "yes",
+                    "--pidfile", str(self.pidfile),
+                    "--dir", str(self.root),
+                    "--logfile", str(self.log),
+                    "--save", "",
+                    "--appendonly", "no",
+                ]  # fmt: skip
+                _run(args, "starting embedded Redis", timeout)
+            _wait_until(self._answers, timeout, "embedded Redis", self.log)
         return self.url
 
     def stop(self, timeout: float = 20.0) -> bool:
-        """Shut the server down; return whether one was running."""
+        """Shut the server down (even a busy one); return whether one was running."""
         with _locked(self.root / "lock"):
-            if not self.is_running():
+            pid = self._pid()
+            if pid is None:
                 return False
-            client = _one_shot_client(self.socket, timeout=5)
-            with contextlib.suppress(redis.ConnectionError):
+            client = _one_shot_client(self.socket, timeout=2)
+            try:
                 client.shutdown(nosave=True)
-            client.close()
-            _wait_until(lambda: not self.is_running(), timeout, "embedded Redis shutdown", self.log)
+            except (redis.RedisError, OSError):
+                # Busy or not answering: SIGTERM makes redis-server shut down all the same.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            finally:
+                client.close()
+            _wait_until(lambda: self._pid() is None, timeout, "embedded Redis shutdown", self.log)
             self.socket.unlink(missing_ok=True)
             return True
 
@@ -226,10 +290,11 @@ def _server_user() -> pwd.struct_passwd | None:
     for name in ("postgres", "perfcourse"):
         with contextlib.suppress(KeyError):
             return pwd.getpwnam(name)
-    subprocess.run(
+    print("perf-course: creating system user 'perfcourse' to run PostgreSQL", file=sys.stderr)
+    _run(
         ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "perfcourse"],
-        check=True,
-        capture_output=True,
+        "creating user perfcourse",
+        timeout=30,
     )
     return pwd.getpwnam("perfcourse")
 
@@ -266,29 +331,26 @@ class EmbeddedPostgres:
         return self.root / ".s.PGSQL.5432"
 
     def url(self, database: str = "course") -> str:
-        return f"postgresql+psycopg://postgres@/{database}?host={self.root}"
+        """SQLAlchemy URL of ``database``; the socket folder is percent-encoded (spaces, ``+``)."""
+        return f"postgresql+psycopg://postgres@/{database}?host={quote(str(self.root), safe='/')}"
 
     def _binaries(self) -> Path:
         return self.bin_dir or find_postgres_bin_dir()
 
-    def _run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def _command(self, what: str, *args: str, timeout: float = 60.0) -> str:
         user = _server_user()
-        kwargs: dict[str, object] = {}
+        kwargs: dict[str, object] = {"cwd": "/"}
         if user is not None:
-            kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        return subprocess.run(
-            [str(self._binaries() / args[0]), *args[1:]],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd="/",
-            **kwargs,  # type: ignore[arg-type]
-        )
+            kwargs |= {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        return _run([str(self._binaries() / args[0]), *args[1:]], what, timeout, **kwargs)
+
+    def _pid(self) -> int | None:
+        pid = _read_pid(self.data / "postmaster.pid")
+        return pid if _alive(pid, "postgres") else None
 
     def is_running(self) -> bool:
-        if not (self.data / "PG_VERSION").exists() or not self.socket.exists():
-            return False
-        return self._run("pg_ctl", "status", "-D", str(self.data)).returncode == 0
+        """Whether this cluster's postmaster is alive (a crashed one leaves a stale pid file)."""
+        return self._pid() is not None
 
     def _prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -308,22 +370,31 @@ class EmbeddedPostgres:
             if not self.is_running():
                 self._prepare()
                 if not (self.data / "PG_VERSION").exists():
-                    done = self._run(
+                    self._command(
+                        f"initdb in {self.data}",
                         "initdb", "-D", str(self.data), "-U", "postgres",
                         "--auth=trust", "--encoding=UTF8", "--locale=C",
                     )  # fmt: skip
-                    if done.returncode != 0:
-                        raise ServiceError(f"initdb failed in {self.data}: {done.stderr.strip()}")
+                # A postmaster killed with -9 can stay a zombie holding its pid; PostgreSQL
+                # would take its lock files as a live server's and refuse to start.
+                for stale in (self.data / "postmaster.pid", self.root / ".s.PGSQL.5432.lock"):
+                    stale.unlink(missing_ok=True)
                 options = f"-h '' -k '{self.root}' -c unix_socket_permissions=0700 -c fsync=off"
-                done = self._run(
-                    "pg_ctl", "start", "-w", "-t", str(int(timeout)), "-D", str(self.data),
-                    "-l", str(self.log), "-o", options,
-                    timeout=timeout + 5,
-                )  # fmt: skip
-                if done.returncode != 0:
-                    tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-                    raise ServiceError(f"embedded PostgreSQL did not start: {done.stderr} {tail}")
-            ensure_database(f"postgresql://postgres@/postgres?host={self.root}", "course")
+                try:
+                    self._command(
+                        "starting embedded PostgreSQL",
+                        "pg_ctl", "start", "-w", "-t", str(int(timeout)), "-D", str(self.data),
+                        "-l", str(self.log), "-o", options,
+                        timeout=timeout + 5,
+                    )  # fmt: skip
+                except ServiceError as exc:
+                    tail = self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
+                    raise ServiceError(f"{exc}; log {self.log}: {tail}") from None
+            try:
+                ensure_database(self.url("postgres"), "course")
+            except psycopg.Error as exc:
+                message = f"embedded PostgreSQL in {self.root} is not usable: {exc}"
+                raise ServiceError(message) from None
         return self.url()
 
     def stop(self, timeout: float = 60.0) -> bool:
@@ -331,9 +402,10 @@ class EmbeddedPostgres:
         with _locked(self.root / "lock"):
             if not self.is_running():
                 return False
-            done = self._run(
-                "pg_ctl", "stop", "-w", "-m", "fast", "-D", str(self.data), timeout=timeout
-            )
-            if done.returncode != 0:
-                raise ServiceError(f"embedded PostgreSQL did not stop: {done.stderr.strip()}")
+            self._command(
+                "stopping embedded PostgreSQL",
+                "pg_ctl", "stop", "-w", "-m", "fast", "-t", str(int(timeout)),
+                "-D", str(self.data),
+                timeout=timeout + 5,
+            )  # fmt: skip
             return True

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,11 +26,19 @@ from redis.retry import Retry
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from .database import ensure_database
+from .database import connect, ensure_database
 from .embedded import EmbeddedPostgres, EmbeddedRedis
 from .errors import ServiceError
 
-__all__ = ["COURSE_DATABASE", "Resolution", "mask", "resolve_postgres", "resolve_redis"]
+__all__ = [
+    "COURSE_DATABASE",
+    "Resolution",
+    "mask",
+    "mode",
+    "resolve_postgres",
+    "resolve_redis",
+    "sqlalchemy_url",
+]
 
 COURSE_DATABASE = "course"
 MODES = ("auto", "embedded")
@@ -47,20 +56,17 @@ class Resolution:
     reason: str
 
 
-def mask(url: str) -> str:
-    """The URL with its password replaced by ``***``, for printing."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        parsed = None
-    if parsed is not None and parsed.password:
-        return parsed.render_as_string(hide_password=True)
-    if "://" in url and "@" in url.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = url.split("://", 1)
-        auth, host = rest.split("@", 1)
-        if ":" in auth:
-            return f"{scheme}://{auth.split(':', 1)[0]}:***@{host}"
-    return url
+_SECRETS = (
+    re.compile(r"(?P<keep>://[^/@:\s]*:)[^@\s]*(?=@)"),  # scheme://user:PASSWORD@host
+    re.compile(r"(?P<keep>[?&\s]password=)[^&\s]*", re.IGNORECASE),  # ?password=... / DSN
+)
+
+
+def mask(text: str) -> str:
+    """``text`` (a URL, a libpq DSN or an error message quoting one) with passwords as ``***``."""
+    for pattern in _SECRETS:
+        text = pattern.sub(lambda m: m.group("keep") + "***", text)
+    return text
 
 
 def mode() -> str:
@@ -81,12 +87,12 @@ def _redis_error(url: str, timeout: float) -> str | None:
             retry=Retry(NoBackoff(), 0),  # a probe answers at once, no retries with backoff
         )
     except ValueError as exc:
-        return f"not a Redis URL: {exc}"
+        return mask(f"not a Redis URL: {exc}")
     try:
         client.ping()
         return None
     except (redis.RedisError, OSError) as exc:
-        return str(exc) or type(exc).__name__
+        return mask(str(exc)) or type(exc).__name__
     finally:
         client.close()
 
@@ -120,25 +126,21 @@ def sqlalchemy_url(url: str) -> URL:
     """Parse a PostgreSQL URL and point it at the psycopg 3 driver."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise ServiceError(f"DATABASE_URL={url!r} is not a database URL ({exc})") from None
+    except (ArgumentError, ValueError):
+        raise ServiceError(f"DATABASE_URL={mask(url)} is not a database URL") from None
     if parsed.get_backend_name() not in ("postgresql", "postgres"):
         raise ServiceError(f"DATABASE_URL={mask(url)} is not a PostgreSQL URL")
     return parsed.set(drivername="postgresql+psycopg")
 
 
-def libpq_url(url: URL) -> str:
-    """The URL as libpq (psycopg.connect) understands it."""
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def _postgres_error(url: URL, timeout: float) -> str | None:
     try:
-        with psycopg.connect(libpq_url(url), connect_timeout=max(1, int(timeout))) as conn:
+        with connect(url, connect_timeout=max(1, int(timeout))) as conn:
             conn.execute("SELECT 1")
         return None
     except psycopg.Error as exc:
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = str(exc).strip().splitlines()
+        return mask(lines[0]) if lines else type(exc).__name__
 
 
 def _local_candidates() -> Iterator[URL]:
@@ -176,7 +178,7 @@ def resolve_postgres() -> Resolution:
         if _postgres_error(admin, timeout=_PROBE_TIMEOUT) is not None:
             continue
         try:
-            ensure_database(libpq_url(admin), COURSE_DATABASE)
+            ensure_database(admin, COURSE_DATABASE)
         except psycopg.Error:
             continue
         where = candidate.host or candidate.query.get("host")
