@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 
@@ -76,6 +77,8 @@ def test_unserialisable_value_raises_type_error(redis, ns):
         ({"ttl": 0}, ValueError, "ttl"),
         ({"ttl": -1}, ValueError, "ttl"),
         ({"ttl": "60"}, TypeError, "ttl"),
+        ({"ttl": 0.0004}, ValueError, "ttl"),  # PX 0: Redis would refuse every fill
+        ({"negative_ttl": 0.0009}, ValueError, "negative_ttl"),
         ({"namespace": ""}, ValueError, "namespace"),
         ({"namespace": "  "}, ValueError, "namespace"),
         ({"stampede": "dogpile"}, ValueError, "stampede"),
@@ -258,3 +261,34 @@ def test_wait_timeout_loads_without_the_lock(redis, ns):
 
 def test_loader_error_class_is_public():
     assert issubclass(LoaderError, RuntimeError)
+
+
+@pytest.mark.parametrize("stampede", [None, "lock", "xfetch"])
+def test_undecodable_value_is_a_counted_miss(redis, ns, stampede):
+    """Bad bytes, or another mode's value under the same namespace, cost a reload, no error."""
+    loader = Counting()
+    plain = CacheAside(redis, loader, ttl=60, namespace=ns, stampede="lock")
+    plain.get(1)  # a plain JSON value: not an XFetch envelope
+    redis.set(plain.key(2), b"\x80not json")
+    cache = CacheAside(redis, loader, ttl=60, namespace=ns, stampede=stampede)
+    expected_bad = 2 if stampede == "xfetch" else 1
+    assert [cache.get(1), cache.get(2)] == [{"key": 1}, {"key": 2}]
+    assert cache.stats["decode_errors"] == expected_bad
+    assert cache.stats["misses"] == expected_bad
+    assert [cache.get(1), cache.get(2)] == [{"key": 1}, {"key": 2}]  # overwritten: now hits
+    assert cache.stats["decode_errors"] == expected_bad
+
+
+def test_other_redis_errors_fail_open_for_one_call_only(redis, ns, caplog):
+    """A WRONGTYPE is not an outage: that call serves from the loader, the next ones use Redis."""
+    loader = Counting()
+    cache = CacheAside(redis, loader, ttl=60, namespace=ns, retry_after=30)
+    redis.rpush(cache.key(1), "not a string")
+    with caplog.at_level(logging.WARNING, logger="course_lib.caching"):
+        assert [cache.get(1) for _ in range(3)] == [{"key": 1}] * 3
+    assert cache.get(2) == cache.get(2) == {"key": 2}
+    stats = cache.stats
+    assert (stats["redis_errors"], stats["fail_open"]) == (3, 3)
+    assert stats["hits"] == 1  # key 2 came from Redis: no outage mode started
+    assert sum("WRONGTYPE" in r.message for r in caplog.records) == 1
+    assert not any("unreachable" in r.message for r in caplog.records)

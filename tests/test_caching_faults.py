@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import pytest
 import redis as redis_lib
+import redis.asyncio as aredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from course_lib.caching import CacheAside, UserStore, WriteThrough, seed_users
+from course_lib.caching import AsyncCacheAside, CacheAside, UserStore, WriteThrough, seed_users
 from course_lib.measure import run_threads
 from course_lib.services import EmbeddedRedis
 
@@ -61,3 +63,37 @@ def test_write_through_survives_redis_stop(embedded_dir, pg_engine):
     assert wt.read(3)["plan"] == "pro"
     assert wt.stats["redis_errors"] == 2
     client.close()
+
+
+@pytest.mark.timeout(60)
+def test_async_cache_serves_while_redis_is_stopped_and_resumes(embedded_dir, ns, caplog):
+    server = EmbeddedRedis(embedded_dir / "redis")
+    url = server.start()
+    loads = {"n": 0}
+
+    async def loader(key):
+        loads["n"] += 1
+        await asyncio.sleep(0.01)
+        return {"key": key}
+
+    async def scenario():
+        client = aredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=1)
+        cache = AsyncCacheAside(client, loader, ttl=60, namespace=ns, retry_after=0.2)
+        before = [await cache.get(k) for k in (1, 2, 1, 2)]
+        server.stop()
+        during = await asyncio.gather(*(cache.get(1) for _ in range(50)), return_exceptions=True)
+        stats = cache.stats
+        server.start()
+        await asyncio.sleep(0.25)  # past retry_after
+        after = [await cache.get(1) for _ in range(2)]
+        await client.aclose()
+        return before, during, stats, after, cache.stats
+
+    with caplog.at_level(logging.WARNING, logger="course_lib.caching"):
+        before, during, stats, after, final = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert before == [{"key": 1}, {"key": 2}] * 2
+    assert during == [{"key": 1}] * 50  # no exception reached a caller
+    assert stats["fail_open"] == 50 and stats["redis_errors"] >= 1
+    assert sum("Redis unreachable" in r.message for r in caplog.records) == 1
+    assert after == [{"key": 1}] * 2
+    assert final["hits"] > stats["hits"]

@@ -13,10 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from .serialization import dumps, loads
 from .xfetch import Envelope, should_refresh
 
-__all__ = ["STAMPEDE_MODES", "CacheConfig", "LoaderError", "Stats", "Ticket"]
+__all__ = ["MISSING", "STAMPEDE_MODES", "CacheConfig", "LoaderError", "Stats", "Ticket"]
 
 log = logging.getLogger("course_lib.caching")
 
@@ -32,7 +35,13 @@ STAT_NAMES = (
     "early_refreshes",
     "fail_open",
     "redis_errors",
+    "decode_errors",
 )
+# Only these mean "Redis is away"; any other RedisError is a problem with one command.
+OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError)
+# What a value that is not ours (another writer, another stampede mode, bad bytes) raises.
+DECODE_ERRORS = (ValueError, TypeError)
+MISSING: Any = object()  # a cached value that could not be decoded: treated as a miss
 # A generation must outlive any load that read it; loads longer than this are not protected.
 GENERATION_TTL_MIN = 60.0
 # Long enough for every waiter polling the lock to see the leader's error once.
@@ -77,6 +86,14 @@ def _positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def _milliseconds(name: str, value: Any) -> float:
+    """A TTL sent to Redis in whole milliseconds (``PX``), so at least 1 ms."""
+    seconds = _positive(name, value)
+    if seconds < 0.001:
+        raise ValueError(f"{name} must be >= 0.001 seconds (Redis counts whole ms), got {value!r}")
+    return seconds
+
+
 class CacheConfig:
     """Validated settings, key names, payload encoding and the Redis health state."""
 
@@ -96,17 +113,17 @@ class CacheConfig:
     ) -> None:
         if not callable(loader):
             raise TypeError(f"loader must be callable, got {type(loader).__name__}")
-        self.ttl = _positive("ttl", ttl)
+        self.ttl = _milliseconds("ttl", ttl)
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a string, got {type(namespace).__name__}")
         if not namespace.strip():
             raise ValueError("namespace must be a non-empty string")
         if stampede not in STAMPEDE_MODES:
             raise ValueError(f"stampede must be one of {STAMPEDE_MODES}, got {stampede!r}")
-        self.negative_ttl = _positive(
+        self.negative_ttl = _milliseconds(
             "negative_ttl", min(self.ttl, 30.0) if negative_ttl is None else negative_ttl
         )
-        self.lock_ttl = _positive("lock_ttl", lock_ttl)
+        self.lock_ttl = _milliseconds("lock_ttl", lock_ttl)
         self.wait_timeout = _positive("wait_timeout", wait_timeout)
         self.beta = _positive("beta", beta)
         self.retry_after = _positive("retry_after", retry_after)
@@ -120,7 +137,9 @@ class CacheConfig:
         self.lock_ms = int(self.lock_ttl * 1000)
         self.stats = Stats()
         self.down_until = 0.0
+        self._log_lock = threading.Lock()
         self._warned = False
+        self._error_types_logged: set[type] = set()
 
     # Key names. The value key is "<namespace>:<key>"; metadata lives under "<namespace>#...".
     def value_key(self, key: Any) -> str:
@@ -143,12 +162,26 @@ class CacheConfig:
             return dumps(Envelope(value, delta, time.time() + ttl).to_json()), int(ttl * 1000)
         return dumps(value), int(ttl * 1000)
 
-    def decode(self, raw: bytes) -> Any:
-        data = loads(raw)
-        return Envelope.from_json(data).value if self.xfetch else data
+    def decode(self, raw: bytes, *, count: bool = True) -> Any:
+        """The value in ``raw``, or :data:`MISSING` (counted in ``decode_errors`` unless
+        ``count`` is false: a re-read of a value already counted) if it is not ours to read:
+        bad bytes, or a value of a cache in another stampede mode under the same namespace.
+        It then costs a reload and is overwritten, never an exception."""
+        try:
+            data = loads(raw)
+            return Envelope.from_json(data).value if self.xfetch else data
+        except DECODE_ERRORS:
+            if count:
+                self.stats.incr("decode_errors")
+            return MISSING
 
     def wants_early_refresh(self, raw: bytes) -> tuple[Any, bool]:
-        envelope = Envelope.from_json(loads(raw))
+        """XFetch: the cached value (or :data:`MISSING`) and whether to refresh it now."""
+        try:
+            envelope = Envelope.from_json(loads(raw))
+        except DECODE_ERRORS:
+            self.stats.incr("decode_errors")
+            return MISSING, False
         refresh = should_refresh(
             now=time.time(),
             delta=envelope.delta,
@@ -163,18 +196,33 @@ class CacheConfig:
         return bool(self.down_until) and time.monotonic() < self.down_until
 
     def failed(self, exc: BaseException) -> None:
+        """Count a Redis error. A connection error or timeout starts an outage (Redis is
+        skipped for ``retry_after`` s, logged once); any other error concerns one command."""
         self.stats.incr("redis_errors")
+        if not isinstance(exc, OUTAGE_ERRORS):
+            with self._log_lock:
+                first = type(exc) not in self._error_types_logged
+                self._error_types_logged.add(type(exc))
+            if first:
+                log.warning(
+                    "Redis error (%s); cache %r serves such calls from the loader",
+                    describe(exc),
+                    self.namespace,
+                )
+            return
         self.down_until = time.monotonic() + self.retry_after
-        if not self._warned:
-            self._warned = True
+        with self._log_lock:
+            first, self._warned = not self._warned, True
+        if first:
             log.warning(
                 "Redis unreachable (%s); cache %r serves from the loader", exc, self.namespace
             )
 
     def recovered(self) -> None:
         self.down_until = 0.0
-        if self._warned:
-            self._warned = False
+        with self._log_lock:
+            was_down, self._warned = self._warned, False
+        if was_down:
             log.warning("Redis reachable again; cache %r resumes", self.namespace)
 
     def load(self, key: Any) -> tuple[Any, float]:

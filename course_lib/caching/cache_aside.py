@@ -24,12 +24,16 @@ Guarantees:
 - No stale fill: :meth:`invalidate` bumps a per-key generation, and a load that began before
   it is not cached (``fill.lua``). This closes the race where a reader caches the row
   it read just before a writer updated the row and deleted the key.
-- Fail-open: if Redis is unreachable, ``get`` returns ``loader(key)`` (through the local
-  single-flight), counts it in ``stats["fail_open"]``, logs one warning per outage, and skips
-  Redis for ``retry_after`` seconds before trying it again. Give the client a short
+- Fail-open: if Redis is unreachable (connection error or timeout), ``get`` returns
+  ``loader(key)`` (through the local single-flight), counts it in ``stats["fail_open"]``, logs
+  one warning per outage, and skips Redis for ``retry_after`` seconds before trying it again.
+  Any other Redis error (a wrong type, a script error) fails open for that call only and is
+  counted in ``stats["redis_errors"]``; it starts no outage. Give the client a short
   ``socket_timeout`` and few retries, or each failing call waits out redis-py's retry policy.
   ``invalidate`` does raise: a write that could not invalidate must know it.
-- Bad settings raise ``ValueError``/``TypeError`` at construction.
+- A cached value that cannot be decoded (bad bytes, or another stampede mode's format under
+  the same namespace) is a miss, counted in ``stats["decode_errors"]``, and gets overwritten.
+- Bad settings raise ``ValueError``/``TypeError`` at construction (TTLs are at least 1 ms).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from ._base import (
     ERROR_TTL_MS,
     FIRST_POLL,
     MAX_POLL,
+    MISSING,
     STAMPEDE_MODES,
     CacheConfig,
     LoaderError,
@@ -120,7 +125,7 @@ class CacheAside:
     @property
     def stats(self) -> dict[str, int]:
         """Counters: hits, misses, loads, load_errors, stale_fills_rejected, lock_waits,
-        lock_timeouts, early_refreshes, fail_open, redis_errors."""
+        lock_timeouts, early_refreshes, fail_open, redis_errors, decode_errors."""
         return self._c.stats.snapshot()
 
     def key(self, key: Any) -> str:
@@ -139,11 +144,10 @@ class CacheAside:
         if c.down_until:
             c.recovered()
         if raw is not None:
-            c.stats.incr("hits")
-            if c.xfetch:
-                value, refresh = c.wants_early_refresh(raw)
+            value, refresh = c.wants_early_refresh(raw) if c.xfetch else (c.decode(raw), False)
+            if value is not MISSING:
+                c.stats.incr("hits")
                 return self._refresh_early(key, value) if refresh else value
-            return c.decode(raw)
         c.stats.incr("misses")
         if self._flight is None:
             return self._miss(key)
@@ -226,8 +230,11 @@ class CacheAside:
                     found = self.redis.mget(keys)
                 except RedisError as exc:
                     return self._without_redis(key, exc)
-                if found[0] is not None:
-                    return c.decode(found[0])
+                if (
+                    found[0] is not None
+                    and (value := c.decode(found[0], count=False)) is not MISSING
+                ):
+                    return value
                 if seen is not None and found[2] is not None:
                     raise LoaderError(_text(found[2]))
                 if found[1] is None:
@@ -246,8 +253,9 @@ class CacheAside:
                 raw, generation = self.redis.mget([c.value_key(key), c.generation_key(key)])
             except RedisError as exc:
                 return self._without_redis(key, exc)
-            if raw is not None:  # filled by another process while we took the lock
-                return c.decode(raw)
+            # Filled by another process while we took the lock?
+            if raw is not None and (value := c.decode(raw, count=False)) is not MISSING:
+                return value
             ticket = Ticket(key, _text(generation))
             try:
                 value, delta = c.load(key)
@@ -361,11 +369,10 @@ class AsyncCacheAside:
         if c.down_until:
             c.recovered()
         if raw is not None:
-            c.stats.incr("hits")
-            if c.xfetch:
-                value, refresh = c.wants_early_refresh(raw)
+            value, refresh = c.wants_early_refresh(raw) if c.xfetch else (c.decode(raw), False)
+            if value is not MISSING:
+                c.stats.incr("hits")
                 return await self._refresh_early(key, value) if refresh else value
-            return c.decode(raw)
         c.stats.incr("misses")
         if self._flight is None:
             return await self._miss(key)
@@ -448,8 +455,11 @@ class AsyncCacheAside:
                     found = await self.redis.mget(keys)
                 except RedisError as exc:
                     return await self._without_redis(key, exc)
-                if found[0] is not None:
-                    return c.decode(found[0])
+                if (
+                    found[0] is not None
+                    and (value := c.decode(found[0], count=False)) is not MISSING
+                ):
+                    return value
                 if seen is not None and found[2] is not None:
                     raise LoaderError(_text(found[2]))
                 if found[1] is None:
@@ -468,8 +478,8 @@ class AsyncCacheAside:
                 raw, generation = await self.redis.mget([c.value_key(key), c.generation_key(key)])
             except RedisError as exc:
                 return await self._without_redis(key, exc)
-            if raw is not None:
-                return c.decode(raw)
+            if raw is not None and (value := c.decode(raw, count=False)) is not MISSING:
+                return value
             ticket = Ticket(key, _text(generation))
             try:
                 value, delta = await self._load(key)
