@@ -19,6 +19,7 @@ from course_lib.caching import (
     SingleFlight,
     dumps,
     loads,
+    seed,
     to_jsonable,
 )
 from course_lib.caching.scripts import NAMES, source
@@ -135,8 +136,45 @@ def test_redis_lock_counts_mutual_exclusion(redis, ns):
 def test_lock_validation(redis):
     with pytest.raises(ValueError, match="ttl"):
         RedisLock(redis, "x", ttl=0)
+    with pytest.raises(ValueError, match="ttl"):
+        RedisLock(redis, "x", ttl=0.0004)  # PX 0 would be refused by Redis
     with pytest.raises(ValueError, match="name"):
         RedisLock(redis, "", ttl=1)
+    with pytest.raises(TypeError, match="ttl"):
+        RedisLock(redis, "x", ttl="5")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="wait"):
+        RedisLock(redis, "x", ttl=5, wait=None)  # type: ignore[arg-type]
+
+
+def test_single_flight_validation():
+    with pytest.raises(TypeError, match="timeout"):
+        SingleFlight(timeout="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="timeout"):
+        AsyncSingleFlight(timeout="x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        SingleFlight(timeout=0)
+    assert SingleFlight(timeout=None).timeout is None
+
+
+def test_seed_bind_reuses_its_task_queue_thread(redis, pg_engine):
+    seed.bind(redis, pg_engine)
+    threads = threading.active_count()
+    queue = seed.task_queue
+    for _ in range(5):
+        seed.bind(redis, pg_engine)
+    assert seed.task_queue is queue and queue.is_alive()
+    assert threading.active_count() == threads
+    done = threading.Event()
+    queue.enqueue(done.set)
+    assert done.wait(5)
+
+
+def test_seed_bound_restores_the_previous_binding(redis, pg_engine):
+    seed.bind(redis, pg_engine, prefix="outer")
+    outer_db = seed.db
+    with seed.bound(redis, pg_engine, prefix="inner"):
+        assert seed.PREFIX == "inner" and seed.db is not outer_db
+    assert seed.PREFIX == "outer" and seed.db is outer_db
 
 
 def test_xfetch_probability_grows_near_expiry():

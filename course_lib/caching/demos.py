@@ -29,7 +29,7 @@ from . import seed
 from .cache_aside import CacheAside
 from .store import UserStore
 from .users import users_table
-from .write_behind import WriteBehind
+from .write_behind import Worker, WriteBehind
 
 __all__ = [
     "CrashResult",
@@ -106,9 +106,7 @@ class StampedeResult:
     errors: int
 
 
-def _counting_loader(counter: str, delay: float) -> Callable[[Any], Any]:
-    client = services.redis_client()
-
+def _counting_loader(client: Any, counter: str, delay: float) -> Callable[[Any], Any]:
     def loader(key: Any) -> dict[str, Any]:
         client.incr(counter)
         time.sleep(delay)
@@ -142,36 +140,33 @@ def stampede(
     per_process = callers // processes
 
     def in_one_process() -> list[tuple[float, bool]]:
-        loader = _counting_loader(counter, delay)
-        if strategy == "seed":
-
-            async def fetch(k: str) -> str:
-                await asyncio.to_thread(loader, k)
-                return "value"
-
-            seed.bind(services.redis_client(), services.engine(), fetch=fetch)
-            seed.locks.clear()
-            calls: Calls = run_tasks(lambda: seed.get_with_lock(key), per_process)
-        else:
-            cache = CacheAside(
-                services.redis_client(),
-                loader,
-                ttl=60,
-                namespace=f"{namespace}:{strategy}",
-                stampede=None if strategy == "naive" else "lock",
-            )
-            # A running service has its connection pool open: open one per thread first.
-            run_threads(lambda: cache.redis.ping(), per_process)
-            calls = run_threads(lambda: cache.get("hot"), per_process)
+        with contextlib.closing(services.redis_client()) as own:
+            loader = _counting_loader(own, counter, delay)
+            if strategy == "seed":
+                calls: Calls = _seed_stampede(own, loader, key, per_process)
+            else:
+                cache = CacheAside(
+                    own,
+                    loader,
+                    ttl=60,
+                    namespace=f"{namespace}:{strategy}",
+                    stampede=None if strategy == "naive" else "lock",
+                )
+                # A running service has its connection pool open: open one per thread first.
+                run_threads(lambda: cache.redis.ping(), per_process)
+                calls = run_threads(lambda: cache.get("hot"), per_process)
         return [(c.latency, c.ok) for c in calls]
 
-    if processes == 1:
-        samples = in_one_process()
-    else:
-        samples = [s for chunk in run_processes(in_one_process, processes).values for s in chunk]
-    loads = int(client.get(counter) or 0)
-    client.delete(counter)
-    client.close()
+    try:
+        if processes == 1:
+            samples = in_one_process()
+        else:
+            chunks = run_processes(in_one_process, processes).values
+            samples = [s for chunk in chunks for s in chunk]
+        loads = int(client.get(counter) or 0)
+        client.delete(counter)
+    finally:
+        client.close()
     latencies = [lat for lat, _ in samples]
     return StampedeResult(
         strategy,
@@ -182,12 +177,27 @@ def stampede(
     )
 
 
+def _seed_stampede(client: Any, loader: Callable[[Any], Any], key: str, tasks: int) -> Calls:
+    """``tasks`` asyncio tasks call the seed's ``get_with_lock(key)`` together."""
+
+    async def fetch(k: str) -> str:
+        await asyncio.to_thread(loader, k)
+        return "value"
+
+    engine = services.engine()
+    try:
+        with seed.bound(client, engine, fetch=fetch):
+            seed.locks.clear()
+            return run_tasks(lambda: seed.get_with_lock(key), tasks)
+    finally:
+        engine.dispose()
+
+
 def seed_hang_demo(namespace: str, *, waiters: int = 10, timeout: float = 0.5) -> dict[str, int]:
     """The seed's ``get_with_lock`` with a loader that raises: who returns, who hangs.
 
     Every call runs under ``asyncio.wait_for(timeout)``; without it they would wait forever.
     """
-    client = services.redis_client()
     loads = {"n": 0}
 
     async def failing_fetch(key: str) -> str:
@@ -195,8 +205,6 @@ def seed_hang_demo(namespace: str, *, waiters: int = 10, timeout: float = 0.5) -
         await asyncio.sleep(0.05)
         raise ConnectionError("database unavailable")
 
-    seed.bind(client, services.engine(), fetch=failing_fetch)
-    seed.locks.clear()
     key = f"{namespace}:seed:failing"
 
     async def scenario() -> dict[str, int]:
@@ -219,10 +227,15 @@ def seed_hang_demo(namespace: str, *, waiters: int = 10, timeout: float = 0.5) -
             "stuck_locks": len(seed.locks),
         }
 
+    client, engine = services.redis_client(), services.engine()
     try:
-        return run_async(scenario())
+        with seed.bound(client, engine, fetch=failing_fetch):
+            seed.locks.clear()
+            return run_async(scenario())
     finally:
         seed.locks.clear()
+        client.close()
+        engine.dispose()
 
 
 def hot_key_run(
@@ -281,6 +294,7 @@ def count_lost(engine: Engine, plan: list[tuple[int, int]]) -> CrashResult:
 def _seed_writer(
     engine_options: dict[str, Any], prefix: str, plan: list[tuple[int, int]], ready: Any
 ) -> None:
+    # Runs in a child that is SIGKILLed: its client and engine die with it, as in a crash.
     seed.bind(services.redis_client(), services.engine(**engine_options), prefix=prefix)
     for key, score in plan:
         seed.update_user_write_behind(key, {"score": score})
@@ -317,6 +331,30 @@ def in_process_queue_crash(
     return count_lost(engine, plan)
 
 
+def _kill_holding_entries(worker: Worker, wb: WriteBehind) -> bool:
+    """SIGKILL ``worker`` if it holds entries it read but did not acknowledge.
+
+    The worker is frozen (SIGSTOP) while its pending list is read, so it cannot acknowledge
+    between the check and the kill; if it holds nothing it is resumed and ``False`` returned.
+    """
+    pid = worker.pid
+    if pid is None or not worker.is_alive():
+        return False
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        held = wb.redis.xpending_range(
+            wb.stream, wb.group, min="-", max="+", count=1, consumername=worker.consumer
+        )
+    except BaseException:
+        os.kill(pid, signal.SIGCONT)
+        raise
+    if held:
+        worker.kill()
+        return True
+    os.kill(pid, signal.SIGCONT)
+    return False
+
+
 def write_behind_crash(
     wb: WriteBehind,
     engine: Engine,
@@ -328,15 +366,17 @@ def write_behind_crash(
     sample_every: float = 0.025,
     timeout: float = 60.0,
 ) -> tuple[CrashResult, pd.DataFrame, dict[str, float]]:
-    """Write ``updates`` through ``wb``, SIGKILL its worker mid-run, restart another one.
+    """Write ``updates`` through ``wb``, SIGKILL its worker mid-batch, restart another one.
 
-    Returns the loss count (after the backlog drained), a frame of the DB lag sampled every
-    ``sample_every`` s (t, lag, backlog), and the kill/restart times.
+    The kill comes at the first sample after ``kill_after`` s at which the worker holds
+    entries it has not acknowledged, so the restarted worker must reclaim them
+    (``wb.worker_stats()["reclaimed"] > 0``). Raises ``RuntimeError`` if the worker emptied
+    the queue before that. Returns the loss count (after the backlog drained), a frame of
+    the DB lag sampled every ``sample_every`` s (t, lag, backlog), and the kill/restart times.
     """
     ids = list(range(1, keys + 1))
     _reset_scores(engine, ids)
     plan = _plan(updates, ids)
-    rows = {row["id"]: row for row in (UserStore(engine).load(k) for k in ids) if row}
     samples: list[tuple[float, float, int]] = []
     origin = time.perf_counter()
     events: dict[str, float] = {}
@@ -344,16 +384,20 @@ def write_behind_crash(
     second = None
     try:
         for key, score in plan:
-            rows[key] = {**rows[key], "score": score}
-            wb.write(key, {k: v for k, v in rows[key].items() if k not in ("id", "version")})
+            wb.write(key, {"score": score})
         events["writes_done"] = time.perf_counter() - origin
         deadline = origin + timeout
         while time.perf_counter() < deadline:
             now = time.perf_counter() - origin
             samples.append((now, wb.lag(), wb.backlog()))
-            if first.is_alive() and now >= kill_after:
-                first.kill()
-                events["killed"] = now
+            if "killed" not in events and now >= kill_after:
+                if _kill_holding_entries(first, wb):
+                    events["killed"] = now
+                elif samples[-1][2] == 0:
+                    raise RuntimeError(
+                        f"worker-a applied all {updates} updates before {kill_after} s: "
+                        "lower kill_after or raise updates"
+                    )
             if second is None and "killed" in events and now >= events["killed"] + down_for:
                 second = wb.start_worker("worker-b")
                 events["restarted"] = now

@@ -80,7 +80,9 @@ def _db_row(engine: Engine, user_id: int) -> dict[str, Any] | None:
     return UserStore(engine).load(user_id)
 
 
-def write_through_race_seed(redis: Any, engine: Engine, user_id: int, *, prefix: str = "user"):
+def write_through_race_seed(
+    redis: Any, engine: Engine, user_id: int, *, prefix: str = "user"
+) -> RaceOutcome:
     """Two writers run the seed's ``update_user``; their DB and cache steps cross."""
     key = f"{prefix}:{user_id}"
     out = RaceOutcome("plan")
@@ -126,7 +128,9 @@ def write_through_race_course_lib(wt: WriteThrough, user_id: int) -> RaceOutcome
     return out
 
 
-def invalidation_race_seed(redis: Any, engine: Engine, user_id: int, *, prefix: str = "user"):
+def invalidation_race_seed(
+    redis: Any, engine: Engine, user_id: int, *, prefix: str = "user"
+) -> RaceOutcome:
     """A reader runs the seed's ``get_user`` while a writer updates and deletes the key."""
     key = f"{prefix}:{user_id}"
     store = UserStore(engine)

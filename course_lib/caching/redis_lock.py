@@ -41,9 +41,12 @@ def new_token() -> str:
 def _check(name: str, ttl: float, wait: float) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    if not ttl > 0:
-        raise ValueError(f"ttl must be > 0 seconds, got {ttl!r}")
-    if wait < 0:
+    for param, value in (("ttl", ttl), ("wait", wait)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{param} must be a number of seconds, got {type(value).__name__}")
+    if not ttl >= 0.001:
+        raise ValueError(f"ttl must be >= 0.001 seconds (Redis counts whole ms), got {ttl!r}")
+    if not wait >= 0:
         raise ValueError(f"wait must be >= 0 seconds, got {wait!r}")
 
 

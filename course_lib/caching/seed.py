@@ -11,7 +11,8 @@ What had to change, and nothing else:
   defining it; :func:`update_db` applies the update as the write-through does.
 - ``db.delete(user_id)`` raises (``Session.delete`` wants an object, not an id):
   :func:`delete_user` deletes the object with that id, and commits so the delete happens.
-- The Redis key prefix ``user`` is :data:`PREFIX`, so a test can isolate its keys.
+- The Redis key prefix ``user`` is :data:`PREFIX`, so a test or a notebook run can isolate
+  its keys. :func:`bound` binds for a ``with`` block and then restores the previous binding.
 
 The bugs are kept on purpose: the notebook runs each function to show where it breaks.
 """
@@ -19,11 +20,12 @@ The bugs are kept on purpose: the notebook runs each function to show where it b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import threading
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import redis
@@ -36,6 +38,7 @@ from .users import User
 __all__ = [
     "TaskQueue",
     "bind",
+    "bound",
     "delete_user",
     "fetch_from_db",
     "get_user",
@@ -57,11 +60,15 @@ _fetch: Callable[[Any], Awaitable[Any]]
 
 
 class TaskQueue:
-    """The seed's ``task_queue``: an in-process queue drained by one background thread."""
+    """The seed's ``task_queue``: an in-process queue drained by one background thread.
+
+    :meth:`stop` ends the thread once the tasks queued before it ran.
+    """
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.Queue()
-        threading.Thread(target=self._drain, daemon=True, name="task_queue").start()
+        self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._drain, daemon=True, name="task_queue")
+        self._thread.start()
 
     def enqueue(self, fn: Callable[..., Any], *args: Any) -> None:
         self._queue.put((fn, args))
@@ -72,13 +79,23 @@ class TaskQueue:
     def join(self) -> None:
         self._queue.join()
 
+    def is_alive(self) -> bool:
+        """``False`` after :meth:`stop`, and in a forked child (threads do not survive fork)."""
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
     def _drain(self) -> None:
-        while True:
-            fn, args = self._queue.get()
+        while (task := self._queue.get()) is not None:
+            fn, args = task
             try:
                 fn(*args)
             finally:
                 self._queue.task_done()
+        self._queue.task_done()
 
 
 def bind(
@@ -86,16 +103,45 @@ def bind(
     engine: Engine,
     *,
     fetch: Callable[[Any], Awaitable[Any]] | None = None,
-    prefix: str = "user",
+    prefix: str | None = None,
 ) -> None:
-    """Give the seed's globals real objects: Redis, a session per thread, a task queue."""
+    """Give the seed's globals real objects: Redis, a session per thread, a task queue.
+
+    The task queue's thread is started once per process and reused; ``fetch`` and ``prefix``
+    keep their current values unless given.
+    """
     global cache, db, task_queue, _fetch, PREFIX
+    if "db" in globals():
+        db.remove()
     cache = redis_client
     db = scoped_session(sessionmaker(bind=engine))
-    task_queue = TaskQueue()
-    PREFIX = prefix
+    if "task_queue" not in globals() or not task_queue.is_alive():
+        task_queue = TaskQueue()
+    if prefix is not None:
+        PREFIX = prefix
     if fetch is not None:
         _fetch = fetch
+
+
+@contextlib.contextmanager
+def bound(
+    redis_client: redis.Redis,
+    engine: Engine,
+    *,
+    fetch: Callable[[Any], Awaitable[Any]] | None = None,
+    prefix: str | None = None,
+) -> Iterator[None]:
+    """:func:`bind` for a ``with`` block; the previous binding is restored afterwards."""
+    global cache, db, _fetch, PREFIX
+    saved = {name: globals()[name] for name in ("cache", "db", "_fetch") if name in globals()}
+    saved_prefix = PREFIX
+    bind(redis_client, engine, fetch=fetch, prefix=prefix)
+    try:
+        yield
+    finally:
+        db.remove()
+        globals().update(saved)
+        PREFIX = saved_prefix
 
 
 # --- Cache-Aside (Lazy Loading) ----------------------------------------------------------

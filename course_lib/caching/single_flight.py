@@ -30,17 +30,22 @@ T = TypeVar("T")
 
 
 class _Flight:
-    __slots__ = ("done", "error", "value", "waiters")
+    __slots__ = ("done", "error", "value")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.value: Any = None
         self.error: BaseException | None = None
-        self.waiters = 0
 
 
 def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout > 0:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(
+            f"timeout must be a number of seconds or None, got {type(timeout).__name__}"
+        )
+    if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
 
 
@@ -64,8 +69,6 @@ class SingleFlight(Generic[T]):
             leader = flight is None
             if flight is None:
                 flight = self._flights[key] = _Flight()
-            else:
-                flight.waiters += 1
         if not leader:
             if not flight.done.wait(self.timeout):
                 raise TimeoutError(f"waited {self.timeout} s for the in-flight call of {key!r}")
