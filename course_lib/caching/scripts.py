@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["NAMES", "register", "source"]
 
-NAMES = ("release", "fill", "invalidate", "set_if_newer", "write_behind")
+NAMES = ("release", "fill", "invalidate", "set_if_newer", "write_behind", "settle")
 
 
 @cache

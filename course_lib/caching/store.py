@@ -76,8 +76,12 @@ class UserStore:
             row = conn.execute(select(self.table).where(self.table.c.id == self._id(key))).first()
         return None if row is None else dict(row._mapping)
 
-    def save(self, key: Any, value: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Insert or update the row (see the module docstring); the row as committed."""
+    @staticmethod
+    def validate(value: Any) -> dict[str, Any]:
+        """The writable columns of ``value``; ``ValueError`` naming any unknown column.
+
+        ``id`` and ``version`` are not writable: the key and the store decide them.
+        """
         if not isinstance(value, Mapping):
             raise TypeError(f"value must be a mapping of columns, got {type(value).__name__}")
         fields = {k: v for k, v in value.items() if k not in ("id", "version")}
@@ -86,6 +90,11 @@ class UserStore:
             raise ValueError(
                 f"value has unknown columns {sorted(unknown)}; known: {sorted(_WRITABLE)}"
             )
+        return fields
+
+    def save(self, key: Any, value: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Insert or update the row (see the module docstring); the row as committed."""
+        fields = self.validate(value)
         table = self.table
         user_id = self._id(key)
         if "version" in value:

@@ -5,8 +5,11 @@ write survives the death of the process that made it and of the worker applying 
 
 Guarantees:
 
-- :meth:`WriteBehind.write` sets the cache and appends to the stream in one Lua script
-  (``write_behind.lua``): both happen or neither.
+- :meth:`WriteBehind.write` takes the changed columns (checked against the store at once:
+  an unknown column raises ``ValueError`` there, not later in the worker). One Lua script
+  (``write_behind.lua``) merges them into the cached record, which always holds the whole
+  row, and appends that whole record to the stream: both happen or neither, and two writers
+  of different columns of one row both keep their change.
 - The worker acknowledges entries only after the database committed them (``XACK`` after
   ``save``), then deletes them, so the stream length is the backlog not yet in the database.
 - Writes are idempotent and ordered: each entry's stream id becomes the row's ``version`` and
@@ -14,15 +17,24 @@ Guarantees:
   Replays after a crash change nothing and an old entry never overwrites a newer one.
 - Entries a dead worker had read but not acknowledged are reclaimed with ``XAUTOCLAIM`` once
   idle for ``claim_idle`` seconds, by any worker of the group: nothing is lost.
-- Several updates of one key in a batch are coalesced into one database write (the last).
+- Several updates of one key in a batch are coalesced into one database write (the last
+  entry carries the whole record).
+- Errors never end :meth:`WriteBehind.run`: while the database or Redis is unavailable it
+  logs and backs off, leaving the entries pending; an entry the store keeps refusing is moved
+  to the dead-letter stream ``<stream>:dead`` on its ``max_deliveries``-th delivery (with the
+  error), and its cached record is dropped so reads fall back to the database.
+- A cached record keeps no TTL while a write of it is queued, so it cannot expire and be
+  rebuilt from a database that lacks that write; it gets ``ttl`` once its latest write landed.
 
 Not guaranteed: the database lags the cache (:meth:`WriteBehind.lag`), and a write is lost if
-Redis itself loses it (no persistence, failover before replication).
+Redis itself loses it (no persistence, failover before replication, or eviction under an
+``allkeys-*`` policy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -33,37 +45,70 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ResponseError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from ._base import _positive
+from ._base import _milliseconds, _positive, describe
 from .scripts import register
 from .serialization import dumps, loads
 from .store import Store
 
 __all__ = ["BatchResult", "Worker", "WriteBehind", "entry_version"]
 
+log = logging.getLogger("course_lib.caching")
+
+_ENTRY = b"__entry"
+_COLUMN = b"c:"
+# The database itself is unavailable (not this entry's fault): retry the batch later.
+_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
+
 
 def _text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
+def _unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, _UNAVAILABLE)
+
+
 def entry_version(entry_id: bytes | str) -> int:
-    """A stream id ``<ms>-<seq>`` as one increasing integer: ``ms * 2**20 + seq``."""
+    """A stream id ``<ms>-<seq>`` as one increasing integer: ``ms * 2**20 + seq``.
+
+    It exceeds 2^53: compare it as an integer (Python, PostgreSQL ``bigint``), never as a
+    double (Lua numbers, JavaScript).
+    """
     ms, seq = _text(entry_id).split("-")
     return (int(ms) << 20) + int(seq)
 
 
 @dataclass(frozen=True)
 class BatchResult:
-    """What one call of :meth:`WriteBehind.process` did."""
+    """What one call of :meth:`WriteBehind.process` did.
+
+    ``failed`` entries were refused by the store and stay pending for another try;
+    ``dead_lettered`` ones were refused ``max_deliveries`` times and moved aside.
+    """
 
     entries: int
     reclaimed: int
     db_writes: int
     skipped: int
+    failed: int = 0
+    dead_lettered: int = 0
 
     @property
     def coalesced(self) -> int:
-        return self.entries - self.db_writes - self.skipped
+        return self.entries - self.db_writes - self.skipped - self.failed - self.dead_lettered
+
+
+@dataclass(frozen=True)
+class _Entry:
+    id: bytes
+    version: int
+    key: str
+    record: dict[str, Any]
 
 
 class WriteBehind:
@@ -80,6 +125,7 @@ class WriteBehind:
         ttl: float = 3600.0,
         batch: int = 100,
         claim_idle: float = 5.0,
+        max_deliveries: int = 5,
     ) -> None:
         for name, value in (("stream", stream), ("group", group)):
             if not isinstance(value, str) or not value.strip():
@@ -88,18 +134,22 @@ class WriteBehind:
             raise ValueError(f"namespace must be a non-empty string or None, got {namespace!r}")
         if not isinstance(store, Store):
             raise TypeError(f"store must have load(key) and save(key, value), got {store!r}")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        for name, count in (("batch", batch), ("max_deliveries", max_deliveries)):
+            if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+                raise ValueError(f"{name} must be a positive int, got {count!r}")
         self.redis = redis
         self.store = store
         self.stream = stream
         self.group = group
         self.namespace = namespace or stream
-        self.ttl = _positive("ttl", ttl)
+        self.ttl = _milliseconds("ttl", ttl)
         self.claim_idle = _positive("claim_idle", claim_idle)
         self.batch = batch
+        self.max_deliveries = max_deliveries
+        self.dead_letter = f"{stream}:dead"
         self.stats_key = f"{stream}#stats"
-        self._write = register(redis, "write_behind")["write_behind"]
+        scripts = register(redis, "write_behind", "settle")
+        self._write, self._settle = scripts["write_behind"], scripts["settle"]
         self.ensure_group()
 
     def ensure_group(self) -> None:
@@ -113,20 +163,47 @@ class WriteBehind:
     def key(self, key: Any) -> str:
         return f"{self.namespace}:{key}"
 
-    def write(self, key: Any, value: Mapping[str, Any]) -> str:
-        """Cache ``value`` (the whole record) and queue it for the store; the entry id."""
-        if not isinstance(value, Mapping):
+    def _columns(self, value: Any) -> dict[str, Any]:
+        validate = getattr(self.store, "validate", None)
+        if validate is not None:
+            fields = validate(value)
+        elif isinstance(value, Mapping):
+            fields = dict(value)
+        else:
             raise TypeError(f"value must be a mapping, got {type(value).__name__}")
-        entry = self._write(
-            keys=[self.key(key), self.stream],
-            args=[str(key), dumps(dict(value)), int(self.ttl * 1000)],
-        )
+        if not fields:
+            raise ValueError("value must change at least one column")
+        if any(not isinstance(name, str) or name == _ENTRY.decode() for name in fields):
+            raise ValueError(f"value has an invalid column name: {sorted(map(str, fields))}")
+        return fields
+
+    def write(self, key: Any, value: Mapping[str, Any]) -> str:
+        """Merge the changed columns ``value`` into the cached record and queue the whole
+        record for the store; the entry id. Unknown columns raise ``ValueError`` here.
+
+        A row not cached yet is read from the store first (so that the record is whole):
+        that one read needs the database, and raises if it is unavailable.
+        """
+        fields = self._columns(value)
+        changed = [part for name, v in fields.items() for part in (name, dumps(v))]
+        keys = [self.key(key), self.stream]
+        entry = self._write(keys=keys, args=[str(key), len(fields), "0", *changed])
+        if entry is None:  # not cached: start the record from the stored row
+            row = self.store.load(key) or {}
+            loaded = [
+                part for name, v in row.items() if name != "version" for part in (name, dumps(v))
+            ]
+            entry = self._write(keys=keys, args=[str(key), len(fields), "1", *changed, *loaded])
         return _text(entry)
 
-    def read(self, key: Any) -> Any:
-        """The cached record, else the stored one (which may lag, see :meth:`lag`)."""
-        raw = self.redis.get(self.key(key))
-        return loads(raw) if raw is not None else self.store.load(key)
+    def read(self, key: Any) -> dict[str, Any] | None:
+        """The cached record, else the stored one without its ``version`` (which may lag,
+        see :meth:`lag`); ``None`` if neither has it."""
+        raw = self.redis.hgetall(self.key(key))
+        if raw:
+            return {_text(k): loads(v) for k, v in raw.items() if k != _ENTRY}
+        row = self.store.load(key)
+        return None if row is None else {k: v for k, v in row.items() if k != "version"}
 
     def backlog(self) -> int:
         """Writes not yet committed to the store (acknowledged entries are deleted)."""
@@ -141,15 +218,33 @@ class WriteBehind:
         return max(0.0, time.time() - ms / 1000)
 
     def worker_stats(self) -> dict[str, int]:
-        """Totals over every worker of this stream: entries, reclaimed, db_writes, skipped."""
+        """Totals over every worker of this stream: entries, reclaimed, db_writes, skipped,
+        failed, dead_lettered."""
         raw = self.redis.hgetall(self.stats_key)
-        totals = dict.fromkeys(("entries", "reclaimed", "db_writes", "skipped"), 0)
+        totals = dict.fromkeys(
+            ("entries", "reclaimed", "db_writes", "skipped", "failed", "dead_lettered"), 0
+        )
         totals.update({_text(k): int(v) for k, v in raw.items()})
         return totals
 
-    def process(self, consumer: str, *, block: float = 0.0) -> BatchResult:
-        """One batch: reclaim stale pending entries, read new ones, coalesce, save, ack."""
-        claimed = self.redis.xautoclaim(
+    def _vanished(self, consumer: str, known: set[bytes]) -> list[bytes]:
+        """Ids pending on ``consumer`` whose entries were deleted from the stream.
+
+        Redis 6.2's ``XAUTOCLAIM`` claims such entries but returns them as nil, without
+        their ids (7.0 drops them itself), so they are found in the pending list instead.
+        """
+        pending = self.redis.xpending_range(
+            self.stream, self.group, min="-", max="+", count=10 * self.batch, consumername=consumer
+        )
+        ids = [p["message_id"] for p in pending if p["message_id"] not in known]
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(self.stream, min=entry_id, max=entry_id, count=1)
+        return [entry_id for entry_id, found in zip(ids, pipe.execute(), strict=True) if not found]
+
+    def _reclaim(self, consumer: str) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], list[bytes]]:
+        """Entries idle for ``claim_idle`` on any consumer, now ours; and vanished ids."""
+        reply = self.redis.xautoclaim(
             self.stream,
             self.group,
             consumer,
@@ -157,9 +252,23 @@ class WriteBehind:
             start_id="0-0",
             count=self.batch,
         )[1]
-        # Redis 6.2 returns entries deleted meanwhile without fields: acknowledge, skip them.
+        claimed = [(entry_id, fields) for entry_id, fields in reply if entry_id is not None]
         vanished = [entry_id for entry_id, fields in claimed if not fields]
         claimed = [(entry_id, fields) for entry_id, fields in claimed if fields]
+        if len(claimed) + len(vanished) < len(reply):
+            vanished += self._vanished(consumer, {entry_id for entry_id, _ in claimed})
+        return claimed, vanished
+
+    def process(self, consumer: str, *, block: float = 0.0) -> BatchResult:
+        """One batch: reclaim stale pending entries, read new ones, coalesce, save, ack.
+
+        Raises if the database or Redis is unavailable (nothing of the batch is acked; the
+        entries are retried); an entry the store refuses is kept pending, or dead-lettered
+        on its ``max_deliveries``-th delivery.
+        """
+        claimed, vanished = self._reclaim(consumer)
+        if vanished:
+            self.redis.xack(self.stream, self.group, *vanished)
         room = self.batch - len(claimed)
         fresh: list[tuple[bytes, dict[bytes, bytes]]] = []
         if room > 0:
@@ -171,38 +280,155 @@ class WriteBehind:
                 block=int(block * 1000) if block > 0 and not claimed else None,
             )
             fresh = reply[0][1] if reply else []
-        entries = claimed + fresh
-        if vanished:
-            self.redis.xack(self.stream, self.group, *vanished)
-        if not entries:
+        raw_entries = claimed + fresh
+        if not raw_entries:
             return BatchResult(0, 0, 0, 0)
-        latest: dict[str, tuple[int, dict[str, Any]]] = {}
-        for entry_id, fields in entries:
-            key = _text(fields[b"key"])
-            version = entry_version(entry_id)
-            if key not in latest or latest[key][0] < version:
-                latest[key] = (version, loads(fields[b"value"]))
+        refused: dict[bytes, str] = {}
+        by_key: dict[str, list[_Entry]] = {}
+        for entry_id, fields in sorted(raw_entries, key=lambda e: entry_version(e[0])):
+            try:
+                entry = _Entry(
+                    entry_id,
+                    entry_version(entry_id),
+                    _text(fields[b"key"]),
+                    {
+                        _text(k[len(_COLUMN) :]): loads(v)
+                        for k, v in fields.items()
+                        if k.startswith(_COLUMN)
+                    },
+                )
+            except (KeyError, ValueError) as exc:
+                refused[entry_id] = f"malformed entry: {describe(exc)}"
+                continue
+            by_key.setdefault(entry.key, []).append(entry)
         written = skipped = 0
-        for key, (version, value) in latest.items():
-            if self.store.save(key, {**value, "version": version}) is None:
-                skipped += 1
-            else:
-                written += 1
-        ids = [entry_id for entry_id, _ in entries]
+        done: dict[str, bytes] = {}  # key -> its latest entry now in the database
+        for key, entries in by_key.items():
+            w, s, errors = self._apply(key, entries)
+            written, skipped = written + w, skipped + s
+            refused.update(errors)
+            landed = [e.id for e in entries if e.id not in errors]
+            if landed:
+                done[key] = landed[-1]
+        dead = self._dead_letters(consumer, refused, dict(raw_entries)) if refused else {}
+        acked = [entry_id for entry_id, _ in raw_entries if entry_id not in refused]
+        acked += list(dead)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xack(self.stream, self.group, *ids)
-        pipe.xdel(self.stream, *ids)
-        pipe.hincrby(self.stats_key, "entries", len(entries))
-        pipe.hincrby(self.stats_key, "reclaimed", len(claimed))
-        pipe.hincrby(self.stats_key, "db_writes", written)
-        pipe.hincrby(self.stats_key, "skipped", skipped)
+        if acked:
+            pipe.xack(self.stream, self.group, *acked)
+            pipe.xdel(self.stream, *acked)
+        if done:
+            self._settle_records(pipe, "expire", done)
+        if dead:
+            self._settle_records(
+                pipe, "drop", {key: entry_id for entry_id, key in dead.items() if key}
+            )
+        counts = {
+            "entries": len(raw_entries),
+            "reclaimed": len(claimed),
+            "db_writes": written,
+            "skipped": skipped,
+            "failed": len(refused) - len(dead),
+            "dead_lettered": len(dead),
+        }
+        for name, value in counts.items():
+            pipe.hincrby(self.stats_key, name, value)
         pipe.execute()
-        return BatchResult(len(entries), len(claimed), written, skipped)
+        return BatchResult(
+            len(raw_entries), len(claimed), written, skipped, counts["failed"], len(dead)
+        )
 
-    def run(self, consumer: str, stop: threading.Event, *, block: float = 0.1) -> None:
-        """Process batches until ``stop`` is set; the batch in hand is always finished."""
+    def _apply(self, key: str, entries: list[_Entry]) -> tuple[int, int, dict[bytes, str]]:
+        """Save ``key``'s entries: the last one (coalesced), else one by one if the store
+        refuses it; ``(db_writes, skipped, {refused id: error})``."""
+        last = entries[-1]
+        try:
+            saved = self.store.save(key, {**last.record, "version": last.version})
+        except Exception as exc:
+            if _unavailable(exc):
+                raise
+        else:
+            return (0, 1, {}) if saved is None else (1, 0, {})
+        written = skipped = 0
+        errors: dict[bytes, str] = {}
+        for entry in entries:  # find which entries the store refuses, keep the others
+            try:
+                saved = self.store.save(key, {**entry.record, "version": entry.version})
+            except Exception as exc:
+                if _unavailable(exc):
+                    raise
+                errors[entry.id] = describe(exc)
+                continue
+            written, skipped = written + (saved is not None), skipped + (saved is None)
+        return written, skipped, errors
+
+    def _dead_letters(
+        self, consumer: str, refused: dict[bytes, str], fields: dict[bytes, dict[bytes, bytes]]
+    ) -> dict[bytes, str]:
+        """Move refused entries delivered ``max_deliveries`` times to the dead-letter stream;
+        ``{entry id: its key}`` of those moved."""
+        ids = sorted(refused, key=entry_version)
+        pending = self.redis.xpending_range(
+            self.stream,
+            self.group,
+            min=ids[0],
+            max=ids[-1],
+            count=10 * self.batch,
+            consumername=consumer,
+        )
+        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
+        dead = {
+            entry_id: _text(fields[entry_id].get(b"key", b""))
+            for entry_id in ids
+            if deliveries.get(entry_id, 0) >= self.max_deliveries
+        }
+        for entry_id in dead:
+            self.redis.xadd(
+                self.dead_letter,
+                {
+                    **fields[entry_id],
+                    b"entry": entry_id,
+                    b"error": refused[entry_id],
+                    b"deliveries": deliveries[entry_id],
+                },
+            )
+            log.error(
+                "write-behind entry %s of %r dead-lettered to %r after %d deliveries: %s",
+                _text(entry_id),
+                dead[entry_id],
+                self.dead_letter,
+                deliveries[entry_id],
+                refused[entry_id],
+            )
+        return dead
+
+    def _settle_records(self, pipe: Any, action: str, done: Mapping[str, bytes]) -> None:
+        keys = [self.key(key) for key in done]
+        args = [action, int(self.ttl * 1000), *done.values()]
+        self._settle(keys=keys, args=args, client=pipe)
+
+    def run(
+        self, consumer: str, stop: threading.Event, *, block: float = 0.1, max_pause: float = 2.0
+    ) -> None:
+        """Process batches until ``stop`` is set; the batch in hand is always finished.
+
+        No error ends it: it logs the first error of a streak, then retries with a pause
+        doubling from 50 ms to ``max_pause`` (the database or Redis is away; their entries
+        stay pending and are reclaimed), and logs when a batch succeeds again.
+        """
+        pause = 0.0
         while not stop.is_set():
-            self.process(consumer, block=block)
+            try:
+                self.process(consumer, block=block)
+            except Exception as exc:
+                if not pause:
+                    log.warning("write-behind worker %r: %s; retrying", consumer, describe(exc))
+                pause = min(max(pause * 2, 0.05), max_pause)
+                stop.wait(pause)
+                continue
+            if pause:
+                log.warning("write-behind worker %r: writing again", consumer)
+                pause = 0.0
 
     def drain(self, consumer: str, *, timeout: float = 30.0) -> int:
         """Process in this thread until the backlog is empty; entries processed."""

@@ -5,8 +5,9 @@ Guarantees:
 - The cache holds whole rows *as committed* (``store.save`` returns them), never just the
   fields a caller changed.
 - The cache never goes backwards: a row is cached only if its ``version`` is higher than the
-  cached one (``set_if_newer.lua``). Two writers that commit in one order and reach Redis
-  in the other leave the newer row cached, not the older one until the TTL.
+  cached one (``set_if_newer.lua``, which compares versions exactly, also above 2^53). Two
+  writers that commit in one order and reach Redis in the other leave the newer row cached,
+  not the older one until the TTL.
 - Redis being unreachable does not fail a write (the database is the source of truth): it is
   counted in ``stats["redis_errors"]``; ``read`` then serves from the store.
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from ._base import _positive
+from ._base import _milliseconds
 from .scripts import register
 from .serialization import dumps, loads
 from .store import Store
@@ -34,7 +35,7 @@ class WriteThrough:
     """``WriteThrough(redis, store, ttl=3600, namespace="user")``."""
 
     def __init__(self, redis: Any, store: Store, *, ttl: float, namespace: str) -> None:
-        self.ttl = _positive("ttl", ttl)
+        self.ttl = _milliseconds("ttl", ttl)
         if not isinstance(namespace, str) or not namespace.strip():
             raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
         if not isinstance(store, Store):
@@ -60,6 +61,10 @@ class WriteThrough:
     def key(self, key: Any) -> str:
         return f"{self.namespace}:{key}"
 
+    def version_key(self, key: Any) -> str:
+        """Where the version of the cached row is kept, beside it, with the same TTL."""
+        return f"{self.namespace}#v:{key}"
+
     def write(self, key: Any, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Save ``fields`` in the store, then cache the committed row; return that row."""
         row = self.store.save(key, fields)
@@ -74,13 +79,14 @@ class WriteThrough:
 
         The second half of :meth:`write`, public so a race can be scripted step by step.
         """
-        if "version" not in row:
-            raise ValueError("row must carry its 'version' to be cached by write-through")
+        version = row.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"row must carry its integer 'version' >= 0, got {version!r}")
         try:
             stored = bool(
                 self._set_if_newer(
-                    keys=[self.key(key)],
-                    args=[dumps(row), int(row["version"]), int(self.ttl * 1000)],
+                    keys=[self.key(key), self.version_key(key)],
+                    args=[dumps(row), str(version), int(self.ttl * 1000)],
                 )
             )
         except RedisError as exc:
