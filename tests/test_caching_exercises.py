@@ -38,12 +38,28 @@ def no_negative_caching(r, key, load):
     return value
 
 
+def wrong_ttl(r, key, load):
+    raw = r.get(key)
+    if raw is not None:
+        return json.loads(raw)
+    value = load(key)
+    r.set(key, json.dumps(value), ex=3600)
+    return value
+
+
 def good_release(r, key, token):
     return bool(r.eval(RELEASE, 1, key, token))
 
 
 def plain_delete(r, key, token):
     return bool(r.delete(key))
+
+
+def get_then_del(r, key, token):
+    """Right on a quiet server, wrong when the lock changes hands between GET and DEL."""
+    if r.get(key) == token.encode():
+        return bool(r.delete(key))
+    return False
 
 
 _lock = threading.Lock()
@@ -98,7 +114,9 @@ def not_attempted(*args):
     ("checker", "good", "bad", "why"),
     [
         (check_cache_aside, good_get_user, no_negative_caching, "missing user called load 5"),
+        (check_cache_aside, good_get_user, wrong_ttl, "expected 60 s"),
         (check_safe_release, good_release, plain_delete, "released a lock held by another"),
+        (check_safe_release, good_release, get_then_del, "one atomic step"),
         (check_single_flight, good_get_once, hangs_on_error, "still waiting after 10 s"),
     ],
 )

@@ -1,9 +1,10 @@
 """Exercises of the caching notebook (01), checked against the real Redis.
 
 - :func:`check_cache_aside`: ``get_user(r, key, load)`` — cache-aside with JSON and negative
-  caching: one load per key, however many calls, also when the row does not exist.
+  caching: one load per key, however many calls, also when the row does not exist; a 60 s TTL.
 - :func:`check_safe_release`: ``release(r, lock_key, token) -> bool`` — delete the lock only if
-  it still holds ``token``.
+  it still holds ``token``, atomically: another client taking the lock between a ``GET`` and a
+  ``DEL`` is staged on purpose, so a two-step release fails.
 - :func:`check_single_flight`: ``get_once(key, fn)`` — concurrent calls for one key share one
   ``fn()`` call, its result or its exception, and the next call after a failure runs again.
 """
@@ -17,6 +18,8 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+import redis
 
 import course_lib.services as services
 from course_lib.measure import run_threads
@@ -38,7 +41,7 @@ def _cleanup(r: Any, namespace: str) -> None:
 
 def check_cache_aside(get_user: Callable[[Any, str, Callable[[str], Any]], Any]) -> CheckResult:
     """``get_user(r, key, load)`` must return ``load(key)``'s value, calling ``load`` once per
-    key for 5 calls, cache ``None`` too, and store JSON."""
+    key for 5 calls, cache ``None`` too, and store JSON with a 60 s TTL."""
     name = "check_cache_aside"
     r = services.redis_client()
     ns = _namespace("cache_aside")
@@ -58,6 +61,7 @@ def check_cache_aside(get_user: Callable[[Any, str, Callable[[str], Any]], Any])
                         name, f"get_user(r, {key!r}, load) returned {got!r}, expected {expected!r}"
                     )
         raw = {key: r.get(key) for key in rows}
+        ttls = {key: r.pttl(key) for key in rows}
     except NotImplementedError:
         return not_attempted(name, "write get_user")
     finally:
@@ -81,17 +85,50 @@ def check_cache_aside(get_user: Callable[[Any, str, Callable[[str], Any]], Any])
                 )
         except ValueError:
             return failed(name, f"Redis holds {value!r} under {key!r}: not JSON")
+    for key, pttl in ttls.items():
+        if not 50_000 < pttl <= 60_000:
+            shown = "no TTL" if pttl < 0 else f"a TTL of {pttl / 1000:.1f} s"
+            return failed(name, f"{key!r} was cached with {shown}, expected 60 s")
     return passed(
-        name, "5 calls per key: 1 load for an existing user, 1 for a missing one; JSON in Redis"
+        name,
+        "5 calls per key: 1 load for an existing user, 1 for a missing one; JSON, 60 s TTL",
     )
 
 
+class _TakenAfterGet(redis.Redis):
+    """A client on which the lock is taken by another owner right after a ``GET`` of it
+    reaches Redis: the moment a two-step release (``GET``, compare, ``DEL``) is exposed to.
+
+    A script runs its ``GET`` inside Redis, so it never triggers this.
+    """
+
+    def __init__(self, other: redis.Redis, lock_key: str, new_owner: str) -> None:
+        super().__init__(connection_pool=other.connection_pool)
+        self._other = other
+        self._lock_key = lock_key.encode()
+        self._new_owner = new_owner
+        self.raced = False
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        result = super().execute_command(*args, **options)
+        command = str(args[0]).upper() if args else ""
+        key = args[1] if len(args) > 1 else None
+        if isinstance(key, str):
+            key = key.encode()
+        if command == "GET" and key == self._lock_key and not self.raced:
+            self.raced = True
+            self._other.set(self._lock_key, self._new_owner, px=10_000)
+        return result
+
+
 def check_safe_release(release: Callable[[Any, str, str], bool]) -> CheckResult:
-    """``release(r, lock_key, token)`` deletes the lock only while it holds ``token``."""
+    """``release(r, lock_key, token)`` deletes the lock only while it holds ``token``, in one
+    atomic step: a lock taken by another client right after a separate ``GET`` must survive."""
     name = "check_safe_release"
     r = services.redis_client()
     ns = _namespace("release")
     key = f"{ns}:lock"
+    racing = _TakenAfterGet(r, key, "new-owner")
     try:
         r.set(key, "someone-else", px=10_000)
         foreign = release(r, key, "my-token")
@@ -101,6 +138,9 @@ def check_safe_release(release: Callable[[Any, str, str], bool]) -> CheckResult:
         gone = r.get(key) is None
         r.delete(key)
         absent = release(r, key, "my-token")
+        r.set(key, "my-token", px=10_000)
+        release(racing, key, "my-token")
+        after_race = r.get(key)
     except NotImplementedError:
         return not_attempted(name, "write release")
     finally:
@@ -116,7 +156,17 @@ def check_safe_release(release: Callable[[Any, str, str], bool]) -> CheckResult:
         return failed(name, f"did not release our own lock (returned {own!r}, deleted: {gone})")
     if absent:
         return failed(name, "returned True for a lock that did not exist")
-    return passed(name, "foreign token kept, own token released, missing lock reported False")
+    if racing.raced and after_race != b"new-owner":
+        return failed(
+            name,
+            "another client took the lock between your GET and your DEL, and your DEL deleted "
+            "its lock: GET and DEL must run as one atomic step (a Lua script)",
+        )
+    return passed(
+        name,
+        "foreign token kept, own token released, missing lock reported False, "
+        "a lock re-taken mid-release kept",
+    )
 
 
 def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> CheckResult:
