@@ -16,7 +16,7 @@ from .redis_lock import AsyncRedisLock, LockNotAcquired, RedisLock
 from .serialization import dumps, loads, to_jsonable
 from .single_flight import AsyncSingleFlight, SingleFlight
 from .store import Store, UserStore
-from .users import QueryCounter, User, schema_engine, seed_users
+from .users import QueryCounter, User, drop_schema, schema_engine, seed_users
 from .write_behind import BatchResult, Worker, WriteBehind
 from .write_through import WriteThrough
 
@@ -39,6 +39,7 @@ __all__ = [
     "Worker",
     "WriteBehind",
     "WriteThrough",
+    "drop_schema",
     "dumps",
     "loads",
     "schema_engine",

@@ -21,6 +21,7 @@ __all__ = [
     "COLUMNS",
     "QueryCounter",
     "User",
+    "drop_schema",
     "schema_engine",
     "seed_users",
     "users_table",
@@ -95,6 +96,18 @@ def schema_engine(schema: str, **kwargs: object) -> Engine:
     admin.dispose()
     kwargs.setdefault("connect_args", {"options": f"-c search_path={schema}"})
     return services.engine(**kwargs)
+
+
+def drop_schema(schema: str) -> None:
+    """Drop ``schema`` and everything in it (the end of a notebook run's own schema)."""
+    if not schema.isidentifier():
+        raise ValueError(f"schema must be a plain identifier, got {schema!r}")
+    admin = services.engine()
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        admin.dispose()
 
 
 class QueryCounter:
