@@ -57,7 +57,10 @@ PALETTE: dict[str, str] = {
 }
 # Names outside PALETTE: a colour picked by a stable hash of the name, from colours the
 # palette does not use, so a name gets the same colour in every notebook and every run.
-_EXTRA = ("#e377c2", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")
+_EXTRA = (
+    "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173",
+    "#5254a3", "#8ca252", "#bd9e39", "#ad494a", "#a55194",
+)  # fmt: skip
 
 STYLE = {
     "figure.figsize": (8.0, 4.2),
@@ -72,9 +75,30 @@ STYLE = {
 }
 
 
+def _key(name: str) -> str:
+    return name.lower().replace(" ", "_").replace("-", "_")
+
+
+def colors_for(names: Iterable[str]) -> dict[str, str]:
+    """Colours for the series of one chart: :func:`color` for each, except that a name outside
+    :data:`PALETTE` whose colour another series of the chart already has moves to the next
+    free one, so no two series of a chart look alike. Deterministic for a given list."""
+    taken: set[str] = set()
+    chosen: dict[str, str] = {}
+    for name in names:
+        shade = color(name)
+        if _key(name) not in PALETTE and shade in taken:
+            start = _EXTRA.index(shade)
+            free = [_EXTRA[(start + i) % len(_EXTRA)] for i in range(1, len(_EXTRA))]
+            shade = next((c for c in free if c not in taken), shade)
+        taken.add(shade)
+        chosen[name] = shade
+    return chosen
+
+
 def color(name: str) -> str:
     """Colour of a strategy; names not in :data:`PALETTE` get a stable colour of their own."""
-    key = name.lower().replace(" ", "_").replace("-", "_")
+    key = _key(name)
     if key in PALETTE:
         return PALETTE[key]
     return _EXTRA[zlib.crc32(key.encode()) % len(_EXTRA)]
@@ -119,12 +143,13 @@ def latency_hist(
     every = np.concatenate(list(scaled.values()))
     lo, hi = max(every.min(), 1e-9), every.max()
     edges = np.geomspace(lo, hi * 1.0001, bins) if log_x else np.linspace(lo, hi, bins)
+    shades = colors_for(scaled)
     for label, values in scaled.items():
         ax.hist(
             values,
             bins=edges,
             alpha=0.55,
-            color=color(label),
+            color=shades[label],
             label=_label_with_percentiles(label, values, unit),
         )
     if log_x:
@@ -143,6 +168,7 @@ def latency_cdf(
 ) -> Figure:
     """Empirical CDF per label, with p50 and p99 in the legend."""
     fig, (ax,) = new_figure(title, xlabel=f"latency ({unit})", ylabel="fraction of calls ≤ x")
+    shades = colors_for(samples)
     for label, values in samples.items():
         if not len(values):
             continue
@@ -152,7 +178,7 @@ def latency_cdf(
             ordered,
             fraction,
             where="post",
-            color=color(label),
+            color=shades[label],
             label=_label_with_percentiles(label, ordered, unit),
         )
     for level in (0.5, 0.99):
@@ -178,10 +204,11 @@ def timeline(
     allowed and denied requests on a token-count line.
     """
     fig, (ax,) = new_figure(title, xlabel=xlabel, ylabel=ylabel)
+    shades = colors_for([*series, *(markers or {})])
     for label, (x, y) in series.items():
-        ax.plot(x, y, color=color(label), label=label, linewidth=1.6)
+        ax.plot(x, y, color=shades[label], label=label, linewidth=1.6)
     for label, (x, y) in (markers or {}).items():
-        ax.scatter(x, y, color=color(label), label=label, s=14, zorder=3)
+        ax.scatter(x, y, color=shades[label], label=label, s=14, zorder=3)
     ax.legend()
     return fig
 
@@ -225,7 +252,8 @@ def bar_by_category(
     fig, (ax,) = new_figure(title, ylabel=ylabel)
     names = list(values)
     heights = [values[n] for n in names]
-    bars = ax.bar(names, heights, color=[color(n) for n in names])
+    shades = colors_for(names)
+    bars = ax.bar(names, heights, color=[shades[n] for n in names])
     if log:
         ax.set_yscale("log")
     for bar, height in zip(bars, heights, strict=True):

@@ -72,3 +72,12 @@ def test_bar_timeline_step_and_ladder() -> None:
 def test_new_figure_columns() -> None:
     _, axes = charts.new_figure("Side by side", xlabel="s", ylabel="n", ncols=3)
     assert len(axes) == 3 and axes[0].get_xlabel() == "s"
+
+
+def test_series_of_one_chart_never_share_a_colour() -> None:
+    names = [f"ttl {t} s" for t in (0.1, 0.25, 0.5, 1, 2, 5, 10)] + ["naive", "course_lib"]
+    shades = charts.colors_for(names)
+    assert len(set(shades.values())) == len(names)
+    assert shades == charts.colors_for(names)  # deterministic
+    fig = charts.timeline({n: ([0, 1], [0, 1]) for n in names}, "t")
+    assert len({to_hex(line.get_color()) for line in fig.axes[0].get_lines()}) == len(names)
