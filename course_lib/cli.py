@@ -17,6 +17,9 @@ from .services.resolve import mask
 __all__ = ["main"]
 
 
+_INSTALLED_FROM = Path(__file__).resolve().parent.parent
+
+
 def _checkout() -> Path | None:
     """The course checkout the current folder is in, if any."""
     here = Path.cwd()
@@ -28,7 +31,7 @@ def _checkout() -> Path | None:
 
 def _root() -> Path:
     """The course folder: the checkout we are in, else the one the package was installed from."""
-    return _checkout() or Path(__file__).resolve().parent.parent
+    return _checkout() or _INSTALLED_FROM
 
 
 def _doctor(_: argparse.Namespace) -> int:
@@ -50,12 +53,13 @@ def _doctor(_: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from .build import build
 
-    root = _root()
+    checkout = _checkout()
+    root = checkout or _INSTALLED_FROM
     for item in services.status():
         if not item.ok:
             raise services.ServiceError(f"{item.service}: {item.error}")
     # Outside a checkout, results go where the user is, never into the installed package.
-    out = Path(args.out) if args.out else (root if _checkout() else Path.cwd()) / "build"
+    out = Path(args.out) if args.out else (checkout or Path.cwd()) / "build"
     runs = build(
         root,
         [Path(p) for p in args.notebooks] or None,

@@ -14,11 +14,11 @@ from redis.retry import Retry
 
 from course_lib.caching import AsyncCacheAside, CacheAside, UserStore, WriteThrough, seed_users
 from course_lib.measure import run_threads
-from course_lib.services import EmbeddedRedis
+from course_lib.services import EmbeddedRedis, fail_fast_redis
 
 
 def _client(url: str) -> redis_lib.Redis:
-    return redis_lib.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=1)
+    return fail_fast_redis(url, timeout=1)
 
 
 @pytest.mark.timeout(60)

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from course_lib import services
 from course_lib.rate_limiting import (
@@ -386,7 +384,7 @@ def test_gcra_keeps_high_rates_that_are_whole_microseconds(redis: redis_lib.Redi
 
 def _private_client(url: str) -> redis_lib.Redis:
     # no retries: the test is about what the limiter does once the client gives up
-    return redis_lib.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=2)
+    return services.fail_fast_redis(url, timeout=2)
 
 
 @pytest.mark.timeout(120)

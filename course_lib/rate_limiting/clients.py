@@ -8,12 +8,8 @@ client below fails within ``timeout`` so the limiter's policy decides instead.
 from __future__ import annotations
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from course_lib import services
-
-from .validation import positive_number
 
 __all__ = ["fail_fast_client"]
 
@@ -21,10 +17,4 @@ __all__ = ["fail_fast_client"]
 def fail_fast_client(url: str | None = None, *, timeout: float = 0.5) -> redis.Redis:
     """A ``redis.Redis`` on ``url`` (default: the course's Redis) that never retries and
     waits at most ``timeout`` seconds to connect or for a reply."""
-    seconds = positive_number("timeout", timeout)
-    return redis.Redis.from_url(
-        url or services.redis_url(),
-        socket_timeout=seconds,
-        socket_connect_timeout=seconds,
-        retry=Retry(NoBackoff(), 0),
-    )
+    return services.fail_fast_redis(url or services.redis_url(), timeout=timeout)

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 from sqlalchemy import Engine, create_engine
 
+from .clients import fail_fast_redis
 from .database import connect
 from .embedded import EmbeddedPostgres, EmbeddedRedis, state_dir
 from .errors import ServiceError
@@ -36,6 +37,7 @@ __all__ = [
     "connect",
     "database_url",
     "engine",
+    "fail_fast_redis",
     "redis_client",
     "redis_url",
     "reset",

@@ -41,9 +41,8 @@ from urllib.parse import quote
 import psutil
 import psycopg
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from .clients import fail_fast_redis
 from .database import ensure_database
 from .errors import ServiceError
 
@@ -144,13 +143,6 @@ def find_postgres_bin_dir() -> Path:
     )
 
 
-def _one_shot_client(socket: Path, timeout: float) -> redis.Redis:
-    # redis-py retries a failed command with backoff by default; a probe must answer at once.
-    return redis.Redis(
-        unix_socket_path=str(socket), socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
-    )
-
-
 def _alive(pid: int | None, name: str) -> bool:
     """Whether ``pid`` is a running (not zombie) process whose name contains ``name``."""
     if pid is None:
@@ -226,7 +218,7 @@ class EmbeddedRedis:
     def _answers(self) -> bool:
         if not self.socket.exists():
             return False
-        client = _one_shot_client(self.socket, timeout=1)
+        client = fail_fast_redis(self.url, timeout=1)
         try:
             return bool(client.ping())
         except (redis.RedisError, OSError):
@@ -269,7 +261,7 @@ class EmbeddedRedis:
             pid = self._pid()
             if pid is None:
                 return False
-            client = _one_shot_client(self.socket, timeout=2)
+            client = fail_fast_redis(self.url, timeout=2)
             try:
                 client.shutdown(nosave=True)
             except (redis.RedisError, OSError):

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 
 import psycopg
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from .clients import fail_fast_redis
 from .database import connect, ensure_database
 from .embedded import EmbeddedPostgres, EmbeddedRedis
 from .errors import ServiceError
@@ -80,12 +79,7 @@ def mode() -> str:
 def _redis_error(url: str, timeout: float) -> str | None:
     """``None`` if a Redis at ``url`` answers PING, else why not."""
     try:
-        client = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),  # a probe answers at once, no retries with backoff
-        )
+        client = fail_fast_redis(url, timeout=timeout)
     except ValueError as exc:
         return mask(f"not a Redis URL: {exc}")
     try:
