@@ -2,11 +2,14 @@
 
 - :func:`percentiles` / :func:`summarize`: p50/p95/p99 of latency samples (nearest-rank on
   sorted samples; no interpolation, so a reported p99 is a latency that really happened).
-- :class:`Timer` and :func:`time_calls`: wall-clock timing with ``time.perf_counter``.
+- :func:`time_calls`: wall-clock timing of each call with ``time.perf_counter``.
+- :func:`run_async`: run a coroutine to completion from synchronous code, Jupyter included.
 - :func:`run_threads`, :func:`run_processes`, :func:`run_tasks`: run one function from N
   threads / N processes / N asyncio tasks that start together (a barrier releases them at
   once, which is what makes races and stampedes reproducible) and collect one
   :class:`Call` per invocation: worker, start/end time, value or exception.
+- :class:`RoundTripCounter` (Redis requests sent) and :class:`QueryCounter` (SQL statements
+  executed): what a pattern costs in round trips, counted on the real client.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import queue as queue_module
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +32,10 @@ import pandas as pd
 __all__ = [
     "Call",
     "Calls",
+    "QueryCounter",
     "RoundTripCounter",
-    "Timer",
     "percentiles",
+    "run_async",
     "run_processes",
     "run_tasks",
     "run_threads",
@@ -68,21 +72,6 @@ def summarize(samples: Iterable[float], *, scale: float = 1.0) -> dict[str, floa
         **spread,
         "max": max(values),
     }
-
-
-class Timer:
-    """``with Timer() as t: ...`` then ``t.elapsed`` in seconds."""
-
-    def __init__(self) -> None:
-        self.start = 0.0
-        self.elapsed = 0.0
-
-    def __enter__(self) -> Timer:
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.elapsed = time.perf_counter() - self.start
 
 
 def time_calls(fn: Callable[[], Any], n: int, *, warmup: int = 0) -> list[float]:
@@ -347,6 +336,32 @@ async def _run_tasks_async(
     return [c for chunk in results for c in chunk]
 
 
+def run_async(coro: Coroutine[Any, Any, Any], *, timeout: float | None = None) -> Any:
+    """Run ``coro`` on a fresh event loop in a helper thread and return its result.
+
+    Works where an event loop is already running (Jupyter). Exceptions propagate. With a
+    ``timeout``, ``TimeoutError`` if the loop has not finished after that many seconds
+    (blocking code can keep it from even cancelling its tasks: the daemon thread is then
+    abandoned).
+    """
+    outcome: dict[str, Any] = {}
+
+    def runner() -> None:
+        try:
+            outcome["value"] = asyncio.run(coro)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=runner, name=f"run_async-{os.getpid()}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"the event loop was still running after {timeout} s (blocking code?)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 def run_tasks(
     fn: Callable[..., Awaitable[Any]],
     workers: int,
@@ -369,25 +384,10 @@ def run_tasks(
             _run_tasks_async(fn, workers, calls, pass_worker), timeout=timeout
         )
 
-    outcome: dict[str, Any] = {}
-
-    def runner() -> None:
-        try:
-            outcome["calls"] = asyncio.run(bounded())
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=runner, name=f"run_tasks-{os.getpid()}", daemon=True)
-    thread.start()
-    thread.join(None if timeout is None else timeout + 1.0)
-    if thread.is_alive():
-        raise TimeoutError(f"asyncio tasks were still running after {timeout} s (blocking code?)")
-    if "error" in outcome:
-        error = outcome["error"]
-        if isinstance(error, asyncio.TimeoutError | TimeoutError):
-            raise TimeoutError(f"asyncio tasks were still running after {timeout} s") from error
-        raise error
-    return Calls(outcome["calls"])
+    try:
+        return Calls(run_async(bounded(), timeout=None if timeout is None else timeout + 1.0))
+    except TimeoutError as error:
+        raise TimeoutError(f"asyncio tasks were still running after {timeout} s") from error
 
 
 class RoundTripCounter:
@@ -422,3 +422,44 @@ class RoundTripCounter:
         """Start counting from zero."""
         with self._lock:
             self.count = 0
+
+
+class QueryCounter:
+    """``with QueryCounter(engine) as q: ...``: every SQL statement ``engine`` runs inside the
+    block, counted (``q.count``) and kept in order (``q.statements``).
+
+    Counted at SQLAlchemy's ``before_cursor_execute`` event, so it sees what is really sent
+    to the database: lazy loads, eager-load batches, flushes. An ``executemany`` is one
+    statement. ``where`` keeps only the statements for which it returns true (e.g.
+    ``lambda sql: sql.startswith("SELECT")``). Thread-safe; listening stops on exit.
+    """
+
+    def __init__(self, engine: Any, *, where: Callable[[str], bool] | None = None) -> None:
+        if where is not None and not callable(where):
+            raise TypeError(f"where must be callable or None, got {type(where).__name__}")
+        self.engine = engine
+        self.where = where
+        self.statements: list[str] = []
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        """Statements seen so far."""
+        return len(self.statements)
+
+    def _on_execute(self, conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        sql = " ".join(statement.split())
+        if self.where is None or self.where(sql):
+            with self._lock:
+                self.statements.append(sql)
+
+    def __enter__(self) -> QueryCounter:
+        from sqlalchemy import event
+
+        event.listen(self.engine, "before_cursor_execute", self._on_execute)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from sqlalchemy import event
+
+        event.remove(self.engine, "before_cursor_execute", self._on_execute)

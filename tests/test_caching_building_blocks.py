@@ -19,10 +19,9 @@ from course_lib.caching import (
     SingleFlight,
     dumps,
     loads,
-    seed,
     to_jsonable,
 )
-from course_lib.caching.scripts import NAMES, source
+from course_lib.caching.lesson import as_written
 from course_lib.caching.xfetch import should_refresh
 from course_lib.measure import run_threads
 
@@ -157,12 +156,12 @@ def test_single_flight_validation():
 
 
 def test_seed_bind_reuses_its_task_queue_thread(redis, pg_engine):
-    seed.bind(redis, pg_engine)
+    as_written.bind(redis, pg_engine)
     threads = threading.active_count()
-    queue = seed.task_queue
+    queue = as_written.task_queue
     for _ in range(5):
-        seed.bind(redis, pg_engine)
-    assert seed.task_queue is queue and queue.is_alive()
+        as_written.bind(redis, pg_engine)
+    assert as_written.task_queue is queue and queue.is_alive()
     assert threading.active_count() == threads
     done = threading.Event()
     queue.enqueue(done.set)
@@ -170,11 +169,11 @@ def test_seed_bind_reuses_its_task_queue_thread(redis, pg_engine):
 
 
 def test_seed_bound_restores_the_previous_binding(redis, pg_engine):
-    seed.bind(redis, pg_engine, prefix="outer")
-    outer_db = seed.db
-    with seed.bound(redis, pg_engine, prefix="inner"):
-        assert seed.PREFIX == "inner" and seed.db is not outer_db
-    assert seed.PREFIX == "outer" and seed.db is outer_db
+    as_written.bind(redis, pg_engine, prefix="outer")
+    outer_db = as_written.db
+    with as_written.bound(redis, pg_engine, prefix="inner"):
+        assert as_written.PREFIX == "inner" and as_written.db is not outer_db
+    assert as_written.PREFIX == "outer" and as_written.db is outer_db
 
 
 def test_xfetch_probability_grows_near_expiry():
@@ -222,10 +221,3 @@ def test_serialisation_is_json_only():
         dumps({1, 2})
     with pytest.raises(ValueError):
         loads(b"\x80\x04K\x01.")  # a pickle is rejected, never executed
-
-
-def test_lua_scripts_ship_with_the_package():
-    for name in NAMES:
-        assert "redis.call" in source(name)
-    with pytest.raises(ValueError):
-        source("nope")

@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from course_lib.caching import CacheAside, UserStore, WriteThrough, races, seed_users
+from course_lib.caching import CacheAside, UserStore, WriteThrough, seed_users
+from course_lib.caching.lesson import races
 
 
 @pytest.fixture

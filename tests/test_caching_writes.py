@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from course_lib.caching import UserStore, WriteBehind, WriteThrough, seed_users
-from course_lib.caching.demos import count_lost, write_behind_crash
+from course_lib.caching.lesson.demos import count_lost, write_behind_crash
 from course_lib.caching.write_behind import entry_version
 from course_lib.measure import run_threads
 from course_lib.services import EmbeddedPostgres, EmbeddedRedis

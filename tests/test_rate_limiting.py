@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from course_lib.rate_limiting import Decision, ManualClock, TokenBucket, replaced_time, seed
-from course_lib.rate_limiting.concurrency import Yielding, fast_switching, hammer_threads, run_for
+from course_lib.clocks import ManualClock, replaced_time
+from course_lib.concurrency import fast_switching, hammer_threads, run_for
+from course_lib.rate_limiting import Decision, TokenBucket
+from course_lib.rate_limiting.lesson import as_written
+from course_lib.rate_limiting.lesson.races import Yielding
 
 
 def test_decision_truthiness_follows_allowed() -> None:
@@ -54,8 +57,8 @@ def test_token_bucket_survives_a_clock_that_steps_backwards() -> None:
 
 def test_seed_token_bucket_is_locked_for_an_hour_by_a_backward_clock_step() -> None:
     clock = ManualClock(1000.0)
-    with replaced_time(seed, clock):
-        bucket = seed.TokenBucket(capacity=10, refill_rate=1)
+    with replaced_time(as_written, clock):
+        bucket = as_written.TokenBucket(capacity=10, refill_rate=1)
         for _ in range(10):
             bucket.consume()
         clock.advance(-3600)
@@ -63,7 +66,7 @@ def test_seed_token_bucket_is_locked_for_an_hour_by_a_backward_clock_step() -> N
         clock.advance(600)  # ten minutes later: 600 tokens' worth of refill
         assert bucket.consume() is False
         assert bucket.tokens < -2000
-    assert seed.time.time is not clock  # the module got its real clock back
+    assert as_written.time.time is not clock  # the module got its real clock back
 
 
 def test_token_bucket_admits_exactly_capacity_under_threads() -> None:
@@ -79,8 +82,8 @@ def test_seed_token_bucket_over_admits_under_threads() -> None:
     # still a race, so allow a few rounds (one is plenty in practice).
     seen = []
     for _ in range(5):
-        with replaced_time(seed, ManualClock()):
-            bucket = seed.TokenBucket(capacity=Yielding(100), refill_rate=1)
+        with replaced_time(as_written, ManualClock()):
+            bucket = as_written.TokenBucket(capacity=Yielding(100), refill_rate=1)
             seen.append(hammer_threads(bucket.consume, threads=8, calls=200))
         if seen[-1] > 100:
             break

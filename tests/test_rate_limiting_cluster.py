@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 from redis.cluster import RedisCluster
 
+from course_lib.clocks import ManualClock
+from course_lib.concurrency import hammer_threads
 from course_lib.rate_limiting import (
     GCRA,
     FixedWindow,
-    ManualClock,
     RedisTokenBucket,
     SlidingWindowCounter,
     SlidingWindowLog,
 )
-from course_lib.rate_limiting.concurrency import hammer_threads
 
 
 def _binaries() -> tuple[str, str] | None:

@@ -14,7 +14,7 @@ from course_lib.exercises.rate_limiting import (
     check_retry_delays,
     check_token_bucket,
 )
-from course_lib.rate_limiting import seed
+from course_lib.rate_limiting.lesson import as_written
 
 
 class ReferenceBucket:
@@ -96,11 +96,11 @@ def test_token_bucket_checker() -> None:
 
 
 def _seed_bucket(capacity, refill_rate, clock):
-    class Clocked(seed.TokenBucket):
+    class Clocked(as_written.TokenBucket):
         def consume(self, tokens=1):
-            from course_lib.rate_limiting import replaced_time
+            from course_lib.clocks import replaced_time
 
-            with replaced_time(seed, clock):
+            with replaced_time(as_written, clock):
                 return super().consume(tokens)
 
     bucket = Clocked(capacity, refill_rate)

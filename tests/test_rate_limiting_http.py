@@ -17,18 +17,19 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from course_lib import services
+from course_lib.clocks import ManualClock
+from course_lib.http import serve
 from course_lib.rate_limiting import (
     GCRA,
     FixedWindow,
-    ManualClock,
     RateLimitMiddleware,
     RedisTokenBucket,
     api_key_or_ip,
-    fail_fast_client,
+    polite_get,
     rate_limit_headers,
 )
 from course_lib.rate_limiting.decision import Decision
-from course_lib.rate_limiting.demo import demo_app, polite_get, serve
+from course_lib.rate_limiting.lesson.http_demo import demo_app
 
 
 def get_all(app, requests: list[dict]) -> list[httpx.Response]:
@@ -190,7 +191,7 @@ def test_demo_server_sends_small_responses_without_delay(redis: redis_lib.Redis,
 @pytest.mark.timeout(60)
 def test_fail_fast_client_lets_the_middleware_fail_open(embedded_dir) -> None:
     server = services.EmbeddedRedis(embedded_dir / "redis")
-    client = fail_fast_client(server.start(), timeout=0.5)
+    client = services.fail_fast_redis(server.start(), timeout=0.5)
     assert client.get_retry().get_retries() == 0
     assert client.connection_pool.connection_kwargs["socket_timeout"] == 0.5
     limiter = GCRA(client, 2, 5, prefix="t")
@@ -200,4 +201,4 @@ def test_fail_fast_client_lets_the_middleware_fail_open(embedded_dir) -> None:
     assert response.status_code == 200 and "ratelimit" not in response.headers
     client.close()
     with pytest.raises(ValueError, match="timeout"):
-        fail_fast_client(server.url, timeout=0)
+        services.fail_fast_redis(server.url, timeout=0)

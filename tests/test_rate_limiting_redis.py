@@ -14,20 +14,19 @@ import pytest
 import redis as redis_lib
 
 from course_lib import services
+from course_lib.clocks import ManualClock, replaced_time
+from course_lib.concurrency import admission_count
 from course_lib.rate_limiting import (
     FAIL_CLOSED_RETRY_AFTER,
     GCRA,
     FixedWindow,
-    ManualClock,
     RedisLimiter,
     RedisTokenBucket,
     SlidingWindowCounter,
     SlidingWindowLog,
     TokenBucket,
-    replaced_time,
-    seed,
 )
-from course_lib.rate_limiting.concurrency import admission_count
+from course_lib.rate_limiting.lesson import as_written
 
 Factory = Callable[..., RedisLimiter]
 
@@ -101,7 +100,7 @@ def test_seed_sliding_window_over_admits(redis: redis_lib.Redis, ns: str) -> Non
 
         def make_decide(user: str = f"{ns}-{round_}") -> Callable[[], object]:
             client = services.redis_client()
-            return lambda: not seed.is_rate_limited(user, 100, 60, cache=client)
+            return lambda: not as_written.is_rate_limited(user, 100, 60, cache=client)
 
         seen.append(admission_count(make_decide, processes=2, threads=8, attempts=800).allowed)
         if seen[-1] > 100:
@@ -113,8 +112,8 @@ def test_seed_sliding_window_collapses_requests_of_the_same_instant(
     redis: redis_lib.Redis, ns: str
 ) -> None:
     clock = ManualClock(1_700_000_000.0)
-    with replaced_time(seed, clock):
-        allowed = [not seed.is_rate_limited(ns, 5, 60, cache=redis) for _ in range(10)]
+    with replaced_time(as_written, clock):
+        allowed = [not as_written.is_rate_limited(ns, 5, 60, cache=redis) for _ in range(10)]
     assert allowed == [True] * 10
     assert redis.zcard(f"rate_limit:{ns}") == 1
 

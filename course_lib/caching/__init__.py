@@ -9,6 +9,9 @@
 - :class:`UserStore` and :func:`seed_users`: the ``users`` table the notebook works on.
 
 Everything read from Redis is JSON; nothing is ever unpickled.
+
+:mod:`.lesson` holds what stages notebook 01 (the module's code as written, demos, staged
+races); it is not meant to be copied into a service.
 """
 
 from .cache_aside import STAMPEDE_MODES, AsyncCacheAside, CacheAside, LoaderError, Ticket
@@ -16,7 +19,7 @@ from .redis_lock import AsyncRedisLock, LockNotAcquired, RedisLock
 from .serialization import dumps, loads, to_jsonable
 from .single_flight import AsyncSingleFlight, SingleFlight
 from .store import Store, UserStore
-from .users import QueryCounter, User, drop_schema, schema_engine, seed_users
+from .users import User, seed_users
 from .write_behind import BatchResult, Worker, WriteBehind
 from .write_through import WriteThrough
 
@@ -29,7 +32,6 @@ __all__ = [
     "CacheAside",
     "LoaderError",
     "LockNotAcquired",
-    "QueryCounter",
     "RedisLock",
     "SingleFlight",
     "Store",
@@ -39,10 +41,8 @@ __all__ = [
     "Worker",
     "WriteBehind",
     "WriteThrough",
-    "drop_schema",
     "dumps",
     "loads",
-    "schema_engine",
     "seed_users",
     "to_jsonable",
 ]

@@ -16,6 +16,8 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from course_lib.validation import positive_number
+
 from .serialization import dumps, loads
 from .xfetch import Envelope, should_refresh
 
@@ -78,17 +80,9 @@ class Stats:
             return dict(self._counts)
 
 
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
-    return float(value)
-
-
 def _milliseconds(name: str, value: Any) -> float:
     """A TTL sent to Redis in whole milliseconds (``PX``), so at least 1 ms."""
-    seconds = _positive(name, value)
+    seconds = positive_number(name, value)
     if seconds < 0.001:
         raise ValueError(f"{name} must be >= 0.001 seconds (Redis counts whole ms), got {value!r}")
     return seconds
@@ -124,9 +118,9 @@ class CacheConfig:
             "negative_ttl", min(self.ttl, 30.0) if negative_ttl is None else negative_ttl
         )
         self.lock_ttl = _milliseconds("lock_ttl", lock_ttl)
-        self.wait_timeout = _positive("wait_timeout", wait_timeout)
-        self.beta = _positive("beta", beta)
-        self.retry_after = _positive("retry_after", retry_after)
+        self.wait_timeout = positive_number("wait_timeout", wait_timeout)
+        self.beta = positive_number("beta", beta)
+        self.retry_after = positive_number("retry_after", retry_after)
         self.loader = loader
         self.namespace = namespace
         self.stampede = stampede

@@ -48,6 +48,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from course_lib import lua
+
 from ._base import (
     ERROR_TTL_MS,
     FIRST_POLL,
@@ -60,7 +62,6 @@ from ._base import (
     describe,
 )
 from .redis_lock import new_token
-from .scripts import register
 from .single_flight import AsyncSingleFlight, SingleFlight
 
 __all__ = ["STAMPEDE_MODES", "AsyncCacheAside", "CacheAside", "LoaderError", "Ticket"]
@@ -103,7 +104,9 @@ class CacheAside:
             rng=rng,
         )
         self.redis = redis
-        self._scripts = register(redis, "release", "fill", "invalidate")
+        self._scripts = {
+            n: lua.load(__package__, n).bind(redis) for n in ("release", "fill", "invalidate")
+        }
         # A waiter of the local flight may sit behind a leader waiting for the Redis lock.
         timeout = self._c.wait_timeout + (self._c.lock_ttl if self._c.distributed else 0)
         self._flight: SingleFlight[Any] | None = (
@@ -328,7 +331,9 @@ class AsyncCacheAside:
             rng=rng,
         )
         self.redis = redis
-        self._scripts = register(redis, "release", "fill", "invalidate")
+        self._scripts = {
+            n: lua.load(__package__, n).bind(redis) for n in ("release", "fill", "invalidate")
+        }
         timeout = self._c.wait_timeout + (self._c.lock_ttl if self._c.distributed else 0)
         self._flight: AsyncSingleFlight[Any] | None = (
             AsyncSingleFlight(timeout=timeout) if stampede is not None else None

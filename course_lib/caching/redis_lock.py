@@ -21,7 +21,8 @@ import secrets
 import time
 from typing import Any
 
-from .scripts import register
+from course_lib import lua
+from course_lib.validation import non_negative_number, positive_number
 
 __all__ = ["AsyncRedisLock", "LockNotAcquired", "RedisLock", "new_token"]
 
@@ -41,13 +42,9 @@ def new_token() -> str:
 def _check(name: str, ttl: float, wait: float) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    for param, value in (("ttl", ttl), ("wait", wait)):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"{param} must be a number of seconds, got {type(value).__name__}")
-    if not ttl >= 0.001:
+    if not positive_number("ttl", ttl) >= 0.001:
         raise ValueError(f"ttl must be >= 0.001 seconds (Redis counts whole ms), got {ttl!r}")
-    if not wait >= 0:
-        raise ValueError(f"wait must be >= 0 seconds, got {wait!r}")
+    non_negative_number("wait", wait)
 
 
 class RedisLock:
@@ -60,7 +57,7 @@ class RedisLock:
         self.ttl = ttl
         self.wait = wait
         self.token: str | None = None
-        self._release = register(redis, "release")["release"]
+        self._release = lua.load(__package__, "release").bind(redis)
 
     def try_acquire(self) -> bool:
         """One ``SET NX PX`` attempt, no waiting."""
@@ -107,7 +104,7 @@ class AsyncRedisLock:
         self.ttl = ttl
         self.wait = wait
         self.token: str | None = None
-        self._release = register(redis, "release")["release"]
+        self._release = lua.load(__package__, "release").bind(redis)
 
     async def try_acquire(self) -> bool:
         token = new_token()

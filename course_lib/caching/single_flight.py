@@ -24,6 +24,8 @@ import threading
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
+from course_lib.validation import optional_positive_number
+
 __all__ = ["AsyncSingleFlight", "SingleFlight"]
 
 T = TypeVar("T")
@@ -39,14 +41,7 @@ class _Flight:
 
 
 def _check_timeout(timeout: float | None) -> None:
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(
-            f"timeout must be a number of seconds or None, got {type(timeout).__name__}"
-        )
-    if not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+    optional_positive_number("timeout", timeout)
 
 
 class SingleFlight(Generic[T]):

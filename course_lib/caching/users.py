@@ -9,20 +9,14 @@ write-behind compare to keep caches and the database from going backwards.
 from __future__ import annotations
 
 import random
-import threading
 from collections.abc import Iterator
 
-from sqlalchemy import BigInteger, Engine, Integer, MetaData, Table, Text, event, text
+from sqlalchemy import BigInteger, Engine, Integer, MetaData, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-import course_lib.services as services
 
 __all__ = [
     "COLUMNS",
-    "QueryCounter",
     "User",
-    "drop_schema",
-    "schema_engine",
     "seed_users",
     "users_table",
 ]
@@ -81,52 +75,3 @@ def seed_users(engine: Engine, n: int = 5000, *, seed: int = 42) -> int:
         table.create(conn)
         conn.execute(table.insert(), list(_rows(n, seed)))
     return n
-
-
-def schema_engine(schema: str, **kwargs: object) -> Engine:
-    """An engine on the course database whose ``search_path`` is ``schema`` (created if missing).
-
-    Notebooks use a schema of their own so that re-running them starts from the same state.
-    """
-    if not schema.isidentifier():
-        raise ValueError(f"schema must be a plain identifier, got {schema!r}")
-    admin = services.engine()
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-    admin.dispose()
-    kwargs.setdefault("connect_args", {"options": f"-c search_path={schema}"})
-    return services.engine(**kwargs)
-
-
-def drop_schema(schema: str) -> None:
-    """Drop ``schema`` and everything in it (the end of a notebook run's own schema)."""
-    if not schema.isidentifier():
-        raise ValueError(f"schema must be a plain identifier, got {schema!r}")
-    admin = services.engine()
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    finally:
-        admin.dispose()
-
-
-class QueryCounter:
-    """``with QueryCounter(engine) as counter:`` counts SELECTs on ``users``; ``counter.n``."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.n = 0
-        self._lock = threading.Lock()
-
-    def _on_execute(self, *args: object) -> None:
-        statement = str(args[2])
-        if statement.lstrip().upper().startswith("SELECT") and "users" in statement:
-            with self._lock:
-                self.n += 1
-
-    def __enter__(self) -> QueryCounter:
-        event.listen(self.engine, "before_cursor_execute", self._on_execute)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._on_execute)

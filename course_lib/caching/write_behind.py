@@ -48,8 +48,10 @@ from redis.exceptions import ResponseError
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from ._base import _milliseconds, _positive, describe
-from .scripts import register
+from course_lib import lua
+from course_lib.validation import positive_number
+
+from ._base import _milliseconds, describe
 from .serialization import dumps, loads
 from .store import Store
 
@@ -143,13 +145,13 @@ class WriteBehind:
         self.group = group
         self.namespace = namespace or stream
         self.ttl = _milliseconds("ttl", ttl)
-        self.claim_idle = _positive("claim_idle", claim_idle)
+        self.claim_idle = positive_number("claim_idle", claim_idle)
         self.batch = batch
         self.max_deliveries = max_deliveries
         self.dead_letter = f"{stream}:dead"
         self.stats_key = f"{stream}#stats"
-        scripts = register(redis, "write_behind", "settle")
-        self._write, self._settle = scripts["write_behind"], scripts["settle"]
+        self._write = lua.load(__package__, "write_behind").bind(redis)
+        self._settle = lua.load(__package__, "settle")
         self.ensure_group()
 
     def ensure_group(self) -> None:
@@ -405,7 +407,7 @@ class WriteBehind:
     def _settle_records(self, pipe: Any, action: str, done: Mapping[str, bytes]) -> None:
         keys = [self.key(key) for key in done]
         args = [action, int(self.ttl * 1000), *done.values()]
-        self._settle(keys=keys, args=args, client=pipe)
+        self._settle.queue(pipe, keys, args)
 
     def run(
         self, consumer: str, stop: threading.Event, *, block: float = 0.1, max_pause: float = 2.0

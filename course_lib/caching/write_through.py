@@ -21,8 +21,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from course_lib import lua
+
 from ._base import _milliseconds
-from .scripts import register
 from .serialization import dumps, loads
 from .store import Store
 
@@ -43,7 +44,7 @@ class WriteThrough:
         self.redis = redis
         self.store = store
         self.namespace = namespace
-        self._set_if_newer = register(redis, "set_if_newer")["set_if_newer"]
+        self._set_if_newer = lua.load(__package__, "set_if_newer").bind(redis)
         self._lock = threading.Lock()
         self._stats = dict.fromkeys(
             ("writes", "hits", "misses", "cache_sets", "stale_sets_rejected", "redis_errors"), 0

@@ -18,8 +18,9 @@ from typing import Any
 import redis
 
 from course_lib import services
-from course_lib.rate_limiting.clocks import ManualClock
-from course_lib.rate_limiting.concurrency import Yielding, admission_count, hammer_threads
+from course_lib.clocks import ManualClock
+from course_lib.concurrency import admission_count, hammer_threads
+from course_lib.rate_limiting.lesson.races import Yielding
 
 from .result import CheckResult, failed, not_attempted, passed
 

@@ -7,16 +7,17 @@
   :class:`RedisTokenBucket`, :class:`GCRA`: shared by every process using the same Redis;
   ``hit(key, cost=1)`` and ``hit_many(...)``; one atomic round trip per decision (or per
   batch), Redis server time, hash-tagged keys, ``fail_open`` (default ``True``) when Redis
-  is unreachable; :func:`fail_fast_client` gives them a Redis client that notices fast.
+  is unreachable; :func:`course_lib.services.fail_fast_redis` gives them a Redis client
+  that notices fast.
 - :class:`RateLimitMiddleware`: ASGI middleware answering 429 with ``Retry-After`` and the
   IETF draft ``RateLimit-Policy`` / ``RateLimit`` headers.
-- :mod:`.seed`: the seed module's limiters, as written, to show where they break.
+- :mod:`.lesson`: what stages notebook 03 (the module's limiters as written, replays,
+  races, the HTTP demo app); not meant to be copied into a service.
 """
 
-from .clients import fail_fast_client
-from .clocks import ManualClock, replaced_time
 from .decision import Decision
 from .middleware import RateLimitMiddleware, api_key_or_ip, client_ip, rate_limit_headers
+from .polite_client import Attempt, polite_get
 from .redis_base import FAIL_CLOSED_RETRY_AFTER, RedisLimiter
 from .redis_limiters import (
     GCRA,
@@ -30,9 +31,9 @@ from .token_bucket import TokenBucket
 __all__ = [
     "FAIL_CLOSED_RETRY_AFTER",
     "GCRA",
+    "Attempt",
     "Decision",
     "FixedWindow",
-    "ManualClock",
     "RateLimitMiddleware",
     "RedisLimiter",
     "RedisTokenBucket",
@@ -41,7 +42,6 @@ __all__ = [
     "TokenBucket",
     "api_key_or_ip",
     "client_ip",
-    "fail_fast_client",
+    "polite_get",
     "rate_limit_headers",
-    "replaced_time",
 ]

@@ -1,7 +1,7 @@
 """What every Redis limiter of the course shares.
 
-- One Lua script per algorithm, in ``scripts/<name>.lua`` (after the shared ``_now.lua``
-  prelude), read once per process and called
+- One Lua script per algorithm, ``<name>.lua`` beside this module (after the shared
+  ``_now.lua`` prelude), run through :mod:`course_lib.lua`: read once per process, called
   with ``EVALSHA``; the script is sent (``SCRIPT LOAD``) only when Redis answers
   ``NOSCRIPT`` (first use, or after a restart or ``SCRIPT FLUSH``). A script runs atomically
   on the server, so one decision is one round trip and no other client can interleave.
@@ -26,7 +26,7 @@
   is then refused with ``retry_after`` = :data:`FAIL_CLOSED_RETRY_AFTER`. How long a dead
   server takes to be noticed is the client's business: a default redis-py 8 client retries
   with backoff and takes seconds per call; give the limiter
-  :func:`~course_lib.rate_limiting.clients.fail_fast_client` (short timeouts, no retries).
+  :func:`~course_lib.services.fail_fast_redis` (short timeouts, no retries).
 - The client is a ``redis.Redis`` or a ``redis.cluster.RedisCluster``: each decision touches
   one key, so ``EVALSHA`` routes to that key's node, and ``hit_many`` uses a cluster
   pipeline (one round trip per node involved). Tested on a local 3-node cluster.
@@ -34,19 +34,18 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from importlib import resources
 from typing import Any, ClassVar
 
 import redis
 from redis.cluster import RedisCluster
 
-from .decision import Decision
-from .validation import cost_within
+from course_lib import lua
+from course_lib.validation import cost_within
 
-__all__ = ["FAIL_CLOSED_RETRY_AFTER", "RedisLimiter", "script_sha", "script_source"]
+from .decision import Decision
+
+__all__ = ["FAIL_CLOSED_RETRY_AFTER", "RedisLimiter", "script"]
 
 FAIL_CLOSED_RETRY_AFTER = 1.0
 # BusyLoadingError (LOADING) is a ConnectionError; ReadOnlyError (a replica after a failover)
@@ -63,21 +62,10 @@ def _store_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and "-READONLY " in str(exc)
 
 
-def _read(name: str) -> str:
-    return (resources.files(__package__) / "scripts" / f"{name}.lua").read_text()
-
-
-@functools.cache
-def script_source(name: str) -> str:
-    """Text sent to Redis for ``scripts/<name>.lua``: the shared ``_now.lua`` prelude, which
-    defines ``now`` (microseconds), followed by the script itself."""
-    return _read("_now") + _read(name)
-
-
-@functools.cache
-def script_sha(name: str) -> str:
-    """SHA1 of the script, the name Redis knows it by once loaded."""
-    return hashlib.sha1(script_source(name).encode()).hexdigest()
+def script(name: str) -> lua.Script:
+    """The limiter script ``<name>.lua`` with the shared ``_now.lua`` prelude (which defines
+    ``now`` in microseconds) before it."""
+    return lua.load(__package__, name, prelude="_now")
 
 
 def _to_decision(reply: Sequence[int]) -> Decision:
@@ -119,7 +107,8 @@ class RedisLimiter:
         self.prefix = prefix
         self.fail_open = fail_open
         self.clock = clock
-        self._sha = script_sha(self.script)
+        self._script = script(self.script)
+        self._sha = self._script.sha
 
     def key(self, key: str) -> str:
         """The Redis key that holds ``key``'s state."""
@@ -140,9 +129,6 @@ class RedisLimiter:
             return Decision(True, self.quota, 0.0, 0.0, True)
         return Decision(False, 0, FAIL_CLOSED_RETRY_AFTER, FAIL_CLOSED_RETRY_AFTER, True)
 
-    def _load(self) -> None:
-        self.redis.script_load(script_source(self.script))
-
     def hit(self, key: str, cost: int = 1) -> Decision:
         """Count ``cost`` units against ``key`` if they fit; one atomic round trip.
 
@@ -153,13 +139,9 @@ class RedisLimiter:
             raise TypeError(f"key must be a str, got {type(key).__name__}")
         if cost != 1 or cost.__class__ is not int:
             cost = self._check_cost(cost)
-        args = (self._sha, 1, self.key(key), self._now(), cost, *self._params, *self._extra())
+        args = (self._now(), cost, *self._params, *self._extra())
         try:
-            try:
-                reply = self.redis.execute_command("EVALSHA", *args)
-            except redis.exceptions.NoScriptError:
-                self._load()
-                reply = self.redis.execute_command("EVALSHA", *args)
+            reply = self._script(self.redis, (self.key(key),), args)
         except redis.RedisError as exc:
             if _store_unavailable(exc):
                 return self._fallback()
@@ -186,20 +168,11 @@ class RedisLimiter:
                     f"got {item!r}"
                 )
             cost = self._check_cost(cost)
-            calls.append((self._sha, 1, self.key(key), now, cost, *self._params, *self._extra()))
+            calls.append(((self.key(key),), (now, cost, *self._params, *self._extra())))
         if not calls:
             return []
         try:
-            replies = self._pipeline(calls)
-            missing = [
-                i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)
-            ]
-            if missing:
-                self._load()
-                for i, reply in zip(
-                    missing, self._pipeline([calls[i] for i in missing]), strict=True
-                ):
-                    replies[i] = reply
+            replies = self._script.pipeline(self.redis, calls)
         except redis.RedisError as exc:
             if _store_unavailable(exc):
                 return [self._fallback() for _ in calls]
@@ -213,12 +186,6 @@ class RedisLimiter:
             else:
                 decisions.append(_to_decision(reply))
         return decisions
-
-    def _pipeline(self, calls: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
-        for args in calls:
-            pipe.execute_command("EVALSHA", *args)
-        return pipe.execute(raise_on_error=False)
 
     def __repr__(self) -> str:
         name = type(self).__name__

@@ -1,4 +1,4 @@
-"""The five Redis limiters of the course, each one Lua script (``scripts/*.lua``).
+"""The five Redis limiters of the course, each one Lua script (``*.lua`` beside it).
 
 =======================  =================================  ================  ==========
 limiter                  state per key                      accuracy          memory
@@ -27,8 +27,9 @@ from typing import ClassVar
 
 import redis
 
+from course_lib.validation import positive_int, positive_number
+
 from .redis_base import RedisLimiter
-from .validation import positive_int, positive_number
 
 __all__ = [
     "GCRA",

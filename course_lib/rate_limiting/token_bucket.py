@@ -19,8 +19,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from course_lib.validation import positive_number
+
 from .decision import Decision
-from .validation import positive_number
 
 __all__ = ["TokenBucket"]
 

@@ -22,11 +22,12 @@ from typing import Any
 import redis
 from sqlalchemy import Engine, create_engine
 
-from .clients import fail_fast_redis
+from .clients import fail_fast_async_redis, fail_fast_redis
 from .database import connect
 from .embedded import EmbeddedPostgres, EmbeddedRedis, state_dir
 from .errors import ServiceError
 from .resolve import Resolution, mask, resolve_postgres, resolve_redis
+from .schema import drop_schema, schema_engine, unique_schema
 
 __all__ = [
     "EmbeddedPostgres",
@@ -36,16 +37,20 @@ __all__ = [
     "ServiceStatus",
     "connect",
     "database_url",
+    "drop_schema",
     "engine",
+    "fail_fast_async_redis",
     "fail_fast_redis",
     "redis_client",
     "redis_url",
     "reset",
     "resolution",
+    "schema_engine",
     "start_embedded",
     "state_dir",
     "status",
     "stop_embedded",
+    "unique_schema",
 ]
 
 _RESOLVERS: dict[str, Callable[[], Resolution]] = {

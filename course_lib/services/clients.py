@@ -7,27 +7,35 @@ limiter apply its own failure policy, needs an answer within a known time instea
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import redis
+import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-__all__ = ["fail_fast_redis"]
+from course_lib.validation import positive_number
+
+__all__ = ["fail_fast_async_redis", "fail_fast_redis"]
 
 
 def fail_fast_redis(url: str, *, timeout: float = 0.5) -> redis.Redis:
     """A ``redis.Redis`` on ``url`` that never retries and waits at most ``timeout`` seconds
     to connect or for a reply. ``ValueError`` for a bad URL or a timeout that is not a
     finite number > 0 (``TypeError`` if it is not a number)."""
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(f"timeout must be a number, got {type(timeout).__name__}")
-    if not math.isfinite(timeout) or timeout <= 0:
-        raise ValueError(f"timeout must be a finite number > 0, got {timeout}")
+    timeout = positive_number("timeout", timeout)
     return redis.Redis.from_url(
         url,
         socket_timeout=float(timeout),
         socket_connect_timeout=float(timeout),
         retry=Retry(NoBackoff(), 0),
+    )
+
+
+def fail_fast_async_redis(url: str, *, timeout: float = 0.5) -> redis.asyncio.Redis:
+    """The ``redis.asyncio`` twin of :func:`fail_fast_redis`, with the same guarantees."""
+    timeout = positive_number("timeout", timeout)
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
     )

@@ -1,8 +1,10 @@
-"""Drive a limiter from many threads and processes at once and count what it let through.
+"""Drive a decision (a limiter, a lock, a balancer) from many threads and processes at once
+and count what it let through; make races show up on demand.
 
 These are the experiments behind the course's concurrency claims: the harnesses of
 :mod:`course_lib.measure` release all workers together, so races show up and the counts
-are exact.
+are exact. :func:`fast_switching` makes CPython switch threads far more often, so a race
+window between two Python statements is hit on most runs instead of rarely.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from course_lib.measure import run_processes, run_threads
 __all__ = [
     "Admission",
     "TimedRun",
-    "Yielding",
     "admission_count",
     "fast_switching",
     "hammer_threads",
@@ -131,32 +132,3 @@ def run_for(
     runs = result.values
     span = max(end for _, _, end in runs) - min(start for _, start, _ in runs)
     return TimedRun(sorted(allowed for allowed, _, _ in runs), span)
-
-
-class Yielding(float):
-    """A float whose arithmetic and comparisons give up the GIL first (``time.sleep(0)``).
-
-    On CPython a thread switch can only land at a few points of a short method, so an
-    unlocked read-modify-write on floats loses updates only now and then. Handing the seed's
-    bucket ``Yielding`` numbers puts a switch point inside every step of the
-    read-modify-write: the race it always had shows up on every run instead of once in a
-    while (as it would on free-threaded Python or under load).
-    """
-
-    def __add__(self, other: float) -> Yielding:
-        time.sleep(0)
-        return Yielding(float(self) + other)
-
-    __radd__ = __add__
-
-    def __sub__(self, other: float) -> Yielding:
-        time.sleep(0)
-        return Yielding(float(self) - other)
-
-    def __ge__(self, other: float) -> bool:
-        time.sleep(0)
-        return float(self) >= other
-
-    def __lt__(self, other: float) -> bool:
-        time.sleep(0)
-        return float(self) < other

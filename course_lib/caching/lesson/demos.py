@@ -11,11 +11,9 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
-import random
 import signal
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +21,13 @@ import pandas as pd
 from sqlalchemy import Engine, update
 
 import course_lib.services as services
-from course_lib.measure import Calls, percentiles, run_processes, run_tasks, run_threads
+from course_lib.measure import Calls, percentiles, run_async, run_processes, run_tasks, run_threads
 
-from . import seed
-from .cache_aside import CacheAside
-from .store import UserStore
-from .users import users_table
-from .write_behind import Worker, WriteBehind
+from ..cache_aside import CacheAside
+from ..store import UserStore
+from ..users import users_table
+from ..write_behind import Worker, WriteBehind
+from . import as_written
 
 __all__ = [
     "CrashResult",
@@ -39,22 +37,11 @@ __all__ = [
     "hot_key_run",
     "in_process_queue_crash",
     "replay",
-    "run_async",
     "seed_hang_demo",
     "stampede",
     "write_behind_crash",
     "write_latencies",
-    "zipf_keys",
 ]
-
-
-def zipf_keys(n_keys: int, n_requests: int, *, s: float = 1.1, seed: int = 0) -> list[int]:
-    """``n_requests`` ids in ``1..n_keys`` drawn with Zipf popularity (rank ``r`` ~ 1/r^s)."""
-    rng = random.Random(seed)
-    weights = [1 / rank**s for rank in range(1, n_keys + 1)]
-    ids = list(range(1, n_keys + 1))
-    rng.shuffle(ids)  # popularity must not follow id order
-    return rng.choices(ids, weights=weights, k=n_requests)
 
 
 def replay(cache: CacheAside, keys: Iterable[Any]) -> pd.DataFrame:
@@ -75,24 +62,6 @@ def hit_ratio_series(frame: pd.DataFrame, bucket: float = 0.1) -> tuple[list[flo
     slot = (frame["t"] // bucket) * bucket
     ratio = frame.groupby(slot)["hit"].mean()
     return [float(t) for t in ratio.index], [float(v) for v in ratio.values]
-
-
-def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``coro`` on a fresh event loop in a helper thread (works inside Jupyter too)."""
-    outcome: dict[str, Any] = {}
-
-    def runner() -> None:
-        try:
-            outcome["value"] = asyncio.run(coro)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=runner)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
 
 
 @dataclass(frozen=True)
@@ -186,9 +155,9 @@ def _seed_stampede(client: Any, loader: Callable[[Any], Any], key: str, tasks: i
 
     engine = services.engine()
     try:
-        with seed.bound(client, engine, fetch=fetch):
-            seed.locks.clear()
-            return run_tasks(lambda: seed.get_with_lock(key), tasks)
+        with as_written.bound(client, engine, fetch=fetch):
+            as_written.locks.clear()
+            return run_tasks(lambda: as_written.get_with_lock(key), tasks)
     finally:
         engine.dispose()
 
@@ -210,7 +179,7 @@ def seed_hang_demo(namespace: str, *, waiters: int = 10, timeout: float = 0.5) -
     async def scenario() -> dict[str, int]:
         async def one() -> str:
             try:
-                await asyncio.wait_for(seed.get_with_lock(key), timeout)
+                await asyncio.wait_for(as_written.get_with_lock(key), timeout)
                 return "returned"
             except TimeoutError:
                 return "timed_out"
@@ -224,16 +193,16 @@ def seed_hang_demo(namespace: str, *, waiters: int = 10, timeout: float = 0.5) -
             "raised": first.count("raised"),
             "timed_out": first.count("timed_out"),
             "later_call_timed_out": int(later == "timed_out"),
-            "stuck_locks": len(seed.locks),
+            "stuck_locks": len(as_written.locks),
         }
 
     client, engine = services.redis_client(), services.engine()
     try:
-        with seed.bound(client, engine, fetch=failing_fetch):
-            seed.locks.clear()
+        with as_written.bound(client, engine, fetch=failing_fetch):
+            as_written.locks.clear()
             return run_async(scenario())
     finally:
-        seed.locks.clear()
+        as_written.locks.clear()
         client.close()
         engine.dispose()
 
@@ -295,9 +264,9 @@ def _seed_writer(
     engine_options: dict[str, Any], prefix: str, plan: list[tuple[int, int]], ready: Any
 ) -> None:
     # Runs in a child that is SIGKILLed: its client and engine die with it, as in a crash.
-    seed.bind(services.redis_client(), services.engine(**engine_options), prefix=prefix)
+    as_written.bind(services.redis_client(), services.engine(**engine_options), prefix=prefix)
     for key, score in plan:
-        seed.update_user_write_behind(key, {"score": score})
+        as_written.update_user_write_behind(key, {"score": score})
     ready.set()
     time.sleep(60)  # the parent kills us long before this ends
 

@@ -33,7 +33,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import LegacyAPIWarning
 from sqlalchemy.orm import scoped_session, sessionmaker
 
-from .users import User
+from ..users import User
 
 __all__ = [
     "TaskQueue",

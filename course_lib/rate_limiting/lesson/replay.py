@@ -13,17 +13,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import redis
 
-from . import seed as seed_module
-from .clocks import ManualClock, replaced_time
-from .decision import Decision
+from course_lib.clocks import ManualClock, replaced_time
+
+from ..decision import Decision
+from . import as_written
 
 __all__ = [
     "boundary_trace",
     "bursty_trace",
     "max_in_any_window",
-    "memory_per_key",
     "replay",
     "run_seed_bucket",
     "token_curve",
@@ -82,8 +81,8 @@ def run_seed_bucket(times: Sequence[float], capacity: float, refill_rate: float)
     and after each request, allowed."""
     clock = ManualClock(0.0)
     rows = []
-    with replaced_time(seed_module, clock):
-        bucket = seed_module.TokenBucket(capacity, refill_rate)
+    with replaced_time(as_written, clock):
+        bucket = as_written.TokenBucket(capacity, refill_rate)
         for t in times:
             clock.set(t)
             before = min(capacity, bucket.tokens + (t - bucket.last_refill) * refill_rate)
@@ -121,11 +120,3 @@ def max_in_any_window(times: Sequence[float], window: float) -> int:
     for i, start in enumerate(ordered):
         best = max(best, bisect.bisect_left(ordered, start + window, lo=i) - i)
     return best
-
-
-def memory_per_key(client: redis.Redis, hit: Hit, key: str, redis_key: str, fill: int) -> int:
-    """Bytes Redis reports (``MEMORY USAGE ... SAMPLES 0``, every element counted) for one
-    client's state after ``fill`` admitted requests."""
-    for _ in range(fill):
-        hit(key)
-    return int(client.memory_usage(redis_key, samples=0) or 0)

@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from .cache_aside import CacheAside
-from .store import UserStore
-from .users import User
-from .write_through import WriteThrough
+from ..cache_aside import CacheAside
+from ..store import UserStore
+from ..users import User
+from ..write_through import WriteThrough
 
 __all__ = [
     "RaceOutcome",

@@ -1,0 +1,86 @@
+"""Argument checks for every constructor of ``course_lib``: fail at construction, naming the
+parameter.
+
+One set of rules everywhere: a number is a real number but never a ``bool``; durations and
+sizes are finite (``NaN`` and infinity are refused with ``ValueError``, so they never reach
+arithmetic that would raise ``OverflowError`` or loop forever later); a wrong type raises
+``TypeError``, a wrong value ``ValueError``, and both messages start with the parameter's
+name.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = [
+    "cost_within",
+    "finite_number",
+    "non_negative_int",
+    "non_negative_number",
+    "optional_positive_number",
+    "positive_int",
+    "positive_number",
+]
+
+
+def finite_number(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite real number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def positive_number(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite number > 0."""
+    number = finite_number(name, value)
+    if number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return number
+
+
+def non_negative_number(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite number >= 0."""
+    number = finite_number(name, value)
+    if number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return number
+
+
+def optional_positive_number(name: str, value: object) -> float | None:
+    """``None``, or ``value`` as a float if it is a finite number > 0."""
+    return None if value is None else positive_number(name, value)
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` if it is an integer >= 1."""
+    number = _integer(name, value)
+    if number <= 0:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return number
+
+
+def non_negative_int(name: str, value: object) -> int:
+    """``value`` if it is an integer >= 0."""
+    number = _integer(name, value)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return number
+
+
+def cost_within(cost: object, ceiling: int, what: str) -> int:
+    """``cost`` if it is an integer in ``[0, ceiling]``; ``what`` names the ceiling."""
+    number = non_negative_int("cost", cost)
+    if number > ceiling:
+        raise ValueError(
+            f"cost must be <= {what}={ceiling} (it could never be admitted), got {cost}"
+        )
+    return number

@@ -1,0 +1,93 @@
+"""``course_lib.lua``: one loader for every script, EVALSHA with a reload on NOSCRIPT, one
+round trip per call and per pipeline, sync and asyncio clients."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+
+import pytest
+import redis.asyncio
+
+from course_lib import lua, services
+from course_lib.measure import RoundTripCounter
+
+PACKAGES = ("course_lib.caching", "course_lib.rate_limiting")
+ECHO = lua.Script("echo", "return {KEYS[1], ARGV[1]}")
+
+
+def test_every_lua_file_of_the_package_loads() -> None:
+    names = [
+        (package, entry.name[:-4])
+        for package in PACKAGES
+        for entry in resources.files(package).iterdir()
+        if entry.name.endswith(".lua")
+    ]
+    assert len(names) >= 12
+    for package, name in names:
+        script = lua.load(package, name)
+        assert "redis.call" in script.source or name == "_now", name
+        assert lua.load(package, name) is script  # read once
+
+
+def test_unknown_script_and_empty_source_are_refused() -> None:
+    with pytest.raises(ValueError, match="nope"):
+        lua.load("course_lib.caching", "nope")
+    with pytest.raises(ValueError, match="source"):
+        lua.Script("empty", "  ")
+
+
+def test_prelude_comes_first() -> None:
+    script = lua.load("course_lib.rate_limiting", "gcra", prelude="_now")
+    now = lua.load("course_lib.rate_limiting", "_now").source
+    assert script.source.startswith(now) and len(script.source) > len(now)
+
+
+def test_call_reloads_after_script_flush_in_one_extra_round_trip(ns) -> None:
+    counter = RoundTripCounter(services.redis_url())
+    client = counter.client
+    client.script_flush()
+    counter.reset()
+    assert ECHO(client, [f"{ns}:k"], ["v"]) == [f"{ns}:k".encode(), b"v"]
+    assert counter.count == 3  # EVALSHA -> NOSCRIPT, SCRIPT LOAD, EVALSHA
+    counter.reset()
+    ECHO.bind(client)(keys=[f"{ns}:k"], args=["v"])
+    assert counter.count == 1
+    client.close()
+
+
+def test_pipeline_is_one_round_trip_and_returns_errors_in_place(ns) -> None:
+    counter = RoundTripCounter(services.redis_url())
+    client = counter.client
+    ECHO(client, ["warm"], ["up"])
+    fail = lua.Script(
+        "fail", "if ARGV[1] == 'bad' then return redis.error_reply('no') end return 1"
+    )
+    fail(client, [], ["ok"])
+    counter.reset()
+    replies = fail.pipeline(client, [([], ["ok"]), ([], ["bad"]), ([], ["ok"])])
+    assert counter.count == 1
+    assert replies[0] == 1 and replies[2] == 1
+    assert isinstance(replies[1], redis.ResponseError)
+    client.script_flush()
+    counter.reset()
+    assert fail.pipeline(client, [([], ["ok"])] * 5) == [1] * 5
+    assert counter.count == 3  # pipeline -> NOSCRIPT, SCRIPT LOAD, pipeline again
+    client.close()
+
+
+def test_asyncio_client_call_and_pipeline(ns) -> None:
+    async def scenario() -> tuple[object, list[object]]:
+        client = redis.asyncio.Redis.from_url(services.redis_url())
+        try:
+            await client.script_flush()
+            one = await ECHO(client, [f"{ns}:a"], ["1"])
+            await client.script_flush()
+            many = await ECHO.pipeline(client, [([f"{ns}:b"], ["2"]), ([f"{ns}:c"], ["3"])])
+            return one, many
+        finally:
+            await client.aclose()
+
+    one, many = asyncio.run(scenario())
+    assert one == [f"{ns}:a".encode(), b"1"]
+    assert many == [[f"{ns}:b".encode(), b"2"], [f"{ns}:c".encode(), b"3"]]
