@@ -156,7 +156,7 @@ def test_refused_entry_stays_pending_then_goes_to_dead_letter(redis, ns, store):
     assert wb.backlog() == 0 and redis.xpending(wb.stream, "db")["pending"] == 0
     [(_, dead)] = redis.xrange(wb.dead_letter)
     assert dead[b"entry"] == bad and dead[b"deliveries"] == b"3"
-    assert b"not a number" in dead[b"error"]
+    assert b"score must be an integer" in dead[b"error"]  # refused by the store's check
     assert wb.worker_stats()["dead_lettered"] == 1
 
 
@@ -293,3 +293,35 @@ def test_write_behind_on_embedded_redis(embedded_dir, store):
     wb.write(3, {"score": 9})
     assert wb.process("alive").db_writes == 1 and store.load(3)["score"] == 9
     client.close()
+
+
+@pytest.mark.parametrize("base", [10**19, 10**20, 2**64, 10**40])
+def test_write_through_compares_versions_of_any_length_exactly(redis, ns, pg_engine, base):
+    wt = WriteThrough(redis, UserStore(pg_engine), ttl=60, namespace=ns)
+    assert wt.publish(1, {"id": 1, "version": base - 1})
+    assert wt.publish(1, {"id": 1, "version": base})  # one more digit, or the same length
+    assert not wt.publish(1, {"id": 1, "version": base - 1})
+    assert not wt.publish(1, {"id": 1, "version": 9})
+    assert wt.publish(1, {"id": 1, "version": base + 1})
+    assert redis.get(wt.version_key(1)) == str(base + 1).encode()
+
+
+def test_write_behind_refuses_a_value_the_column_cannot_hold_and_keeps_other_writes(
+    redis, ns, pg_engine
+):
+    seed_users(pg_engine, 3, seed=1)
+    store = UserStore(pg_engine)
+    wb = WriteBehind(redis, store, stream=f"{ns}:wb", group="db")
+    for bad, message in (
+        ({"score": 2**40}, "score must be in"),
+        ({"score": "7"}, "score must be an integer"),
+        ({"name": None}, "name must not be None"),
+        ({"plan": 3}, "plan must be a string"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            wb.write(2, bad)
+    wb.write(2, {"name": "Valid"})
+    result = wb.process("c1")
+    assert result.db_writes == 1 and result.dead_lettered == 0
+    assert store.load(2)["name"] == "Valid"
+    assert redis.xlen(wb.dead_letter) == 0

@@ -481,3 +481,16 @@ def test_a_read_only_replica_counts_as_unreachable(embedded_dir: Path, binary: s
         client.close()
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("start", [-1_000_000.0, -0.5, 0.0])
+def test_a_fresh_key_is_admitted_whatever_the_injected_clock_reads(redis, ns, start) -> None:
+    # A missing key used to read as a TAT of 0, "ahead" of a clock below 0: refused as if
+    # the clock had stepped back. Every limiter admits a fresh key's first hit.
+    clock = ManualClock(start)
+    for limiter in (
+        GCRA(redis, 1, 5, prefix=f"{ns}:g", clock=clock),
+        RedisTokenBucket(redis, 5, 1, prefix=f"{ns}:b", clock=clock),
+    ):
+        first = limiter.hit("fresh")
+        assert first.allowed and first.remaining == 4, (limiter, first)

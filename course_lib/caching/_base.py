@@ -13,9 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
+from course_lib.services import redis_unavailable
 from course_lib.validation import positive_number
 
 from .serialization import dumps, loads
@@ -39,13 +37,15 @@ STAT_NAMES = (
     "redis_errors",
     "decode_errors",
 )
-# Only these mean "Redis is away"; any other RedisError is a problem with one command.
-OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError)
 # What a value that is not ours (another writer, another stampede mode, bad bytes) raises.
 DECODE_ERRORS = (ValueError, TypeError)
+# XFetch payloads start with a byte no JSON text starts with, so neither mode can take the
+# other's payload for a value of its own, whatever shape the cached values have.
+XFETCH_PREFIX = b"\x00xfetch:"
 MISSING: Any = object()  # a cached value that could not be decoded: treated as a miss
-# A generation must outlive any load that read it; loads longer than this are not protected.
-GENERATION_TTL_MIN = 60.0
+# How long an invalidation is remembered (at least the TTL); a load that took longer is
+# returned but not cached, since an invalidation during it may have been forgotten.
+INVALIDATION_TTL_MIN = 60.0
 # Long enough for every waiter polling the lock to see the leader's error once.
 ERROR_TTL_MS = 2000
 FIRST_POLL = 0.001
@@ -58,10 +58,11 @@ class LoaderError(RuntimeError):
 
 @dataclass(frozen=True)
 class Ticket:
-    """A reservation to fill ``key``: the generation seen before the load began."""
+    """A reservation to fill ``key``: the Redis server time (microseconds, as a decimal
+    string) at which the load began; an invalidation at or after it refuses the fill."""
 
     key: Any
-    generation: str
+    started: str
 
 
 class Stats:
@@ -127,7 +128,7 @@ class CacheConfig:
         self.distributed = stampede in ("lock", "xfetch")
         self.xfetch = stampede == "xfetch"
         self.rng = rng if rng is not None else random.Random()
-        self.generation_ttl_ms = int(max(self.ttl, GENERATION_TTL_MIN) * 1000)
+        self.invalidation_ttl_ms = int(max(self.ttl, INVALIDATION_TTL_MIN) * 1000)
         self.lock_ms = int(self.lock_ttl * 1000)
         self.stats = Stats()
         self.down_until = 0.0
@@ -139,8 +140,8 @@ class CacheConfig:
     def value_key(self, key: Any) -> str:
         return f"{self.namespace}:{key}"
 
-    def generation_key(self, key: Any) -> str:
-        return f"{self.namespace}#gen:{key}"
+    def invalidation_key(self, key: Any) -> str:
+        return f"{self.namespace}#inv:{key}"
 
     def lock_key(self, key: Any) -> str:
         return f"{self.namespace}#lock:{key}"
@@ -153,7 +154,8 @@ class CacheConfig:
         """Bytes to store and their TTL in ms (``None`` values get the negative TTL)."""
         ttl = self.negative_ttl if value is None else self.ttl
         if self.xfetch:
-            return dumps(Envelope(value, delta, time.time() + ttl).to_json()), int(ttl * 1000)
+            envelope = Envelope(value, delta, time.time() + ttl).to_json()
+            return XFETCH_PREFIX + dumps(envelope), int(ttl * 1000)
         return dumps(value), int(ttl * 1000)
 
     def decode(self, raw: bytes, *, count: bool = True) -> Any:
@@ -162,8 +164,7 @@ class CacheConfig:
         bad bytes, or a value of a cache in another stampede mode under the same namespace.
         It then costs a reload and is overwritten, never an exception."""
         try:
-            data = loads(raw)
-            return Envelope.from_json(data).value if self.xfetch else data
+            return _envelope(raw).value if self.xfetch else loads(raw)
         except DECODE_ERRORS:
             if count:
                 self.stats.incr("decode_errors")
@@ -172,7 +173,7 @@ class CacheConfig:
     def wants_early_refresh(self, raw: bytes) -> tuple[Any, bool]:
         """XFetch: the cached value (or :data:`MISSING`) and whether to refresh it now."""
         try:
-            envelope = Envelope.from_json(loads(raw))
+            envelope = _envelope(raw)
         except DECODE_ERRORS:
             self.stats.incr("decode_errors")
             return MISSING, False
@@ -191,9 +192,11 @@ class CacheConfig:
 
     def failed(self, exc: BaseException) -> None:
         """Count a Redis error. A connection error or timeout starts an outage (Redis is
-        skipped for ``retry_after`` s, logged once); any other error concerns one command."""
+        skipped for ``retry_after`` s, logged once), and so does any reply saying the server
+        cannot serve now (out of memory, read-only replica, loading, ...; see
+        :func:`course_lib.services.redis_unavailable`); any other error concerns one command."""
         self.stats.incr("redis_errors")
-        if not isinstance(exc, OUTAGE_ERRORS):
+        if not redis_unavailable(exc):
             with self._log_lock:
                 first = type(exc) not in self._error_types_logged
                 self._error_types_logged.add(type(exc))
@@ -228,6 +231,14 @@ class CacheConfig:
             self.stats.incr("load_errors")
             raise
         return value, time.perf_counter() - start
+
+
+def _envelope(raw: bytes | str) -> Envelope:
+    if isinstance(raw, str):  # a client with decode_responses=True
+        raw = raw.encode()
+    if not raw.startswith(XFETCH_PREFIX):
+        raise ValueError("not an XFetch payload")
+    return Envelope.from_json(loads(raw[len(XFETCH_PREFIX) :]))
 
 
 def describe(exc: BaseException) -> str:

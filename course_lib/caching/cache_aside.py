@@ -21,12 +21,18 @@ Guarantees:
 - A loader exception reaches the caller and every waiter of that load (waiters in another
   process get :class:`LoaderError` carrying its type and message); the lock is released and
   the next call loads again.
-- No stale fill: :meth:`invalidate` bumps a per-key generation, and a load that began before
-  it is not cached (``fill.lua``). This closes the race where a reader caches the row
-  it read just before a writer updated the row and deleted the key.
-- Fail-open: if Redis is unreachable (connection error or timeout), ``get`` returns
-  ``loader(key)`` (through the local single-flight), counts it in ``stats["fail_open"]``, logs
-  one warning per outage, and skips Redis for ``retry_after`` seconds before trying it again.
+- No stale fill: :meth:`invalidate` records when it ran (Redis server time), and a load that
+  began at or before that moment is not cached (``reserve.lua``, ``fill.lua``). This closes
+  the race where a reader caches the row it read just before a writer updated the row and
+  deleted the key. A record is kept ``max(ttl, 60 s)``; a load that took longer than that
+  is returned to its caller but not cached, since an invalidation during it may have been
+  forgotten. Tickets are times, so they never repeat (a counter restarted after its key
+  expired would hand a late reader a ticket equal to the new generation).
+- Fail-open: if Redis is unreachable (connection error or timeout) or cannot serve now
+  (out of memory, read-only, loading, ...: :func:`course_lib.services.redis_unavailable`),
+  ``get`` returns ``loader(key)`` (through the local single-flight), counts it in
+  ``stats["fail_open"]``, logs one warning per outage, and skips Redis for ``retry_after``
+  seconds before trying it again.
   Any other Redis error (a wrong type, a script error) fails open for that call only and is
   counted in ``stats["redis_errors"]``; it starts no outage. Give the client a short
   ``socket_timeout`` and few retries, or each failing call waits out redis-py's retry policy.
@@ -62,9 +68,12 @@ from ._base import (
     describe,
 )
 from .redis_lock import new_token
-from .single_flight import AsyncSingleFlight, SingleFlight
+from .single_flight import AsyncSingleFlight, FlightTimeout, SingleFlight
 
 __all__ = ["STAMPEDE_MODES", "AsyncCacheAside", "CacheAside", "LoaderError", "Ticket"]
+
+
+_SCRIPTS = ("release", "reserve", "fill", "invalidate")
 
 
 def _text(raw: bytes | str | None) -> str:
@@ -104,9 +113,7 @@ class CacheAside:
             rng=rng,
         )
         self.redis = redis
-        self._scripts = {
-            n: lua.load(__package__, n).bind(redis) for n in ("release", "fill", "invalidate")
-        }
+        self._scripts = {n: lua.load(__package__, n).bind(redis) for n in _SCRIPTS}
         # A waiter of the local flight may sit behind a leader waiting for the Redis lock.
         timeout = self._c.wait_timeout + (self._c.lock_ttl if self._c.distributed else 0)
         self._flight: SingleFlight[Any] | None = (
@@ -155,21 +162,28 @@ class CacheAside:
         if self._flight is None:
             return self._miss(key)
         miss = self._miss_locked if c.distributed else self._miss
-        return self._flight.do(key, lambda: miss(key))
+        try:
+            # Keyed by the Redis key: 1, 1.0 and True are equal in Python but name different
+            # Redis keys, so they must not share a load.
+            return self._flight.do(c.value_key(key), lambda: miss(key))
+        except FlightTimeout:
+            c.stats.incr("lock_timeouts")
+            return self._miss(key)
 
     def invalidate(self, key: Any) -> int:
-        """Delete ``key`` and refuse any fill from a load that began before; new generation."""
+        """Delete ``key`` and refuse any fill from a load that began before; 1 if a value
+        was cached."""
         c = self._c
         return int(
             self._scripts["invalidate"](
-                keys=[c.value_key(key), c.generation_key(key)], args=[c.generation_ttl_ms]
+                keys=[c.value_key(key), c.invalidation_key(key)], args=[c.invalidation_ttl_ms]
             )
         )
 
     # The two halves of a miss, public so that an interleaving can be scripted step by step.
     def reserve(self, key: Any) -> Ticket:
-        """First half of a miss: note ``key``'s generation before the load begins."""
-        return Ticket(key, _text(self.redis.get(self._c.generation_key(key))))
+        """First half of a miss: note the server time before the load begins."""
+        return Ticket(key, _text(self._scripts["reserve"](keys=[self._c.value_key(key)])[1]))
 
     def fill(self, ticket: Ticket, value: Any, *, delta: float = 0.0) -> bool:
         """Second half: cache ``value`` unless ``ticket.key`` was invalidated since reserve."""
@@ -177,8 +191,8 @@ class CacheAside:
         payload, ttl_ms = c.encode(value, delta)
         stored = bool(
             self._scripts["fill"](
-                keys=[c.value_key(ticket.key), c.generation_key(ticket.key)],
-                args=[ticket.generation, payload, ttl_ms],
+                keys=[c.value_key(ticket.key), c.invalidation_key(ticket.key)],
+                args=[ticket.started, payload, ttl_ms, c.invalidation_ttl_ms],
             )
         )
         if not stored:
@@ -192,7 +206,7 @@ class CacheAside:
         c.stats.incr("fail_open")
         if self._flight is None:
             return c.load(key)[0]
-        return self._flight.do(("fail-open", key), lambda: c.load(key)[0])
+        return self._flight.do(("fail-open", c.value_key(key)), lambda: c.load(key)[0])
 
     def _fill_quietly(self, ticket: Ticket, value: Any, delta: float) -> None:
         try:
@@ -253,13 +267,13 @@ class CacheAside:
         c = self._c
         try:
             try:
-                raw, generation = self.redis.mget([c.value_key(key), c.generation_key(key)])
+                raw, started = self._scripts["reserve"](keys=[c.value_key(key)])
             except RedisError as exc:
                 return self._without_redis(key, exc)
             # Filled by another process while we took the lock?
             if raw is not None and (value := c.decode(raw, count=False)) is not MISSING:
                 return value
-            ticket = Ticket(key, _text(generation))
+            ticket = Ticket(key, _text(started))
             try:
                 value, delta = c.load(key)
             except Exception as exc:
@@ -331,9 +345,7 @@ class AsyncCacheAside:
             rng=rng,
         )
         self.redis = redis
-        self._scripts = {
-            n: lua.load(__package__, n).bind(redis) for n in ("release", "fill", "invalidate")
-        }
+        self._scripts = {n: lua.load(__package__, n).bind(redis) for n in _SCRIPTS}
         timeout = self._c.wait_timeout + (self._c.lock_ttl if self._c.distributed else 0)
         self._flight: AsyncSingleFlight[Any] | None = (
             AsyncSingleFlight(timeout=timeout) if stampede is not None else None
@@ -382,26 +394,31 @@ class AsyncCacheAside:
         if self._flight is None:
             return await self._miss(key)
         miss = self._miss_locked if c.distributed else self._miss
-        return await self._flight.do(key, lambda: miss(key))
+        try:
+            return await self._flight.do(c.value_key(key), lambda: miss(key))
+        except FlightTimeout:
+            c.stats.incr("lock_timeouts")
+            return await self._miss(key)
 
     async def invalidate(self, key: Any) -> int:
         c = self._c
         return int(
             await self._scripts["invalidate"](
-                keys=[c.value_key(key), c.generation_key(key)], args=[c.generation_ttl_ms]
+                keys=[c.value_key(key), c.invalidation_key(key)], args=[c.invalidation_ttl_ms]
             )
         )
 
     async def reserve(self, key: Any) -> Ticket:
-        return Ticket(key, _text(await self.redis.get(self._c.generation_key(key))))
+        reply = await self._scripts["reserve"](keys=[self._c.value_key(key)])
+        return Ticket(key, _text(reply[1]))
 
     async def fill(self, ticket: Ticket, value: Any, *, delta: float = 0.0) -> bool:
         c = self._c
         payload, ttl_ms = c.encode(value, delta)
         stored = bool(
             await self._scripts["fill"](
-                keys=[c.value_key(ticket.key), c.generation_key(ticket.key)],
-                args=[ticket.generation, payload, ttl_ms],
+                keys=[c.value_key(ticket.key), c.invalidation_key(ticket.key)],
+                args=[ticket.started, payload, ttl_ms, c.invalidation_ttl_ms],
             )
         )
         if not stored:
@@ -419,7 +436,7 @@ class AsyncCacheAside:
 
         if self._flight is None:
             return await load()
-        return await self._flight.do(("fail-open", key), load)
+        return await self._flight.do(("fail-open", c.value_key(key)), load)
 
     async def _fill_quietly(self, ticket: Ticket, value: Any, delta: float) -> None:
         try:
@@ -480,12 +497,12 @@ class AsyncCacheAside:
         c = self._c
         try:
             try:
-                raw, generation = await self.redis.mget([c.value_key(key), c.generation_key(key)])
+                raw, started = await self._scripts["reserve"](keys=[c.value_key(key)])
             except RedisError as exc:
                 return await self._without_redis(key, exc)
             if raw is not None and (value := c.decode(raw, count=False)) is not MISSING:
                 return value
-            ticket = Ticket(key, _text(generation))
+            ticket = Ticket(key, _text(started))
             try:
                 value, delta = await self._load(key)
             except Exception as exc:

@@ -1,8 +1,8 @@
--- Invalidate a key: bump its generation, then delete the value, atomically.
--- Any load that began before this call read the old generation, so its fill is refused.
--- KEYS[1] value key, KEYS[2] generation key; ARGV[1] TTL of the generation in ms.
--- Returns the new generation.
-local generation = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[1])
-return generation
+-- Invalidate a key: record when (server time, microseconds), then delete the value,
+-- atomically. A load that began at or before that time holds an older ticket, so fill.lua
+-- refuses it. The record is kept ARGV[1] ms; fill.lua refuses loads older than that too,
+-- since an invalidation during them could have been forgotten.
+-- KEYS[1] value key, KEYS[2] invalidation record. Returns 1 if a cached value was deleted.
+local t = redis.call('TIME')
+redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])), 'PX', ARGV[1])
+return redis.call('DEL', KEYS[1])

@@ -10,8 +10,11 @@ event loop):
 - the leader's exception reaches the leader and every waiter of that call;
 - the key is released before waiters are woken, whatever ``fn`` did, so the next call after
   a failure runs ``fn`` again (nothing stays stuck, unlike a lock that is never released);
-- a waiter waits at most ``timeout`` seconds, then raises ``TimeoutError``; the leader is
-  not interrupted.
+- a waiter waits at most ``timeout`` seconds, then raises :class:`FlightTimeout` (a
+  ``TimeoutError``); the leader is not interrupted. An exception the leader's ``fn`` raised
+  is never mistaken for that timeout, even if it is a ``TimeoutError`` itself;
+- (asyncio) if the leading task is cancelled, its waiters are not failed: the first of them
+  takes over and runs ``fn`` as the new leader, the others wait for it.
 
 It protects one process only; :mod:`course_lib.caching.redis_lock` extends it across
 processes.
@@ -26,9 +29,17 @@ from typing import Any, Generic, TypeVar
 
 from course_lib.validation import optional_positive_number
 
-__all__ = ["AsyncSingleFlight", "SingleFlight"]
+__all__ = ["AsyncSingleFlight", "FlightTimeout", "SingleFlight"]
 
 T = TypeVar("T")
+
+
+class FlightTimeout(TimeoutError):
+    """A waiter gave up waiting for the in-flight call after the flight's ``timeout``."""
+
+
+class _LeaderCancelled(RuntimeError):
+    """Set on an asyncio flight whose leader was cancelled: its waiters take over."""
 
 
 class _Flight:
@@ -66,7 +77,7 @@ class SingleFlight(Generic[T]):
                 flight = self._flights[key] = _Flight()
         if not leader:
             if not flight.done.wait(self.timeout):
-                raise TimeoutError(f"waited {self.timeout} s for the in-flight call of {key!r}")
+                raise FlightTimeout(f"waited {self.timeout} s for the in-flight call of {key!r}")
             if flight.error is not None:
                 raise flight.error
             return flight.value
@@ -85,8 +96,8 @@ class SingleFlight(Generic[T]):
 class AsyncSingleFlight(Generic[T]):
     """asyncio version: ``await flight.do(key, fn)`` with ``fn`` a coroutine function.
 
-    If the leader is cancelled, its waiters receive ``asyncio.CancelledError`` turned into
-    ``RuntimeError`` (a waiter was not cancelled itself) and the next call starts afresh.
+    If the leader is cancelled, the cancellation stays with the leader: a waiter takes over
+    and runs ``fn`` itself (one waiter does; the others wait for it).
     """
 
     def __init__(self, *, timeout: float | None = 30.0) -> None:
@@ -98,12 +109,15 @@ class AsyncSingleFlight(Generic[T]):
         return len(self._flights)
 
     async def do(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
-        future = self._flights.get(key)
-        if future is not None:
+        while (future := self._flights.get(key)) is not None:
             try:
                 return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+            except _LeaderCancelled:
+                continue  # the leader is gone: the first waiter here becomes the next one
             except TimeoutError as exc:
-                raise TimeoutError(
+                if future.done():
+                    raise  # the leader's own TimeoutError, shared like any other error
+                raise FlightTimeout(
                     f"waited {self.timeout} s for the in-flight call of {key!r}"
                 ) from exc
         future = asyncio.get_running_loop().create_future()
@@ -114,7 +128,7 @@ class AsyncSingleFlight(Generic[T]):
             value = await fn()
         except asyncio.CancelledError:
             del self._flights[key]
-            future.set_exception(RuntimeError(f"the in-flight call of {key!r} was cancelled"))
+            future.set_exception(_LeaderCancelled(f"the in-flight call of {key!r} was cancelled"))
             raise
         except BaseException as exc:
             del self._flights[key]

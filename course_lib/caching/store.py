@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from sqlalchemy import Engine, select
+from sqlalchemy import BigInteger, Column, Engine, Integer, SmallInteger, String, select
 from sqlalchemy.dialects.postgresql import insert
 
 from .users import COLUMNS, users_table
@@ -51,6 +51,24 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _check_column(column: Column[Any], value: Any) -> None:
+    name = column.name
+    if value is None:
+        if not column.nullable:
+            raise ValueError(f"{name} must not be None (the column is NOT NULL)")
+        return
+    kind = column.type
+    if isinstance(kind, Integer):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+        bits = 64 if isinstance(kind, BigInteger) else 16 if isinstance(kind, SmallInteger) else 32
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be in [{low}, {high}] ({bits}-bit column), got {value}")
+    elif isinstance(kind, String) and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+
+
 class UserStore:
     """:class:`Store` on ``users`` in the engine's schema. Keys are user ids (int or str)."""
 
@@ -78,9 +96,13 @@ class UserStore:
 
     @staticmethod
     def validate(value: Any) -> dict[str, Any]:
-        """The writable columns of ``value``; ``ValueError`` naming any unknown column.
+        """The writable columns of ``value``; ``ValueError`` naming any unknown column or any
+        value the column would refuse (wrong type, ``NULL`` in a ``NOT NULL`` column, an
+        integer outside the column's range, e.g. ``2**40`` for PostgreSQL's ``integer``).
 
-        ``id`` and ``version`` are not writable: the key and the store decide them.
+        ``id`` and ``version`` are not writable: the key and the store decide them. Checking
+        here, before anything is cached or queued, is what keeps one bad value of a
+        write-behind record from poisoning the valid writes merged after it.
         """
         if not isinstance(value, Mapping):
             raise TypeError(f"value must be a mapping of columns, got {type(value).__name__}")
@@ -90,6 +112,8 @@ class UserStore:
             raise ValueError(
                 f"value has unknown columns {sorted(unknown)}; known: {sorted(_WRITABLE)}"
             )
+        for name, item in fields.items():
+            _check_column(users_table.c[name], item)
         return fields
 
     def save(self, key: Any, value: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -5,8 +5,11 @@ write survives the death of the process that made it and of the worker applying 
 
 Guarantees:
 
-- :meth:`WriteBehind.write` takes the changed columns (checked against the store at once:
-  an unknown column raises ``ValueError`` there, not later in the worker). One Lua script
+- :meth:`WriteBehind.write` takes the changed columns, checked against the store at once
+  (the store's ``validate``; :class:`~course_lib.caching.store.UserStore` checks names,
+  types, ``NOT NULL`` and integer ranges): a value the database would refuse raises
+  ``ValueError`` there, before it is merged into the record, so it cannot poison the valid
+  writes merged after it. One Lua script
   (``write_behind.lua``) merges them into the cached record, which always holds the whole
   row, and appends that whole record to the stream: both happen or neither, and two writers
   of different columns of one row both keep their change.

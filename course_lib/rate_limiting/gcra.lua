@@ -17,7 +17,9 @@ local function save(tat)
   redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', ttl)
 end
 
-local tat = tonumber(redis.call('GET', KEYS[1]) or 0)
+-- A missing key is a full bucket: TAT = now (not 0, which is "ahead of now" for a clock
+-- that reads below 0 and would look like a clock step back).
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 local capped = false
 if tat < now then
   tat = now

@@ -16,8 +16,10 @@
   client longer than one window (window limiters) or one refill of the cost (buckets).
   Redis keeps expiry times on its wall clock too, so after a step back keys live longer
   than their TTL said: memory, not admissions.
-- When Redis cannot be reached (connection refused or lost, timeout) or cannot take writes
-  (``READONLY`` from a replica after a failover, ``LOADING`` after a restart), the limiter
+- When Redis cannot be reached (connection refused or lost, timeout) or cannot count now
+  (any reply of :data:`course_lib.services.clients.UNAVAILABLE_REPLIES`: ``OOM`` under
+  ``noeviction``, ``MISCONF``, ``READONLY`` from a replica after a failover, ``LOADING``
+  after a restart, ``BUSY``, ``NOREPLICAS``, ``MASTERDOWN``), the limiter
   does not raise: it answers with its ``fail_open`` policy and marks the decision ``degraded``.
   The default, ``fail_open=True``, admits the request, because a rate limiter usually
   protects availability and should not take the whole API down with its store (Envoy's
@@ -41,6 +43,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from course_lib import lua
+from course_lib.services import redis_unavailable
 from course_lib.validation import cost_within
 
 from .decision import Decision
@@ -48,18 +51,7 @@ from .decision import Decision
 __all__ = ["FAIL_CLOSED_RETRY_AFTER", "RedisLimiter", "script"]
 
 FAIL_CLOSED_RETRY_AFTER = 1.0
-# BusyLoadingError (LOADING) is a ConnectionError; ReadOnlyError (a replica after a failover)
-# is a ResponseError but means the same thing here: this server cannot count right now.
-_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
 _new = tuple.__new__
-
-
-def _store_unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means "this server cannot count now" rather than a bug."""
-    if isinstance(exc, _UNREACHABLE):
-        return True
-    # Redis 6.2 reports a script's refused write as a generic script error.
-    return isinstance(exc, redis.ResponseError) and "-READONLY " in str(exc)
 
 
 def script(name: str) -> lua.Script:
@@ -143,7 +135,7 @@ class RedisLimiter:
         try:
             reply = self._script(self.redis, (self.key(key),), args)
         except redis.RedisError as exc:
-            if _store_unavailable(exc):
+            if redis_unavailable(exc):
                 return self._fallback()
             raise
         return _to_decision(reply)
@@ -174,12 +166,12 @@ class RedisLimiter:
         try:
             replies = self._script.pipeline(self.redis, calls)
         except redis.RedisError as exc:
-            if _store_unavailable(exc):
+            if redis_unavailable(exc):
                 return [self._fallback() for _ in calls]
             raise
         decisions = []
         for reply in replies:
-            if _store_unavailable(reply):
+            if redis_unavailable(reply):
                 decisions.append(self._fallback())
             elif isinstance(reply, Exception):
                 raise reply

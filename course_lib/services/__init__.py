@@ -22,7 +22,7 @@ from typing import Any
 import redis
 from sqlalchemy import Engine, create_engine
 
-from .clients import fail_fast_async_redis, fail_fast_redis
+from .clients import fail_fast_async_redis, fail_fast_redis, redis_unavailable
 from .database import connect
 from .embedded import EmbeddedPostgres, EmbeddedRedis, state_dir
 from .errors import ServiceError
@@ -42,6 +42,7 @@ __all__ = [
     "fail_fast_async_redis",
     "fail_fast_redis",
     "redis_client",
+    "redis_unavailable",
     "redis_url",
     "reset",
     "resolution",

@@ -158,14 +158,14 @@ def invalidation_race_course_lib(cache: CacheAside, store: UserStore, user_id: i
     """The same crossing with :class:`CacheAside`: the fill from before the write is refused."""
     out = RaceOutcome("plan")
     out.step("reader", f"GET {cache.key(user_id)}", lambda: cache.redis.get(cache.key(user_id)))
-    ticket = out.step("reader", "reserve (read generation)", lambda: cache.reserve(user_id))
+    ticket = out.step("reader", "reserve (note server time)", lambda: cache.reserve(user_id))
     row = out.step("reader", "loader: SELECT ... WHERE id=...", lambda: store.load(user_id))
     out.step(
         "writer",
         "store.save(plan='enterprise')",
         lambda: store.save(user_id, {"plan": "enterprise"}),
     )
-    out.step("writer", "invalidate (generation + 1, DEL)", lambda: cache.invalidate(user_id))
+    out.step("writer", "invalidate (record time, DEL)", lambda: cache.invalidate(user_id))
     out.step("reader", "fill(ticket, row from step 3)", lambda: cache.fill(ticket, row))
     out.database = store.load(user_id)
     out.cache = out.step("reader", "get (next call)", lambda: cache.get(user_id))
