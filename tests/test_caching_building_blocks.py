@@ -11,10 +11,14 @@ import uuid
 from decimal import Decimal
 
 import pytest
+import redis.asyncio as aredis
 
+from course_lib import services
 from course_lib.caching import (
+    AsyncRedisLock,
     AsyncSingleFlight,
     CacheAside,
+    LockNotOwned,
     RedisLock,
     SingleFlight,
     dumps,
@@ -100,9 +104,80 @@ def test_redis_lock_release_is_compare_and_delete(redis, ns):
     time.sleep(0.3)  # expired under us; someone else takes it
     other = RedisLock(redis, f"{ns}:lock", ttl=5, wait=0)
     assert other.acquire()
-    assert lock.release() is False
+    with pytest.raises(LockNotOwned):
+        lock.release()
+    with pytest.raises(LockNotOwned):
+        lock.extend(token=lock.token or "gone")
     assert redis.get(f"{ns}:lock") == other.token.encode()  # type: ignore[union-attr]
-    assert other.release() is True
+    other.extend(10)
+    assert 5000 < redis.pttl(f"{ns}:lock") <= 10000
+    other.release()
+    assert redis.get(f"{ns}:lock") is None
+    with pytest.raises(RuntimeError, match="not acquired"):
+        other.release()
+
+
+def test_redis_lock_shared_by_threads_keeps_one_token_per_acquisition(redis, ns):
+    # Two threads share one lock object. A's acquisition expires and B takes the lock: A's
+    # release must not delete B's lock (it would with one token per object).
+    lock = RedisLock(redis, f"{ns}:shared", ttl=0.2, wait=2)
+    a_token = lock.acquire()
+    assert a_token is not None
+    seen: dict[str, object] = {}
+
+    def b() -> None:
+        seen["b"] = lock.acquire()  # waits for A's lock to expire, then takes it
+
+    thread = threading.Thread(target=b)
+    thread.start()
+    thread.join()
+    assert seen["b"] not in (None, a_token) and lock.token == a_token
+    with pytest.raises(LockNotOwned):
+        lock.release()  # A's (this thread's) acquisition, long expired
+    assert redis.get(f"{ns}:shared") == str(seen["b"]).encode()
+    lock.release(str(seen["b"]))
+    assert redis.get(f"{ns}:shared") is None
+
+
+def test_redis_lock_block_error_wins_over_the_lost_lock(redis, ns):
+    with pytest.raises(KeyError) as caught, RedisLock(redis, f"{ns}:lost", ttl=0.05, wait=0):
+        time.sleep(0.1)
+        raise KeyError("the block's own error")
+    assert any("was lost" in note for note in caught.value.__notes__)
+    with pytest.raises(LockNotOwned), RedisLock(redis, f"{ns}:lost", ttl=0.05, wait=0):
+        time.sleep(0.1)
+
+
+def test_async_redis_lock_like_the_sync_one(ns):
+    async def scenario() -> dict[str, object]:
+        client = aredis.Redis.from_url(services.redis_url())
+        out: dict[str, object] = {}
+        try:
+            lock = AsyncRedisLock(client, f"{ns}:alock", ttl=0.2, wait=2)
+            mine = await lock.acquire()
+            other = asyncio.create_task(lock.acquire())  # another task, same object
+            out["other"] = await other
+            out["mine_is_different"] = out["other"] not in (None, mine)
+            try:
+                await lock.release()
+            except LockNotOwned:
+                out["lost"] = True
+            await lock.release(str(out["other"]))
+            async with AsyncRedisLock(client, f"{ns}:alock", ttl=5, wait=0) as held:
+                await held.extend(10)
+                out["pttl"] = await client.pttl(f"{ns}:alock")
+            out["after"] = await client.get(f"{ns}:alock")
+            blocked = AsyncRedisLock(client, f"{ns}:busy", ttl=5, wait=0.1)
+            await client.set(f"{ns}:busy", "someone")
+            out["blocked"] = await blocked.acquire()
+        finally:
+            await client.aclose()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out["mine_is_different"] and out["lost"]
+    assert 5000 < out["pttl"] <= 10000  # type: ignore[operator]
+    assert out["after"] is None and out["blocked"] is None
 
 
 @pytest.mark.timeout(10)
@@ -110,7 +185,7 @@ def test_redis_lock_bounded_wait(redis, ns):
     holder = RedisLock(redis, f"{ns}:lock", ttl=5)
     assert holder.acquire()
     start = time.monotonic()
-    assert RedisLock(redis, f"{ns}:lock", ttl=5, wait=0.3).acquire() is False
+    assert RedisLock(redis, f"{ns}:lock", ttl=5, wait=0.3).acquire() is None
     assert 0.25 < time.monotonic() - start < 2
     holder.release()
 

@@ -15,7 +15,7 @@ races); it is not meant to be copied into a service.
 """
 
 from .cache_aside import STAMPEDE_MODES, AsyncCacheAside, CacheAside, LoaderError, Ticket
-from .redis_lock import AsyncRedisLock, LockNotAcquired, RedisLock
+from .redis_lock import AsyncRedisLock, LockNotAcquired, LockNotOwned, RedisLock
 from .serialization import dumps, loads, to_jsonable
 from .single_flight import AsyncSingleFlight, SingleFlight
 from .store import Store, UserStore
@@ -32,6 +32,7 @@ __all__ = [
     "CacheAside",
     "LoaderError",
     "LockNotAcquired",
+    "LockNotOwned",
     "RedisLock",
     "SingleFlight",
     "Store",
