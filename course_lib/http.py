@@ -147,8 +147,9 @@ class ServerProcess:
             line += chunk
         selector.close()
         if not line.startswith(b"LISTENING "):
-            self.stop()
+            self.kill()
             error = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+            self.stop()
             raise TimeoutError(
                 f"server process {self.factory}({self.kwargs}) did not start within "
                 f"{timeout} s{': ' + error.strip().splitlines()[-1] if error.strip() else ''}"

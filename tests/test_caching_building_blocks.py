@@ -8,6 +8,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
@@ -50,6 +51,7 @@ def test_single_flight_shares_result_and_exception():
 
     out = run_threads(lambda: flight.do("k", broken), 40, timeout=10)
     assert len(out.errors) == 40 and calls["n"] == 2
+    assert all(error.startswith("KeyError: 'gone'") for error in out.errors), out.errors[:3]
     assert flight.in_flight() == 0
     assert flight.do("k", lambda: "again") == "again"
 
@@ -230,7 +232,20 @@ def test_single_flight_validation():
     assert SingleFlight(timeout=None).timeout is None
 
 
-def test_seed_bind_reuses_its_task_queue_thread(redis, pg_engine):
+@pytest.fixture
+def as_written_restored() -> Iterator[None]:
+    """Put back the module-level globals ``as_written.bind`` sets, whatever the test did."""
+    names = ("cache", "db", "task_queue", "_fetch", "PREFIX")
+    saved = {name: vars(as_written)[name] for name in names if name in vars(as_written)}
+    yield
+    for name in names:
+        if name in saved:
+            setattr(as_written, name, saved[name])
+        elif name in vars(as_written):
+            delattr(as_written, name)
+
+
+def test_seed_bind_reuses_its_task_queue_thread(redis, pg_engine, as_written_restored):
     as_written.bind(redis, pg_engine)
     threads = threading.active_count()
     queue = as_written.task_queue
@@ -243,7 +258,7 @@ def test_seed_bind_reuses_its_task_queue_thread(redis, pg_engine):
     assert done.wait(5)
 
 
-def test_seed_bound_restores_the_previous_binding(redis, pg_engine):
+def test_seed_bound_restores_the_previous_binding(redis, pg_engine, as_written_restored):
     as_written.bind(redis, pg_engine, prefix="outer")
     outer_db = as_written.db
     with as_written.bound(redis, pg_engine, prefix="inner"):

@@ -41,7 +41,7 @@ def test_latency_hist_and_cdf_show_percentiles_in_legend() -> None:
     for make in (charts.latency_hist, charts.latency_cdf):
         fig = make({"hit": FAST, "miss": SLOW}, "Hits are 20x faster")
         assert isinstance(fig, Figure)
-        assert fig._suptitle.get_text() == "Hits are 20x faster"
+        assert fig.get_suptitle() == "Hits are 20x faster"
         (ax,) = fig.axes
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
         assert labels[0].startswith("hit (p50 ") and "p99" in labels[0]

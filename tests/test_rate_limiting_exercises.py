@@ -9,11 +9,13 @@ import time
 import pytest
 import redis as redis_lib
 
+from course_lib import lua
 from course_lib.exercises.rate_limiting import (
     check_atomic_limiter,
     check_retry_delays,
     check_token_bucket,
 )
+from course_lib.exercises.result import CheckResult
 from course_lib.rate_limiting.lesson import as_written
 
 
@@ -54,12 +56,11 @@ return count <= tonumber(ARGV[1]) and 1 or 0
 """
 
 
-# register_script hashes the script once; each call is an EVALSHA on the client passed in
-fixed_window_script = redis_lib.Redis().register_script(REFERENCE_FIXED_WINDOW)
+FIXED_WINDOW = lua.Script("reference_fixed_window", REFERENCE_FIXED_WINDOW)
 
 
 def reference_allow(client: redis_lib.Redis, key: str, limit: int, window: int) -> bool:
-    return fixed_window_script(keys=[key], args=[limit, window], client=client) == 1
+    return FIXED_WINDOW(client, [key], [limit, window]) == 1
 
 
 def reference_delay(retry_after: float, attempt: int, rng: random.Random) -> float:
@@ -81,6 +82,11 @@ class AbsoluteElapsedBucket(ReferenceBucket):
             return False
 
 
+def _fails(result: CheckResult, reason: str) -> bool:
+    """The checker failed, and for the reason the planted bug should cause."""
+    return not result and reason in result.message
+
+
 def test_token_bucket_checker_reports_what_failed(capsys: pytest.CaptureFixture[str]) -> None:
     assert not check_token_bucket(lambda c, r, clock: AbsoluteElapsedBucket(c, r, clock))
     line = capsys.readouterr().out
@@ -90,9 +96,14 @@ def test_token_bucket_checker_reports_what_failed(capsys: pytest.CaptureFixture[
 def test_token_bucket_checker() -> None:
     assert check_token_bucket(lambda c, r, clock: ReferenceBucket(c, r, clock))
     # the seed: its clock-step bug (a wall clock jumping back locks it for an hour)
-    assert not check_token_bucket(lambda c, r, clock: _seed_bucket(c, r, clock))
+    assert _fails(
+        check_token_bucket(lambda c, r, clock: _seed_bucket(c, r, clock)),
+        "expected 2 allowed, got 0",
+    )
     # a lock is missing: the race lets more than the capacity through
-    assert not check_token_bucket(lambda c, r, clock: UnlockedBucket(c, r, clock))
+    assert _fails(
+        check_token_bucket(lambda c, r, clock: UnlockedBucket(c, r, clock)), "8 threads x 100"
+    )
 
 
 def _seed_bucket(capacity, refill_rate, clock):
@@ -126,13 +137,13 @@ def test_atomic_limiter_checker() -> None:
     def without_ttl(client, key, limit, window):
         return client.incr(key) <= limit
 
-    assert not check_atomic_limiter(without_ttl)
+    assert _fails(check_atomic_limiter(without_ttl), "without a TTL")
 
     def always(client, key, limit, window):
         client.set(key, 1, ex=window)
         return True
 
-    assert not check_atomic_limiter(always)
+    assert _fails(check_atomic_limiter(always), "admitted")
 
     def get_then_incr(client, key, limit, window):
         # read, decide, write: two round trips with room for others in between (the sleep
@@ -146,11 +157,15 @@ def test_atomic_limiter_checker() -> None:
         pipe.execute()
         return True
 
-    assert not check_atomic_limiter(get_then_incr)
+    assert _fails(check_atomic_limiter(get_then_incr), "admitted")
 
 
 def test_retry_delays_checker() -> None:
     assert check_retry_delays(reference_delay)
-    assert not check_retry_delays(lambda retry_after, attempt, rng: retry_after)  # no jitter
-    assert not check_retry_delays(lambda retry_after, attempt, rng: rng.uniform(0, retry_after))
-    assert not check_retry_delays(lambda retry_after, attempt, rng: retry_after * 5)
+    no_jitter = check_retry_delays(lambda retry_after, attempt, rng: retry_after)
+    assert _fails(no_jitter, "add jitter")
+    too_early = check_retry_delays(lambda retry_after, attempt, rng: rng.uniform(0, retry_after))
+    assert _fails(too_early, "came back before Retry-After")
+    assert _fails(
+        check_retry_delays(lambda retry_after, attempt, rng: retry_after * 5), "waited more than"
+    )
