@@ -19,9 +19,11 @@ from starlette.routing import Route
 from course_lib import services
 from course_lib.clocks import ManualClock
 from course_lib.http import serve
+from course_lib.measure import run_threads
 from course_lib.rate_limiting import (
     GCRA,
     FixedWindow,
+    KeyedTokenBucket,
     RateLimitMiddleware,
     RedisTokenBucket,
     api_key_or_ip,
@@ -202,3 +204,34 @@ def test_fail_fast_client_lets_the_middleware_fail_open(embedded_dir) -> None:
     client.close()
     with pytest.raises(ValueError, match="timeout"):
         services.fail_fast_redis(server.url, timeout=0)
+
+
+def test_middleware_runs_without_redis_on_keyed_in_process_buckets() -> None:
+    clock = ManualClock(0.0)
+    limiter = KeyedTokenBucket(2, 0.5, clock=clock)
+    alice, bob = {"headers": {"X-API-Key": "alice"}}, {"headers": {"X-API-Key": "bob"}}
+    app = _app(limiter, key=api_key_or_ip({"alice", "bob"}), policy="local")
+    responses = get_all(app, [alice, alice, alice, bob])
+    assert [r.status_code for r in responses] == [200, 200, 429, 200]
+    assert responses[0].headers["ratelimit-policy"] == '"local";q=2;w=4'
+    assert responses[2].headers["retry-after"] == "2"  # one token at 0.5 tokens/s
+    clock.advance(2.0)
+    assert [r.status_code for r in get_all(app, [alice, alice])] == [200, 429]
+
+
+def test_keyed_bucket_is_exact_under_threads_and_bounded_in_memory() -> None:
+    limiter = KeyedTokenBucket(100, 1e-9, max_keys=3)
+    allowed = run_threads(lambda: bool(limiter.hit("k")), 8, calls=50)
+    assert allowed.errors == [] and sum(allowed.values) == 100
+    for key in ("a", "b", "c", "d"):
+        limiter.hit(key)
+    assert len(limiter) == 3  # "k", the least recently used, was dropped
+    assert limiter.hit("k").remaining == 99  # so it starts full again
+    with pytest.raises(ValueError, match="capacity"):
+        KeyedTokenBucket(0, 1)
+    with pytest.raises(ValueError, match="max_keys"):
+        KeyedTokenBucket(1, 1, max_keys=0)
+    with pytest.raises(TypeError, match="key"):
+        limiter.hit(1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tokens"):
+        limiter.hit("k", 101)

@@ -2,7 +2,9 @@
 
 - :class:`Decision`: what every limiter answers (``allowed``, ``remaining``, ``retry_after``,
   ``reset_after``; truthy when allowed).
-- :class:`TokenBucket`: in-process, thread-safe, monotonic clock, injectable clock.
+- :class:`TokenBucket`: in-process, thread-safe, monotonic clock, injectable clock;
+  :class:`KeyedTokenBucket`: one per key, bounded memory, usable by the middleware without
+  Redis.
 - :class:`FixedWindow`, :class:`SlidingWindowLog`, :class:`SlidingWindowCounter`,
   :class:`RedisTokenBucket`, :class:`GCRA`: shared by every process using the same Redis;
   ``hit(key, cost=1)`` and ``hit_many(...)``; one atomic round trip per decision (or per
@@ -16,6 +18,7 @@
 """
 
 from .decision import Decision
+from .keyed_bucket import KeyedTokenBucket
 from .middleware import RateLimitMiddleware, api_key_or_ip, client_ip, rate_limit_headers
 from .polite_client import Attempt, polite_get
 from .redis_base import FAIL_CLOSED_RETRY_AFTER, RedisLimiter
@@ -34,6 +37,7 @@ __all__ = [
     "Attempt",
     "Decision",
     "FixedWindow",
+    "KeyedTokenBucket",
     "RateLimitMiddleware",
     "RedisLimiter",
     "RedisTokenBucket",

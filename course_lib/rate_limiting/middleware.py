@@ -19,7 +19,8 @@ The limiters of this package talk to Redis with a blocking client, so the decisi
 a worker thread (``anyio.to_thread``) instead of stalling the event loop for a round trip.
 That client decides how long a request waits when Redis is gone before ``fail_open``
 answers: with redis-py 8's default retries, seconds per request. Build the limiter on
-:func:`~course_lib.rate_limiting.clients.fail_fast_client` (short timeouts, no retries).
+:func:`~course_lib.services.fail_fast_redis` (short timeouts, no retries). Without Redis,
+:class:`~course_lib.rate_limiting.KeyedTokenBucket` limits each process on its own.
 """
 
 from __future__ import annotations
