@@ -33,19 +33,28 @@ def finite_number(name: str, value: object) -> float:
     return float(value)
 
 
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
+def _at_least(name: str, number: float, low: float, *, strict: bool, what: str) -> None:
+    if number < low or (strict and number == low):
+        raise ValueError(f"{name} must be {what}, got {number}")
+
+
 def positive_number(name: str, value: object) -> float:
     """``value`` as a float if it is a finite number > 0."""
     number = finite_number(name, value)
-    if number <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    _at_least(name, number, 0, strict=True, what="a finite number > 0")
     return number
 
 
 def non_negative_number(name: str, value: object) -> float:
     """``value`` as a float if it is a finite number >= 0."""
     number = finite_number(name, value)
-    if number < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    _at_least(name, number, 0, strict=False, what="a finite number >= 0")
     return number
 
 
@@ -54,25 +63,17 @@ def optional_positive_number(name: str, value: object) -> float | None:
     return None if value is None else positive_number(name, value)
 
 
-def _integer(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    return int(value)
-
-
 def positive_int(name: str, value: object) -> int:
     """``value`` if it is an integer >= 1."""
     number = _integer(name, value)
-    if number <= 0:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    _at_least(name, number, 1, strict=False, what=">= 1")
     return number
 
 
 def non_negative_int(name: str, value: object) -> int:
     """``value`` if it is an integer >= 0."""
     number = _integer(name, value)
-    if number < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    _at_least(name, number, 0, strict=False, what=">= 0")
     return number
 
 

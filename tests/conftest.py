@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine
 
 from course_lib import services
 
@@ -48,20 +48,11 @@ def ns(redis: redis_lib.Redis) -> Iterator[str]:
 
 @pytest.fixture
 def pg_engine() -> Iterator[Engine]:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = services.engine()
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine = create_engine(
-        services.database_url(),
-        pool_pre_ping=True,
-        connect_args={"options": f"-c search_path={schema}"},
-    )
+    schema = services.unique_schema("t")
+    engine = services.schema_engine(schema)
     yield engine
     engine.dispose()
-    with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    services.drop_schema(schema)
 
 
 @pytest.fixture

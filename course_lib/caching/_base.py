@@ -19,7 +19,15 @@ from course_lib.validation import positive_number
 from .serialization import dumps, loads
 from .xfetch import Envelope, should_refresh
 
-__all__ = ["MISSING", "STAMPEDE_MODES", "CacheConfig", "LoaderError", "Stats", "Ticket"]
+__all__ = [
+    "MISSING",
+    "STAMPEDE_MODES",
+    "CacheCore",
+    "LoaderError",
+    "RedisHealth",
+    "Stats",
+    "Ticket",
+]
 
 log = logging.getLogger("course_lib.caching")
 
@@ -89,8 +97,10 @@ def _milliseconds(name: str, value: Any) -> float:
     return seconds
 
 
-class CacheConfig:
-    """Validated settings, key names, payload encoding and the Redis health state."""
+class CacheCore:
+    """What a cache-aside is, apart from its I/O: validated settings, key names, payload
+    format, counters, the loader and the Redis health. :class:`CacheAside` and
+    :class:`AsyncCacheAside` share it, so both behave the same."""
 
     def __init__(
         self,
@@ -131,10 +141,7 @@ class CacheConfig:
         self.invalidation_ttl_ms = int(max(self.ttl, INVALIDATION_TTL_MIN) * 1000)
         self.lock_ms = int(self.lock_ttl * 1000)
         self.stats = Stats()
-        self.down_until = 0.0
-        self._log_lock = threading.Lock()
-        self._warned = False
-        self._error_types_logged: set[type] = set()
+        self.health = RedisHealth(namespace, self.retry_after, self.stats)
 
     # Key names. The value key is "<namespace>:<key>"; metadata lives under "<namespace>#...".
     def value_key(self, key: Any) -> str:
@@ -186,7 +193,30 @@ class CacheConfig:
         )
         return envelope.value, refresh
 
-    # Redis health: fail open, log once per outage, skip Redis for retry_after seconds.
+    def load(self, key: Any) -> tuple[Any, float]:
+        self.stats.incr("loads")
+        start = time.perf_counter()
+        try:
+            value = self.loader(key)
+        except Exception:
+            self.stats.incr("load_errors")
+            raise
+        return value, time.perf_counter() - start
+
+
+class RedisHealth:
+    """Whether a cache should use Redis now: fail open, log once per outage, and skip Redis
+    for ``retry_after`` seconds after a failure that says the server cannot serve."""
+
+    def __init__(self, namespace: str, retry_after: float, stats: Stats) -> None:
+        self.namespace = namespace
+        self.retry_after = retry_after
+        self.stats = stats
+        self.down_until = 0.0
+        self._log_lock = threading.Lock()
+        self._warned = False
+        self._error_types_logged: set[type] = set()
+
     def bypassing(self) -> bool:
         return bool(self.down_until) and time.monotonic() < self.down_until
 
@@ -221,16 +251,6 @@ class CacheConfig:
             was_down, self._warned = self._warned, False
         if was_down:
             log.warning("Redis reachable again; cache %r resumes", self.namespace)
-
-    def load(self, key: Any) -> tuple[Any, float]:
-        self.stats.incr("loads")
-        start = time.perf_counter()
-        try:
-            value = self.loader(key)
-        except Exception:
-            self.stats.incr("load_errors")
-            raise
-        return value, time.perf_counter() - start
 
 
 def _envelope(raw: bytes | str) -> Envelope:

@@ -62,7 +62,7 @@ from ._base import (
     MAX_POLL,
     MISSING,
     STAMPEDE_MODES,
-    CacheConfig,
+    CacheCore,
     LoaderError,
     Ticket,
     describe,
@@ -82,8 +82,10 @@ def _text(raw: bytes | str | None) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-class CacheAside:
-    """Cache-aside over a synchronous ``redis.Redis``; safe to share between threads."""
+class _CacheAsideBase:
+    """Construction, settings and the script arguments both front ends share."""
+
+    _flight_type: type[SingleFlight[Any]] | type[AsyncSingleFlight[Any]]
 
     def __init__(
         self,
@@ -100,7 +102,7 @@ class CacheAside:
         retry_after: float = 1.0,
         rng: random.Random | None = None,
     ) -> None:
-        self._c = CacheConfig(
+        self._c = CacheCore(
             loader,
             ttl=ttl,
             namespace=namespace,
@@ -116,9 +118,7 @@ class CacheAside:
         self._scripts = {n: lua.load(__package__, n).bind(redis) for n in _SCRIPTS}
         # A waiter of the local flight may sit behind a leader waiting for the Redis lock.
         timeout = self._c.wait_timeout + (self._c.lock_ttl if self._c.distributed else 0)
-        self._flight: SingleFlight[Any] | None = (
-            SingleFlight(timeout=timeout) if stampede is not None else None
-        )
+        self._flight = self._flight_type(timeout=timeout) if stampede is not None else None
 
     @property
     def namespace(self) -> str:
@@ -142,17 +142,58 @@ class CacheAside:
         """The Redis key holding ``key``'s value."""
         return self._c.value_key(key)
 
+    def _invalidate_call(self, key: Any) -> dict[str, list[Any]]:
+        c = self._c
+        return {
+            "keys": [c.value_key(key), c.invalidation_key(key)],
+            "args": [c.invalidation_ttl_ms],
+        }
+
+    def _fill_call(self, ticket: Ticket, value: Any, delta: float) -> dict[str, list[Any]]:
+        c = self._c
+        payload, ttl_ms = c.encode(value, delta)
+        return {
+            "keys": [c.value_key(ticket.key), c.invalidation_key(ticket.key)],
+            "args": [ticket.started, payload, ttl_ms, c.invalidation_ttl_ms],
+        }
+
+    def _poll_keys(self, key: Any, holder: str | None) -> list[str]:
+        c = self._c
+        return [c.value_key(key), c.lock_key(key)] + ([c.error_key(holder)] if holder else [])
+
+    def _after_poll(self, found: list[Any], holder: str | None) -> tuple[Any, str | None]:
+        """One look at a key another process is loading: ``(value, holder)`` once cached;
+        ``(MISSING, None)`` if the lock was released without a value (compete again);
+        ``(MISSING, holder token)`` while it is held. The holder's loader error is raised."""
+        c = self._c
+        if found[0] is not None and (value := c.decode(found[0], count=False)) is not MISSING:
+            return value, holder
+        if holder is not None and found[2] is not None:
+            raise LoaderError(_text(found[2]))
+        return MISSING, None if found[1] is None else _text(found[1])
+
+    def _filled(self, stored: object) -> bool:
+        if not stored:
+            self._c.stats.incr("stale_fills_rejected")
+        return bool(stored)
+
+
+class CacheAside(_CacheAsideBase):
+    """Cache-aside over a synchronous ``redis.Redis``; safe to share between threads."""
+
+    _flight_type = SingleFlight
+
     def get(self, key: Any) -> Any:
         """The value for ``key``: from Redis, else from the loader (then cached)."""
         c = self._c
-        if c.down_until and c.bypassing():
+        if c.health.down_until and c.health.bypassing():
             return self._without_redis(key, None)
         try:
             raw = self.redis.get(c.value_key(key))
         except RedisError as exc:
             return self._without_redis(key, exc)
-        if c.down_until:
-            c.recovered()
+        if c.health.down_until:
+            c.health.recovered()
         if raw is not None:
             value, refresh = c.wants_early_refresh(raw) if c.xfetch else (c.decode(raw), False)
             if value is not MISSING:
@@ -173,12 +214,7 @@ class CacheAside:
     def invalidate(self, key: Any) -> int:
         """Delete ``key`` and refuse any fill from a load that began before; 1 if a value
         was cached."""
-        c = self._c
-        return int(
-            self._scripts["invalidate"](
-                keys=[c.value_key(key), c.invalidation_key(key)], args=[c.invalidation_ttl_ms]
-            )
-        )
+        return int(self._scripts["invalidate"](**self._invalidate_call(key)))
 
     # The two halves of a miss, public so that an interleaving can be scripted step by step.
     def reserve(self, key: Any) -> Ticket:
@@ -187,22 +223,12 @@ class CacheAside:
 
     def fill(self, ticket: Ticket, value: Any, *, delta: float = 0.0) -> bool:
         """Second half: cache ``value`` unless ``ticket.key`` was invalidated since reserve."""
-        c = self._c
-        payload, ttl_ms = c.encode(value, delta)
-        stored = bool(
-            self._scripts["fill"](
-                keys=[c.value_key(ticket.key), c.invalidation_key(ticket.key)],
-                args=[ticket.started, payload, ttl_ms, c.invalidation_ttl_ms],
-            )
-        )
-        if not stored:
-            c.stats.incr("stale_fills_rejected")
-        return stored
+        return self._filled(self._scripts["fill"](**self._fill_call(ticket, value, delta)))
 
     def _without_redis(self, key: Any, exc: BaseException | None) -> Any:
         c = self._c
         if exc is not None:
-            c.failed(exc)
+            c.health.failed(exc)
         c.stats.incr("fail_open")
         if self._flight is None:
             return c.load(key)[0]
@@ -212,7 +238,7 @@ class CacheAside:
         try:
             self.fill(ticket, value, delta=delta)
         except RedisError as exc:
-            self._c.failed(exc)
+            self._c.health.failed(exc)
 
     def _miss(self, key: Any) -> Any:
         try:
@@ -225,7 +251,7 @@ class CacheAside:
 
     def _miss_locked(self, key: Any) -> Any:
         c = self._c
-        value_key, lock_key = c.value_key(key), c.lock_key(key)
+        lock_key = c.lock_key(key)
         deadline = time.monotonic() + c.wait_timeout
         seen: str | None = None
         waited = False
@@ -242,21 +268,15 @@ class CacheAside:
                 waited = True
                 c.stats.incr("lock_waits")
             while True:
-                keys = [value_key, lock_key] + ([c.error_key(seen)] if seen else [])
                 try:
-                    found = self.redis.mget(keys)
+                    found = self.redis.mget(self._poll_keys(key, seen))
                 except RedisError as exc:
                     return self._without_redis(key, exc)
-                if (
-                    found[0] is not None
-                    and (value := c.decode(found[0], count=False)) is not MISSING
-                ):
+                value, seen = self._after_poll(found, seen)
+                if value is not MISSING:
                     return value
-                if seen is not None and found[2] is not None:
-                    raise LoaderError(_text(found[2]))
-                if found[1] is None:
+                if seen is None:
                     break  # released without a value (rejected fill, expiry): compete again
-                seen = _text(found[1])
                 if time.monotonic() >= deadline:
                     c.stats.incr("lock_timeouts")
                     return self._miss(key)
@@ -294,7 +314,7 @@ class CacheAside:
             if not self.redis.set(c.lock_key(key), token, nx=True, px=c.lock_ms):
                 return current
         except RedisError as exc:
-            c.failed(exc)
+            c.health.failed(exc)
             return current
         c.stats.incr("early_refreshes")
         try:
@@ -310,46 +330,14 @@ class CacheAside:
                 self._scripts["release"](keys=[c.lock_key(key)], args=[token])
 
 
-class AsyncCacheAside:
+class AsyncCacheAside(_CacheAsideBase):
     """The same over ``redis.asyncio.Redis``: ``await cache.get(key)``.
 
     ``loader`` may be a coroutine function or a plain function. Use one instance per event
     loop (its single-flight and the client's connections belong to that loop).
     """
 
-    def __init__(
-        self,
-        redis: Any,
-        loader: Callable[[Any], Any],
-        *,
-        ttl: float,
-        namespace: str,
-        stampede: str | None = "lock",
-        negative_ttl: float | None = None,
-        lock_ttl: float = 5.0,
-        wait_timeout: float = 10.0,
-        beta: float = 1.0,
-        retry_after: float = 1.0,
-        rng: random.Random | None = None,
-    ) -> None:
-        self._c = CacheConfig(
-            loader,
-            ttl=ttl,
-            namespace=namespace,
-            stampede=stampede,
-            negative_ttl=negative_ttl,
-            lock_ttl=lock_ttl,
-            wait_timeout=wait_timeout,
-            beta=beta,
-            retry_after=retry_after,
-            rng=rng,
-        )
-        self.redis = redis
-        self._scripts = {n: lua.load(__package__, n).bind(redis) for n in _SCRIPTS}
-        timeout = self._c.wait_timeout + (self._c.lock_ttl if self._c.distributed else 0)
-        self._flight: AsyncSingleFlight[Any] | None = (
-            AsyncSingleFlight(timeout=timeout) if stampede is not None else None
-        )
+    _flight_type = AsyncSingleFlight
 
     @property
     def namespace(self) -> str:
@@ -377,14 +365,14 @@ class AsyncCacheAside:
 
     async def get(self, key: Any) -> Any:
         c = self._c
-        if c.down_until and c.bypassing():
+        if c.health.down_until and c.health.bypassing():
             return await self._without_redis(key, None)
         try:
             raw = await self.redis.get(c.value_key(key))
         except RedisError as exc:
             return await self._without_redis(key, exc)
-        if c.down_until:
-            c.recovered()
+        if c.health.down_until:
+            c.health.recovered()
         if raw is not None:
             value, refresh = c.wants_early_refresh(raw) if c.xfetch else (c.decode(raw), False)
             if value is not MISSING:
@@ -401,34 +389,19 @@ class AsyncCacheAside:
             return await self._miss(key)
 
     async def invalidate(self, key: Any) -> int:
-        c = self._c
-        return int(
-            await self._scripts["invalidate"](
-                keys=[c.value_key(key), c.invalidation_key(key)], args=[c.invalidation_ttl_ms]
-            )
-        )
+        return int(await self._scripts["invalidate"](**self._invalidate_call(key)))
 
     async def reserve(self, key: Any) -> Ticket:
         reply = await self._scripts["reserve"](keys=[self._c.value_key(key)])
         return Ticket(key, _text(reply[1]))
 
     async def fill(self, ticket: Ticket, value: Any, *, delta: float = 0.0) -> bool:
-        c = self._c
-        payload, ttl_ms = c.encode(value, delta)
-        stored = bool(
-            await self._scripts["fill"](
-                keys=[c.value_key(ticket.key), c.invalidation_key(ticket.key)],
-                args=[ticket.started, payload, ttl_ms, c.invalidation_ttl_ms],
-            )
-        )
-        if not stored:
-            c.stats.incr("stale_fills_rejected")
-        return stored
+        return self._filled(await self._scripts["fill"](**self._fill_call(ticket, value, delta)))
 
     async def _without_redis(self, key: Any, exc: BaseException | None) -> Any:
         c = self._c
         if exc is not None:
-            c.failed(exc)
+            c.health.failed(exc)
         c.stats.incr("fail_open")
 
         async def load() -> Any:
@@ -442,7 +415,7 @@ class AsyncCacheAside:
         try:
             await self.fill(ticket, value, delta=delta)
         except RedisError as exc:
-            self._c.failed(exc)
+            self._c.health.failed(exc)
 
     async def _miss(self, key: Any) -> Any:
         try:
@@ -455,7 +428,7 @@ class AsyncCacheAside:
 
     async def _miss_locked(self, key: Any) -> Any:
         c = self._c
-        value_key, lock_key = c.value_key(key), c.lock_key(key)
+        lock_key = c.lock_key(key)
         deadline = time.monotonic() + c.wait_timeout
         seen: str | None = None
         waited = False
@@ -472,21 +445,15 @@ class AsyncCacheAside:
                 waited = True
                 c.stats.incr("lock_waits")
             while True:
-                keys = [value_key, lock_key] + ([c.error_key(seen)] if seen else [])
                 try:
-                    found = await self.redis.mget(keys)
+                    found = await self.redis.mget(self._poll_keys(key, seen))
                 except RedisError as exc:
                     return await self._without_redis(key, exc)
-                if (
-                    found[0] is not None
-                    and (value := c.decode(found[0], count=False)) is not MISSING
-                ):
+                value, seen = self._after_poll(found, seen)
+                if value is not MISSING:
                     return value
-                if seen is not None and found[2] is not None:
-                    raise LoaderError(_text(found[2]))
-                if found[1] is None:
-                    break
-                seen = _text(found[1])
+                if seen is None:
+                    break  # released without a value (rejected fill, expiry): compete again
                 if time.monotonic() >= deadline:
                     c.stats.incr("lock_timeouts")
                     return await self._miss(key)
@@ -522,7 +489,7 @@ class AsyncCacheAside:
             if not await self.redis.set(c.lock_key(key), token, nx=True, px=c.lock_ms):
                 return current
         except RedisError as exc:
-            c.failed(exc)
+            c.health.failed(exc)
             return current
         c.stats.incr("early_refreshes")
         try:

@@ -28,18 +28,24 @@ def unique_schema(prefix: str = "run") -> str:
     return _check(f"{prefix}_{uuid.uuid4().hex[:12]}")
 
 
-def schema_engine(schema: str, **kwargs: Any) -> Engine:
-    """An engine on the course database whose ``search_path`` is ``schema`` (created if
-    missing); ``kwargs`` go to :func:`course_lib.services.engine` (pool settings, ...)."""
+def _admin(statement: str) -> None:
+    """Run one DDL statement on a short-lived engine of the course database."""
     from course_lib import services  # the package imports this module
 
-    _check(schema)
     admin = services.engine()
     try:
         with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+            conn.execute(text(statement))
     finally:
         admin.dispose()
+
+
+def schema_engine(schema: str, **kwargs: Any) -> Engine:
+    """An engine on the course database whose ``search_path`` is ``schema`` (created if
+    missing); ``kwargs`` go to :func:`course_lib.services.engine` (pool settings, ...)."""
+    from course_lib import services
+
+    _admin(f'CREATE SCHEMA IF NOT EXISTS "{_check(schema)}"')
     connect_args = dict(kwargs.pop("connect_args", {}))
     connect_args.setdefault("options", f"-c search_path={schema}")
     return services.engine(connect_args=connect_args, **kwargs)
@@ -47,12 +53,4 @@ def schema_engine(schema: str, **kwargs: Any) -> Engine:
 
 def drop_schema(schema: str) -> None:
     """Drop ``schema`` and everything in it; nothing happens if it does not exist."""
-    from course_lib import services
-
-    _check(schema)
-    admin = services.engine()
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    finally:
-        admin.dispose()
+    _admin(f'DROP SCHEMA IF EXISTS "{_check(schema)}" CASCADE')
