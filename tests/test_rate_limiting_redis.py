@@ -4,7 +4,9 @@ burst, batches in one round trip, NOSCRIPT recovery, and Redis going away (fail_
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -387,7 +389,8 @@ def _private_client(url: str) -> redis_lib.Redis:
 
 
 @pytest.mark.timeout(120)
-def test_redis_unavailable_follows_fail_open(embedded_dir) -> None:
+@pytest.mark.parametrize("death", ["shutdown", "sigkill"])
+def test_redis_unavailable_follows_fail_open(embedded_dir, death: str) -> None:
     server = services.EmbeddedRedis(embedded_dir / "redis")
     client = _private_client(server.start())
     for name, make in LIMITERS.items():
@@ -395,7 +398,10 @@ def test_redis_unavailable_follows_fail_open(embedded_dir) -> None:
         assert default.fail_open is True, name  # the documented default
         working = default.hit("up")
         assert (working.allowed, working.degraded, working.remaining) == (True, False, 1), name
-    server.stop()
+    if death == "sigkill":  # a crash: no shutdown, connections cut mid-stream
+        os.kill(int(server.pidfile.read_text()), signal.SIGKILL)
+    else:
+        server.stop()
     for name, make in LIMITERS.items():
         default = make(client, "t", 2, 60)
         closed = make(client, "t", 2, 60, fail_open=False)
