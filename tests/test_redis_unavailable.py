@@ -142,3 +142,7 @@ def test_unavailable_replies_are_recognised_and_command_errors_are_not() -> None
     ]
     assert all(services.redis_unavailable(e) for e in unavailable)
     assert not any(services.redis_unavailable(e) for e in faults)
+
+
+def test_a_full_client_pool_is_not_an_outage() -> None:
+    assert not services.redis_unavailable(redis_lib.exceptions.MaxConnectionsError("Too many"))

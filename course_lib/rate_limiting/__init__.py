@@ -11,12 +11,15 @@
   batch), Redis server time, hash-tagged keys, ``fail_open`` (default ``True``) when Redis
   is unreachable; :func:`course_lib.services.fail_fast_redis` gives them a Redis client
   that notices fast.
+- :mod:`.aio`: the same five for asyncio servers (``await limiter.hit(key)``), same
+  scripts, keys and decisions.
 - :class:`RateLimitMiddleware`: ASGI middleware answering 429 with ``Retry-After`` and the
   IETF draft ``RateLimit-Policy`` / ``RateLimit`` headers.
 - :mod:`.lesson`: what stages notebook 03 (the module's limiters as written, replays,
   races, the HTTP demo app); not meant to be copied into a service.
 """
 
+from . import aio
 from .decision import Decision
 from .keyed_bucket import KeyedTokenBucket
 from .middleware import RateLimitMiddleware, api_key_or_ip, client_ip, rate_limit_headers
@@ -44,6 +47,7 @@ __all__ = [
     "SlidingWindowCounter",
     "SlidingWindowLog",
     "TokenBucket",
+    "aio",
     "api_key_or_ip",
     "client_ip",
     "polite_get",

@@ -15,8 +15,10 @@ Refused requests get ``429 Too Many Requests`` with the same headers plus ``Retr
 (whole seconds, at least 1) and never reach the app. Other ASGI traffic (websocket,
 lifespan) passes through untouched.
 
-The limiters of this package talk to Redis with a blocking client, so the decision runs in
-a worker thread (``anyio.to_thread``) instead of stalling the event loop for a round trip.
+A limiter whose ``hit`` is a coroutine (:mod:`course_lib.rate_limiting.aio`) is awaited on
+the event loop. A synchronous one talks to Redis with a blocking client, so its decision
+runs in a worker thread (``anyio.to_thread``) instead of stalling the event loop for a
+round trip; that thread hop costs every request, which is what the asyncio family saves.
 That client decides how long a request waits when Redis is gone before ``fail_open``
 answers: with redis-py 8's default retries, seconds per request. Build the limiter on
 :func:`~course_lib.services.fail_fast_redis` (short timeouts, no retries). Without Redis,
@@ -25,6 +27,7 @@ answers: with redis-py 8's default retries, seconds per request. Build the limit
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -48,7 +51,8 @@ _POLICY_NAME = re.compile(r"[A-Za-z0-9_.:/ -]{1,64}")
 
 
 class Limiter(Protocol):
-    """What the middleware needs: a keyed ``hit`` and the policy it enforces."""
+    """What the middleware needs: a keyed ``hit`` and the policy it enforces. ``hit`` may
+    also be a coroutine function returning the :class:`Decision`."""
 
     quota: int
     window: float
@@ -157,12 +161,16 @@ class RateLimitMiddleware:
         self.key = key
         self.cost = cost
         self.policy = policy
+        self._awaitable = inspect.iscoroutinefunction(limiter.hit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        decision = await anyio.to_thread.run_sync(self.limiter.hit, self.key(scope), self.cost)
+        if self._awaitable:
+            decision = await self.limiter.hit(self.key(scope), self.cost)
+        else:
+            decision = await anyio.to_thread.run_sync(self.limiter.hit, self.key(scope), self.cost)
         extra = [
             (name.lower().encode("latin-1"), value.encode("latin-1"))
             for name, value in rate_limit_headers(self.limiter, decision, self.policy)

@@ -70,6 +70,8 @@ class RedisLimiter:
     script's parameters (:attr:`_params`); see the module docstring for the guarantees."""
 
     script: ClassVar[str]
+    _client_types: ClassVar[tuple[type, ...]] = (redis.Redis, RedisCluster)
+    _client_names: ClassVar[str] = "redis.Redis or RedisCluster"
     quota_name: ClassVar[str] = "limit"
     quota: int
     """Units admissible at once (the ``q`` of the ``RateLimit-Policy`` header)."""
@@ -85,9 +87,9 @@ class RedisLimiter:
         fail_open: bool = True,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        if not isinstance(client, (redis.Redis, RedisCluster)):
+        if not isinstance(client, self._client_types):
             raise TypeError(
-                f"redis must be a redis.Redis or RedisCluster client, got {type(client).__name__}"
+                f"redis must be a {self._client_names} client, got {type(client).__name__}"
             )
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
@@ -127,17 +129,11 @@ class RedisLimiter:
         ``cost=0`` asks without spending. Raises ``ValueError`` for a negative cost or one
         above :attr:`quota`; never raises because Redis is unreachable (see ``fail_open``).
         """
-        if key.__class__ is not str and not isinstance(key, str):
-            raise TypeError(f"key must be a str, got {type(key).__name__}")
-        if cost != 1 or cost.__class__ is not int:
-            cost = self._check_cost(cost)
-        args = (self._now(), cost, *self._params, *self._extra())
+        keys, args = self._call(key, cost)
         try:
-            reply = self._script(self.redis, (self.key(key),), args)
+            reply = self._script(self.redis, keys, args)
         except redis.RedisError as exc:
-            if redis_unavailable(exc):
-                return self._fallback()
-            raise
+            return self._unavailable(exc)
         return _to_decision(reply)
 
     def hit_many(self, keys_or_pairs: Iterable[str | tuple[str, int]]) -> list[Decision]:
@@ -147,7 +143,25 @@ class RedisLimiter:
         times and is counted in order. All costs are validated before anything is sent.
         Each decision is atomic on its own; the batch is not a transaction.
         """
-        calls = []
+        calls = self._batch(keys_or_pairs)
+        if not calls:
+            return []
+        try:
+            replies = self._script.pipeline(self.redis, calls)
+        except redis.RedisError as exc:
+            return [self._unavailable(exc) for _ in calls]
+        return self._decisions(replies)
+
+    # What hit / hit_many do apart from I/O, shared with the asyncio family (.aio).
+    def _call(self, key: str, cost: object) -> tuple[tuple[str], tuple[Any, ...]]:
+        if key.__class__ is not str and not isinstance(key, str):
+            raise TypeError(f"key must be a str, got {type(key).__name__}")
+        if cost != 1 or cost.__class__ is not int:
+            cost = self._check_cost(cost)
+        return (self.key(key),), (self._now(), cost, *self._params, *self._extra())
+
+    def _batch(self, keys_or_pairs: Iterable[str | tuple[str, int]]) -> list[lua.Call]:
+        calls: list[lua.Call] = []
         now = self._now()
         for item in keys_or_pairs:
             if isinstance(item, str):
@@ -161,20 +175,19 @@ class RedisLimiter:
                 )
             cost = self._check_cost(cost)
             calls.append(((self.key(key),), (now, cost, *self._params, *self._extra())))
-        if not calls:
-            return []
-        try:
-            replies = self._script.pipeline(self.redis, calls)
-        except redis.RedisError as exc:
-            if redis_unavailable(exc):
-                return [self._fallback() for _ in calls]
-            raise
+        return calls
+
+    def _unavailable(self, exc: redis.RedisError) -> Decision:
+        """The ``fail_open`` answer when Redis cannot count now; re-raises anything else."""
+        if redis_unavailable(exc):
+            return self._fallback()
+        raise exc
+
+    def _decisions(self, replies: list[Any]) -> list[Decision]:
         decisions = []
         for reply in replies:
-            if redis_unavailable(reply):
-                decisions.append(self._fallback())
-            elif isinstance(reply, Exception):
-                raise reply
+            if isinstance(reply, Exception):
+                decisions.append(self._unavailable(reply))
             else:
                 decisions.append(_to_decision(reply))
         return decisions

@@ -59,10 +59,15 @@ def redis_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` means the Redis server cannot serve now (unreachable, timed out, or
     one of :data:`UNAVAILABLE_REPLIES`), rather than a fault of the command itself.
 
-    Works on Redis 6.2 too, where an error raised inside a Lua script reaches the client as
-    a generic script error whose text carries the reply code (``... -OOM command not
-    allowed ...``).
+    A client pool that is full (``MaxConnectionsError``) is not the server being away: it
+    is not counted as unavailable. Works on Redis 6.2 too, where an error raised inside a
+    Lua script reaches the client as a generic script error whose text carries the reply
+    code (``... -OOM command not allowed ...``).
     """
+    if isinstance(exc, redis.exceptions.MaxConnectionsError):
+        # The client's own pool is full: the server could count. Failing open here would
+        # admit unlimited traffic exactly when load peaks; it is a configuration error.
+        return False
     if isinstance(exc, _UNAVAILABLE_TYPES):
         return True
     if not isinstance(exc, redis.ResponseError):
