@@ -3,6 +3,7 @@ test (cluster mode needs TCP ports; nothing listens beyond the loopback interfac
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from course_lib.clocks import ManualClock
@@ -22,6 +24,7 @@ from course_lib.rate_limiting import (
     RedisTokenBucket,
     SlidingWindowCounter,
     SlidingWindowLog,
+    aio,
 )
 
 
@@ -142,3 +145,35 @@ def test_exact_admissions_under_threads_on_a_cluster(cluster: RedisCluster) -> N
         limiter = make(cluster)
         allowed = hammer_threads(lambda limiter=limiter: limiter.hit("hammered"), threads=8)
         assert allowed == 3, name
+
+
+@pytest.mark.timeout(90)
+def test_asyncio_limiters_on_a_cluster_reload_scripts_and_stay_exact(cluster: RedisCluster) -> None:
+    node = cluster.get_primaries()[0]
+
+    async def main() -> dict[str, object]:
+        client = AsyncRedisCluster(host=node.host, port=node.port)
+        out: dict[str, object] = {}
+        try:
+            flush_scripts(cluster)
+            for name, cls in ASYNC_LIMITERS.items():
+                limiter = cls(client)
+                first = await limiter.hit(f"async-{name}")
+                batch = await limiter.hit_many([f"async-{name}", f"other-{name}"])
+                many = await asyncio.gather(*(limiter.hit(f"gathered-{name}") for _ in range(40)))
+                out[name] = (first.remaining, [d.remaining for d in batch], sum(map(bool, many)))
+        finally:
+            await client.aclose()
+        return out
+
+    out = asyncio.run(main())
+    assert out == {name: (2, [1, 2], 3) for name in ASYNC_LIMITERS}
+
+
+ASYNC_LIMITERS = {
+    "fixed_window": lambda r: aio.FixedWindow(r, 3, 60, prefix="afw"),
+    "sliding_window_log": lambda r: aio.SlidingWindowLog(r, 3, 60, prefix="aswl"),
+    "sliding_window_counter": lambda r: aio.SlidingWindowCounter(r, 3, 60, prefix="aswc"),
+    "token_bucket": lambda r: aio.RedisTokenBucket(r, 3, 3 / 60, prefix="atb"),
+    "gcra": lambda r: aio.GCRA(r, 3 / 60, 3, prefix="agcra"),
+}
