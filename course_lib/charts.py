@@ -8,12 +8,15 @@ tests inspect it.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .measure import percentiles
 
@@ -76,6 +79,8 @@ STYLE = {
 
 
 def _key(name: str) -> str:
+    # "gcra (11)": a label may carry a count in parentheses; the colour is the strategy's.
+    name = re.sub(r"\s*\([^()]*\)$", "", name)
     return name.lower().replace(" ", "_").replace("-", "_")
 
 
@@ -197,20 +202,47 @@ def timeline(
     xlabel: str = "time (s)",
     ylabel: str = "",
     markers: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    limits: Mapping[str, float] | None = None,
+    integer_y: bool = False,
+    steps: bool = False,
+    distinct: bool = False,
 ) -> Figure:
     """Lines of ``(x, y)`` per label over time, plus optional scatter ``markers`` per label.
 
     Markers are how the course marks discrete events on a continuous quantity, e.g. the
-    allowed and denied requests on a token-count line.
+    allowed and denied requests on a token-count line. ``limits`` draws dashed horizontal
+    reference lines (``{"limit 20": 20}``); ``integer_y`` keeps y ticks on whole numbers
+    (counts of requests); ``steps`` draws counts as steps, not slopes; ``distinct`` gives
+    each line its own dash pattern and draws the first ones widest, so lines that coincide
+    stay visible on top of each other. The legend sits outside the axes, so it never covers
+    data.
     """
     fig, (ax,) = new_figure(title, xlabel=xlabel, ylabel=ylabel)
-    shades = colors_for([*series, *(markers or {})])
-    for label, (x, y) in series.items():
-        ax.plot(x, y, color=shades[label], label=label, linewidth=1.6)
+    shades = colors_for([*series, *(markers or {}), *(limits or {})])
+    for rank, (label, (x, y)) in enumerate(series.items()):
+        draw = ax.step if steps else ax.plot
+        kwargs: dict[str, object] = {"where": "post"} if steps else {}
+        if distinct:
+            kwargs["linestyle"] = _DASHES[rank % len(_DASHES)]
+            kwargs["linewidth"] = 1.2 + 2.0 * (len(series) - 1 - rank) / max(1, len(series) - 1)
+        else:
+            kwargs["linewidth"] = 1.6
+        draw(x, y, color=shades[label], label=label, **kwargs)
     for label, (x, y) in (markers or {}).items():
         ax.scatter(x, y, color=shades[label], label=label, s=14, zorder=3)
-    ax.legend()
+    for label, level in (limits or {}).items():
+        ax.axhline(level, color=shades[label], linestyle="--", linewidth=1.2, label=label)
+    if integer_y:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend_outside(ax)
     return fig
+
+
+_DASHES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1)))
+
+
+def _legend_outside(ax: Axes) -> None:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
 def step_timeline(
@@ -236,7 +268,7 @@ def step_timeline(
             )
     ax.set_yticks(range(len(labels)), labels)
     ax.set_ylim(-0.6, len(labels) - 0.4)
-    ax.legend(loc="upper right")
+    _legend_outside(ax)
     return fig
 
 

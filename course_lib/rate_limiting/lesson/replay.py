@@ -20,6 +20,7 @@ from ..decision import Decision
 from . import as_written
 
 __all__ = [
+    "admitted_in_window",
     "boundary_trace",
     "bursty_trace",
     "max_in_any_window",
@@ -111,6 +112,15 @@ def token_curve(
     xs.append(until)
     ys.append(min(capacity, level + (until - last) * refill_rate))
     return xs, ys
+
+
+def admitted_in_window(times: Sequence[float], window: float) -> list[int]:
+    """For each of the (sorted) admission ``times``: how many fall in ``(t - window, t]``,
+    i.e. what a client had been granted in the trailing window at that moment."""
+    ordered = sorted(times)
+    return [
+        i + 1 - bisect.bisect_right(ordered, t - window, hi=i + 1) for i, t in enumerate(ordered)
+    ]
 
 
 def max_in_any_window(times: Sequence[float], window: float) -> int:
