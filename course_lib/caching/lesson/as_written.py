@@ -9,8 +9,10 @@ What had to change, and nothing else:
 - The seed defines ``update_user`` twice (write-through, then write-behind); here they are
   :func:`update_user` and :func:`update_user_write_behind`. It calls ``update_db`` without
   defining it; :func:`update_db` applies the update as the write-through does.
-- ``db.delete(user_id)`` raises (``Session.delete`` wants an object, not an id):
-  :func:`delete_user` deletes the object with that id, and commits so the delete happens.
+- ``db.delete(user_id)`` raises (``Session.delete`` wants an object, not an id), and the
+  seed never commits: :func:`delete_user_as_written` is the seed's function exactly, to show
+  that; :func:`delete_user` deletes the object with that id and commits, the smallest
+  change that makes it do what it says.
 - The Redis key prefix ``user`` is :data:`PREFIX`, so a test or a notebook run can isolate
   its keys. :func:`bound` binds for a ``with`` block and then restores the previous binding.
 
@@ -40,6 +42,7 @@ __all__ = [
     "bind",
     "bound",
     "delete_user",
+    "delete_user_as_written",
     "fetch_from_db",
     "get_user",
     "get_with_lock",
@@ -185,6 +188,11 @@ def update_db(user_id, data):
 
 
 # --- Cache Invalidation ------------------------------------------------------------------
+def delete_user_as_written(user_id):
+    db.delete(user_id)
+    cache.delete(f"{PREFIX}:{user_id}")  # Invalida cache
+
+
 def delete_user(user_id):
     db.delete(db.get(User, user_id))
     db.commit()

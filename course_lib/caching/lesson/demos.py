@@ -12,18 +12,21 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import redis.asyncio as aredis
 from sqlalchemy import Engine, update
 
 import course_lib.services as services
 from course_lib.measure import Calls, percentiles, run_async, run_processes, run_tasks, run_threads
 
-from ..cache_aside import CacheAside
+from ..cache_aside import AsyncCacheAside, CacheAside
 from ..store import UserStore
 from ..users import users_table
 from ..write_behind import Worker, WriteBehind
@@ -36,6 +39,7 @@ __all__ = [
     "hit_ratio_series",
     "hot_key_run",
     "in_process_queue_crash",
+    "loop_stall",
     "replay",
     "seed_hang_demo",
     "stampede",
@@ -91,15 +95,21 @@ def stampede(
     namespace: str,
     delay: float = 0.05,
     processes: int = 1,
+    model: str = "threads",
 ) -> StampedeResult:
     """``callers`` concurrent misses of one cold key, split over ``processes`` processes.
 
-    ``strategy``: ``"naive"`` (``CacheAside(stampede=None)``, threads), ``"seed"`` (the seed's
-    ``get_with_lock``, asyncio tasks) or ``"course_lib"`` (``CacheAside(stampede="lock")``,
-    threads). The loader sleeps ``delay`` seconds: an expensive query.
+    ``strategy``: ``"naive"`` (``CacheAside(stampede=None)``), ``"seed"`` (the seed's
+    ``get_with_lock``, always asyncio tasks) or ``"course_lib"``
+    (``CacheAside(stampede="lock")``). ``model``: the callers are ``"threads"`` or
+    ``"asyncio"`` tasks of one event loop (then the caches are :class:`AsyncCacheAside`), so
+    strategies can be compared under the same concurrency model. The loader sleeps
+    ``delay`` seconds: an expensive query.
     """
     if strategy not in ("naive", "seed", "course_lib"):
         raise ValueError(f"strategy must be naive, seed or course_lib, got {strategy!r}")
+    if model not in ("threads", "asyncio"):
+        raise ValueError(f"model must be threads or asyncio, got {model!r}")
     if callers % processes:
         raise ValueError(f"callers ({callers}) must divide evenly over {processes} processes")
     client = services.redis_client()
@@ -113,6 +123,8 @@ def stampede(
             loader = _counting_loader(own, counter, delay)
             if strategy == "seed":
                 calls: Calls = _seed_stampede(own, loader, key, per_process)
+            elif model == "asyncio":
+                return _async_stampede(strategy, loader, f"{namespace}:{strategy}", per_process)
             else:
                 cache = CacheAside(
                     own,
@@ -144,6 +156,45 @@ def stampede(
         percentiles(latencies)["p99"],
         sum(not ok for _, ok in samples),
     )
+
+
+def _async_stampede(
+    strategy: str, loader: Callable[[Any], Any], namespace: str, tasks: int
+) -> list[tuple[float, bool]]:
+    """``tasks`` asyncio tasks of one loop call ``AsyncCacheAside.get("hot")`` together;
+    ``(latency, ok)`` per call."""
+
+    async def scenario() -> list[tuple[float, bool]]:
+        client = aredis.Redis.from_url(services.redis_url())
+        cache = AsyncCacheAside(
+            client,
+            lambda k: asyncio.to_thread(loader, k),
+            ttl=60,
+            namespace=namespace,
+            stampede=None if strategy == "naive" else "lock",
+        )
+        gate = asyncio.Event()
+
+        async def one() -> tuple[float, bool]:
+            await gate.wait()
+            start = time.perf_counter()
+            try:
+                await cache.get("hot")
+            except Exception:
+                return time.perf_counter() - start, False
+            return time.perf_counter() - start, True
+
+        try:
+            # A running service has its connection pool open: open one per task first.
+            await asyncio.gather(*(client.ping() for _ in range(tasks)))
+            running = [asyncio.create_task(one()) for _ in range(tasks)]
+            await asyncio.sleep(0)  # every task is waiting at the gate
+            gate.set()
+            return list(await asyncio.gather(*running))
+        finally:
+            await client.aclose()
+
+    return run_async(scenario(), timeout=120)
 
 
 def _seed_stampede(client: Any, loader: Callable[[Any], Any], key: str, tasks: int) -> Calls:
@@ -334,8 +385,11 @@ def write_behind_crash(
     down_for: float = 0.5,
     sample_every: float = 0.025,
     timeout: float = 60.0,
+    crash: bool = True,
 ) -> tuple[CrashResult, pd.DataFrame, dict[str, float]]:
     """Write ``updates`` through ``wb``, SIGKILL its worker mid-batch, restart another one.
+
+    With ``crash=False`` the same workload runs with no kill: the baseline to compare with.
 
     The kill comes at the first sample after ``kill_after`` s at which the worker holds
     entries it has not acknowledged, so the restarted worker must reclaim them
@@ -359,7 +413,7 @@ def write_behind_crash(
         while time.perf_counter() < deadline:
             now = time.perf_counter() - origin
             samples.append((now, wb.lag(), wb.backlog()))
-            if "killed" not in events and now >= kill_after:
+            if crash and "killed" not in events and now >= kill_after:
                 if _kill_holding_entries(first, wb):
                     events["killed"] = now
                 elif samples[-1][2] == 0:
@@ -370,7 +424,7 @@ def write_behind_crash(
             if second is None and "killed" in events and now >= events["killed"] + down_for:
                 second = wb.start_worker("worker-b")
                 events["restarted"] = now
-            if second is not None and samples[-1][2] == 0:
+            if (second is not None or not crash) and samples[-1][2] == 0:
                 break
             time.sleep(sample_every)
         else:
@@ -391,3 +445,57 @@ def write_latencies(fn: Callable[[int], object], keys: list[int]) -> list[float]
         fn(key)
         out.append(time.perf_counter() - start)
     return out
+
+
+def loop_stall(pause: float = 0.2) -> dict[str, float]:
+    """How long one cache write stalls an event loop when Redis is slow to answer.
+
+    On a private Redis, writes are held for ``pause`` s (``CLIENT PAUSE ... WRITE``, as a
+    slow server or a failover would). A heartbeat task ticks every 5 ms while one task does
+    a ``SET`` with the blocking client, as the seed's ``get_with_lock`` does inside
+    ``async def``, and then with ``redis.asyncio``. Returns the heartbeat's longest gap, in
+    seconds, for each: the blocking call freezes every task of the loop for the pause.
+    """
+    with tempfile.TemporaryDirectory(prefix="nb01-stall-", dir="/tmp") as folder:
+        server = services.EmbeddedRedis(Path(folder) / "redis")
+        url = server.start()
+        try:
+            return {
+                name: run_async(_heartbeat_during_set(url, pause, blocking=blocking))
+                for name, blocking in (("blocking client", True), ("redis.asyncio", False))
+            }
+        finally:
+            server.stop()
+
+
+async def _heartbeat_during_set(url: str, pause: float, *, blocking: bool) -> float:
+    sync_client = services.fail_fast_redis(url, timeout=5)
+    async_client = aredis.Redis.from_url(url)
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def heartbeat() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    try:
+        await async_client.ping()
+        sync_client.ping()
+        beat = asyncio.create_task(heartbeat())
+        await asyncio.sleep(0.05)
+        sync_client.client_pause(int(pause * 1000), all=False)  # holds writes only
+        if blocking:
+            sync_client.set("k", "v")  # inside async code: the whole loop waits
+        else:
+            await async_client.set("k", "v")  # only this task waits
+        await asyncio.sleep(0.05)
+        done.set()
+        await beat
+        return max(gaps)
+    finally:
+        sync_client.close()
+        await async_client.aclose()
