@@ -308,3 +308,15 @@ class ReplicaSet:
         with self.engine("replica").connect() as conn:
             replayed = conn.execute(text("SELECT pg_last_wal_replay_lsn()::text")).scalar_one()
         return max(0, parse_lsn(written) - parse_lsn(replayed))
+
+    def wait_for_replay(self, timeout: float = 30.0) -> float:
+        """Block until the replica has replayed everything the primary has written so far;
+        return the seconds waited (``TimeoutError`` after ``timeout``)."""
+        positive_number("timeout", timeout)
+        target = self.router.primary_lsn()
+        start = time.monotonic()
+        while (replayed := self.router.replayed_lsn()) is None or replayed < target:
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"the replica did not replay the primary's WAL in {timeout} s")
+            time.sleep(0.01)
+        return time.monotonic() - start
