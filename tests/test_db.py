@@ -194,7 +194,7 @@ def test_pool_caps_concurrent_connections_from_32_threads() -> None:
             thread.start()
         for thread in threads:
             thread.join(60)
-        assert peak <= 5 and engine.pool.checkedout() == 0
+        assert 2 <= peak <= 5 and engine.pool.checkedout() == 0
         assert engine.pool.size() == 3
     finally:
         engine.dispose()
