@@ -15,7 +15,8 @@ Guarantees:
   server does.
 - Leaving the block stops both servers, also when the block raises; a server that does not
   stop in time is killed with its children; the directory is removed. A ReplicaSet that the
-  program forgets to stop is stopped at interpreter exit. No process it started outlives it.
+  program forgets to stop is stopped at interpreter exit (a process killed with SIGKILL
+  cannot do that: its servers keep running until ``pg_ctl stop`` on their data folders).
 - ``apply_delay`` (seconds) sets ``recovery_min_apply_delay`` on the replica: it receives the
   WAL at once but applies each commit that much later, the way to stage replication lag.
 """
