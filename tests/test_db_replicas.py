@@ -153,7 +153,27 @@ def test_nothing_is_left_running_after_the_block_even_when_it_raises() -> None:
     assert not Path(seen["root"]).exists()  # type: ignore[arg-type]
 
 
-def test_bad_arguments_are_refused() -> None:
+SYSTEM_BINARIES = sorted(
+    (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "pg_basebackup").is_file()),
+    reverse=True,
+)
+
+
+@pytest.mark.skipif(not SYSTEM_BINARIES, reason="no system PostgreSQL binaries")
+def test_works_with_the_system_binaries_too() -> None:
+    with ReplicaSet.start(bin_dir=SYSTEM_BINARIES[0]) as replica_set:
+        with replica_set.engine("primary").begin() as conn:
+            conn.execute(text("CREATE TABLE t AS SELECT 1 AS x"))
+        replica_set.wait_for_replay()
+        with replica_set.engine("replica").connect() as conn:
+            version = conn.execute(text("SHOW server_version_num")).scalar_one()
+            assert conn.execute(text("SELECT x FROM t")).scalar_one() == 1
+    assert version.startswith(SYSTEM_BINARIES[0].parent.name)
+
+
+def test_bad_arguments_are_refused(rs: ReplicaSet) -> None:
+    with pytest.raises(TypeError, match="client must be hashable"):
+        rs.session(client=["not", "hashable"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="apply_delay"):
         ReplicaSet.start(apply_delay=-1)
     with pytest.raises(TypeError, match="primary"):

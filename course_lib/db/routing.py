@@ -175,6 +175,13 @@ class RoutingSession(Session):
         min_lsn: str | int | None = None,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(router, Router):
+            raise TypeError(f"router must be a Router, got {type(router).__name__}")
+        try:
+            hash(client)
+        except TypeError:
+            kind = type(client).__name__
+            raise TypeError(f"client must be hashable (an id), got {kind}") from None
         super().__init__(**kwargs)
         self.router = router
         self.client = client
