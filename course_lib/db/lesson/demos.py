@@ -1,0 +1,269 @@
+"""Measurements notebook 04 charts: pool checkouts, the pool-size sweep, statements per
+loading strategy, EXPLAIN as a table, OFFSET vs keyset, replication lag under a burst.
+
+Each function does bookkeeping (timing, counting, cleanup); the mechanism it measures stays
+visible in the notebook cell that calls it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.pool import NullPool
+
+from course_lib.db.models import Post, User
+from course_lib.db.pagination import keyset_page, offset_page
+from course_lib.db.replicas import ReplicaSet
+from course_lib.measure import QueryCounter, percentiles, run_threads, time_calls
+
+with warnings.catch_warnings():
+    # Without ipywidgets, tqdm.auto warns once and falls back to a text bar: the text bar is fine.
+    warnings.simplefilter("ignore")
+    from tqdm.auto import tqdm
+
+__all__ = [
+    "STRATEGIES",
+    "burst_lag",
+    "checkout_costs",
+    "explain",
+    "load_users_with_posts",
+    "loading_sweep",
+    "pagination_sweep",
+    "pool_sweep",
+    "time_to_visibility",
+]
+
+STRATEGIES = ("lazy (N+1)", "selectinload", "joinedload")
+BURST_INSERT = text(
+    "INSERT INTO burst SELECT g, repeat('x', 200) FROM generate_series(1, 5000) AS g"
+)
+
+
+def checkout_costs(url: str, connect_args: dict[str, Any], n: int) -> dict[str, list[float]]:
+    """Seconds per ``SELECT 1`` on a new connection each time vs a pooled checkout."""
+    new = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    pooled = create_engine(url, pool_size=1, connect_args=connect_args)
+
+    def one(engine: Engine) -> Callable[[], object]:
+        def call() -> object:
+            with engine.connect() as conn:
+                return conn.execute(text("SELECT 1")).scalar()
+
+        return call
+
+    try:
+        return {
+            "new connection": time_calls(one(new), n, warmup=3),
+            "pooled checkout": time_calls(one(pooled), n, warmup=3),
+        }
+    finally:
+        new.dispose()
+        pooled.dispose()
+
+
+def pool_sweep(
+    url: str,
+    connect_args: dict[str, Any],
+    sizes: list[int],
+    overflows: list[int],
+    *,
+    threads: int = 32,
+    calls: int = 8,
+    query: str,
+    params: Callable[[int, int], dict[str, Any]],
+) -> pd.DataFrame:
+    """Throughput and latency of ``query`` from ``threads`` threads per pool configuration."""
+    rows = []
+    configs = [(s, o) for o in overflows for s in sizes]
+    for size, overflow in tqdm(configs, desc="pool sizes", leave=False):
+        engine = create_engine(
+            url, pool_size=size, max_overflow=overflow, pool_timeout=60, connect_args=connect_args
+        )
+
+        def call(worker: int, index: int, engine: Engine = engine) -> object:
+            with engine.connect() as conn:
+                return conn.execute(text(query), params(worker, index)).scalar()
+
+        try:
+            # Open every pooled connection first: the sweep measures checkouts, not connects.
+            held = [engine.connect() for _ in range(size)]
+            for conn in held:
+                conn.close()
+            start = time.perf_counter()
+            done = run_threads(call, threads, calls=calls, pass_worker=True, timeout=120)
+            elapsed = time.perf_counter() - start
+        finally:
+            engine.dispose()
+        if done.errors:
+            raise RuntimeError(f"pool_size={size}: {done.errors[0]}")
+        spread = percentiles(done.latencies)
+        rows.append(
+            {
+                "pool_size": size,
+                "max_overflow": overflow,
+                "connections": size + overflow,
+                "queries_per_s": len(done) / elapsed,
+                "p50_ms": spread["p50"] * 1e3,
+                "p99_ms": spread["p99"] * 1e3,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def load_users_with_posts(session: Session, n: int, strategy: str) -> int:
+    """Load the first ``n`` users and touch every user's posts; return the posts seen."""
+    stmt = select(User).order_by(User.id).limit(n)
+    if strategy == "selectinload":
+        stmt = stmt.options(selectinload(User.posts))
+    elif strategy == "joinedload":
+        stmt = stmt.options(joinedload(User.posts))
+    elif strategy != "lazy (N+1)":
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    users = session.scalars(stmt).unique().all()
+    return sum(len(user.posts) for user in users)
+
+
+def loading_sweep(engine: Engine, ns: list[int], *, repeats: int = 3) -> pd.DataFrame:
+    """Statements and best-of-``repeats`` seconds per strategy and number of users; the lazy
+    loop beyond 100 users runs once (it takes seconds, and its noise is small against that)."""
+    rows = []
+    cases = [(s, n) for s in STRATEGIES for n in ns]
+    for strategy, n in tqdm(cases, desc="strategies x N", leave=False):
+        best = float("inf")
+        for _ in range(1 if strategy == STRATEGIES[0] and n > 100 else repeats):
+            with Session(engine) as session, QueryCounter(engine) as counter:
+                start = time.perf_counter()
+                posts = load_users_with_posts(session, n, strategy)
+                best = min(best, time.perf_counter() - start)
+        rows.append(
+            {
+                "strategy": strategy,
+                "users": n,
+                "posts": posts,
+                "statements": counter.count,
+                "ms": best * 1e3,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _walk(node: dict[str, Any], depth: int) -> Iterator[dict[str, Any]]:
+    yield {
+        "node": "  " * depth + node["Node Type"],
+        "on": node.get("Index Name") or node.get("Relation Name") or "",
+        "rows": node.get("Actual Rows"),
+        "loops": node.get("Actual Loops"),
+        "buffers hit": node.get("Shared Hit Blocks", 0),
+        "buffers read": node.get("Shared Read Blocks", 0),
+        "ms": node.get("Actual Total Time"),
+    }
+    for child in node.get("Plans", []):
+        yield from _walk(child, depth + 1)
+
+
+def explain(engine: Engine, sql: str, params: dict[str, Any]) -> pd.DataFrame:
+    """``EXPLAIN (ANALYZE, BUFFERS)`` of ``sql`` as one row per plan node, plus totals in
+    ``df.attrs`` (``execution_ms``, ``planning_ms``)."""
+    with engine.connect() as conn:
+        conn.execute(text(sql), params).all()  # warm the cache: compare plans, not disk reads
+        plan = conn.execute(
+            text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"), params
+        ).scalar_one()[0]
+    frame = pd.DataFrame(list(_walk(plan["Plan"], 0)))
+    frame.attrs["execution_ms"] = plan["Execution Time"]
+    frame.attrs["planning_ms"] = plan["Planning Time"]
+    return frame
+
+
+def pagination_sweep(
+    engine: Engine, pages: list[int], *, size: int = 20, repeats: int = 5
+) -> pd.DataFrame:
+    """Median ms per page fetched with ``OFFSET`` and with keyset, and whether they agree.
+
+    Post ids are contiguous from 1, so the last id of page ``p - 1`` (what a client would
+    carry in its "next" link) is ``p * size``.
+    """
+    rows = []
+    base = select(Post.id, Post.title)
+    with engine.connect() as conn:
+        for page in pages:
+            by_offset = offset_page(base, Post.id, page=page, size=size)
+            by_key = keyset_page(base, Post.id, after=page * size if page else None, size=size)
+            same = conn.execute(by_offset).all() == conn.execute(by_key).all()
+            for method, stmt in (("OFFSET", by_offset), ("keyset", by_key)):
+                seconds = time_calls(lambda s=stmt: conn.execute(s).all(), repeats, warmup=1)
+                rows.append(
+                    {
+                        "method": method,
+                        "page": page,
+                        "ms": sorted(seconds)[len(seconds) // 2] * 1e3,
+                        "same rows": same,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def time_to_visibility(rs: ReplicaSet, n: int) -> list[float]:
+    """Seconds from a committed insert on the primary until the replica returns the row."""
+    primary, replica = rs.engine("primary"), rs.engine("replica")
+    with primary.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS seen (id int PRIMARY KEY)"))
+    rs.wait_for_replay()  # the replica must know the table before it is polled for rows
+    samples = []
+    with primary.connect() as writer, replica.connect() as reader:
+        reader.execution_options(isolation_level="AUTOCOMMIT")
+        for i in range(n):
+            writer.execute(text("INSERT INTO seen VALUES (:i)"), {"i": i})
+            writer.commit()
+            start = time.perf_counter()
+            probe = text("SELECT 1 FROM seen WHERE id = :i")
+            while reader.execute(probe, {"i": i}).first() is None:
+                if time.perf_counter() - start > 30:
+                    raise TimeoutError(f"row {i} not visible on the replica after 30 s")
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
+def burst_lag(
+    rs: ReplicaSet, *, burst_s: float = 1.5, after_s: float = 1.5, every_s: float = 0.02
+) -> pd.DataFrame:
+    """Replication lag (bytes) sampled every ``every_s`` while a writer inserts as fast as it
+    can for ``burst_s`` seconds, then for ``after_s`` seconds of quiet."""
+    primary = rs.engine("primary")
+    with primary.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS burst (id bigint, pad text)"))
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with primary.connect() as conn:
+                while not stop.is_set():
+                    conn.execute(BURST_INSERT)
+                    conn.commit()
+        except BaseException as exc:  # reported by the caller
+            failure.append(exc)
+
+    samples = []
+    thread = threading.Thread(target=writer, daemon=True)
+    origin = time.perf_counter()
+    thread.start()
+    try:
+        while (now := time.perf_counter() - origin) < burst_s + after_s:
+            if now >= burst_s:
+                stop.set()
+            samples.append({"t": now, "lag_bytes": rs.lag_bytes(), "burst": not stop.is_set()})
+            time.sleep(every_s)
+    finally:
+        stop.set()
+        thread.join(30)
+    if failure:
+        raise failure[0]
+    return pd.DataFrame(samples)

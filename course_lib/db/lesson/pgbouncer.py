@@ -1,0 +1,130 @@
+"""A PgBouncer the notebook owns, in front of the course's PostgreSQL, for one ``with`` block.
+
+Only to stage what transaction pooling breaks (section 1 of notebook 04): it listens on a
+Unix socket in a private temporary folder, trusts the local ``postgres`` user, keeps
+``pool_size`` server connections, and is stopped (and its folder removed) when the block
+ends, also if it raises. Started by root, it runs as the unprivileged PostgreSQL account.
+Needs the ``pgbouncer`` binary (Debian: ``apt-get install pgbouncer``); :func:`find_pgbouncer`
+returns ``None`` without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from course_lib.services.database import connect_kwargs
+from course_lib.services.embedded import _server_user
+from course_lib.services.errors import ServiceError
+from course_lib.validation import positive_int
+
+__all__ = ["Bouncer", "find_pgbouncer", "pgbouncer"]
+
+_PORT = 6432
+
+
+def find_pgbouncer() -> Path | None:
+    """The ``pgbouncer`` executable, or ``None`` if it is not installed."""
+    found = shutil.which("pgbouncer") or next(
+        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None
+    )
+    return Path(found) if found else None
+
+
+@dataclass(frozen=True)
+class Bouncer:
+    """A running PgBouncer: ``connect()`` opens a psycopg connection through it."""
+
+    socket_dir: Path
+    pool_mode: str
+    pool_size: int
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection:
+        return psycopg.connect(
+            host=str(self.socket_dir), port=_PORT, user="postgres", dbname="course", **kwargs
+        )
+
+
+def _config(folder: Path, upstream: dict[str, Any], pool_mode: str, pool_size: int) -> str:
+    target = " ".join(
+        f"{key}={upstream[key]}" for key in ("host", "port", "dbname") if key in upstream
+    )
+    return f"""[databases]
+course = {target} user={upstream.get("user", "postgres")}
+
+[pgbouncer]
+unix_socket_dir = {folder}
+listen_port = {_PORT}
+auth_type = trust
+auth_file = {folder}/users.txt
+pool_mode = {pool_mode}
+default_pool_size = {pool_size}
+max_client_conn = 100
+logfile = {folder}/pgbouncer.log
+pidfile = {folder}/pgbouncer.pid
+ignore_startup_parameters = extra_float_digits,options
+"""
+
+
+@contextlib.contextmanager
+def pgbouncer(
+    upstream_url: str, *, pool_mode: str = "transaction", pool_size: int = 1, timeout: float = 20
+) -> Iterator[Bouncer]:
+    """Run PgBouncer in front of ``upstream_url`` (a SQLAlchemy URL) for the block."""
+    if pool_mode not in ("session", "transaction", "statement"):
+        raise ValueError(f"pool_mode must be session, transaction or statement, got {pool_mode!r}")
+    positive_int("pool_size", pool_size)
+    binary = find_pgbouncer()
+    if binary is None:
+        raise ServiceError("pgbouncer is not installed (Debian/Ubuntu: apt-get install pgbouncer)")
+    folder = Path(tempfile.mkdtemp(prefix="pc-pgb-", dir="/tmp"))
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        (folder / "pgbouncer.ini").write_text(
+            _config(folder, connect_kwargs(upstream_url), pool_mode, pool_size)
+        )
+        (folder / "users.txt").write_text('"postgres" ""\n')
+        user = _server_user()
+        kwargs: dict[str, Any] = {"cwd": "/"}
+        if user is not None:
+            for path in (folder, *folder.iterdir()):
+                os.chown(path, user.pw_uid, user.pw_gid)
+            kwargs |= {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        process = subprocess.Popen(  # foreground (no -d): this process is the one we stop
+            [str(binary), str(folder / "pgbouncer.ini")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            **kwargs,
+        )
+        bouncer = Bouncer(folder, pool_mode, pool_size)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                bouncer.connect(connect_timeout=2).close()
+                break
+            except psycopg.OperationalError as exc:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log = folder / "pgbouncer.log"
+                    tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+                    raise ServiceError(f"pgbouncer did not start: {exc}; log: {tail}") from None
+                time.sleep(0.05)
+        yield bouncer
+    finally:
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
