@@ -40,9 +40,9 @@ import psutil
 from sqlalchemy import Engine, create_engine, text
 
 from course_lib.services.embedded import (
-    _make_traversable,
-    _server_user,
     find_postgres_bin_dir,
+    make_traversable,
+    server_user,
 )
 from course_lib.services.errors import ServiceError
 from course_lib.validation import optional_positive_number, positive_number
@@ -161,7 +161,7 @@ class ReplicaSet:
         return rs
 
     def _command(self, what: str, *args: str, timeout: float = 60.0) -> str:
-        user = _server_user()
+        user = server_user()
         kwargs: dict[str, Any] = {"cwd": "/"}
         if user is not None:
             kwargs |= {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
@@ -182,12 +182,12 @@ class ReplicaSet:
         return done.stdout
 
     def _create(self, timeout: float) -> None:
-        user = _server_user()
+        user = server_user()
         for server in (self.primary, self.replica):
             server.socket_dir.mkdir(mode=0o700)
         if user is not None:
-            _make_traversable(self.root)
-            _make_traversable(self.bin_dir)
+            make_traversable(self.root)
+            make_traversable(self.bin_dir)
             for path in (self.root, self.primary.socket_dir, self.replica.socket_dir):
                 os.chown(path, user.pw_uid, user.pw_gid)
         self._command(

@@ -46,7 +46,7 @@ from .clients import fail_fast_redis
 from .database import ensure_database
 from .errors import ServiceError
 
-__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "state_dir"]
+__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "make_traversable", "server_user", "state_dir"]
 
 # Linux allows 108 bytes for a socket path, macOS 104; keep a margin for the file name.
 _MAX_SOCKET_PATH = 100
@@ -275,7 +275,7 @@ class EmbeddedRedis:
             return True
 
 
-def _server_user() -> pwd.struct_passwd | None:
+def server_user() -> pwd.struct_passwd | None:
     """The unprivileged account PostgreSQL runs as when we are root, else ``None``."""
     if os.geteuid() != 0:
         return None
@@ -291,7 +291,7 @@ def _server_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam("perfcourse")
 
 
-def _make_traversable(path: Path) -> None:
+def make_traversable(path: Path) -> None:
     """Let another user walk down to ``path``: add o+x to each parent (no read access)."""
     for parent in [path, *path.parents]:
         mode = parent.stat().st_mode
@@ -330,7 +330,7 @@ class EmbeddedPostgres:
         return self.bin_dir or find_postgres_bin_dir()
 
     def _command(self, what: str, *args: str, timeout: float = 60.0) -> str:
-        user = _server_user()
+        user = server_user()
         kwargs: dict[str, object] = {"cwd": "/"}
         if user is not None:
             kwargs |= {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
@@ -346,11 +346,11 @@ class EmbeddedPostgres:
 
     def _prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        user = _server_user()
+        user = server_user()
         if user is None:
             return
-        _make_traversable(self.root)
-        _make_traversable(self._binaries())
+        make_traversable(self.root)
+        make_traversable(self._binaries())
         for path in (self.root, *self.root.rglob("*")):
             if path.name != "lock":
                 os.chown(path, user.pw_uid, user.pw_gid)

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 
 from course_lib.services.database import connect_kwargs
-from course_lib.services.embedded import _server_user
+from course_lib.services.embedded import server_user
 from course_lib.services.errors import ServiceError
 from course_lib.validation import positive_int
 
@@ -94,7 +94,7 @@ def pgbouncer(
             _config(folder, connect_kwargs(upstream_url), pool_mode, pool_size)
         )
         (folder / "users.txt").write_text('"postgres" ""\n')
-        user = _server_user()
+        user = server_user()
         kwargs: dict[str, Any] = {"cwd": "/"}
         if user is not None:
             for path in (folder, *folder.iterdir()):
