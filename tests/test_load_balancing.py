@@ -155,9 +155,9 @@ def test_least_connections_under_threads_balances_and_returns_to_zero() -> None:
         calls = run_threads(request, 8, calls=300)
     assert not calls.errors
     assert lc.active() == dict.fromkeys(TEN, 0)
-    # 8 concurrent requests over 10 servers: least connections never stacks two on one
-    # server while another is idle... except in the instant between picks and reads.
-    assert max(peak) <= 2
+    # 8 concurrent requests over 10 servers: an idle server always exists, so least
+    # connections never puts two requests on one server.
+    assert max(peak) == 1
 
 
 def test_least_connections_down_server_keeps_counting() -> None:
