@@ -10,12 +10,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 __all__ = [
+    "YieldingList",
     "longest_run",
     "modulo_pick",
     "naive_weighted",
     "remapped",
     "spread",
-    "YieldingList",
 ]
 
 
