@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import pandas as pd
+
 from course_lib.measure import run_async
 from course_lib.validation import optional_positive_number, positive_int, positive_number
 
