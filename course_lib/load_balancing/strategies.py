@@ -428,6 +428,22 @@ class IpHash(Strategy):
         self._fallback = [s for s in self._servers if s not in self._down]
         self._next = 0
 
+    def pick(self, key: str | None = None) -> str:
+        # Hot path, inlined: an IPv4 address with every server up is one hash of three
+        # octets; anything else (IPv6, down servers, bad input) takes the general path.
+        if type(key) is str:
+            try:
+                a, b, c, _ = socket.inet_pton(socket.AF_INET, key)
+            except OSError:
+                pass
+            else:
+                with self._lock:
+                    servers = self._servers
+                    if not self._down and len(servers) > 1:
+                        h = (((89 * 113 + a) % 6271 * 113 + b) % 6271 * 113 + c) % 6271
+                        return servers[h % len(servers)]
+        return super().pick(key)
+
     def _pick(self, key: str | None) -> str:
         if key is None:
             raise ValueError("key must be the client IP address for IpHash")
@@ -517,26 +533,45 @@ class ConsistentHash(Strategy):
             return None
         return math.ceil(self._load_factor * (self._total_active + 1) / self._n_up)
 
+    def pick(self, key: str | None = None) -> str:
+        # The hot path, inlined (a pick stays within a few times random.choice): hash
+        # outside the lock, one binary search inside it.
+        if type(key) is str:
+            h = _key_hash(key)
+            with self._lock:
+                if self._owners:
+                    return self._place(h)
+        return super().pick(key)
+
     def _pick(self, key: str | None) -> str:
         if key is None:
             raise ValueError("key must be a string for ConsistentHash")
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, got {type(key).__name__}")
-        if not self._points:
+        if not self._owners:
             raise self._none_up()
-        start = bisect.bisect_left(self._points, _key_hash(key))
+        return self._place(_key_hash(key))
+
+    def _place(self, h: int) -> str:
+        """The server for ring position ``h`` (lock held, ring not empty)."""
         owners = self._owners
+        start = bisect.bisect_left(self._points, h)
+        if start == len(owners):
+            start = 0
+        server = owners[start]
         if self._load_factor is None:
-            return owners[start % len(owners)]
-        bound = self._bound()
-        seen: set[str] = set()
-        for step in range(len(owners)):
+            return server
+        bound = math.ceil(self._load_factor * (self._total_active + 1) / self._n_up)
+        if self._active[server] < bound:
+            return server
+        # Walk on clockwise past full servers; some server is under the bound because
+        # n_up * ceil(c * (total + 1) / n_up) >= total + 1 when c >= 1.
+        seen = {server}
+        for step in range(1, len(owners)):
             server = owners[(start + step) % len(owners)]
             if server in seen:
                 continue
-            if self._active[server] < bound:  # type: ignore[operator]
+            if self._active[server] < bound:
                 return server
             seen.add(server)
-            if len(seen) == self._n_up:
-                break
-        raise AssertionError("bounded load: no server under its bound")  # ceil(...) >= 1 free
+        raise AssertionError("bounded load: no server under its bound")

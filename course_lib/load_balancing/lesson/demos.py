@@ -4,12 +4,18 @@ remap counts and load spread. Bookkeeping only; the strategies are in the librar
 from __future__ import annotations
 
 import itertools
+import math
+import random
 import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from ..strategies import Strategy
+
 __all__ = [
+    "PolledLeastLoaded",
+    "PolledTwoChoices",
     "YieldingList",
     "longest_run",
     "modulo_pick",
@@ -64,3 +70,44 @@ class YieldingList(list):
     def __len__(self) -> int:
         time.sleep(0)
         return super().__len__()
+
+
+class _Polled(Strategy):
+    """A balancer that learns backend load by polling it every ``refresh_s`` seconds,
+    as a fleet of balancers that do not share in-flight counts has to: between two
+    polls every pick sees the same snapshot."""
+
+    def __init__(self, servers: Sequence[str], *, refresh_s: float, seed: int = 0) -> None:
+        self._refresh_s = refresh_s
+        self._rng = random.Random(seed)
+        self._polled_at = -math.inf
+        self._snapshot: dict[str, int] = {}
+        super().__init__(servers)
+
+    def _rebuild(self) -> None:
+        self._ring = self._up_list()
+
+    def _loads(self) -> dict[str, int]:
+        now = time.monotonic()
+        if now - self._polled_at >= self._refresh_s:
+            self._snapshot = {s: self._active[s] for s in self._ring}
+            self._polled_at = now
+        return self._snapshot
+
+
+class PolledLeastLoaded(_Polled):
+    """The least loaded server of the last poll (ties: random): a herd between polls."""
+
+    def _pick(self, key: str | None) -> str:
+        loads = self._loads()
+        fewest = min(loads.values())
+        return self._rng.choice([s for s in self._ring if loads[s] == fewest])
+
+
+class PolledTwoChoices(_Polled):
+    """The less loaded of two random servers, judged on the same stale poll."""
+
+    def _pick(self, key: str | None) -> str:
+        loads = self._loads()
+        a, b = self._rng.sample(self._ring, 2)
+        return b if loads[b] < loads[a] else a
