@@ -103,15 +103,30 @@ def test_backend_profiles_and_stats() -> None:
     assert stats == {"name": "ok", "served": 4, "clients": {"1.2.3.4": 4}}
 
 
+def test_slowdown_and_random_profiles() -> None:
+    kwargs = [
+        {"name": "later", "profile": "slowdown", "latency_ms": 20, "factor": 5, "slow_after_s": 0},
+        {"name": "never", "profile": "slowdown", "latency_ms": 0, "slow_after_s": 3600},
+        {"name": "random", "profile": "random", "latency_ms": 1, "seed": 3},
+    ]
+    with serve_processes(FACTORY, kwargs) as procs:
+        runs = [run_load(p.url, requests=4, concurrency=1, progress=False) for p in procs]
+    assert all(set(r.status) == {200} for r in runs)
+    assert (runs[0].latency_ms >= 100).all()  # 20 ms x 5 from the start: a lower bound
+    assert runs[2].backend.tolist() == ["random"] * 4
+
+
 def test_open_loop_measures_from_the_intended_time() -> None:
-    # One connection, 50 ms per request, 100 requests/s intended: the backlog grows, and
-    # open-loop latency counts the wait; closed-loop latency does not.
+    # One connection, >= 50 ms per request, one request due every 10 ms: request i cannot
+    # start before i * 50 ms although it was due at i * 10 ms, so open-loop latency of the
+    # last of 20 is at least 19 * 40 ms. Closed-loop latency never counts that wait.
     with serve_processes(FACTORY, [{"name": "slow", "latency_ms": 50}]) as (slow,):
-        opened = run_load(slow.url, requests=10, concurrency=1, rate=100, progress=False)
-        closed = run_load(slow.url, requests=10, concurrency=1, progress=False)
-    assert opened.latency_ms.iloc[-1] > 3 * opened.latency_ms.iloc[0]
-    assert opened.latency_ms.iloc[-1] > 3 * closed.latency_ms.max()
+        opened = run_load(slow.url, requests=20, concurrency=1, rate=100, progress=False)
+        closed = run_load(slow.url, requests=20, concurrency=1, progress=False)
+    assert opened.latency_ms.iloc[-1] >= 19 * 40
+    assert closed.latency_ms.median() < opened.latency_ms.iloc[-1] / 3
     assert (opened.intended_s.diff().dropna().round(3) == 0.01).all()
+    assert (opened.sent_s >= opened.intended_s).all()
 
 
 def test_bad_rig_input() -> None:
