@@ -112,6 +112,7 @@ class Proxy:
         self._samples: list[tuple[float, str, int]] = []
         self._events: list[tuple[float, str, str]] = []
         self._t0 = time.perf_counter()
+        self._handlers: set[asyncio.Task[None]] = set()
         self.url = ""
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -133,6 +134,10 @@ class Proxy:
             if sampler:
                 sampler.cancel()
             server.close()
+            # Client connections still open (keep-alive) would outlive the loop: end them.
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             for upstream in self._upstreams.values():
                 while upstream.idle:
                     upstream.idle.pop()[1].close()
@@ -192,6 +197,9 @@ class Proxy:
     # -- serving ------------------------------------------------------------------------
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         try:
             while True:
                 try:
@@ -210,10 +218,11 @@ class Proxy:
                 await writer.drain()
                 if not request.keep_alive:
                     break
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
+            self._handlers.discard(task)
 
     async def _forward(self, request: Message, client: str) -> tuple[int, list, bytes]:
         method, target = request.start[0], request.start[1]
