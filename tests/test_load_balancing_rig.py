@@ -5,6 +5,7 @@ load generator, and nginx's config (and a live nginx where it is installed)."""
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 from collections.abc import Iterator
 
@@ -51,6 +52,19 @@ def test_proxy_trusts_x_forwarded_for_from_loopback(procs: list[ServerProcess]) 
         df = run_load(url, requests=20, concurrency=2, clients=clients, progress=False)
     assert df.backend.tolist() == [ip.pick(c) for c in clients]
     assert sorted(proxy.records().client) == sorted(clients)
+
+
+def test_proxy_ignores_x_forwarded_for_from_other_addresses(procs: list[ServerProcess]) -> None:
+    # 127.0.0.2 is a local address but not the one trusted proxy (nginx's
+    # set_real_ip_from 127.0.0.1): its X-Forwarded-For is not believed.
+    proxy = Proxy(urls(procs), RoundRobin(NAMES))
+    with proxy.serve() as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0)) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 6.6.6.6\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        run_load(url, requests=1, concurrency=1, clients=["7.7.7.7"], progress=False)
+    assert proxy.records().client.tolist() == ["127.0.0.2", "7.7.7.7"]
 
 
 def test_proxy_retries_a_get_on_a_killed_backend_and_marks_it_down() -> None:

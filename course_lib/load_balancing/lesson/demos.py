@@ -96,12 +96,12 @@ class _Polled(Strategy):
 
 
 class PolledLeastLoaded(_Polled):
-    """The least loaded server of the last poll (ties: random): a herd between polls."""
+    """The least loaded server of the last poll, the first one on a tie (as ``min`` does):
+    every pick until the next poll goes to the same server, a herd."""
 
     def _pick(self, key: str | None) -> str:
         loads = self._loads()
-        fewest = min(loads.values())
-        return self._rng.choice([s for s in self._ring if loads[s] == fewest])
+        return min(self._ring, key=loads.__getitem__)
 
 
 class PolledTwoChoices(_Polled):
