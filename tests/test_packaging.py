@@ -15,7 +15,7 @@ CONDA_TO_PYPI = {"redis-py": "redis", "msgpack-python": "msgpack"}
 # redis[hiredis] installs the hiredis package; psycopg[binary] installs psycopg-binary, which
 # conda-forge folds into psycopg itself.
 EXTRAS_THAT_ARE_PACKAGES = {"hiredis"}
-NOT_PYTHON_PACKAGES = {"python", "pip", "redis-server", "postgresql"}
+NOT_PYTHON_PACKAGES = {"python", "pip", "redis-server", "postgresql", "nginx"}
 
 
 def normalise(name: str) -> str:

@@ -1,0 +1,62 @@
+"""Bookkeeping for notebook 02's live runs: start named backends, push load through the
+course proxy, kill a backend on a timer. The balancing itself stays in the cells."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from course_lib.http import ServerProcess, serve_processes
+
+from ..loadgen import run_load
+from ..proxy import Proxy
+from ..strategies import Strategy
+
+__all__ = ["FACTORY", "Rig", "backends", "kill_after", "through_proxy"]
+
+FACTORY = "course_lib.load_balancing.backends:backend_app"
+
+
+class Rig:
+    """Running backends: ``urls`` ({name: URL}, in order) and their processes."""
+
+    def __init__(self, procs: list[ServerProcess]) -> None:
+        self.procs = {p.kwargs["name"]: p for p in procs}
+        self.urls = {p.kwargs["name"]: p.url for p in procs}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.urls)
+
+
+@contextlib.contextmanager
+def backends(specs: Sequence[Mapping[str, Any]]) -> Iterator[Rig]:
+    """One backend process per spec (the keyword arguments of ``backend_app``)."""
+    with serve_processes(FACTORY, specs) as procs:
+        yield Rig(procs)
+
+
+def through_proxy(
+    rig: Rig, strategy: Strategy, *, sample_every: float | None = None, **load: Any
+) -> tuple[pd.DataFrame, Proxy]:
+    """Run ``run_load(**load)`` through a fresh :class:`Proxy` with ``strategy``; return
+    the client-side results and the (stopped) proxy with its records."""
+    proxy = Proxy(rig.urls, strategy, sample_every=sample_every)
+    with proxy.serve() as url:
+        return run_load(url, **load), proxy
+
+
+@contextlib.contextmanager
+def kill_after(proc: ServerProcess, seconds: float) -> Iterator[threading.Timer]:
+    """``SIGKILL`` ``proc`` after ``seconds`` (cancelled if the block ends first)."""
+    timer = threading.Timer(seconds, proc.kill)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield timer
+    finally:
+        timer.cancel()
