@@ -37,31 +37,11 @@ PAGE = 50  # posts per listing page
 AUTHORS = 200
 POSTS = 4000
 CATEGORIES = ("python", "databases", "caching", "queues", "profiling", "networking")
-_WORDS = [
-    "latency",
-    "throughput",
-    "cache",
-    "index",
-    "query",
-    "pool",
-    "lock",
-    "queue",
-    "span",
-    "trace",
-    "profile",
-    "sample",
-    "heap",
-    "leak",
-    "worker",
-    "thread",
-    "process",
-    "socket",
-    "request",
-    "response",
-    '"quoted"',
-    "naïve",
-    "café",
-]
+_WORDS = (
+    "latency", "throughput", "cache", "index", "query", "pool", "lock", "queue", "span",
+    "trace", "profile", "sample", "heap", "leak", "worker", "thread", "process", "socket",
+    "request", "response", '"quoted"', "naïve", "café",
+)  # fmt: skip
 
 
 class Base(DeclarativeBase):
