@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from course_lib.profiling import (
     UNPROFILED,
     allocation_diff,
+    builtin_profiler,
     overhead,
     profile_call,
 )
@@ -79,6 +80,8 @@ def call_heavy() -> int:
 
 def test_cprofile_overhead_is_clearly_above_one_on_a_call_heavy_workload() -> None:
     table = overhead(call_heavy, ["cprofile", "tracemalloc"], calls=3, rounds=5)
+    mixed = overhead(call_heavy, {"cprofile": builtin_profiler("cprofile")}, calls=3, rounds=5)
+    assert mixed["ratio"].iloc[1] > 1.3, mixed
     assert list(table["profiler"]) == [UNPROFILED, "cprofile", "tracemalloc"]
     ratios = dict(zip(table["profiler"], table["ratio"], strict=True))
     assert ratios[UNPROFILED] == 1.0
@@ -108,6 +111,8 @@ def test_overhead_accepts_any_context_manager_and_rejects_bad_profilers() -> Non
         overhead(call_heavy, calls=0)
     with pytest.raises(TypeError, match="fn"):
         overhead(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="name"):
+        builtin_profiler("perf")
 
 
 LEAK: list[bytes] = []

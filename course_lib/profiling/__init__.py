@@ -18,7 +18,7 @@ service whose request is profiled, the leak); it is not meant to be copied into 
 from .apm import traced, tracing
 from .calls import ProfileResult, profile_call, stats_frame
 from .memory import allocation_diff
-from .overhead import BUILTIN_PROFILERS, UNPROFILED, overhead
+from .overhead import BUILTIN_PROFILERS, UNPROFILED, builtin_profiler, overhead
 from .waterfall import span_table, waterfall
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "UNPROFILED",
     "ProfileResult",
     "allocation_diff",
+    "builtin_profiler",
     "overhead",
     "profile_call",
     "span_table",

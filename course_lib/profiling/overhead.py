@@ -9,7 +9,8 @@ calls, so only the cost it adds to running code is measured, not its start-up.
 Built-in profilers: ``"cprofile"`` (deterministic: a hook on every call and return),
 ``"pyinstrument"`` (statistical: samples the stack every ``interval`` seconds),
 ``"tracemalloc"`` (a hook on every allocation). Any other tool can be passed as a
-name -> context-manager factory, e.g. ``{"opentelemetry": lambda: tracing(engines=[e])}``.
+name -> context-manager factory, e.g. ``{"opentelemetry": lambda: tracing(engines=[e])}``,
+mixed with built-ins through :func:`builtin_profiler`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from course_lib.validation import positive_int, positive_number
 
-__all__ = ["BUILTIN_PROFILERS", "UNPROFILED", "overhead"]
+__all__ = ["BUILTIN_PROFILERS", "UNPROFILED", "builtin_profiler", "overhead"]
 
 UNPROFILED = "unprofiled"
 Factory = Callable[[], AbstractContextManager[Any]]
@@ -74,14 +75,21 @@ def _tracemalloc() -> Iterator[None]:
 BUILTIN_PROFILERS = ("cprofile", "pyinstrument", "tracemalloc")
 
 
+def builtin_profiler(name: str, *, interval: float = 0.001) -> Factory:
+    """The context-manager factory of a built-in profiler (one of :data:`BUILTIN_PROFILERS`),
+    to mix built-ins with other tools in one :func:`overhead` mapping."""
+    if name == "cprofile":
+        return _cprofile
+    if name == "pyinstrument":
+        return _pyinstrument(positive_number("interval", interval))
+    if name == "tracemalloc":
+        return _tracemalloc
+    raise ValueError(f"name: unknown profiler {name!r}; built-in: {list(BUILTIN_PROFILERS)}")
+
+
 def _factories(
     profilers: Sequence[str] | Mapping[str, Factory], interval: float
 ) -> dict[str, Factory]:
-    builtin: dict[str, Factory] = {
-        "cprofile": _cprofile,
-        "pyinstrument": _pyinstrument(interval),
-        "tracemalloc": _tracemalloc,
-    }
     if isinstance(profilers, Mapping):
         chosen = dict(profilers)
         for name, factory in chosen.items():
@@ -90,10 +98,10 @@ def _factories(
     elif isinstance(profilers, str):
         raise TypeError("profilers must be a sequence of names or a mapping, not one string")
     else:
-        unknown = sorted(set(profilers) - set(builtin))
+        unknown = sorted(set(profilers) - set(BUILTIN_PROFILERS))
         if unknown:
             raise ValueError(f"profilers: unknown {unknown}; built-in: {list(BUILTIN_PROFILERS)}")
-        chosen = {name: builtin[name] for name in profilers}
+        chosen = {name: builtin_profiler(name, interval=interval) for name in profilers}
     if not chosen or UNPROFILED in chosen:
         raise ValueError(f"profilers must name at least one profiler other than {UNPROFILED!r}")
     return chosen
