@@ -80,6 +80,18 @@ def _package(frame: str) -> str:
     return file.split("/", 1)[0] if "/" in file else "python"
 
 
+# at fontsize 7 on the 11-inch figure, one character is about 0.75 % of the axis width
+_CHAR_SHARE = 0.75
+
+
+def _fit(name: str, width: float) -> str:
+    """``name`` cut to what fits in a box ``width`` % wide ("" if not even 4 characters)."""
+    room = int((width - 0.8) / _CHAR_SHARE)
+    if room < 4:
+        return ""
+    return name if len(name) <= room else name[: room - 1] + "…"
+
+
 def flame_graph(
     stacks: Stacks,
     *,
@@ -115,8 +127,8 @@ def flame_graph(
                 package = _package(frame)
                 packages[package] = color(package)
                 ax.barh(-depth, width, left=left, height=0.92, color=color(package))
-                if width > 6:
-                    label = _name(frame).rsplit(".", 1)[-1] if width < 14 else _name(frame)
+                label = _fit(_name(frame), width)
+                if label:
                     ax.text(left + 0.4, -depth, label, va="center", fontsize=7, clip_on=True)
                 draw((*prefix, frame), left)
             left += width

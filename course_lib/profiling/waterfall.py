@@ -99,8 +99,11 @@ def waterfall(spans: Sequence[ReadableSpan], title: str = "") -> Figure:
     ax.grid(True, axis="x", alpha=0.3)
     ax.grid(False, axis="y")
     systems = list(dict.fromkeys(table["system"]))
-    ax.legend(
-        handles=[Patch(color=color(s), label=s) for s in systems], loc="lower right", fontsize=8
+    ax.legend(  # outside the axes: a corner inside would hide the last spans' bars
+        handles=[Patch(color=color(s), label=s) for s in systems],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=8,
     )
     fig.tight_layout()
     return fig
