@@ -193,3 +193,18 @@ def test_stats_frame_is_a_dataframe_sorted_by_own_time() -> None:
     stats = profile_call(request, 50_000).stats
     assert isinstance(stats, pd.DataFrame)
     assert stats["own_s"].is_monotonic_decreasing
+
+
+def test_public_names_are_the_documented_objects_whatever_was_imported_first() -> None:
+    import importlib
+    import types
+
+    import course_lib.profiling as profiling
+
+    for module in ("calls", "costs", "memory", "apm", "spans", "flame"):
+        importlib.import_module(f"course_lib.profiling.{module}")
+    for name in profiling.__all__:
+        assert not isinstance(getattr(profiling, name), types.ModuleType), name
+    assert profiling.waterfall.__module__ == "course_lib.profiling.spans"
+    with pytest.raises(AttributeError, match="nope"):
+        profiling.nope  # noqa: B018

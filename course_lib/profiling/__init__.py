@@ -15,11 +15,10 @@
 service whose request is profiled, the leak); it is not meant to be copied into a service.
 """
 
-from .apm import traced, tracing
-from .calls import ProfileResult, profile_call, stats_frame
-from .memory import allocation_diff
-from .overhead import BUILTIN_PROFILERS, UNPROFILED, builtin_profiler, overhead
-from .waterfall import span_table, waterfall
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "BUILTIN_PROFILERS",
@@ -35,3 +34,32 @@ __all__ = [
     "tracing",
     "waterfall",
 ]
+
+# Imported on first use (PEP 562): a service that only wants ``traced`` (and the process
+# py-spy records) should not pay for pandas and matplotlib at start-up.
+_HOME = {
+    "BUILTIN_PROFILERS": "costs",
+    "UNPROFILED": "costs",
+    "ProfileResult": "calls",
+    "allocation_diff": "memory",
+    "builtin_profiler": "costs",
+    "overhead": "costs",
+    "profile_call": "calls",
+    "span_table": "spans",
+    "stats_frame": "calls",
+    "traced": "apm",
+    "tracing": "apm",
+    "waterfall": "spans",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
