@@ -90,11 +90,11 @@ def waterfall(spans: Sequence[ReadableSpan], title: str = "") -> Figure:
     table = span_table(spans)
     title = title or f"{len(table)} spans of one request"
     fig, (ax,) = new_figure(title, xlabel="time since the request started (ms)")
-    fig.set_size_inches(10, min(2.0 + 0.22 * len(table), 16))
+    fig.set_size_inches(10, min(2.0 + 0.17 * len(table), 14))
     y = range(len(table))[::-1]  # first span at the top
     colours = [color(system) for system in table["system"]]
     ax.barh(list(y), table["duration_ms"], left=table["start_ms"], color=colours, height=0.7)
-    ax.set_yticks(list(y), [_label(row) for _, row in table.iterrows()], fontsize=8)
+    ax.set_yticks(list(y), [_label(row) for _, row in table.iterrows()], fontsize=7)
     ax.set_ylim(-0.7, len(table) - 0.3)
     ax.grid(True, axis="x", alpha=0.3)
     ax.grid(False, axis="y")
