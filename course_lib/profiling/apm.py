@@ -29,7 +29,8 @@ Blocks may nest and may overlap across threads: the first block to enter instrum
 last to exit uninstruments, and every open block's list receives every span that finishes
 meanwhile. Engines are instrumented by the outermost block only (a nested block naming a new
 engine raises ``ValueError``, because the instrumentation cannot remove one engine's
-listeners without removing all of them).
+listeners without removing all of them). Instrumentation the process set up itself (say with
+``opentelemetry-instrument``) is left as it is: :func:`tracing` neither repeats nor removes it.
 """
 
 from __future__ import annotations
