@@ -1,0 +1,156 @@
+"""What a profiler costs: the same function timed with and without it, in one run.
+
+:func:`overhead` times ``fn`` unprofiled and under each profiler in interleaved rounds
+(unprofiled, cProfile, pyinstrument, ..., then again), so drift of a busy machine lands on
+every subject alike, and reports each one's median seconds per call and its ratio to the
+unprofiled median of the same run. A profiler is started before and stopped after its timed
+calls, so only the cost it adds to running code is measured, not its start-up.
+
+Built-in profilers: ``"cprofile"`` (deterministic: a hook on every call and return),
+``"pyinstrument"`` (statistical: samples the stack every ``interval`` seconds),
+``"tracemalloc"`` (a hook on every allocation). Any other tool can be passed as a
+name -> context-manager factory, e.g. ``{"opentelemetry": lambda: tracing(engines=[e])}``,
+mixed with built-ins through :func:`builtin_profiler`.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from course_lib.validation import positive_int, positive_number
+
+__all__ = ["BUILTIN_PROFILERS", "UNPROFILED", "builtin_profiler", "overhead"]
+
+UNPROFILED = "unprofiled"
+Factory = Callable[[], AbstractContextManager[Any]]
+
+
+@contextmanager
+def _cprofile() -> Iterator[cProfile.Profile]:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield profiler
+    finally:
+        profiler.disable()
+
+
+def _pyinstrument(interval: float) -> Factory:
+    @contextmanager
+    def run() -> Iterator[Any]:
+        from pyinstrument import Profiler  # optional at import time of the course
+
+        profiler = Profiler(interval=interval, async_mode="disabled")
+        profiler.start()
+        try:
+            yield profiler
+        finally:
+            profiler.stop()
+
+    return run
+
+
+@contextmanager
+def _tracemalloc() -> Iterator[None]:
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        yield
+    finally:
+        if not was_tracing:  # leave a caller's own tracing running
+            tracemalloc.stop()
+
+
+BUILTIN_PROFILERS = ("cprofile", "pyinstrument", "tracemalloc")
+
+
+def builtin_profiler(name: str, *, interval: float = 0.001) -> Factory:
+    """The context-manager factory of a built-in profiler (one of :data:`BUILTIN_PROFILERS`),
+    to mix built-ins with other tools in one :func:`overhead` mapping."""
+    if name == "cprofile":
+        return _cprofile
+    if name == "pyinstrument":
+        return _pyinstrument(positive_number("interval", interval))
+    if name == "tracemalloc":
+        return _tracemalloc
+    raise ValueError(f"name: unknown profiler {name!r}; built-in: {list(BUILTIN_PROFILERS)}")
+
+
+def _factories(
+    profilers: Sequence[str] | Mapping[str, Factory], interval: float
+) -> dict[str, Factory]:
+    if isinstance(profilers, Mapping):
+        chosen = dict(profilers)
+        for name, factory in chosen.items():
+            if not callable(factory):
+                raise TypeError(f"profilers[{name!r}] must be a context-manager factory")
+    elif isinstance(profilers, str):
+        raise TypeError("profilers must be a sequence of names or a mapping, not one string")
+    else:
+        unknown = sorted(set(profilers) - set(BUILTIN_PROFILERS))
+        if unknown:
+            raise ValueError(f"profilers: unknown {unknown}; built-in: {list(BUILTIN_PROFILERS)}")
+        chosen = {name: builtin_profiler(name, interval=interval) for name in profilers}
+    if not chosen or UNPROFILED in chosen:
+        raise ValueError(f"profilers must name at least one profiler other than {UNPROFILED!r}")
+    return chosen
+
+
+def _timed(fn: Callable[[], object], calls: int, context: AbstractContextManager[Any]) -> float:
+    with context:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+
+
+def overhead(
+    fn: Callable[[], object],
+    profilers: Sequence[str] | Mapping[str, Factory] = BUILTIN_PROFILERS,
+    *,
+    calls: int = 20,
+    rounds: int = 5,
+    interval: float = 0.001,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Median seconds per call of ``fn`` unprofiled and under each profiler, and the ratio.
+
+    Returns one row per subject, ``unprofiled`` first: ``profiler``, ``per_call_s``,
+    ``ratio`` (to the unprofiled median), ``rounds``, ``calls``. ``interval`` is
+    pyinstrument's sampling interval in seconds.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    calls = positive_int("calls", calls)
+    rounds = positive_int("rounds", rounds)
+    interval = positive_number("interval", interval)
+    subjects: dict[str, Factory] = {UNPROFILED: nullcontext, **_factories(profilers, interval)}
+    for factory in subjects.values():  # warm-up: caches, connection pools, imports
+        _timed(fn, 1, factory())
+    samples: dict[str, list[float]] = {name: [] for name in subjects}
+    for _ in tqdm(range(rounds), desc="overhead", disable=not progress, file=sys.stderr):
+        for name, factory in subjects.items():
+            samples[name].append(_timed(fn, calls, factory()))
+    base = statistics.median(samples[UNPROFILED])
+    rows = [
+        {
+            "profiler": name,
+            "per_call_s": statistics.median(values),
+            "ratio": statistics.median(values) / base,
+            "rounds": rounds,
+            "calls": calls,
+        }
+        for name, values in samples.items()
+    ]
+    return pd.DataFrame(rows)
