@@ -47,7 +47,7 @@ def test_too_few_keys_is_a_value_error() -> None:
 
 
 def sized_pool(url):
-    return create_engine(url, pool_size=8, max_overflow=0)
+    return create_engine(url, pool_size=4, max_overflow=0)
 
 
 def test_pool_reference_passes(capsys) -> None:
@@ -60,6 +60,12 @@ def test_a_new_connection_per_query_fails() -> None:
     assert not result and "opened 200 connections" in result.message
 
 
+def test_a_pool_that_gives_up_waiting_fails() -> None:
+    # a pool of 4 whose threads may not wait at all: some of 8 threads find it empty
+    result = check_pool(lambda url: create_engine(url, pool_size=4, max_overflow=0, pool_timeout=0))
+    assert not result and "must wait for a free connection" in result.message
+
+
 def test_pool_not_attempted_and_not_an_engine() -> None:
     def stub(url):
         raise NotImplementedError
@@ -70,6 +76,8 @@ def test_pool_not_attempted_and_not_an_engine() -> None:
 
 def test_pool_bad_parameters_are_value_errors() -> None:
     with pytest.raises(ValueError, match="threads"):
-        check_pool(sized_pool, threads=1)
+        check_pool(sized_pool, threads=4, connections=4)
+    with pytest.raises(ValueError, match="connections"):
+        check_pool(sized_pool, connections=0)
     with pytest.raises(ValueError, match="queries"):
         check_pool(sized_pool, queries=0)

@@ -65,19 +65,26 @@ def check_get_many(student_fn: GetMany, *, keys: int = 50) -> CheckResult:
 
 
 def check_pool(
-    make_engine: Callable[[str], Engine], *, threads: int = 8, queries: int = 25
+    make_engine: Callable[[str], Engine],
+    *,
+    threads: int = 8,
+    queries: int = 25,
+    connections: int = 4,
 ) -> CheckResult:
     """``make_engine(url)`` must return a SQLAlchemy ``Engine`` on which ``threads`` threads,
     released together, each run ``queries`` queries (``with engine.connect()`` per query, as
-    a web handler does per request) get every right answer while opening at most ``threads``
-    PostgreSQL connections in total: each connection opened once, then reused.
+    a web handler does per request) and all get their right answer, while PostgreSQL sees at
+    most ``connections`` connections opened in total: fewer connections than threads, each
+    opened once and reused, the other threads waiting their turn in the pool.
 
     The checker counts the connections the engine really opens (SQLAlchemy's ``connect``
     event fires once per new DBAPI connection); it prints one FAIL line instead of raising,
     and disposes of the engine.
     """
-    if threads < 2:
-        raise ValueError(f"threads must be at least 2, got {threads}")
+    if connections < 1:
+        raise ValueError(f"connections must be positive, got {connections}")
+    if threads <= connections:
+        raise ValueError(f"threads must exceed connections ({connections}), got {threads}")
     if queries < 2:
         raise ValueError(f"queries must be at least 2, got {queries}")
     name = "check_pool"
@@ -112,19 +119,21 @@ def check_pool(
     total = threads * queries
     if calls.errors:
         return failed(
-            name, f"{len(calls.errors)} of {total} queries failed, first: {calls.errors[0]}"
+            name,
+            f"{len(calls.errors)} of {total} queries failed (a thread must wait for a free "
+            f"connection, not give up), first: {calls.errors[0]}",
         )
     if sorted(calls.values) != list(range(total)):
         return failed(name, f"{total} queries did not return their own results")
-    if opened > threads:
+    if opened > connections:
         return failed(
             name,
-            f"{threads} threads x {queries} queries opened {opened} connections; "
-            f"at most {threads} (one per thread that can hold one at a time) should be "
-            "opened, then reused: size the pool for the concurrency",
+            f"{threads} threads x {queries} queries opened {opened} connections; at most "
+            f"{connections} may be opened, then reused: cap the pool (pool_size, max_overflow) "
+            "and let the other threads wait for a free connection",
         )
     return passed(
         name,
         f"{threads} threads x {queries} queries: all {total} right, "
-        f"over at most {threads} connections, each reused",
+        f"over at most {connections} connections, each reused",
     )
