@@ -141,20 +141,26 @@ def key_chart(nb: nbformat.NotebookNode) -> bytes | None:
 
 def with_default_slides(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """A copy of ``nb`` with slide types for reveal.js; the notebook's own are kept if it has
-    any. Defaults: every Markdown heading starts a slide, the prose under it stays on it, a
-    code cell whose output is a chart gets a sub-slide of its own (below its section), and
-    other code cells appear as fragments of the current slide."""
+    any. Defaults: every Markdown heading starts a slide; prose right under a heading stays on
+    its slide, prose after code starts a sub-slide (the next step of the section, below it); a
+    code cell whose output is a chart gets a sub-slide of its own; other code cells appear as
+    fragments of the current slide."""
     copy = nbformat.from_dict(json.loads(json.dumps(nb)))
     if any("slide_type" in c.get("metadata", {}).get("slideshow", {}) for c in copy.cells):
         return copy
+    previous = ""
     for cell in copy.cells:
         if cell.cell_type == "markdown":
-            kind = "slide" if cell.source.lstrip().startswith("#") else "-"
+            if cell.source.lstrip().startswith("#"):
+                kind = "slide"
+            else:
+                kind = "subslide" if previous == "code" else "-"
         elif any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])):
             kind = "subslide"
         else:
             kind = "fragment"
         cell.metadata["slideshow"] = {"slide_type": kind}
+        previous = cell.cell_type
     return copy
 
 
@@ -227,10 +233,12 @@ _CSS = (
 
 
 def _inline(text: str) -> str:
-    """Escape ``text`` and render its inline Markdown: ``code``, **bold**, [links](url)."""
+    """Escape ``text`` and render its inline Markdown: ``code``, **bold**, *italics*,
+    [links](url)."""
     out = html.escape(text, quote=False)
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
     out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    out = re.sub(r"\*([^*\s][^*]*)\*", r"<em>\1</em>", out)
     return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"<a href='\2'>\1</a>", out)
 
 

@@ -27,7 +27,7 @@ INTRO = """\
 
 After this notebook you can:
 
-- measure `one thing` with **care**;
+- measure `one thing` with **care**, *twice*;
 - explain another.
 
 **Services:** none. **Run time:** a second."""
@@ -130,7 +130,10 @@ def test_landing_page_slides_and_instructor_pages_build_offline(
     # one card per course notebook, its solutions on the same card
     assert index.count("<div class='card'>") == 2
     tiny = index[index.index("01 · A tiny topic") : index.index("02 · Plain")]
-    assert "<li>measure <code>one thing</code> with <strong>care</strong>;</li>" in tiny
+    assert (
+        "<li>measure <code>one thing</code> with <strong>care</strong>, <em>twice</em>;</li>"
+        in tiny
+    )
     assert "<li>explain another.</li>" in tiny
     assert "ran against: redis 7.0 (local), postgres 15 (local)" in tiny
     assert re.search(r"<span class='ok'>ok</span>, [0-9.]+ s; built \d{4}-\d\d-\d\d", tiny)
@@ -173,7 +176,7 @@ def test_landing_page_slides_and_instructor_pages_build_offline(
 
 def test_goals_are_the_first_cells_bullets() -> None:
     nb = new_notebook(cells=[new_markdown_cell(INTRO), new_markdown_cell("- not a goal")])
-    assert notebook_goals(nb) == ["measure `one thing` with **care**;", "explain another."]
+    assert notebook_goals(nb) == ["measure `one thing` with **care**, *twice*;", "explain another."]
 
 
 def test_default_slide_types_follow_headings_and_charts() -> None:
@@ -185,12 +188,14 @@ def test_default_slide_types_follow_headings_and_charts() -> None:
             new_markdown_cell("prose"),
             new_code_cell("x = 1"),
             chart,
+            new_markdown_cell("the next step"),
+            new_code_cell("y = 2"),
             new_markdown_cell("## 1.1 Next"),
         ]
     )
     slides = with_default_slides(nb)
     kinds = [c.metadata["slideshow"]["slide_type"] for c in slides.cells]
-    assert kinds == ["slide", "-", "fragment", "subslide", "slide"]
+    assert kinds == ["slide", "-", "fragment", "subslide", "subslide", "fragment", "slide"]
     assert "slideshow" not in nb.cells[0].metadata  # the notebook itself is left alone
 
 
