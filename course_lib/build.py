@@ -244,7 +244,7 @@ def _inline(text: str) -> str:
 
 def _status(entry: dict[str, object]) -> str:
     if entry["ok"]:
-        return f"<span class='ok'>ok</span>, {entry['seconds']} s"
+        return f"<span class='ok'>ok</span>, ran in {entry['seconds']} s"
     failure = f"FAILED at cell {entry['failed_cell']}: {entry['error']}"
     return f"<span class='fail'>{html.escape(failure)}</span> after {entry['seconds']} s"
 
