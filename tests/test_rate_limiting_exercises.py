@@ -172,7 +172,21 @@ def test_atomic_limiter_checker_drops_the_connection_between_commands() -> None:
             client.expire(key, window)
         return count <= limit
 
-    assert _fails(check_atomic_limiter(incr_then_expire), "dropped right after command 1 of a call")
+    # redis-py sends incr() as INCRBY key 1
+    assert _fails(
+        check_atomic_limiter(incr_then_expire),
+        "dropped right after INCRBY (separate command 1 of the call)",
+    )
+
+    def per_window_key(client, key, limit, window):
+        # the same gap on a key derived from the one given (one counter per window)
+        window_key = f"{key}:{int(time.time() // window)}"
+        count = client.incr(window_key)
+        if count == 1:
+            client.expire(window_key, window)
+        return count <= limit
+
+    assert _fails(check_atomic_limiter(per_window_key), "dropped right after INCRBY")
 
     def expiry_first(client, key, limit, window):
         # two commands, but the key is born with its TTL: every drop leaves it expiring

@@ -97,9 +97,10 @@ _ATOMIC = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL
 
 
 class _DropsAfterCommand(redis.Redis):
-    """A client whose connection "drops" right after its ``n``-th command on ``key`` has run in
-    Redis: the command took effect, the caller gets a ``ConnectionError`` and its next
-    commands never run, as when a process dies or a network link fails between two commands.
+    """A client whose connection "drops" right after its ``n``-th command on ``key`` (or on a
+    key containing it, as a limiter's per-window keys do) has run in Redis: the command took
+    effect, the caller gets a ``ConnectionError`` and its next commands never run, as when a
+    process dies or a network link fails between two commands.
 
     A script (``EVAL``/``EVALSHA``/``FCALL``) or a ``MULTI``/``EXEC`` pipeline is one step
     (pipelines do not go through this client's ``execute_command``), so it is never cut.
@@ -110,16 +111,22 @@ class _DropsAfterCommand(redis.Redis):
         self._key = key.encode()
         self._n = n
         self.seen = 0
-        self.dropped = False
+        self.dropped_after: str | None = None
+
+    def _touches(self, args: tuple[Any, ...]) -> bool:
+        return any(
+            self._key in (a.encode() if isinstance(a, str) else a)
+            for a in args
+            if isinstance(a, str | bytes)
+        )
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
         result = super().execute_command(*args, **options)
         command = str(args[0]).upper() if args else ""
-        touches = any((a.encode() if isinstance(a, str) else a) == self._key for a in args[1:])
-        if touches and command not in _ATOMIC and not self.dropped:
+        if self.dropped_after is None and command not in _ATOMIC and self._touches(args[1:]):
             self.seen += 1
             if self.seen == self._n:
-                self.dropped = True
+                self.dropped_after = command
                 raise redis.ConnectionError(
                     f"connection dropped by the checker after {command} (staged failure)"
                 )
@@ -134,16 +141,16 @@ def _immortal_after_drop(
     window: int,
 ) -> str | None:
     """Cut the connection after the 1st, 2nd, ... separate command ``allow`` sends for a fresh
-    key, until a call completes uncut; return the command after which the key was left
-    without a TTL, or ``None`` when every cut left it expiring (or absent)."""
+    key, until a call completes uncut; describe the cut after which a key was left without a
+    TTL, or return ``None`` when every cut left its keys expiring (or absent)."""
     for n in range(1, 11):
-        key = f"{token}:drop{n}"
+        key = f"{token}:drop{n:02d}"  # zero-padded: no key contains another one
         dying = _DropsAfterCommand(client, key, n)
         with contextlib.suppress(redis.ConnectionError):
             allow(dying, key, limit, window)
-        if client.exists(key) and client.ttl(key) == -1:
-            return f"command {n}"
-        if not dying.dropped:
+        if any(client.ttl(k) == -1 for k in client.scan_iter(match=f"*{key}*", count=1000)):
+            return f"{dying.dropped_after} (separate command {n} of the call)"
+        if dying.dropped_after is None:
             return None
     return None
 
@@ -194,7 +201,7 @@ def check_atomic_limiter(allow: Callable[[redis.Redis, str, int, int], bool]) ->
     if cut_after is not None:
         return failed(
             name,
-            f"the connection dropped right after {cut_after} of a call and left the counter "
+            f"the connection dropped right after {cut_after} and left the counter "
             "without a TTL: it never resets, so that client stays refused for ever once it hits "
             "the limit. Create the key and its expiry in one atomic step (a Lua script or "
             "MULTI/EXEC)",
