@@ -166,10 +166,13 @@ def with_default_slides(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 def _slides(nb: nbformat.NotebookNode) -> str:
     """reveal.js slides of ``nb``. Nothing is fetched while exporting; the page loads reveal.js
-    from nbconvert's default CDN (``reveal_url_prefix``) when it is opened."""
+    (nbconvert's default ``reveal_url_prefix``, unpkg.com), require.js and jQuery from CDNs when
+    it is opened."""
     from nbconvert import SlidesExporter
 
-    exporter = SlidesExporter(reveal_scroll=True, exclude_input_prompt=True)
+    exporter = SlidesExporter(
+        reveal_scroll=True, exclude_input_prompt=True, exclude_output_prompt=True
+    )
     body, _ = exporter.from_notebook_node(with_default_slides(nb))
     return body
 
