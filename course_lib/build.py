@@ -3,21 +3,31 @@
 Guarantees: notebooks run in order (``notebooks/NN_*.ipynb``, then ``notebooks/solutions``),
 each in a fresh kernel of the current Python, against the services of
 :mod:`course_lib.services`; every notebook is attempted even after one fails; the result
-names the failing notebook and cell. Output under ``build/``: the executed ``.ipynb``, one
-``.html`` per notebook and an ``index.html`` with each notebook's title, status and run time
-(of its latest build, kept in ``build/runs.json``, so building one notebook keeps the others'
-rows).
+names the failing notebook and cell. Output under ``build/``: the executed ``.ipynb`` and one
+``.html`` per notebook; for each course notebook (not the solutions) reveal.js slides
+(``NN_topic.slides.html``, slide types from the cells' ``slideshow`` metadata, or defaults, see
+:func:`with_default_slides`) and the PNG of its cell tagged ``key-chart`` (``thumbs/``); the
+instructor pages ``notebooks/instructor/NN_topic.md`` as ``instructor/NN_topic.html``; and the
+landing page ``index.html``: per notebook its title, goals (its first cell's bullets), status,
+run time, date, the servers it ran against, its key chart, and links to its page, slides,
+instructor page and solutions (of each notebook's latest build, kept in ``build/runs.json``,
+so building one notebook keeps the others' cards). The landing page is static HTML with
+inline CSS and no external assets; the slides load reveal.js from a CDN when opened.
 With ``inplace`` the executed notebooks are written back over the sources instead, which is
 how the committed outputs are regenerated.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import html
 import json
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nbformat
@@ -25,7 +35,16 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from tqdm import tqdm
 
-__all__ = ["NotebookRun", "build", "discover", "notebook_title"]
+__all__ = [
+    "NotebookRun",
+    "build",
+    "discover",
+    "key_chart",
+    "notebook_goals",
+    "notebook_title",
+    "render_markdown_page",
+    "with_default_slides",
+]
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,75 @@ def _html(nb: nbformat.NotebookNode) -> str:
     return body
 
 
+def notebook_goals(nb: nbformat.NotebookNode) -> list[str]:
+    """The bullet points of the notebook's first Markdown cell (its learning goals)."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            return [line[2:].strip() for line in cell.source.splitlines() if line.startswith("- ")]
+    return []
+
+
+def key_chart(nb: nbformat.NotebookNode) -> bytes | None:
+    """The PNG output of the first code cell tagged ``key-chart`` (cell metadata ``tags``)."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "key-chart" in cell.get("metadata", {}).get("tags", []):
+            for output in cell.get("outputs", []):
+                png = output.get("data", {}).get("image/png")
+                if png:
+                    return base64.b64decode(png)
+    return None
+
+
+def with_default_slides(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A copy of ``nb`` with slide types for reveal.js; the notebook's own are kept if it has
+    any. Defaults: every Markdown heading starts a slide; prose right under a heading stays on
+    its slide, prose after code starts a sub-slide (the next step of the section, below it); a
+    code cell whose output is a chart gets a sub-slide of its own; other code cells appear as
+    fragments of the current slide."""
+    copy = nbformat.from_dict(json.loads(json.dumps(nb)))
+    if any("slide_type" in c.get("metadata", {}).get("slideshow", {}) for c in copy.cells):
+        return copy
+    previous = ""
+    for cell in copy.cells:
+        if cell.cell_type == "markdown":
+            if cell.source.lstrip().startswith("#"):
+                kind = "slide"
+            else:
+                kind = "subslide" if previous == "code" else "-"
+        elif any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])):
+            kind = "subslide"
+        else:
+            kind = "fragment"
+        cell.metadata["slideshow"] = {"slide_type": kind}
+        previous = cell.cell_type
+    return copy
+
+
+def _slides(nb: nbformat.NotebookNode) -> str:
+    """reveal.js slides of ``nb``. Nothing is fetched while exporting; the page loads reveal.js
+    (nbconvert's default ``reveal_url_prefix``, unpkg.com), require.js and jQuery from CDNs when
+    it is opened."""
+    from nbconvert import SlidesExporter
+
+    exporter = SlidesExporter(
+        reveal_scroll=True, exclude_input_prompt=True, exclude_output_prompt=True
+    )
+    body, _ = exporter.from_notebook_node(with_default_slides(nb))
+    return body
+
+
+def render_markdown_page(markdown: str) -> str:
+    """A Markdown document (an instructor page) as a standalone HTML page, through the same
+    nbconvert exporter as the notebooks: one Markdown cell, no code."""
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(markdown)])
+    title = notebook_title(nb, "Instructor page")
+    nb.metadata["title"] = title
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    return body
+
+
 def _relative(path: Path, root: Path) -> Path:
     try:
         return path.relative_to(root.resolve() / "notebooks")
@@ -108,7 +196,12 @@ def _relative(path: Path, root: Path) -> Path:
         return Path(path.name)
 
 
-def _record(runs: list[NotebookRun], root: Path, out: Path) -> list[dict[str, object]]:
+def _record(
+    runs: list[NotebookRun],
+    details: dict[Path, dict[str, object]],
+    root: Path,
+    out: Path,
+) -> list[dict[str, object]]:
     """Merge this run's results into ``out/runs.json``: the index shows every notebook's
     latest build, also after a build of only some notebooks."""
     ledger = out / "runs.json"
@@ -125,32 +218,153 @@ def _record(runs: list[NotebookRun], root: Path, out: Path) -> list[dict[str, ob
             "seconds": round(run.seconds, 1),
             "failed_cell": run.failed_cell,
             "error": run.error,
+            **details.get(run.path, {}),
         }
     ordered = sorted(entries.values(), key=lambda e: (str(e["page"]).count("/"), e["page"]))
     ledger.write_text(json.dumps(ordered, indent=1), encoding="utf-8")
     return ordered
 
 
-def _index(entries: list[dict[str, object]]) -> str:
-    rows = []
-    for entry in entries:
-        ok = bool(entry["ok"])
-        status = "ok" if ok else f"FAILED at cell {entry['failed_cell']}: {entry['error']}"
-        rows.append(
-            f"<tr><td><a href='{html.escape(str(entry['page']))}'>"
-            f"{html.escape(str(entry['title']))}</a></td>"
-            f"<td class='{'ok' if ok else 'fail'}'>{html.escape(status)}</td>"
-            f"<td>{entry['seconds']} s</td></tr>"
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222}"
+    "h1{margin-bottom:.2em}.meta{color:#666}.card{border:1px solid #ddd;border-radius:6px;"
+    "padding:1em 1.2em;margin:1.2em 0;display:flex;gap:1.5em}.card .text{flex:1}"
+    ".card h2{margin:0 0 .4em}.thumb img{width:20em;border:1px solid #eee}"
+    ".ok{color:#2ca02c}.fail{color:#d62728}.links a{margin-right:1em}"
+    "code{background:#f4f4f4;padding:0 .2em}ul{margin:.3em 0}"
+)
+
+
+def _inline(text: str) -> str:
+    """Escape ``text`` and render its inline Markdown: ``code``, **bold**, *italics*,
+    [links](url)."""
+    out = html.escape(text, quote=False)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    out = re.sub(r"\*([^*\s][^*]*)\*", r"<em>\1</em>", out)
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"<a href='\2'>\1</a>", out)
+
+
+def _status(entry: dict[str, object]) -> str:
+    if entry["ok"]:
+        return f"<span class='ok'>ok</span>, ran in {entry['seconds']} s"
+    failure = f"FAILED at cell {entry['failed_cell']}: {entry['error']}"
+    return f"<span class='fail'>{html.escape(failure)}</span> after {entry['seconds']} s"
+
+
+def _card(entry: dict[str, object], solutions: dict[str, object] | None) -> str:
+    page = str(entry["page"])
+    links = [f"<a href='{html.escape(page)}'>notebook</a>"]
+    for key, label in (("slides", "slides"), ("instructor", "instructor page")):
+        if entry.get(key):
+            links.append(f"<a href='{html.escape(str(entry[key]))}'>{label}</a>")
+    if solutions is not None:
+        links.append(
+            f"<a href='{html.escape(str(solutions['page']))}'>solutions</a> ({_status(solutions)})"
         )
+    goals = "".join(f"<li>{_inline(goal)}</li>" for goal in entry.get("goals", []))
+    services_used = ", ".join(str(s) for s in entry.get("services", [])) or "not recorded"
+    thumb = (
+        f"<div class='thumb'><a href='{html.escape(page)}'>"
+        f"<img src='{html.escape(str(entry['thumb']))}' alt='key chart'></a></div>"
+        if entry.get("thumb")
+        else ""
+    )
+    return (
+        f"<div class='card'><div class='text'><h2>{html.escape(str(entry['title']))}</h2>"
+        f"<div>{_status(entry)}; built {html.escape(str(entry.get('built', '?')))}</div>"
+        f"<div class='meta'>ran against: {html.escape(services_used)}</div>"
+        + (f"<ul>{goals}</ul>" if goals else "")
+        + f"<div class='links'>{' '.join(links)}</div></div>{thumb}</div>"
+    )
+
+
+def _index(entries: list[dict[str, object]], planned: list[tuple[str, str]], today: str) -> str:
+    """The landing page: one card per notebook (its solutions on the same card), then the
+    instructor pages of notebooks not built yet. Static, with no external assets."""
+    notebooks = [e for e in entries if "/" not in str(e["page"])]
+    solutions = {str(e["page"]): e for e in entries if "/" in str(e["page"])}
+    cards = []
+    for entry in notebooks:
+        stem = str(entry["page"]).removesuffix(".html")
+        cards.append(_card(entry, solutions.pop(f"solutions/{stem}_solutions.html", None)))
+    cards += [_card(entry, None) for entry in solutions.values()]
+    upcoming = "".join(
+        f"<li><a href='{html.escape(link)}'>{html.escape(title)}</a></li>"
+        for title, link in planned
+    )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>perf-course</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.3em 1em;text-align:left}"
-        ".ok{color:#2ca02c}.fail{color:#d62728}</style></head><body>"
+        f"<style>{_CSS}</style></head><body>"
         "<h1>perf-course: backend performance and concurrency in Python</h1>"
-        "<table><tr><th>notebook</th><th>status</th><th>run time</th></tr>"
-        + "".join(rows)
-        + "</table></body></html>"
+        f"<p class='meta'>Course page built {html.escape(today)}. Each notebook: its goals, "
+        "its last build, the servers it ran against, its key chart; the slides and the "
+        "instructor page are for teaching it live.</p>"
+        + "".join(cards)
+        + (
+            f"<h2>Instructor pages of notebooks still being written</h2><ul>{upcoming}</ul>"
+            if upcoming
+            else ""
+        )
+        + "</body></html>"
     )
+
+
+def _publish(
+    nb: nbformat.NotebookNode,
+    path: Path,
+    root: Path,
+    out: Path,
+    services_used: Sequence[str],
+    built: str,
+) -> dict[str, object]:
+    """Write the executed notebook, its HTML and (for a course notebook, not a solutions
+    one) its slides, key-chart thumbnail and instructor page; return its ledger details."""
+    relative = _relative(path, root)
+    target = out / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, target)
+    target.with_suffix(".html").write_text(_html(nb), encoding="utf-8")
+    details: dict[str, object] = {
+        "goals": notebook_goals(nb),
+        "services": list(services_used),
+        "built": built,
+    }
+    if len(relative.parts) > 1:
+        return details
+    slides = relative.with_suffix(".slides.html")
+    (out / slides).write_text(_slides(nb), encoding="utf-8")
+    details["slides"] = str(slides)
+    thumb = Path("thumbs") / relative.with_suffix(".png")
+    png = key_chart(nb)
+    if png is None:
+        (out / thumb).unlink(missing_ok=True)
+    else:
+        (out / thumb).parent.mkdir(exist_ok=True)
+        (out / thumb).write_bytes(png)
+        details["thumb"] = str(thumb)
+    instructor = root / "notebooks" / "instructor" / relative.with_suffix(".md")
+    if instructor.is_file():
+        details["instructor"] = str(Path("instructor") / relative.with_suffix(".html"))
+    return details
+
+
+def _instructor_pages(root: Path, out: Path) -> list[tuple[str, str]]:
+    """Render every ``notebooks/instructor/*.md`` to ``out/instructor/*.html``; return
+    (title, link) of those whose notebook does not exist yet."""
+    planned = []
+    for source in sorted((root / "notebooks" / "instructor").glob("[0-9][0-9]_*.md")):
+        markdown = source.read_text(encoding="utf-8")
+        target = out / "instructor" / source.with_suffix(".html").name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(render_markdown_page(markdown), encoding="utf-8")
+        if not (root / "notebooks" / source.with_suffix(".ipynb").name).exists():
+            title = notebook_title(
+                nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(markdown)]),
+                source.stem,
+            )
+            planned.append((title, f"instructor/{target.name}"))
+    return planned
 
 
 def build(
@@ -160,9 +374,12 @@ def build(
     out: Path | None = None,
     inplace: bool = False,
     timeout: int = 600,
+    services_used: Sequence[str] = (),
 ) -> list[NotebookRun]:
     """Execute ``notebooks`` (default: :func:`discover`) and write the results; see module doc.
 
+    ``services_used`` describes the servers the notebooks run against (``course build``
+    passes each service's kind and version); the landing page shows it per notebook.
     Raises ``ValueError`` before running anything if a notebook is missing or ``timeout`` is
     not positive, and ``OSError`` if the output folder cannot be written.
     """
@@ -183,6 +400,7 @@ def build(
         sum(c.cell_type == "code" for c in nbformat.read(p, as_version=4).cells) for p in paths
     )
     runs = []
+    details: dict[Path, dict[str, object]] = {}
     with tqdm(total=total, unit="cell", desc="notebooks") as bar:
         for path in paths:
             bar.set_postfix_str(path.name)
@@ -191,10 +409,11 @@ def build(
             if inplace:
                 nbformat.write(nb, path)
                 continue
-            target = out / _relative(path, root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            nbformat.write(nb, target)
-            target.with_suffix(".html").write_text(_html(nb), encoding="utf-8")
+            built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+            details[path] = _publish(nb, path, root, out, services_used, built)
     if not inplace:
-        (out / "index.html").write_text(_index(_record(runs, root, out)), encoding="utf-8")
+        planned = _instructor_pages(root, out)
+        today = datetime.now(UTC).strftime("%Y-%m-%d")
+        page = _index(_record(runs, details, root, out), planned, today)
+        (out / "index.html").write_text(page, encoding="utf-8")
     return runs

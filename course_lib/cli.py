@@ -55,7 +55,8 @@ def _build(args: argparse.Namespace) -> int:
 
     checkout = _checkout()
     root = checkout or _INSTALLED_FROM
-    for item in services.status():
+    report = services.status()
+    for item in report:
         if not item.ok:
             raise services.ServiceError(f"{item.service}: {item.error}")
     # Outside a checkout, results go where the user is, never into the installed package.
@@ -66,6 +67,7 @@ def _build(args: argparse.Namespace) -> int:
         out=out,
         inplace=args.inplace,
         timeout=args.timeout,
+        services_used=[f"{item.service} {item.version} ({item.source})" for item in report],
     )
     for run in runs:
         print(run.describe())

@@ -106,6 +106,18 @@ def hangs_on_error(key, fn):
     return flight["value"]
 
 
+_memo: dict = {}
+
+
+def memoises_forever(key, fn):
+    """Shares the flight and its failure, but keeps a success for ever: a cache without a TTL."""
+    if key in _memo:
+        return _memo[key]
+    value = good_get_once(key, fn)
+    _memo[key] = value
+    return value
+
+
 def not_attempted(*args):
     raise NotImplementedError
 
@@ -118,6 +130,7 @@ def not_attempted(*args):
         (check_safe_release, good_release, plain_delete, "released a lock held by another"),
         (check_safe_release, good_release, get_then_del, "one atomic step"),
         (check_single_flight, good_get_once, hangs_on_error, "still waiting after 10 s"),
+        (check_single_flight, good_get_once, memoises_forever, "without running fn again"),
     ],
 )
 @pytest.mark.timeout(60)

@@ -83,6 +83,10 @@ def test_build_with_embedded_services(tmp_path: Path) -> None:
         index = (tmp_path / "index.html").read_text()
         assert "00 · Setup and the latency ladder" in index and "class='ok'" in index
         assert (tmp_path / "00_setup.html").stat().st_size > 10_000
+        # the ladder chart is 00's tagged key chart; the landing page shows it and links slides
+        assert (tmp_path / "thumbs" / "00_setup.png").read_bytes().startswith(b"\x89PNG")
+        assert "src='thumbs/00_setup.png'" in index and "href='00_setup.slides.html'" in index
+        assert "ran against: redis " in index
         executed = json.dumps(nbformat.read(tmp_path / "00_setup.ipynb", as_version=4).cells)
         assert executed.count("COURSE_SERVICES=embedded") >= 2  # both services, embedded
         status = course("services", "status", env=env)

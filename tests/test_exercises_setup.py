@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import NullPool, create_engine
 
-from course_lib.exercises.setup import check_get_many
+from course_lib.exercises.setup import check_get_many, check_pool
 
 
 def reference(client, keys):
@@ -43,3 +44,40 @@ def test_a_crashing_answer_is_a_fail_line_not_an_exception() -> None:
 def test_too_few_keys_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="keys"):
         check_get_many(reference, keys=1)
+
+
+def sized_pool(url):
+    return create_engine(url, pool_size=4, max_overflow=0)
+
+
+def test_pool_reference_passes(capsys) -> None:
+    assert check_pool(sized_pool)
+    assert capsys.readouterr().out.startswith("PASS check_pool: 8 threads x 25 queries")
+
+
+def test_a_new_connection_per_query_fails() -> None:
+    result = check_pool(lambda url: create_engine(url, poolclass=NullPool))
+    assert not result and "opened 200 connections" in result.message
+
+
+def test_a_pool_that_gives_up_waiting_fails() -> None:
+    # a pool of 4 whose threads may not wait at all: some of 8 threads find it empty
+    result = check_pool(lambda url: create_engine(url, pool_size=4, max_overflow=0, pool_timeout=0))
+    assert not result and "must wait for a free connection" in result.message
+
+
+def test_pool_not_attempted_and_not_an_engine() -> None:
+    def stub(url):
+        raise NotImplementedError
+
+    assert check_pool(stub).message.startswith("not attempted yet")
+    assert "not an Engine" in check_pool(lambda url: url).message
+
+
+def test_pool_bad_parameters_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="threads"):
+        check_pool(sized_pool, threads=4, connections=4)
+    with pytest.raises(ValueError, match="connections"):
+        check_pool(sized_pool, connections=0)
+    with pytest.raises(ValueError, match="queries"):
+        check_pool(sized_pool, queries=0)

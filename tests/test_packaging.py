@@ -75,3 +75,25 @@ def test_every_lua_script_ships_in_the_wheel() -> None:
         package = next(p for p in script.parents if (p / "__init__.py").exists())
         relative = script.relative_to(package).as_posix()
         assert any(fnmatch.fnmatchcase(relative, pattern) for pattern in patterns), relative
+
+
+def test_ci_workflow_runs_make_test_on_both_pythons_with_embedded_servers_only() -> None:
+    """GitHub Actions runs the README's command on each supported Python, with no service
+    containers and no COURSE_SERVICES set (the suite's first pass is "whatever the course picks",
+    which on a bare runner is the embedded servers)."""
+    workflow = (ROOT / ".github" / "workflows" / "test.yml").read_text()
+    versions = re.search(r"python-version: \[(.*)\]", workflow)
+    assert versions and versions.group(1).replace(" ", "") == '"3.11","3.12"'
+    assert re.search(r"^\s+run: make test\b", workflow, re.MULTILINE)
+    assert "runs-on: ubuntu-latest" in workflow
+    assert not re.search(r"^\s+services:", workflow, re.MULTILINE)
+    assert not re.search(r"COURSE_SERVICES\s*[:=]", workflow)
+
+
+def test_license_is_an_spdx_string_with_a_setuptools_that_reads_it() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert config["project"]["license"] == "MIT"
+    setuptools = next(
+        Requirement(r) for r in config["build-system"]["requires"] if r.startswith("setuptools")
+    )
+    assert "76" not in setuptools.specifier and "77" in setuptools.specifier

@@ -64,7 +64,9 @@ def reference_allow(client: redis_lib.Redis, key: str, limit: int, window: int) 
 
 
 def reference_delay(retry_after: float, attempt: int, rng: random.Random) -> float:
-    return retry_after * (1 + rng.uniform(0, 1))
+    # exponential back-off from Retry-After, capped at 30 s, then up to 100 % jitter on top
+    base = min(30.0, retry_after * 2 ** (attempt - 1))
+    return base * (1 + rng.uniform(0, 1))
 
 
 class AbsoluteElapsedBucket(ReferenceBucket):
@@ -160,8 +162,58 @@ def test_atomic_limiter_checker() -> None:
     assert _fails(check_atomic_limiter(get_then_incr), "admitted")
 
 
+@pytest.mark.timeout(120)
+def test_atomic_limiter_checker_drops_the_connection_between_commands() -> None:
+    def incr_then_expire(client, key, limit, window):
+        # exact under concurrency (INCR is atomic, the first caller sets the TTL), but a
+        # connection lost between the two commands leaves a counter that never expires
+        count = client.incr(key)
+        if count == 1:
+            client.expire(key, window)
+        return count <= limit
+
+    # redis-py sends incr() as INCRBY key 1
+    assert _fails(
+        check_atomic_limiter(incr_then_expire),
+        "dropped right after INCRBY (separate command 1 of the call)",
+    )
+
+    def per_window_key(client, key, limit, window):
+        # the same gap on a key derived from the one given (one counter per window)
+        window_key = f"{key}:{int(time.time() // window)}"
+        count = client.incr(window_key)
+        if count == 1:
+            client.expire(window_key, window)
+        return count <= limit
+
+    assert _fails(check_atomic_limiter(per_window_key), "dropped right after INCRBY")
+
+    def expiry_first(client, key, limit, window):
+        # two commands, but the key is born with its TTL: every drop leaves it expiring
+        client.set(key, 0, ex=window, nx=True)
+        return client.incr(key) <= limit
+
+    assert check_atomic_limiter(expiry_first)
+
+    def transaction(client, key, limit, window):
+        pipe = client.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, window)
+        count, _ = pipe.execute()
+        return count <= limit
+
+    assert check_atomic_limiter(transaction)
+
+
 def test_retry_delays_checker() -> None:
     assert check_retry_delays(reference_delay)
+    # the old reference: jittered, never early, but the same pace however often refused
+    flat = check_retry_delays(lambda retry_after, attempt, rng: retry_after * (1 + rng.random()))
+    assert _fails(flat, "must grow with repeated refusals")
+    uncapped = check_retry_delays(
+        lambda retry_after, attempt, rng: retry_after * 2 ** (attempt - 1) * (1 + rng.random())
+    )
+    assert _fails(uncapped, "cap the back-off at 60 s")
     no_jitter = check_retry_delays(lambda retry_after, attempt, rng: retry_after)
     assert _fails(no_jitter, "add jitter")
     too_early = check_retry_delays(lambda retry_after, attempt, rng: rng.uniform(0, retry_after))

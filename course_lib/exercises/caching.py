@@ -6,7 +6,8 @@
   it still holds ``token``, atomically: another client taking the lock between a ``GET`` and a
   ``DEL`` is staged on purpose, so a two-step release fails.
 - :func:`check_single_flight`: ``get_once(key, fn)`` — concurrent calls for one key share one
-  ``fn()`` call, its result or its exception, and the next call after a failure runs again.
+  ``fn()`` call, its result or its exception, and the next call after a flight finished (a
+  success or a failure) runs ``fn`` again: single flight is not a cache.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def check_safe_release(release: Callable[[Any, str, str], bool]) -> CheckResult:
 
 def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> CheckResult:
     """50 threads call ``get_once(key, fn)`` together: 1 call of ``fn``, all get its result;
-    with a failing ``fn``: 1 call, all 50 raise within 10 s; the next call calls ``fn`` again."""
+    with a failing ``fn``: 1 call, all 50 raise within 10 s. Once a flight has finished, the
+    next call for its key calls ``fn`` again, after a success as after a failure."""
     name = "check_single_flight"
     key = f"ex01:flight:{uuid.uuid4().hex[:8]}"
     calls = {"ok": 0, "bad": 0}
@@ -217,7 +219,16 @@ def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> Ch
         get_once(key + ":bad", broken)
     if calls["bad"] != 2:
         return failed(name, "the call after a failure did not run fn again (the key stayed stuck)")
+    again = get_once(key, slow)
+    if calls["ok"] != 2 or again != "value":
+        return failed(
+            name,
+            "a call made after the first flight had finished returned without running fn "
+            "again: the result was kept forever. Single flight shares one call among "
+            "concurrent callers only; keeping results is the cache's job, with a TTL",
+        )
     return passed(
         name,
-        "50 callers -> 1 call; failure shared by 50/50 callers in bounded time; next call retries",
+        "50 callers -> 1 call; failure shared by 50/50 callers in bounded time; "
+        "the next call runs fn again, after a failure and after a success",
     )

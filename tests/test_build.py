@@ -1,0 +1,208 @@
+"""The course landing page, slides and instructor pages that ``course build`` writes, built from
+tiny notebooks in a temporary course folder (the real notebooks are not executed here)."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from course_lib.build import build, key_chart, notebook_goals, with_default_slides
+
+CHART = """\
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(3, 2))
+ax.plot([0, 1, 2], {ys})
+plt.show()"""
+
+INTRO = """\
+# 01 · A tiny topic
+
+After this notebook you can:
+
+- measure `one thing` with **care**, *twice*;
+- explain another.
+
+**Services:** none. **Run time:** a second."""
+
+
+def _write(path: Path, *cells: nbformat.NotebookNode) -> Path:
+    nb = new_notebook(cells=list(cells))
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def _chart_cell(tagged: bool) -> nbformat.NotebookNode:
+    cell = new_code_cell(CHART.format(ys=[4, 1, 0] if tagged else [0, 1, 4]))
+    if tagged:
+        cell.metadata["tags"] = ["key-chart"]
+    return cell
+
+
+@pytest.fixture
+def course(tmp_path: Path) -> Path:
+    """A course folder: one notebook with a tagged chart, its solutions, one notebook without a
+    tagged chart, and instructor pages for the first and for a notebook not written yet."""
+    notebooks = tmp_path / "notebooks"
+    _write(
+        notebooks / "01_tiny.ipynb",
+        new_markdown_cell(INTRO),
+        new_code_cell("x = 1"),
+        new_markdown_cell("## 1.1 A section\n\nSome prose."),
+        _chart_cell(tagged=False),
+        _chart_cell(tagged=True),
+        new_markdown_cell("## 1.2 Another section"),
+        new_code_cell("print(x + 1)"),
+    )
+    _write(
+        notebooks / "solutions" / "01_tiny_solutions.ipynb",
+        new_markdown_cell("# 01 · A tiny topic: solutions"),
+        new_code_cell("assert 1 + 1 == 2"),
+    )
+    _write(
+        notebooks / "02_plain.ipynb",
+        new_markdown_cell("# 02 · Plain\n\n- one goal"),
+        new_code_cell("y = 2"),
+    )
+    instructor = notebooks / "instructor"
+    instructor.mkdir()
+    (instructor / "01_tiny.md").write_text("# 01 · Instructor notes\n\n## 1.1 A section\n\n10 min.")
+    (instructor / "04_later.md").write_text("# 04 · Later topic: instructor notes\n\nSoon.")
+    return tmp_path
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
+    """Refuse every connection and name lookup that would leave this machine (the kernel's
+    loopback sockets still work); yields the refused attempts."""
+    refused: list[object] = []
+    real_connect = socket.socket.connect
+    real_getaddrinfo = socket.getaddrinfo
+
+    def local(host: object) -> bool:
+        if host in ("localhost", "", None):
+            return True
+        try:
+            return ipaddress.ip_address(str(host)).is_loopback
+        except ValueError:
+            return False
+
+    def connect(self: socket.socket, address: object) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not local(address[0]):  # type: ignore[index]
+            refused.append(address)
+            raise OSError("network unreachable (test is offline)")
+        real_connect(self, address)
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if not local(host):
+            refused.append(host)
+            raise socket.gaierror(f"offline: cannot resolve {host}")
+        return real_getaddrinfo(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield refused
+
+
+@pytest.mark.timeout(240)
+def test_landing_page_slides_and_instructor_pages_build_offline(
+    course: Path, offline: list[object]
+) -> None:
+    out = course / "build"
+    runs = build(course, out=out, services_used=["redis 7.0 (local)", "postgres 15 (local)"])
+    assert [run.ok for run in runs] == [True, True, True]
+    assert offline == []  # nothing tried to reach the network
+    index = (out / "index.html").read_text()
+
+    # one card per course notebook, its solutions on the same card
+    assert index.count("<div class='card'>") == 2
+    tiny = index[index.index("01 · A tiny topic") : index.index("02 · Plain")]
+    assert (
+        "<li>measure <code>one thing</code> with <strong>care</strong>, <em>twice</em>;</li>"
+        in tiny
+    )
+    assert "<li>explain another.</li>" in tiny
+    assert "ran against: redis 7.0 (local), postgres 15 (local)" in tiny
+    assert re.search(r"<span class='ok'>ok</span>, ran in [0-9.]+ s; built \d{4}-\d\d-\d\d", tiny)
+    for link in (
+        "href='01_tiny.html'",
+        "href='01_tiny.slides.html'",
+        "href='instructor/01_tiny.html'",
+        "href='solutions/01_tiny_solutions.html'",
+    ):
+        assert link in tiny
+    assert (out / "solutions" / "01_tiny_solutions.html").is_file()
+
+    # the key chart is the tagged cell's PNG, not the untagged chart before it
+    built = nbformat.read(out / "01_tiny.ipynb", as_version=4)
+    untagged, tagged = (c.outputs[0].data["image/png"] for c in built.cells[3:5])
+    thumb = (out / "thumbs" / "01_tiny.png").read_bytes()
+    assert thumb == key_chart(built) == base64.b64decode(tagged) != base64.b64decode(untagged)
+    assert thumb.startswith(b"\x89PNG")
+    assert "<img src='thumbs/01_tiny.png'" in tiny
+
+    # a notebook without a tagged chart, slides or instructor page shows none of them
+    plain = index[index.index("02 · Plain") :]
+    assert "<img" not in plain and "instructor/02" not in plain and "solutions" not in plain
+    assert "href='02_plain.slides.html'" in plain
+    assert not (out / "thumbs" / "02_plain.png").exists()
+
+    # static: inline CSS, no script, no stylesheet or image fetched from elsewhere
+    assert "<script" not in index and "<link" not in index
+    assert not re.search(r"src=['\"]?(https?:)?//", index)
+    assert re.search(r"Course page built \d{4}-\d\d-\d\d", index)
+
+    # instructor pages: rendered, and the one whose notebook does not exist yet is listed
+    assert "10 min." in (out / "instructor" / "01_tiny.html").read_text()
+    assert "href='instructor/04_later.html'>04 · Later topic: instructor notes" in index
+
+    # slides: one reveal.js slide per heading by default; reveal.js itself comes from a CDN
+    slides = (out / "01_tiny.slides.html").read_text()
+    assert "reveal.js" in slides and "1.2 Another section" in slides
+
+
+def test_goals_are_the_first_cells_bullets() -> None:
+    nb = new_notebook(cells=[new_markdown_cell(INTRO), new_markdown_cell("- not a goal")])
+    assert notebook_goals(nb) == ["measure `one thing` with **care**, *twice*;", "explain another."]
+
+
+def test_default_slide_types_follow_headings_and_charts() -> None:
+    chart = new_code_cell("plot()")
+    chart.outputs = [nbformat.v4.new_output("display_data", data={"image/png": "iVBOR"})]
+    nb = new_notebook(
+        cells=[
+            new_markdown_cell("# Title"),
+            new_markdown_cell("prose"),
+            new_code_cell("x = 1"),
+            chart,
+            new_markdown_cell("the next step"),
+            new_code_cell("y = 2"),
+            new_markdown_cell("## 1.1 Next"),
+        ]
+    )
+    slides = with_default_slides(nb)
+    kinds = [c.metadata["slideshow"]["slide_type"] for c in slides.cells]
+    assert kinds == ["slide", "-", "fragment", "subslide", "subslide", "fragment", "slide"]
+    assert "slideshow" not in nb.cells[0].metadata  # the notebook itself is left alone
+
+
+def test_a_notebooks_own_slide_types_are_kept() -> None:
+    nb = new_notebook(cells=[new_markdown_cell("# Title"), new_code_cell("x = 1")])
+    nb.cells[1].metadata["slideshow"] = {"slide_type": "skip"}
+    kinds = [
+        c.metadata.get("slideshow", {}).get("slide_type") for c in with_default_slides(nb).cells
+    ]
+    assert kinds == [None, "skip"]
