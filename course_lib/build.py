@@ -23,6 +23,7 @@ import base64
 import contextlib
 import html
 import json
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -82,6 +83,9 @@ def notebook_title(nb: nbformat.NotebookNode, fallback: str) -> str:
     return fallback
 
 
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+
+
 def _failed_cell(nb: nbformat.NotebookNode) -> tuple[int | None, str]:
     for index, cell in enumerate(nb.cells):
         for output in cell.get("outputs", []):
@@ -104,7 +108,9 @@ def _execute(path: Path, timeout: int, bar: tqdm) -> tuple[nbformat.NotebookNode
     )
     start = time.perf_counter()
     try:
-        client.execute()
+        # Charts are the point of a build: the kernel draws inline even where the caller's
+        # environment picked a non-interactive backend (MPLBACKEND=Agg, common on CI).
+        client.execute(env={**os.environ, "MPLBACKEND": INLINE_BACKEND})
         return nb, NotebookRun(path, title, True, time.perf_counter() - start)
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as exc:
         index, error = _failed_cell(nb)

@@ -119,8 +119,10 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
 
 @pytest.mark.timeout(240)
 def test_landing_page_slides_and_instructor_pages_build_offline(
-    course: Path, offline: list[object]
+    course: Path, offline: list[object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # as on CI: a non-interactive backend in the environment must not cost the charts
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     out = course / "build"
     runs = build(course, out=out, services_used=["redis 7.0 (local)", "postgres 15 (local)"])
     assert [run.ok for run in runs] == [True, True, True]
