@@ -53,6 +53,7 @@ __all__ = [
     "KillResult",
     "OutOfOrder",
     "RqWorker",
+    "Worker",
     "json_queue",
     "kill_mid_job",
     "last_error",
@@ -65,6 +66,9 @@ __all__ = [
     "wait_for",
     "wait_until",
 ]
+
+#: The worker class ``rq worker`` runs: RQ's forking ``Worker`` itself (see :class:`RqWorker`).
+Worker = rq.Worker
 
 #: The serializer of the queue and of every worker: JSON, never pickle.
 SERIALIZER = "rq.serializers.JSONSerializer"
@@ -113,6 +117,10 @@ class RqWorker:
         url += f"{'&' if '?' in url else '?'}client_name={name}"
         command = [sys.executable, "-m", "rq.cli", "worker", "--url", url]
         command += ["--serializer", SERIALIZER, "--name", name, "--logging_level", "WARNING"]
+        # RQ's own Worker, named through this module: importing it imports `update_db` in the
+        # worker before it forks, so each work-horse starts with it loaded (RQ's docs advise
+        # preloading for the same reason) instead of importing SQLAlchemy once per job.
+        command += ["--worker-class", f"{__name__}.Worker"]
         self._proc = subprocess.Popen(
             [*command, queue.name],
             env={**os.environ, as_written.SCHEMA_ENV: schema},
