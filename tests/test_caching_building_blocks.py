@@ -13,6 +13,7 @@ from decimal import Decimal
 
 import pytest
 import redis.asyncio as aredis
+import rq
 
 from course_lib import services
 from course_lib.caching import (
@@ -245,17 +246,14 @@ def as_written_restored() -> Iterator[None]:
             delattr(as_written, name)
 
 
-def test_seed_bind_reuses_its_task_queue_thread(redis, pg_engine, as_written_restored):
+def test_seed_bind_keeps_its_rq_queue_unless_given_one(redis, pg_engine, as_written_restored):
+    first, second = (rq.Queue(name, connection=redis) for name in ("first", "second"))
+    as_written.bind(redis, pg_engine, queue=first)
     as_written.bind(redis, pg_engine)
-    threads = threading.active_count()
-    queue = as_written.task_queue
-    for _ in range(5):
-        as_written.bind(redis, pg_engine)
-    assert as_written.task_queue is queue and queue.is_alive()
-    assert threading.active_count() == threads
-    done = threading.Event()
-    queue.enqueue(done.set)
-    assert done.wait(5)
+    assert as_written.task_queue is first
+    with as_written.bound(redis, pg_engine, queue=second):
+        assert as_written.task_queue is second
+    assert as_written.task_queue is first
 
 
 def test_seed_bound_restores_the_previous_binding(redis, pg_engine, as_written_restored):

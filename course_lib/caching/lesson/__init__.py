@@ -1,4 +1,5 @@
 """What stages notebook 01 and nothing else: the module's code as written (:mod:`.as_written`),
-the demos behind its charts (:mod:`.demos`) and its staged races (:mod:`.races`). The code
+the demos behind its charts (:mod:`.demos`), its staged races (:mod:`.races`) and the
+module's write-behind on RQ workers (:mod:`.rq_write_behind`). The code
 to copy into a service is in :mod:`course_lib.caching`.
 """

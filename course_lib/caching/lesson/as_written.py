@@ -9,6 +9,13 @@ What had to change, and nothing else:
 - The seed defines ``update_user`` twice (write-through, then write-behind); here they are
   :func:`update_user` and :func:`update_user_write_behind`. It calls ``update_db`` without
   defining it; :func:`update_db` applies the update as the write-through does.
+- ``task_queue.enqueue(update_db, user_id, data)`` is the API of RQ, a Redis-backed job queue:
+  :func:`bind` takes an ``rq.Queue`` (the course builds it with RQ's JSON serializer, never
+  pickle, see :mod:`.rq_write_behind`), and real ``rq worker`` processes run the jobs. RQ
+  imports a job's function by its dotted path in the worker process, which has none of the
+  notebook's globals: when the environment variable :data:`SCHEMA_ENV` names a schema, this
+  module binds ``db`` to that schema of the course database as it is imported, so
+  ``update_db`` runs unchanged in the worker.
 - ``db.delete(user_id)`` raises (``Session.delete`` wants an object, not an id), and the
   seed never commits: :func:`delete_user_as_written` is the seed's function exactly, to show
   that; :func:`delete_user` deletes the object with that id and commits, the smallest
@@ -24,21 +31,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import queue
-import threading
+import os
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import redis
+import rq
 from sqlalchemy import Engine
 from sqlalchemy.exc import LegacyAPIWarning
 from sqlalchemy.orm import scoped_session, sessionmaker
 
+import course_lib.services as services
+
 from ..users import User
 
 __all__ = [
-    "TaskQueue",
+    "SCHEMA_ENV",
     "bind",
     "bound",
     "delete_user",
@@ -56,49 +65,12 @@ __all__ = [
 warnings.filterwarnings("ignore", category=LegacyAPIWarning, module=__name__)
 
 PREFIX = "user"
+#: In a worker process: the schema of the course database that ``update_db`` writes to.
+SCHEMA_ENV = "COURSE_AS_WRITTEN_SCHEMA"
 cache: redis.Redis
 db: Any
-task_queue: TaskQueue
+task_queue: rq.Queue
 _fetch: Callable[[Any], Awaitable[Any]]
-
-
-class TaskQueue:
-    """The seed's ``task_queue``: an in-process queue drained by one background thread.
-
-    :meth:`stop` ends the thread once the tasks queued before it ran.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._drain, daemon=True, name="task_queue")
-        self._thread.start()
-
-    def enqueue(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._queue.put((fn, args))
-
-    def pending(self) -> int:
-        return self._queue.unfinished_tasks
-
-    def join(self) -> None:
-        self._queue.join()
-
-    def is_alive(self) -> bool:
-        """``False`` after :meth:`stop`, and in a forked child (threads do not survive fork)."""
-        return self._thread.is_alive()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout)
-
-    def _drain(self) -> None:
-        while (task := self._queue.get()) is not None:
-            fn, args = task
-            try:
-                fn(*args)
-            finally:
-                self._queue.task_done()
-        self._queue.task_done()
 
 
 def bind(
@@ -107,19 +79,20 @@ def bind(
     *,
     fetch: Callable[[Any], Awaitable[Any]] | None = None,
     prefix: str | None = None,
+    queue: rq.Queue | None = None,
 ) -> None:
-    """Give the seed's globals real objects: Redis, a session per thread, a task queue.
+    """Give the seed's globals real objects: Redis, a session per thread, an RQ queue.
 
-    The task queue's thread is started once per process and reused; ``fetch`` and ``prefix``
-    keep their current values unless given.
+    ``fetch``, ``prefix`` and ``queue`` (the seed's ``task_queue``) keep their current values
+    unless given.
     """
     global cache, db, task_queue, _fetch, PREFIX
     if "db" in globals():
         db.remove()
     cache = redis_client
     db = scoped_session(sessionmaker(bind=engine))
-    if "task_queue" not in globals() or not task_queue.is_alive():
-        task_queue = TaskQueue()
+    if queue is not None:
+        task_queue = queue
     if prefix is not None:
         PREFIX = prefix
     if fetch is not None:
@@ -133,18 +106,25 @@ def bound(
     *,
     fetch: Callable[[Any], Awaitable[Any]] | None = None,
     prefix: str | None = None,
+    queue: rq.Queue | None = None,
 ) -> Iterator[None]:
     """:func:`bind` for a ``with`` block; the previous binding is restored afterwards."""
     global cache, db, _fetch, PREFIX
-    saved = {name: globals()[name] for name in ("cache", "db", "_fetch") if name in globals()}
+    names = ("cache", "db", "_fetch", "task_queue")
+    saved = {name: globals()[name] for name in names if name in globals()}
     saved_prefix = PREFIX
-    bind(redis_client, engine, fetch=fetch, prefix=prefix)
+    bind(redis_client, engine, fetch=fetch, prefix=prefix, queue=queue)
     try:
         yield
     finally:
         db.remove()
         globals().update(saved)
         PREFIX = saved_prefix
+
+
+if os.environ.get(SCHEMA_ENV):
+    # An `rq worker` process importing update_db: bind to the schema its starter named.
+    bind(services.redis_client(), services.schema_engine(os.environ[SCHEMA_ENV]))
 
 
 # --- Cache-Aside (Lazy Loading) ----------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import signal
 import tempfile
@@ -38,7 +37,6 @@ __all__ = [
     "count_lost",
     "hit_ratio_series",
     "hot_key_run",
-    "in_process_queue_crash",
     "loop_stall",
     "replay",
     "seed_hang_demo",
@@ -309,46 +307,6 @@ def count_lost(engine: Engine, plan: list[tuple[int, int]]) -> CrashResult:
     last = {key: score for key, score in plan}
     stale = sum(final[key] != last[key] for key in last)
     return CrashResult(len(plan), lost, stale)
-
-
-def _seed_writer(
-    engine_options: dict[str, Any], prefix: str, plan: list[tuple[int, int]], ready: Any
-) -> None:
-    # Runs in a child that is SIGKILLed: its client and engine die with it, as in a crash.
-    as_written.bind(services.redis_client(), services.engine(**engine_options), prefix=prefix)
-    for key, score in plan:
-        as_written.update_user_write_behind(key, {"score": score})
-    ready.set()
-    time.sleep(60)  # the parent kills us long before this ends
-
-
-def in_process_queue_crash(
-    engine: Engine,
-    engine_options: dict[str, Any],
-    *,
-    prefix: str,
-    updates: int = 2000,
-    keys: int = 200,
-) -> CrashResult:
-    """A process makes ``updates`` seed write-behind updates, then dies (SIGKILL).
-
-    Its ``task_queue`` lived in its memory: whatever it had not applied yet is gone.
-    """
-    ids = list(range(1, keys + 1))
-    _reset_scores(engine, ids)
-    plan = _plan(updates, ids)
-    ctx = multiprocessing.get_context("fork")
-    ready = ctx.Event()
-    child = ctx.Process(target=_seed_writer, args=(engine_options, prefix, plan, ready))
-    child.start()
-    try:
-        if not ready.wait(60):
-            raise TimeoutError("the writer process did not finish its updates in 60 s")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        child.join()
-    return count_lost(engine, plan)
 
 
 def _kill_holding_entries(worker: Worker, wb: WriteBehind) -> bool:
