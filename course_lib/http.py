@@ -10,9 +10,10 @@
 
 Every server listens on loopback only. Each function is a context manager that stops all
 of its servers on exit, also when the block raises; :func:`serve_processes` also stops them
-if the interpreter exits first. A server that does not start in ``startup_timeout`` seconds
-raises ``TimeoutError`` (with the child's error output for a process), after stopping the
-ones that did start. The socket is bound before the server starts, so no other program can
+if the interpreter exits first, and a server process whose parent was killed outright
+(``kill -9``, a restarted Jupyter kernel) stops itself within a second or so. A server that
+does not start in ``startup_timeout`` seconds raises ``TimeoutError`` (with the child's
+error output for a process), after stopping the ones that did start. The socket is bound before the server starts, so no other program can
 take the port in between.
 """
 
@@ -258,9 +259,20 @@ def _child(factory: str, kwargs_json: str) -> None:
     sock = free_socket()
     sock.listen(2048)  # connections made right after the announcement wait in the backlog
     server = _uvicorn_server(app)
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     # uvicorn installs its own SIGTERM handler (graceful stop) once it runs.
     print(f"LISTENING http://{LOOPBACK}:{sock.getsockname()[1]}", flush=True)
     server.run(sockets=[sock])
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A parent killed outright (a kernel restarted, ``kill -9``) cannot stop its servers:
+    each server watches for that and stops its own process group."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.killpg(0, signal.SIGTERM)  # graceful first (uvicorn handles TERM)
+    time.sleep(5)
+    os.killpg(0, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ validation, run_async and the asyncio fail-fast client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -201,3 +204,35 @@ def test_fail_fast_async_redis_gives_up_fast(embedded_dir) -> None:
     assert run_async(ping()) < 5  # no retries with backoff
     with pytest.raises(ValueError, match="timeout"):
         services.fail_fast_async_redis(url, timeout=0)
+
+
+ORPHAN_SCRIPT = """
+import time
+from course_lib.http import serve_processes
+with serve_processes("course_lib.http:echo_app", [{"name": "orphan"}]) as servers:
+    print(servers[0].pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_server_whose_parent_is_killed_stops_itself() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        server_pid = int(parent.stdout.readline())  # type: ignore[union-attr]
+        assert psutil.pid_exists(server_pid)
+        parent.kill()  # no context manager exit, no atexit: the kernel-restart case
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while psutil.pid_exists(server_pid) and time.monotonic() < deadline:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            time.sleep(0.1)
+        gone = not psutil.pid_exists(server_pid) or (
+            psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
+        )
+        assert gone, "the orphaned server kept running"
+    finally:
+        parent.kill()
