@@ -13,8 +13,8 @@ of its servers on exit, also when the block raises; :func:`serve_processes` also
 if the interpreter exits first, and a server process whose parent was killed outright
 (``kill -9``, a restarted Jupyter kernel) stops itself within a second or so. A server that
 does not start in ``startup_timeout`` seconds raises ``TimeoutError`` (with the child's
-error output for a process), after stopping the ones that did start. The socket is bound before the server starts, so no other program can
-take the port in between.
+error output for a process), after stopping the ones that did start. The socket is bound
+before the server starts, so no other program can take the port in between.
 """
 
 from __future__ import annotations
