@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import redis as redis_lib
 
@@ -389,6 +390,19 @@ def _private_client(url: str) -> redis_lib.Redis:
 
 
 @pytest.mark.timeout(120)
+def _wait_dead(pid: int, timeout: float = 10.0) -> None:
+    """Until ``pid`` has exited (a zombie counts): a crash is over before anyone restarts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still running {timeout} s after SIGKILL")
+
+
 @pytest.mark.parametrize("death", ["shutdown", "sigkill"])
 def test_redis_unavailable_follows_fail_open(embedded_dir, death: str) -> None:
     server = services.EmbeddedRedis(embedded_dir / "redis")
@@ -399,7 +413,9 @@ def test_redis_unavailable_follows_fail_open(embedded_dir, death: str) -> None:
         working = default.hit("up")
         assert (working.allowed, working.degraded, working.remaining) == (True, False, 1), name
     if death == "sigkill":  # a crash: no shutdown, connections cut mid-stream
-        os.kill(int(server.pidfile.read_text()), signal.SIGKILL)
+        pid = int(server.pidfile.read_text())
+        os.kill(pid, signal.SIGKILL)
+        _wait_dead(pid)
     else:
         server.stop()
     for name, make in LIMITERS.items():
