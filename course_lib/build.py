@@ -285,9 +285,9 @@ def _card(entry: dict[str, object], solutions: dict[str, object] | None) -> str:
     )
 
 
-def _index(entries: list[dict[str, object]], planned: list[tuple[str, str]], today: str) -> str:
+def _index(entries: list[dict[str, object]], unlisted: list[tuple[str, str]], today: str) -> str:
     """The landing page: one card per notebook (its solutions on the same card), then the
-    instructor pages of notebooks not built yet. Static, with no external assets."""
+    instructor pages of notebooks without a card. Static, with no external assets."""
     notebooks = [e for e in entries if "/" not in str(e["page"])]
     solutions = {str(e["page"]): e for e in entries if "/" in str(e["page"])}
     cards = []
@@ -297,7 +297,7 @@ def _index(entries: list[dict[str, object]], planned: list[tuple[str, str]], tod
     cards += [_card(entry, None) for entry in solutions.values()]
     upcoming = "".join(
         f"<li><a href='{html.escape(link)}'>{html.escape(title)}</a></li>"
-        for title, link in planned
+        for title, link in unlisted
     )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>perf-course</title>"
@@ -308,7 +308,7 @@ def _index(entries: list[dict[str, object]], planned: list[tuple[str, str]], tod
         "instructor page are for teaching it live.</p>"
         + "".join(cards)
         + (
-            f"<h2>Instructor pages of notebooks still being written</h2><ul>{upcoming}</ul>"
+            f"<h2>Instructor pages of notebooks not built here yet</h2><ul>{upcoming}</ul>"
             if upcoming
             else ""
         )
@@ -355,22 +355,35 @@ def _publish(
     return details
 
 
-def _instructor_pages(root: Path, out: Path) -> list[tuple[str, str]]:
+def _with_links(markdown: str, stem: str, out: Path) -> str:
+    """``markdown`` with a line of links under its title: the course page, and the notebook
+    and its slides where this build folder has them (a teacher goes back and forth)."""
+    links = ["[Course page](../index.html)"]
+    for suffix, label in ((".html", "Notebook"), (".slides.html", "Slides")):
+        if (out / f"{stem}{suffix}").exists():
+            links.append(f"[{label}](../{stem}{suffix})")
+    title, _, rest = markdown.partition("\n")
+    return f"{title}\n\n{' · '.join(links)}\n{rest}"
+
+
+def _instructor_pages(root: Path, out: Path, built: set[str]) -> list[tuple[str, str]]:
     """Render every ``notebooks/instructor/*.md`` to ``out/instructor/*.html``; return
-    (title, link) of those whose notebook does not exist yet."""
-    planned = []
+    (title, link) of those whose notebook has no card on the landing page (not written yet,
+    or not built in this folder yet: ``built`` holds the stems that have one)."""
+    unlisted = []
     for source in sorted((root / "notebooks" / "instructor").glob("[0-9][0-9]_*.md")):
         markdown = source.read_text(encoding="utf-8")
         target = out / "instructor" / source.with_suffix(".html").name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(render_markdown_page(markdown), encoding="utf-8")
-        if not (root / "notebooks" / source.with_suffix(".ipynb").name).exists():
+        page = render_markdown_page(_with_links(markdown, source.stem, out))
+        target.write_text(page, encoding="utf-8")
+        if source.stem not in built:
             title = notebook_title(
                 nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(markdown)]),
                 source.stem,
             )
-            planned.append((title, f"instructor/{target.name}"))
-    return planned
+            unlisted.append((title, f"instructor/{target.name}"))
+    return unlisted
 
 
 def build(
@@ -418,8 +431,10 @@ def build(
             built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
             details[path] = _publish(nb, path, root, out, services_used, built)
     if not inplace:
-        planned = _instructor_pages(root, out)
+        entries = _record(runs, details, root, out)
+        built = {str(e["page"]).removesuffix(".html") for e in entries}
+        unlisted = _instructor_pages(root, out, built)
         today = datetime.now(UTC).strftime("%Y-%m-%d")
-        page = _index(_record(runs, details, root, out), planned, today)
+        page = _index(entries, unlisted, today)
         (out / "index.html").write_text(page, encoding="utf-8")
     return runs

@@ -170,6 +170,13 @@ def test_landing_page_slides_and_instructor_pages_build_offline(
     # instructor pages: rendered, and the one whose notebook does not exist yet is listed
     assert "10 min." in (out / "instructor" / "01_tiny.html").read_text()
     assert "href='instructor/04_later.html'>04 · Later topic: instructor notes" in index
+    assert "instructor/01_tiny.html'>" not in index.split("not built here yet")[-1]
+    # each links back to the course page, and to its notebook and slides where built
+    tiny_page = (out / "instructor" / "01_tiny.html").read_text()
+    for link in ("../index.html", "../01_tiny.html", "../01_tiny.slides.html"):
+        assert f'href="{link}"' in tiny_page
+    later_page = (out / "instructor" / "04_later.html").read_text()
+    assert 'href="../index.html"' in later_page and "../04_later.html" not in later_page
 
     # slides: one reveal.js slide per heading by default; reveal.js itself comes from a CDN
     slides = (out / "01_tiny.slides.html").read_text()
@@ -208,3 +215,17 @@ def test_a_notebooks_own_slide_types_are_kept() -> None:
         c.metadata.get("slideshow", {}).get("slide_type") for c in with_default_slides(nb).cells
     ]
     assert kinds == [None, "skip"]
+
+
+@pytest.mark.timeout(120)
+def test_a_partial_build_lists_the_instructor_pages_of_notebooks_it_did_not_build(
+    course: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "partial"
+    (run,) = build(course, [course / "notebooks" / "02_plain.ipynb"], out=out)
+    assert run.ok
+    index = (out / "index.html").read_text()
+    assert index.count("<div class='card'>") == 1
+    unlisted = index.split("not built here yet")[1]
+    assert "href='instructor/01_tiny.html'" in unlisted
+    assert "href='instructor/04_later.html'" in unlisted
