@@ -35,6 +35,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from course_lib.orphans import watch_parent
 from course_lib.validation import positive_number
 
 __all__ = [
@@ -259,17 +260,15 @@ def _child(factory: str, kwargs_json: str) -> None:
     sock = free_socket()
     sock.listen(2048)  # connections made right after the announcement wait in the backlog
     server = _uvicorn_server(app)
-    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    watch_parent(_stop_own_group)
     # uvicorn installs its own SIGTERM handler (graceful stop) once it runs.
     print(f"LISTENING http://{LOOPBACK}:{sock.getsockname()[1]}", flush=True)
     server.run(sockets=[sock])
 
 
-def _stop_when_orphaned(parent: int) -> None:
+def _stop_own_group() -> None:
     """A parent killed outright (a kernel restarted, ``kill -9``) cannot stop its servers:
-    each server watches for that and stops its own process group."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
+    each server stops its own process group once orphaned."""
     os.killpg(0, signal.SIGTERM)  # graceful first (uvicorn handles TERM)
     time.sleep(5)
     os.killpg(0, signal.SIGKILL)

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -18,7 +19,7 @@ import pytest
 import redis as redis_lib
 from sqlalchemy import text
 
-from course_lib import http, services, validation
+from course_lib import http, orphans, services, validation
 from course_lib.measure import QueryCounter, run_async
 from course_lib.workloads import zipf_keys
 
@@ -206,33 +207,71 @@ def test_fail_fast_async_redis_gives_up_fast(embedded_dir) -> None:
         services.fail_fast_async_redis(url, timeout=0)
 
 
-ORPHAN_SCRIPT = """
-import time
+def test_watch_parent_fires_only_once_the_expected_parent_is_gone() -> None:
+    fired = threading.Event()
+    orphans.watch_parent(fired.set, interval=0.01)  # our parent (pytest's launcher) lives
+    assert not fired.wait(0.2)
+    # a parent that died before the watch began (its pid is no longer our parent's)
+    orphans.watch_parent(fired.set, parent=os.getppid() + 1_000_000, interval=0.01)
+    assert fired.wait(5)
+    with pytest.raises(ValueError, match="interval"):
+        orphans.watch_parent(fired.set, interval=0)
+
+
+# Each script starts one long-lived child the course uses, prints its pid, then waits; the
+# test SIGKILLs the script (no context manager exit, no atexit: the kernel-restart case).
+ORPHAN_SCRIPTS = {
+    "http server": """
 from course_lib.http import serve_processes
 with serve_processes("course_lib.http:echo_app", [{"name": "orphan"}]) as servers:
     print(servers[0].pid, flush=True)
     time.sleep(60)
-"""
+""",
+    "write-behind worker": """
+from course_lib.caching import UserStore, WriteBehind
+wb = WriteBehind(services.redis_client(), UserStore(services.engine()), stream=KEY, group="g")
+print(wb.start_worker("orphan").pid, flush=True)
+time.sleep(60)
+""",
+    "rq worker": """
+from course_lib.caching.lesson import rq_write_behind as rwb
+queue = rwb.json_queue(KEY, services.redis_client())
+with rwb.rq_workers(queue, [KEY], schema="public") as (worker,):
+    print(worker.pid, flush=True)
+    time.sleep(60)
+""",
+}
 
 
-def test_a_server_whose_parent_is_killed_stops_itself() -> None:
+def _gone(pid: int) -> bool:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    return True
+
+
+@pytest.mark.parametrize("child", ORPHAN_SCRIPTS)
+def test_a_child_whose_parent_is_killed_stops_itself(child: str) -> None:
+    key = f"orphan-test-{os.getpid()}-{time.monotonic_ns()}"
+    prelude = f"import time\nfrom course_lib import services\nKEY = {key!r}\n"
     parent = subprocess.Popen(
-        [sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", prelude + ORPHAN_SCRIPTS[child]], stdout=subprocess.PIPE, text=True
     )
+    child_pid = None
     try:
-        server_pid = int(parent.stdout.readline())  # type: ignore[union-attr]
-        assert psutil.pid_exists(server_pid)
-        parent.kill()  # no context manager exit, no atexit: the kernel-restart case
+        child_pid = int(parent.stdout.readline())  # type: ignore[union-attr]
+        assert not _gone(child_pid)
+        parent.kill()
         parent.wait(10)
         deadline = time.monotonic() + 15
-        while psutil.pid_exists(server_pid) and time.monotonic() < deadline:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE:
-                    break
+        while not _gone(child_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        gone = not psutil.pid_exists(server_pid) or (
-            psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
-        )
-        assert gone, "the orphaned server kept running"
+        assert _gone(child_pid), f"the orphaned {child} kept running"
     finally:
         parent.kill()
+        if child_pid is not None and not _gone(child_pid):  # the test failed: do not leak it
+            os.kill(child_pid, signal.SIGKILL)
+        client = services.redis_client()
+        leftovers = list(client.scan_iter(match=f"*{key}*"))
+        if leftovers:
+            client.delete(*leftovers)
+        client.close()

@@ -52,6 +52,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, Opera
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from course_lib import lua
+from course_lib.orphans import watch_parent
 from course_lib.validation import positive_number
 
 from ._base import _milliseconds, describe
@@ -453,9 +454,12 @@ class WriteBehind:
         return Worker(self, consumer, block=block).start()
 
 
-def _worker_main(wb: WriteBehind, consumer: str, block: float) -> None:
+def _worker_main(wb: WriteBehind, consumer: str, block: float, parent: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # A parent killed outright leaves no one to stop this worker (``parent`` is its pid from
+    # before the fork, so a parent that died while this process started counts too).
+    watch_parent(stop.set, parent=parent)
     wb.run(consumer, stop, block=block)
 
 
@@ -480,7 +484,7 @@ class Worker:
             raise RuntimeError(f"worker {self.consumer!r} is already running")
         ctx = multiprocessing.get_context("fork")
         self.process = ctx.Process(
-            target=_worker_main, args=(self.wb, self.consumer, self.block), daemon=True
+            target=_worker_main, args=(self.wb, self.consumer, self.block, os.getpid()), daemon=True
         )
         self.process.start()
         return self

@@ -43,6 +43,7 @@ from rq.serializers import JSONSerializer
 from sqlalchemy import Engine, select, text
 
 import course_lib.services as services
+from course_lib.orphans import watch_parent
 from course_lib.validation import positive_number
 
 from ..users import users_table
@@ -67,8 +68,17 @@ __all__ = [
     "wait_until",
 ]
 
-#: The worker class ``rq worker`` runs: RQ's forking ``Worker`` itself (see :class:`RqWorker`).
-Worker = rq.Worker
+
+class Worker(rq.Worker):
+    """The worker class ``rq worker`` runs (see :class:`RqWorker`): RQ's forking ``Worker``,
+    which also asks itself for a warm shutdown (``SIGTERM``) if the process that started it
+    dies without stopping it. Its work-horses are not watched: a forked child does not
+    inherit the watching thread."""
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
+        return super().work(*args, **kwargs)
+
 
 #: The serializer of the queue and of every worker: JSON, never pickle.
 SERIALIZER = "rq.serializers.JSONSerializer"
