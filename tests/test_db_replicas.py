@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -13,6 +17,7 @@ from sqlalchemy.exc import InternalError, OperationalError
 
 from course_lib import db
 from course_lib.db.replicas import ReplicaSet
+from course_lib.services.embedded import find_postgres_bin_dir
 
 
 def _running(pid: int) -> bool:
@@ -151,6 +156,33 @@ def test_nothing_is_left_running_after_the_block_even_when_it_raises() -> None:
     assert len(pids) >= 4  # type: ignore[arg-type]
     assert not [pid for pid in pids if _running(pid)]  # type: ignore[attr-defined]
     assert not Path(seen["root"]).exists()  # type: ignore[arg-type]
+
+
+ORPHAN_SCRIPT = """
+import json, time
+from course_lib.db.replicas import ReplicaSet
+rs = ReplicaSet.start()
+print(json.dumps({"pids": rs.pids(), "root": str(rs.root)}), flush=True)
+time.sleep(120)
+"""
+
+
+def test_servers_whose_program_is_killed_outright_are_stopped_by_the_reaper() -> None:
+    program = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True
+    )
+    seen: dict[str, Any] = {}
+    try:
+        seen = json.loads(program.stdout.readline())  # type: ignore[union-attr]
+        assert len(seen["pids"]) >= 4 and all(_running(pid) for pid in seen["pids"])
+        program.kill()  # no atexit, no context manager: a kernel killed with SIGKILL
+        program.wait(10)
+        assert _wait_for(lambda: not any(_running(pid) for pid in seen["pids"]), timeout=60)
+        assert _wait_for(lambda: not Path(seen["root"]).exists(), timeout=10)
+    finally:
+        program.kill()
+        if seen and Path(seen["root"]).exists():  # the test failed: stop what it left
+            ReplicaSet(Path(seen["root"]), find_postgres_bin_dir(), None).stop()
 
 
 SYSTEM_BINARIES = sorted(

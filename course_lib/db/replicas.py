@@ -15,8 +15,10 @@ Guarantees:
   server does.
 - Leaving the block stops both servers, also when the block raises; a server that does not
   stop in time is killed with its children; the directory is removed. A ReplicaSet that the
-  program forgets to stop is stopped at interpreter exit (a process killed with SIGKILL
-  cannot do that: its servers keep running until ``pg_ctl stop`` on their data folders).
+  program forgets to stop is stopped at interpreter exit. The servers are daemons, so a
+  program killed outright (SIGKILL, a kernel restart) could not stop them: a small reaper
+  process started with them waits for that program to die and then stops them and removes
+  the directory (:func:`course_lib.orphans.watch_parent`).
 - ``apply_delay`` (seconds) sets ``recovery_min_apply_delay`` on the replica: it receives the
   WAL at once but applies each commit that much later, the way to stage replication lag.
 """
@@ -29,7 +31,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Hashable
 from pathlib import Path
@@ -39,6 +43,7 @@ from typing import Any
 import psutil
 from sqlalchemy import Engine, create_engine, text
 
+from course_lib.orphans import watch_parent
 from course_lib.services.embedded import (
     find_postgres_bin_dir,
     make_traversable,
@@ -133,6 +138,7 @@ class ReplicaSet:
         self._engines: dict[str, Engine] = {}
         self._router: Router | None = None
         self._stopped = False
+        self._reaper: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -153,6 +159,13 @@ class ReplicaSet:
         root = Path(tempfile.mkdtemp(prefix="pc-rs-", dir="/tmp"))
         rs = cls(root, binaries, apply_delay)
         atexit.register(rs.stop)
+        rs._reaper = subprocess.Popen(
+            [sys.executable, "-c", _REAPER, str(root), str(binaries), str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a signal to this program's group leaves it running
+        )
         try:
             rs._create(timeout)
         except BaseException:
@@ -225,6 +238,9 @@ class ReplicaSet:
                 self.primary.stop()
             finally:
                 shutil.rmtree(self.root, ignore_errors=True)
+                if self._reaper is not None:  # stopped here: nothing left to reap
+                    self._reaper.kill()
+                    self._reaper.wait()
 
     def __enter__(self) -> ReplicaSet:
         return self
@@ -321,3 +337,18 @@ class ReplicaSet:
                 raise TimeoutError(f"the replica did not replay the primary's WAL in {timeout} s")
             time.sleep(0.01)
         return time.monotonic() - start
+
+
+_REAPER = "from course_lib.db.replicas import _reap_when_orphaned; _reap_when_orphaned()"
+
+
+def _reap_when_orphaned() -> None:
+    """Body of the reaper process (argv: root, bin_dir, the program's pid): once the program
+    that started the servers is gone, stop them and remove ``root`` as its ``stop`` would."""
+    root, bin_dir, parent = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    orphaned = threading.Event()
+    watch_parent(orphaned.set, parent=parent)
+    while root.exists():  # the program's own stop removes it
+        if orphaned.wait(0.5):
+            ReplicaSet(root, bin_dir, None).stop()
+            return
