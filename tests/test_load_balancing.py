@@ -211,6 +211,32 @@ def test_ip_hash_mark_down_moves_only_that_servers_clients() -> None:
     assert {c: ip.pick(c) for c in clients} == before
 
 
+def _nginx_ip_hash_tries(ip: str, servers: list[str]) -> list[str]:
+    """The 21 servers nginx's ip_hash tries for ``ip``, in order (the test's oracle)."""
+    h, tries = 89, []
+    for _ in range(21):
+        for byte in map(int, ip.split(".")[:3]):
+            h = (h * 113 + byte) % 6271
+        tries.append(servers[h % len(servers)])
+    return tries
+
+
+def test_ip_hash_falls_back_to_round_robin_after_21_hashes_on_down_servers() -> None:
+    ip = IpHash(TEN)
+    for server in TEN[2:]:  # two of ten up: 0.8^21 of the clients hash only onto down ones
+        ip.mark_down(server)
+    clients = [f"10.{a}.{b}.7" for a in range(8) for b in range(256)]
+    stuck = [c for c in clients if set(_nginx_ip_hash_tries(c, TEN)) <= set(TEN[2:])]
+    free = [c for c in clients if c not in stuck]
+    assert stuck, "no client in the sample exhausts its 21 hashes"
+    for client in stuck[:5]:  # round robin over the servers up: it alternates
+        first, second, third = (ip.pick(client) for _ in range(3))
+        assert {first, second} == set(TEN[:2]) and third == first
+    for client in free[:200]:  # the others keep the first up server of their tries
+        expected = next(s for s in _nginx_ip_hash_tries(client, TEN) if s in TEN[:2])
+        assert ip.pick(client) == ip.pick(client) == expected
+
+
 def test_ip_hash_ipv6_and_mapped_ipv4() -> None:
     ip = IpHash(THREE)
     assert ip.pick("::ffff:10.1.2.3") == ip.pick("10.1.2.3")
