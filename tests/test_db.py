@@ -200,6 +200,24 @@ def test_pool_caps_concurrent_connections_from_32_threads() -> None:
         engine.dispose()
 
 
+def test_pool_sweep_mean_latency_includes_the_wait_for_a_connection() -> None:
+    sweep = demos.pool_sweep(
+        services.database_url(),
+        {},
+        sizes=[2],
+        overflows=[0],
+        threads=8,
+        calls=3,
+        query="SELECT pg_sleep(0.02)",
+        params=lambda worker, index: {},
+    )
+    (row,) = sweep.itertuples()
+    # Little's law: queries in flight = throughput x mean time in the system. 8 threads on 2
+    # connections keep more than 2 in flight (the rest wait in the pool), never more than 8.
+    in_flight = row.queries_per_s * row.mean_ms / 1e3
+    assert row.mean_ms >= 20 and 2 < in_flight <= 8
+
+
 @pytest.fixture
 def posts_only(pg_engine: Engine) -> Iterator[Engine]:
     db.populate(pg_engine, users=10, posts_per_user=10, seed=3)

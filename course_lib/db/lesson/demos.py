@@ -7,6 +7,7 @@ visible in the notebook cell that calls it.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 import warnings
@@ -110,6 +111,7 @@ def pool_sweep(
                 "max_overflow": overflow,
                 "connections": size + overflow,
                 "queries_per_s": len(done) / elapsed,
+                "mean_ms": statistics.fmean(done.latencies) * 1e3,
                 "p50_ms": spread["p50"] * 1e3,
                 "p99_ms": spread["p99"] * 1e3,
             }
