@@ -91,6 +91,9 @@ BATCH = 100
 LUA = Path(__file__).resolve().parent / "lua"
 OURS = ("FixedWindow", "SlidingWindowLog", "SlidingWindowCounter", "RedisTokenBucket", "GCRA")
 PAYLOAD = "payload floor"
+BUSY = "busy floor"
+BARE = "bare script"
+SPIN = 2000  # loop turns of the busy floor's calibration run
 TRACE = "fixed window trace"
 # (file in benchmarks/lua, whether it reads the server clock, what the step adds)
 TRACE_STEPS = (
@@ -156,6 +159,8 @@ def _redis_subjects(client, url: str, ns: str) -> dict[str, Callable[[], object]
         # the limiter's own arguments, prepared beforehand: only the bytes are the same
         calls = itertools.cycle([limiter._call(key, 1) for key in keys])
         subjects[f"{PAYLOAD} {name}"] = lambda c=calls: payload(client, *next(c))
+        subjects[f"{BUSY} {name}"] = _busy_floor(client, limiter, keys)
+        subjects[f"{BARE} {name}"] = lambda c=calls, s=limiter._script: s(client, *next(c))
     clock = lua.load("course_lib.rate_limiting", "_now").source
     for step, (file, timed, _) in enumerate(TRACE_STEPS, 1):
         text = script(file).source if file == "fixed_window" else (LUA / f"{file}.lua").read_text()
@@ -174,6 +179,30 @@ def _redis_subjects(client, url: str, ns: str) -> dict[str, Callable[[], object]
         next(batches)
     )
     return subjects
+
+
+def _evalsha_usec(client, fn: Callable[[], object], calls: int) -> float:
+    """Server microseconds per call of ``fn``, whose only own command is one EVALSHA."""
+    fn()  # loads the script if it is new, outside the count
+    before = client.info("commandstats")["cmdstat_evalsha"]["usec"]
+    for _ in range(calls):
+        fn()
+    return (client.info("commandstats")["cmdstat_evalsha"]["usec"] - before) / calls
+
+
+def _busy_floor(client, limiter, keys: list[str]) -> Callable[[], object]:
+    """``lua/busy_floor.lua`` with the limiter's arguments, its loop sized so the script
+    spends about the limiter's server time (the run corrects what is left of the gap)."""
+    calls = itertools.cycle([limiter._call(key, 1) for key in keys])
+    text = (LUA / "busy_floor.lua").read_text()
+
+    def spinning(turns: int) -> Callable[[], object]:
+        busy = lua.Script(f"{BUSY} {turns}", text.replace("ITERATIONS", str(turns)))
+        return lambda: busy(client, *next(calls))
+
+    target = _evalsha_usec(client, _rotating(limiter.hit, keys), 200)
+    idle, spin = (_evalsha_usec(client, spinning(turns), 200) for turns in (0, SPIN))
+    return spinning(max(0, round((target - idle) / max(spin - idle, 1e-3) * SPIN)))
 
 
 def _in_process_subjects() -> dict[str, Callable[[], object]]:
@@ -220,94 +249,142 @@ def _server_usec(client, shares: dict[str, float]) -> float:
     return sum(v["usec"] * shares.get(k.removeprefix("cmdstat_"), 0.0) for k, v in stats.items())
 
 
+Samples = tuple[list[float], list[float]]
+"""Per round: seconds per call and server seconds per call."""
+
+
 def _floor_run(
     client, subjects: dict[str, Callable[[], object]], calls: int, rounds: int
-) -> dict[str, tuple[list[float], list[float]]]:
-    """Per subject and round: seconds per call and server seconds per call, interleaved."""
-    out: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in subjects}
+) -> dict[str, dict[str, Samples]]:
+    """Per subject, its samples and those of its floors (PING and, for a course_lib limiter,
+    the three payload-matched floors), round by round.
+
+    Time: the subject and its floors take turns call by call, each call timed on its own,
+    and a round's figure is its median call. On idle cores a round trip drifts by tens of
+    microseconds within a round and has a long tail of scheduling delays (a round's mean
+    was up to 1.5x its median here), so only calls made side by side, and medians, give
+    ratios that repeat. Server time: the delta of ``INFO commandstats`` around a separate
+    batch of each member.
+    """
     shares = _top_level_shares(client, subjects, max(1, calls // 10))
+    mains = [n for n in subjects if n != "PING" and not n.startswith((PAYLOAD, BUSY, BARE))]
+    out: dict[str, dict[str, Samples]] = {}
+    for name in mains:
+        floors = [f"{floor} {_limiter(name)}" for floor in (PAYLOAD, BUSY, BARE)]
+        group = [name] if name.startswith(TRACE) else [name, "PING"]
+        out[name] = {member: ([], []) for member in group + [f for f in floors if f in subjects]}
+    clock = time.perf_counter
+    server_calls = max(10, calls // 5)
     for _ in tqdm(range(rounds), desc="rounds", unit="round", leave=False, file=sys.stderr):
-        for name, fn in subjects.items():
-            before = _server_usec(client, shares[name])
-            seconds = per_call(fn, calls)
-            server = (_server_usec(client, shares[name]) - before) / 1e6 / calls
-            out[name][0].append(seconds)
-            out[name][1].append(server)
+        for members in out.values():
+            turns = [(subjects[member], []) for member in members]
+            orders = (turns, turns[::-1])  # each member follows a different one in turn
+            for i in range(calls):
+                for fn, spent in orders[i % 2]:
+                    start = clock()
+                    fn()
+                    spent.append(clock() - start)
+            for (member, (times, servers)), (fn, spent) in zip(members.items(), turns, strict=True):
+                before = _server_usec(client, shares[member])
+                per_call(fn, server_calls)
+                servers.append((_server_usec(client, shares[member]) - before) / 1e6 / server_calls)
+                times.append(statistics.median(spent))
     return out
 
 
+def _limiter(subject: str) -> str:
+    return subject.removeprefix("course_lib ").removesuffix(".hit")
+
+
 def _redis_rows(url: str, quick: bool) -> list[Row]:
-    calls, rounds = (100, 3) if quick else (1000, 15)
+    calls, rounds = (60, 3) if quick else (400, 15)
     client = redis.Redis.from_url(url)
     try:
         runs = _floor_run(client, _redis_subjects(client, url, "b"), calls, rounds)
     finally:
         client.close()
     med = statistics.median
-    ping_times, _ = runs.pop("PING")
-    ping = med(ping_times)
-    payloads = {name: runs.pop(f"{PAYLOAD} {name}") for name in OURS}
-    trace = [runs.pop(f"{TRACE} {step}")[1] for step in range(1, len(TRACE_STEPS) + 1)]
-    base_server = med(runs["limits fixed window"][1])
+    steps = [f"{TRACE} {step}" for step in range(1, len(TRACE_STEPS) + 1)]
+    trace = [runs.pop(step)[step][1] for step in steps]
+    base_server = med(runs["limits fixed window"]["limits fixed window"][1])
     rows = []
-    for subject, (times, servers) in runs.items():
+    for subject, run in runs.items():
+        times, servers = run[subject]
+        ping_times = run["PING"][0]  # measured beside this subject, turn by turn
+        ping = med(ping_times)
         seconds = med(times)
         if "hit_many" in subject:
+            spread = [t / BATCH / p for t, p in zip(times, ping_times, strict=True)]
             rows += [
-                Row(BENCH, subject, "per decision", seconds / BATCH * 1e6, "us", "PING",
-                    ping * 1e6, target=0.2),
+                Row(BENCH, subject, f"per decision (rounds {min(spread):.2f}-{max(spread):.2f}x)",
+                    seconds / BATCH * 1e6, "us", "PING", ping * 1e6, target=0.2),
                 Row(BENCH, subject, "where: script on the server", med(servers) / BATCH * 1e6,
                     "us", "per decision", seconds / BATCH * 1e6),
             ]  # fmt: skip
             continue
-        name = subject.removeprefix("course_lib ").removesuffix(".hit")
-        ours = name in payloads
+        payload = run.get(f"{PAYLOAD} {_limiter(subject)}")
         floors = [p + s for p, s in zip(ping_times, servers, strict=True)]
         spread = [t / f for t, f in zip(times, floors, strict=True)]
         rows += [
             Row(BENCH, subject, "per decision", seconds * 1e6, "us", "PING", ping * 1e6),
             Row(BENCH, subject, f"/ floor (rounds {min(spread):.2f}-{max(spread):.2f}x)",
                 seconds * 1e6, "us", "PING + server time", med(floors) * 1e6,
-                1.10 if ours else None),
+                None if payload is None else 1.10),
             Row(BENCH, subject, "server time", med(servers) * 1e6, "us",
                 "limits fixed window", base_server * 1e6),
         ]  # fmt: skip
-        if ours:
-            rows += _payload_rows(subject, times, servers, payloads[name], ping)
+        if payload is not None:
+            rows += _payload_rows(subject, run, ping)
     return rows + _trace_rows(trace, base_server)
 
 
-def _payload_rows(
-    subject: str,
-    times: list[float],
-    servers: list[float],
-    payload: tuple[list[float], list[float]],
-    ping: float,
-) -> list[Row]:
-    """A course_lib limiter against the same EVALSHA bytes doing nothing, and where its time
-    goes: PING, what the payload adds (encoding, the server parsing and replying, redis-py),
-    the script's server time, and the rest: course_lib's own client code (argument checks,
-    the script call, the Decision: a few microseconds) plus whatever the round trips' noise
-    left in this difference of medians."""
+def _payload_rows(subject: str, run: dict[str, Samples], ping: float) -> list[Row]:
+    """A course_lib limiter against its three payload-matched floors, and where its time goes.
+
+    Each floor is a script call with the limiter's own arguments (the same bytes), and each
+    is corrected by the gap between its server time and the limiter's:
+    ``payload floor``, a script that does nothing; ``busy floor``, a script that spins for
+    about the limiter's server time; ``bare script``, the limiter's own script called
+    through ``course_lib.lua`` with prepared arguments (no limiter code around it).
+    The ``where`` rows split a decision into: PING; the bytes (encoding, the server reading,
+    parsing and answering them, redis-py's handling); the script's server time; the
+    idle-core penalty of a longer server time (while the server works, the client's core
+    sleeps deeper and wakes later); what real keys cost beyond a spin of the same length
+    (outside the script's commandstats time: the server's bookkeeping of written keys);
+    and what is left, course_lib's own client code (argument checks, the Decision) plus
+    the noise of a difference of medians.
+    """
     med = statistics.median
-    payload_times, payload_servers = payload
-    floors = [p + s - ps for p, s, ps in zip(payload_times, servers, payload_servers, strict=True)]
-    spread = [t / f for t, f in zip(times, floors, strict=True)]
-    seconds, server = med(times), med(servers)
-    extra = med(payload_times) - ping - med(payload_servers)
-    ours = seconds - med(payload_times) - server + med(payload_servers)
-    return [
-        Row(BENCH, subject, f"/ payload floor (rounds {min(spread):.2f}-{max(spread):.2f}x)",
-            seconds * 1e6, "us", "same EVALSHA, no work + server time", med(floors) * 1e6, 1.10),
-        Row(BENCH, subject, "where: PING round trip", ping * 1e6, "us", "per decision",
-            seconds * 1e6),
-        Row(BENCH, subject, "where: payload over PING", extra * 1e6, "us", "per decision",
-            seconds * 1e6),
-        Row(BENCH, subject, "where: script on the server", server * 1e6, "us", "per decision",
-            seconds * 1e6),
-        Row(BENCH, subject, "where: rest (course_lib code, noise)", ours * 1e6, "us",
-            "per decision", seconds * 1e6),
-    ]  # fmt: skip
+    name = _limiter(subject)
+    times, servers = run[subject]
+    rows = []
+    for floor in (PAYLOAD, BUSY, BARE):
+        floor_times, floor_servers = run[f"{floor} {name}"]
+        floors = [t + s - fs for t, s, fs in zip(floor_times, servers, floor_servers, strict=True)]
+        spread = [t / f for t, f in zip(times, floors, strict=True)]
+        rows.append(
+            Row(BENCH, subject, f"/ {floor} (rounds {min(spread):.2f}-{max(spread):.2f}x)",
+                med(times) * 1e6, "us", f"{floor} + server time gap", med(floors) * 1e6, 1.10)
+        )  # fmt: skip
+    # each floor's time outside its script: the floors differ from one another by one thing
+    payload, busy, bare = (
+        med(run[f"{floor} {name}"][0]) - med(run[f"{floor} {name}"][1])
+        for floor in (PAYLOAD, BUSY, BARE)
+    )
+    parts = {
+        "PING round trip": ping,
+        "bytes over PING": payload - ping,
+        "script on the server": med(servers),
+        "idle-core penalty": busy - payload,
+        "real keys, not a spin": bare - busy,
+        "course_lib code (+ noise)": med(times) - med(servers) - bare,
+    }
+    for part, seconds in parts.items():
+        rows.append(
+            Row(BENCH, subject, f"where: {part}", seconds * 1e6, "us", "per decision",
+                med(times) * 1e6)
+        )  # fmt: skip
+    return rows
 
 
 def _trace_rows(trace: list[list[float]], limits_server: float) -> list[Row]:
