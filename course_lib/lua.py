@@ -37,6 +37,14 @@ _ASYNC = (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)
 _CLUSTER = (RedisCluster, redis.asyncio.cluster.RedisCluster)
 
 
+@functools.cache
+def _is_async(kind: type) -> bool:
+    # redis-py's client classes have a typing.Protocol metaclass: an isinstance() against
+    # them costs about a microsecond per class, on every call. The answer depends only on
+    # the client's type, so it is computed once per type.
+    return issubclass(kind, _ASYNC)
+
+
 class Script:
     """A Lua script known by its SHA1; see the module docstring for the guarantees."""
 
@@ -63,7 +71,7 @@ class Script:
         self, client: Any, keys: Sequence[Any] = (), args: Sequence[Any] = ()
     ) -> Any | Awaitable[Any]:
         """Run the script on ``client``: its reply (awaitable for an asyncio client)."""
-        if isinstance(client, _ASYNC):
+        if _is_async(client.__class__):
             return self._acall(client, keys, args)
         evalsha = ("EVALSHA", self.sha, len(keys), *keys, *args)
         try:
@@ -102,7 +110,7 @@ class Script:
         found the script missing are sent again once after ``SCRIPT LOAD``. A connection
         failure of the whole pipeline raises.
         """
-        if isinstance(client, _ASYNC):
+        if _is_async(client.__class__):
             return self._apipeline(client, calls)
         replies = self._send(client, calls)
         missing = _missing(replies)

@@ -1,8 +1,10 @@
 -- Fixed window: at most `limit` units per window aligned on multiples of `window`.
--- KEYS[1]  string '<window start us>:<units counted in that window>' (one GET and one
---          SET per call: each extra command costs about 1 us of server time)
+-- KEYS[1]  string '<window start us>:<units counted in that window>' (one GET and at most
+--          one SET per call: each extra command costs about 1 us of server time)
 -- ARGV     now_us ('' = Redis server TIME), cost, limit, window_us
 -- Returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
+-- find/sub instead of a pattern with captures, and no closure per call: about 5 % less
+-- server time than with them (benchmarks/bench_rate_limiting.py traces this script's cost).
 local cost = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local window = tonumber(ARGV[4])
@@ -13,19 +15,21 @@ local count = 0
 local rebased = false
 local state = redis.call('GET', KEYS[1])
 if state then
-  local stored, counted = string.match(state, '^(-?%d+):(-?%d+)$')
-  stored = tonumber(stored)
-  if stored == start then
-    count = tonumber(counted)
-  elseif stored > start then
+  local colon = string.find(state, ':', 1, true)
+  local stored = tonumber(string.sub(state, 1, colon - 1))
+  if stored >= start then
+    count = tonumber(string.sub(state, colon + 1))
     -- A window that starts after now: the clock stepped back. Its count moves into the
     -- current window, so the step grants no extra quota and blocks no longer than this one.
-    count = tonumber(counted)
-    rebased = true
+    rebased = stored > start
   end
 end
 
-local function save()
+local allowed = count + cost <= limit
+if allowed then
+  count = count + cost
+end
+if (allowed and cost > 0) or rebased then
   local ttl = math.ceil(reset / 1000)
   -- Expiry runs on server time; with an injected clock keep the key long enough to replay.
   if ARGV[1] ~= '' and ttl < 60000 then
@@ -33,18 +37,11 @@ local function save()
   end
   redis.call('SET', KEYS[1], string.format('%.0f:%d', start, count), 'PX', ttl)
 end
-
-if count + cost > limit then
-  if rebased then
-    save()
-  end
+if not allowed then
   return {0, math.max(0, limit - count), reset, reset}
-end
-if cost > 0 or rebased then
-  count = count + cost
-  save()
 end
 if count == 0 then
   reset = 0
 end
-return {1, math.max(0, limit - count), 0, reset}
+-- allowed: count <= limit, so remaining is not negative
+return {1, limit - count, 0, reset}

@@ -165,15 +165,16 @@ class RedisLimiter:
         now = self._now()
         for item in keys_or_pairs:
             if isinstance(item, str):
+                # cost 1 always fits: every quota is a positive int
                 key, cost = item, 1
             elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
                 key, cost = item
+                cost = self._check_cost(cost)
             else:
                 raise TypeError(
                     f"keys_or_pairs items must be str keys or (str key, int cost) pairs, "
                     f"got {item!r}"
                 )
-            cost = self._check_cost(cost)
             calls.append(((self.key(key),), (now, cost, *self._params, *self._extra())))
         return calls
 
