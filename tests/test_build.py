@@ -16,6 +16,9 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from course_lib.build import build, key_chart, notebook_goals, with_default_slides
 
+# The notebooks built here use no service of the course: one pass of `make test` covers them.
+pytestmark = pytest.mark.one_pass
+
 CHART = """\
 import matplotlib.pyplot as plt
 fig, ax = plt.subplots(figsize=(3, 2))

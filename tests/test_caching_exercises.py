@@ -129,7 +129,7 @@ def not_attempted(*args):
         (check_cache_aside, good_get_user, wrong_ttl, "expected 60 s"),
         (check_safe_release, good_release, plain_delete, "released a lock held by another"),
         (check_safe_release, good_release, get_then_del, "one atomic step"),
-        (check_single_flight, good_get_once, hangs_on_error, "still waiting after 10 s"),
+        (check_single_flight, good_get_once, hangs_on_error, "still waiting after 5 s"),
         (check_single_flight, good_get_once, memoises_forever, "without running fn again"),
     ],
 )

@@ -63,6 +63,7 @@ def _notebook(path: Path, *sources: str) -> Path:
     return path
 
 
+@pytest.mark.one_pass
 @pytest.mark.timeout(180)
 def test_build_names_the_failing_notebook_and_cell(tmp_path: Path) -> None:
     broken = _notebook(tmp_path / "99_broken.ipynb", "x = 1", "assert x == 2, 'x is not 2'")
@@ -73,6 +74,7 @@ def test_build_names_the_failing_notebook_and_cell(tmp_path: Path) -> None:
     assert "A broken notebook" in index and "FAILED at cell 2" in index
 
 
+@pytest.mark.one_pass
 @pytest.mark.timeout(300)
 def test_build_with_embedded_services(tmp_path: Path) -> None:
     state = Path(f"/tmp/pc-build-{os.getpid()}")
@@ -104,6 +106,7 @@ def test_lab_provisions_services_then_hands_over_to_jupyter() -> None:
     assert done.stdout.strip().splitlines()[-1][0].isdigit()  # jupyter lab's version
 
 
+@pytest.mark.one_pass
 def test_build_refuses_a_missing_notebook_before_running_anything(tmp_path: Path) -> None:
     done = course("build", str(tmp_path / "nope.ipynb"), "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -111,6 +114,7 @@ def test_build_refuses_a_missing_notebook_before_running_anything(tmp_path: Path
     assert not (tmp_path / "out" / "index.html").exists()
 
 
+@pytest.mark.one_pass
 @pytest.mark.timeout(180)
 def test_index_keeps_the_rows_of_notebooks_built_earlier(tmp_path: Path) -> None:
     good = _notebook(tmp_path / "01_good.ipynb", "x = 1")

@@ -19,6 +19,9 @@ import redis as redis_lib
 from course_lib import services
 from course_lib.services import embedded, resolve
 
+# These tests set up their own servers and environment: one pass of `make test` covers them.
+pytestmark = pytest.mark.one_pass
+
 
 @pytest.fixture(autouse=True)
 def _fresh_resolution(monkeypatch: pytest.MonkeyPatch):
