@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis.asyncio
@@ -169,7 +169,7 @@ def _redis_subjects(client, url: str, ns: str) -> dict[str, Callable[[], object]
         # the limiter's own arguments, prepared beforehand: only the bytes are the same
         calls = itertools.cycle([limiter._call(key, 1) for key in keys])
         subjects[f"{PAYLOAD} {name}"] = lambda c=calls: payload(client, *next(c))
-        subjects[f"{BUSY} {name}"] = _busy_floor(client, limiter, keys)
+        subjects[f"{BUSY} {name}"] = _busy_floor(client, limiter, calls, keys)
         subjects[f"{BARE} {name}"] = lambda c=calls, s=limiter._script: s(client, *next(c))
     clock = lua.load("course_lib.rate_limiting", "_now").source
     for step, (file, timed, _) in enumerate(TRACE_STEPS, 1):
@@ -200,10 +200,10 @@ def _evalsha_usec(client, fn: Callable[[], object], calls: int) -> float:
     return (client.info("commandstats")["cmdstat_evalsha"]["usec"] - before) / calls
 
 
-def _busy_floor(client, limiter, keys: list[str]) -> Callable[[], object]:
-    """``lua/busy_floor.lua`` with the limiter's arguments, its loop sized so the script
-    spends about the limiter's server time (the run corrects what is left of the gap)."""
-    calls = itertools.cycle([limiter._call(key, 1) for key in keys])
+def _busy_floor(client, limiter, calls: Iterator[tuple], keys: list[str]) -> Callable[[], object]:
+    """``lua/busy_floor.lua`` with the limiter's arguments (``calls``, as prepared for its
+    other floors), its loop sized so the script spends about the limiter's server time (the
+    run corrects what is left of the gap)."""
     text = (LUA / "busy_floor.lua").read_text()
 
     def spinning(turns: int) -> Callable[[], object]:
