@@ -26,7 +26,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,10 +36,13 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from tqdm import tqdm
 
+from .narrate import Figure, figures_of
+
 __all__ = [
     "NotebookRun",
     "build",
     "discover",
+    "fill_instructor_page",
     "key_chart",
     "notebook_goals",
     "notebook_title",
@@ -366,13 +369,35 @@ def _with_links(markdown: str, stem: str, out: Path) -> str:
     return f"{title}\n\n{' · '.join(links)}\n{rest}"
 
 
+def fill_instructor_page(template: str, figures: Mapping[str, Figure]) -> str:
+    """An instructor page's Markdown with its ``{{ name }}`` fields filled from the figures
+    its notebook recorded (:mod:`course_lib.narrate`): ``{{ name }}`` is the text the
+    notebook showed, ``{{ name.value }}`` the value. A field the run did not record raises
+    ``jinja2.UndefinedError`` naming it: a page cannot quote a figure the run did not make."""
+    from jinja2 import Environment, StrictUndefined
+
+    environment = Environment(undefined=StrictUndefined, keep_trailing_newline=True)
+    return environment.from_string(template).render(**figures)
+
+
+def _executed(stem: str, root: Path, out: Path) -> nbformat.NotebookNode | None:
+    """The executed notebook ``stem``: this build folder's copy, else the committed one."""
+    for path in (out / f"{stem}.ipynb", root / "notebooks" / f"{stem}.ipynb"):
+        if path.is_file():
+            return nbformat.read(path, as_version=4)
+    return None
+
+
 def _instructor_pages(root: Path, out: Path, built: set[str]) -> list[tuple[str, str]]:
-    """Render every ``notebooks/instructor/*.md`` to ``out/instructor/*.html``; return
+    """Render every ``notebooks/instructor/*.md`` to ``out/instructor/*.html``, filled with
+    the figures of its notebook's latest run (:func:`fill_instructor_page`); return
     (title, link) of those whose notebook has no card on the landing page (not written yet,
     or not built in this folder yet: ``built`` holds the stems that have one)."""
     unlisted = []
     for source in sorted((root / "notebooks" / "instructor").glob("[0-9][0-9]_*.md")):
-        markdown = source.read_text(encoding="utf-8")
+        nb = _executed(source.stem, root, out)
+        figures = figures_of(nb) if nb is not None else {}
+        markdown = fill_instructor_page(source.read_text(encoding="utf-8"), figures)
         target = out / "instructor" / source.with_suffix(".html").name
         target.parent.mkdir(parents=True, exist_ok=True)
         page = render_markdown_page(_with_links(markdown, source.stem, out))

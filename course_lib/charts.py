@@ -22,7 +22,9 @@ from .measure import percentiles
 
 __all__ = [
     "PALETTE",
+    "Claim",
     "bar_by_category",
+    "claim",
     "color",
     "ladder",
     "latency_cdf",
@@ -107,6 +109,26 @@ def color(name: str) -> str:
     if key in PALETTE:
         return PALETTE[key]
     return _EXTRA[zlib.crc32(key.encode()) % len(_EXTRA)]
+
+
+class Claim(str):
+    """A chart title that states a conclusion, made by :func:`claim` after checking it."""
+
+    __slots__ = ()
+
+
+def claim(text: str, *, holds: object) -> Claim:
+    """``text`` as a chart title, once ``holds`` (a check on the data the chart plots) is
+    true. Raises ``AssertionError`` naming the title when it is not, so a notebook cannot
+    show a title its own data contradicts; ``TypeError`` if ``holds`` is not a bool (a
+    NumPy bool counts), so a number or a list cannot pass for a check."""
+    if not isinstance(text, str) or not text:
+        raise TypeError("text must be a non-empty str")
+    if not isinstance(holds, bool | np.bool_):
+        raise TypeError(f"holds must be a bool (the check), got {type(holds).__name__}")
+    if not holds:
+        raise AssertionError(f"the chart's title does not hold on its data: {text!r}")
+    return Claim(text)
 
 
 def new_figure(

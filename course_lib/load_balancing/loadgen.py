@@ -18,22 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import warnings
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import pandas as pd
 
 from course_lib.measure import run_async
+from course_lib.progress import progress as progress_bar
 from course_lib.validation import optional_positive_number, positive_int, positive_number
 
 from ._http1 import ProtocolError, read_message, render
-
-with warnings.catch_warnings():
-    # Without ipywidgets, tqdm.auto warns once and falls back to the text bar, which is
-    # what we want; the warning would otherwise land in a notebook's output.
-    warnings.simplefilter("ignore")
-    from tqdm.auto import tqdm
 
 __all__ = ["COLUMNS", "run_load"]
 
@@ -100,7 +94,7 @@ async def _load(
 ) -> pd.DataFrame:
     rows: list[tuple] = [()] * requests
     counter = iter(range(requests))
-    bar = tqdm(total=requests, desc=desc, unit="req", disable=not progress, leave=False)
+    bar = progress_bar(total=requests, desc=desc, unit="req", disable=not progress)
     body = b"x" if method in ("POST", "PUT", "PATCH") else b""
     start = time.perf_counter()
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import cProfile
 import statistics
-import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,8 +24,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
 
+from course_lib.progress import progress as progress_bar
 from course_lib.validation import positive_int, positive_number
 
 __all__ = ["BUILTIN_PROFILERS", "UNPROFILED", "builtin_profiler", "overhead"]
@@ -139,7 +138,7 @@ def overhead(
     for factory in subjects.values():  # warm-up: caches, connection pools, imports
         _timed(fn, 1, factory())
     samples: dict[str, list[float]] = {name: [] for name in subjects}
-    for _ in tqdm(range(rounds), desc="overhead", disable=not progress, file=sys.stderr):
+    for _ in progress_bar(range(rounds), desc="overhead", disable=not progress):
         for name, factory in subjects.items():
             samples[name].append(_timed(fn, calls, factory()))
     base = statistics.median(samples[UNPROFILED])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,11 +22,7 @@ from course_lib.db.models import Post, User
 from course_lib.db.pagination import keyset_page, offset_page
 from course_lib.db.replicas import ReplicaSet
 from course_lib.measure import QueryCounter, percentiles, run_threads, time_calls
-
-with warnings.catch_warnings():
-    # Without ipywidgets, tqdm.auto warns once and falls back to a text bar: the text bar is fine.
-    warnings.simplefilter("ignore")
-    from tqdm.auto import tqdm
+from course_lib.progress import progress
 
 __all__ = [
     "STRATEGIES",
@@ -83,7 +78,7 @@ def pool_sweep(
     """Throughput and latency of ``query`` from ``threads`` threads per pool configuration."""
     rows = []
     configs = [(s, o) for o in overflows for s in sizes]
-    for size, overflow in tqdm(configs, desc="pool sizes", leave=False):
+    for size, overflow in progress(configs, desc="pool sizes"):
         engine = create_engine(
             url, pool_size=size, max_overflow=overflow, pool_timeout=60, connect_args=connect_args
         )
@@ -137,7 +132,7 @@ def loading_sweep(engine: Engine, ns: list[int], *, repeats: int = 3) -> pd.Data
     loop beyond 100 users runs once (it takes seconds, and its noise is small against that)."""
     rows = []
     cases = [(s, n) for s in STRATEGIES for n in ns]
-    for strategy, n in tqdm(cases, desc="strategies x N", leave=False):
+    for strategy, n in progress(cases, desc="strategies x N"):
         best = float("inf")
         for _ in range(1 if strategy == STRATEGIES[0] and n > 100 else repeats):
             with Session(engine) as session, QueryCounter(engine) as counter:
