@@ -77,6 +77,10 @@ def test_populate_refuses_a_filled_table_and_bad_arguments(seeded: Engine) -> No
         db.populate(seeded, users=1, posts_per_user=True, seed=1)
     with pytest.raises(TypeError, match="seed"):
         db.populate(seeded, users=1, posts_per_user=1, seed="7")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^engine must be a SQLAlchemy Engine, got str"):
+        db.populate("str", users=1, posts_per_user=1, seed=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^engine"):
+        db.add_post_user_index(None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("n", [10, 500, 501, 1000])
@@ -152,7 +156,7 @@ def test_async_lazy_load_raises_missing_greenlet_and_eager_fixes_it(seeded: Engi
 def _connect_args(engine: Engine) -> dict[str, str]:
     with engine.connect() as conn:
         schema = conn.execute(text("SELECT current_schema()")).scalar_one()
-    return {"options": f"-c search_path={schema}"}
+    return {"options": f'-c search_path="{schema}"'}
 
 
 def test_pool_timeout_fires_within_bounds() -> None:
@@ -357,3 +361,41 @@ def test_keyset_refuses_keys_and_statements_it_cannot_page(posts_only: Engine) -
             db.iter_keyset(None, select(db.Post), db.Post.id, size=5)  # type: ignore[arg-type]
         # a primary key plus any column is unique: accepted
         db.keyset_page(select(db.Post), (db.Post.likes, db.Post.id), size=5)
+
+
+def test_mixed_case_schemas_keep_their_case_and_stay_apart() -> None:
+    upper = services.unique_schema("Run")  # Run_<hex>
+    lower = upper.lower()  # run_<same hex>: another schema
+    engines = {name: services.schema_engine(name) for name in (upper, lower)}
+    try:
+        with engines[upper].begin() as conn:
+            # before: the search_path was lowercased to a schema that does not exist: None
+            assert conn.execute(text("SELECT current_schema()")).scalar() == upper
+            conn.execute(text("CREATE TABLE mine (id int)"))
+        with engines[lower].connect() as conn:
+            assert conn.execute(text("SELECT current_schema()")).scalar() == lower
+            assert conn.execute(text("SELECT to_regclass('mine')")).scalar() is None
+        with engines[upper].connect() as conn:
+            assert conn.execute(text("SELECT to_regclass('mine')")).scalar() == "mine"
+    finally:
+        for name, engine in engines.items():
+            engine.dispose()
+            services.drop_schema(name)
+    admin = services.engine()
+    try:
+        with admin.connect() as conn:
+            query = text("SELECT count(*) FROM pg_namespace WHERE nspname IN (:a, :b)")
+            assert conn.execute(query, {"a": upper, "b": lower}).scalar() == 0
+    finally:
+        admin.dispose()
+
+
+def test_schema_names_postgresql_would_cut_are_refused() -> None:
+    # PostgreSQL keeps 63 bytes of a name: longer ones would share a schema silently
+    with pytest.raises(ValueError, match=r"^schema must be at most 63"):
+        services.schema_engine("s" * 64)
+    with pytest.raises(ValueError, match=r"^prefix must be a str of at most 50"):
+        services.unique_schema("p" * 51)
+    assert len(services.unique_schema("p" * 50)) == 63
+    with pytest.raises(ValueError, match=r"^schema must be a plain ASCII identifier"):
+        services.schema_engine('x" CASCADE; --')
