@@ -399,3 +399,19 @@ def test_schema_names_postgresql_would_cut_are_refused() -> None:
     assert len(services.unique_schema("p" * 50)) == 63
     with pytest.raises(ValueError, match=r"^schema must be a plain ASCII identifier"):
         services.schema_engine('x" CASCADE; --')
+
+
+def test_iter_keyset_is_not_shifted_by_rows_inserted_behind_the_cursor(
+    pg_engine: Engine, items: Table
+) -> None:
+    with Session(pg_engine) as session:
+        pages = db.iter_keyset(session, select(items), items.c.rank, size=2)
+        visited = [row.id for row in next(pages)]  # ranks 10, 20
+        with pg_engine.begin() as conn:  # a row lands behind the cursor (rank 15)
+            conn.execute(items.insert(), {"id": 5, "k": 5, "rank": 15})
+        visited += [row.id for page in pages for row in page]
+        by_offset = session.execute(
+            db.offset_page(select(items), items.c.rank, page=1, size=2)
+        ).all()
+    assert visited == [2, 4, 1, 3]  # every row that was there once; no repeat
+    assert [row.id for row in by_offset] == [4, 1]  # OFFSET shows id 4 a second time

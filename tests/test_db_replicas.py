@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import stat
 import subprocess
 import sys
 import threading
@@ -384,3 +385,40 @@ def test_a_hung_replica_is_skipped_within_the_probe_timeout(rs: ReplicaSet) -> N
         assert router.routed["replica"] == 2
     finally:
         router.dispose()
+
+
+def test_servers_listen_on_private_unix_sockets_only(rs: ReplicaSet) -> None:
+    assert stat.S_IMODE(rs.root.stat().st_mode) & 0o076 == 0  # others: pass through at most
+    for server in (rs.primary, rs.replica):
+        sockets = psutil.Process(server.pid()).net_connections(kind="inet")
+        assert [c for c in sockets if c.status == psutil.CONN_LISTEN] == []
+        assert stat.S_IMODE(server.socket_dir.stat().st_mode) == 0o700
+        socket = server.socket_dir / ".s.PGSQL.5432"
+        assert socket.is_socket() and stat.S_IMODE(socket.stat().st_mode) == 0o700
+
+
+ATEXIT_SCRIPT = """
+import json
+import stat
+from course_lib.db.replicas import ReplicaSet
+rs = ReplicaSet.start()
+rs._reaper.kill()  # only the interpreter's exit can stop the servers now
+rs._reaper.wait()
+print(json.dumps({"pids": rs.pids(), "root": str(rs.root)}), flush=True)
+"""
+
+
+def test_a_replica_set_the_program_forgets_to_stop_is_stopped_at_exit() -> None:
+    program = subprocess.run(
+        [sys.executable, "-c", ATEXIT_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    seen = json.loads(program.stdout)
+    try:
+        assert program.returncode == 0, program.stderr
+        assert len(seen["pids"]) >= 4
+        # stopped before the interpreter exited: no reaper could have done it
+        assert not [pid for pid in seen["pids"] if _running(pid)]
+        assert not Path(seen["root"]).exists()
+    finally:
+        if Path(seen["root"]).exists():  # the test failed: stop what it left
+            ReplicaSet(Path(seen["root"]), find_postgres_bin_dir(), None).stop()

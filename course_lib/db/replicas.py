@@ -7,8 +7,10 @@ waits until the primary reports the replica as ``streaming``.
 
 Guarantees:
 
-- Both servers listen on Unix sockets only, each in its own folder under a private temporary
-  directory (``/tmp/pc-rs-*``, mode 0700); nothing is reachable from the network.
+- Both servers listen on Unix sockets only (mode 0700), each in its own folder (mode 0700)
+  under a private temporary directory (``/tmp/pc-rs-*``, mode 0700; started by root it
+  belongs to the server user and others may pass through it, never list or write it);
+  nothing is reachable from the network.
 - Binaries: the embedded server's (pgserver bundles ``pg_basebackup``) or the system's, found
   as :func:`course_lib.services.embedded.find_postgres_bin_dir` finds them. Started by root,
   the servers run as the unprivileged ``postgres`` (or ``perfcourse``) user, as the embedded
