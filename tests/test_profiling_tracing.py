@@ -4,6 +4,9 @@ servers, the once-per-process provider, the waterfall; and the lesson's blog ove
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -352,3 +355,71 @@ def test_traced_async_generator_spans_the_iteration() -> None:
         closed.context.span_id
     ]
     assert all(step.parent is None for step in by_name(spans, "consumer_step"))
+
+
+def test_blocks_overlapping_across_threads_instrument_until_the_last_one_exits(
+    redis: redis_lib.Redis, ns: str
+) -> None:
+    entered, first_left, done = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, list[str]] = {}
+
+    def second_block() -> None:
+        with tracing() as spans:
+            entered.set()
+            first_left.wait(30)
+            redis.get(f"{ns}:after-the-first-left")  # still instrumented: this block is open
+        seen["second"] = [s.name for s in spans]
+        done.set()
+
+    with tracing() as first:
+        worker = threading.Thread(target=second_block)
+        worker.start()
+        assert entered.wait(30)
+        redis.get(f"{ns}:both-open")
+    first_left.set()
+    assert done.wait(30)
+    worker.join(30)
+    redis.get(f"{ns}:none-open")
+    assert [s.name for s in first] == ["GET"]
+    assert seen["second"] == ["GET", "GET"]
+
+
+OWN_SETUP = """
+import json, sys
+import redis
+from opentelemetry import trace
+from opentelemetry.instrumentation.redis import RedisInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from course_lib.profiling import tracing
+
+own = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(own))
+trace.set_tracer_provider(provider)
+RedisInstrumentor().instrument()  # the application instruments redis itself
+client = redis.Redis.from_url(sys.argv[1])
+with tracing() as spans:
+    client.get(sys.argv[2] + ":in")
+client.get(sys.argv[2] + ":out")  # its own instrumentation is still there
+print(json.dumps({
+    "same_provider": trace.get_tracer_provider() is provider,
+    "block": [s.name for s in spans],
+    "own": [s.name for s in own.get_finished_spans()],
+}))
+"""
+
+
+def test_the_applications_provider_and_instrumentation_are_kept(ns: str) -> None:
+    url = services.redis_url()
+    done = subprocess.run(
+        [sys.executable, "-c", OWN_SETUP, url, ns], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    # one span per GET (not repeated), the block's exporter added to the app's provider
+    assert json.loads(done.stdout) == {
+        "same_provider": True,
+        "block": ["GET"],
+        "own": ["GET", "GET"],
+    }
