@@ -422,3 +422,19 @@ def test_a_replica_set_the_program_forgets_to_stop_is_stopped_at_exit() -> None:
     finally:
         if Path(seen["root"]).exists():  # the test failed: stop what it left
             ReplicaSet(Path(seen["root"]), find_postgres_bin_dir(), None).stop()
+
+
+def test_pins_of_clients_that_never_read_again_are_forgotten(rs: ReplicaSet) -> None:
+    router = db.Router(rs.engine("primary"), rs.engine("replica"), probe_interval=0)
+    try:
+        for client in ("gone-1", "gone-2", "gone-3"):
+            with router.session(client=client) as session:
+                session.add(db.Post(user_id=6, title=client, likes=0))
+                session.commit()
+        assert len(router.pins) == 3
+        target = router.primary_lsn()
+        # no session of theirs reads again; the router's own probes catch up with them
+        assert _wait_for(lambda: (router.replayed_lsn() or 0) >= target)
+        assert len(router.pins) == 0  # before: kept forever
+    finally:
+        router.dispose()

@@ -69,7 +69,9 @@ class Pins:
     """Per client, the LSN the replica must have replayed before that client reads from it.
 
     Thread-safe. Kept in process memory here; a service with several processes keeps it
-    where they all see it (Redis, the user's session), as GitLab does.
+    where they all see it (Redis, the user's session), as GitLab does. It holds only the
+    clients whose writes the replica has not replayed yet: every probe of the replica forgets
+    the pins it has caught up with, so a client that never reads again is not kept forever.
     """
 
     def __init__(self) -> None:
@@ -89,6 +91,11 @@ class Pins:
         with self._lock:
             if self._lsn.get(client, replayed + 1) <= replayed:
                 del self._lsn[client]
+
+    def expire(self, replayed: int) -> None:
+        """Forget every pin the replica has replayed (``<= replayed``)."""
+        with self._lock:
+            self._lsn = {client: lsn for client, lsn in self._lsn.items() if lsn > replayed}
 
     def __len__(self) -> int:
         with self._lock:
@@ -160,6 +167,8 @@ class Router:
             up, replayed = True, None if value is None else parse_lsn(value)
         except (DBAPIError, PoolTimeout):
             up, replayed = False, None
+        if replayed is not None:
+            self.pins.expire(replayed)
         with self._lock:
             self._replica_up, self._replayed = up, replayed
             self._probed_at = time.monotonic()
