@@ -17,12 +17,12 @@ statement:
 - a replica that does not answer is skipped: reads go to the primary. Its health (and how far
   it has replayed) is probed at most every ``probe_interval`` seconds by one query on a
   connection of the router's own, in a background thread that the read waits for at most
-  ``probe_timeout`` seconds: a replica that hangs (a stopped process, a full disk) delays a
-  read by at most ``probe_timeout``, once; until a probe answers again, reads go to the
-  primary without waiting, and a hung replica holds at most one probe thread and one
-  connection. A read routed to the replica just before it stopped answering (at most
-  ``probe_interval`` earlier) waits for it like any query, and one routed to a replica that
-  died fails once with the driver's error.
+  ``probe_timeout`` seconds: a replica that hangs (a stopped process, a full disk) delays
+  reads by at most ``probe_timeout``; while its probe hangs no other is started and reads go
+  to the primary without waiting (until a probe answers again), so a hung replica holds at
+  most one probe thread and one connection. A read routed to the replica just before it
+  stopped answering (at most ``probe_interval`` earlier) waits for it like any query, and one
+  routed to a replica that died fails once with the driver's error.
 
 A commit that wrote reads the primary's WAL position on the connection the session already
 holds (right after its ``COMMIT``), so pinning never needs a second connection: a session
