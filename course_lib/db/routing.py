@@ -184,8 +184,9 @@ class Router:
             if self._probe_done is None:
                 self._probe_done = threading.Event()
                 self._probe_deadline = time.monotonic() + self.probe_timeout
+                name = f"replica-probe-{id(self):x}"
                 threading.Thread(
-                    target=self._probe, args=(self._probe_done,), name="replica-probe", daemon=True
+                    target=self._probe, args=(self._probe_done,), name=name, daemon=True
                 ).start()
             done, deadline = self._probe_done, self._probe_deadline
         if not done.wait(max(0.0, deadline - time.monotonic())):
