@@ -361,6 +361,15 @@ def test_keyset_refuses_keys_and_statements_it_cannot_page(posts_only: Engine) -
             db.iter_keyset(None, select(db.Post), db.Post.id, size=5)  # type: ignore[arg-type]
         # a primary key plus any column is unique: accepted
         db.keyset_page(select(db.Post), (db.Post.likes, db.Post.id), size=5)
+    pair = Table(  # a composite primary key is unique as a whole, not column by column
+        "pair",
+        MetaData(),
+        Column("a", Integer, primary_key=True),
+        Column("b", Integer, primary_key=True),
+    )
+    with pytest.raises(ValueError, match=r"^key must be declared unique"):
+        db.keyset_page(select(pair), pair.c.a, size=5)
+    db.keyset_page(select(pair), (pair.c.b, pair.c.a), size=5)
 
 
 def test_mixed_case_schemas_keep_their_case_and_stay_apart() -> None:

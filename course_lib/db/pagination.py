@@ -19,7 +19,7 @@ meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Column, ColumnElement, Select, UniqueConstraint, inspect, tuple_
@@ -51,7 +51,9 @@ def _check_key(keys: list[ColumnElement[Any]]) -> None:
     if nullable:
         raise ValueError(f"key must be NOT NULL columns; {', '.join(nullable)} can be NULL")
     names = {(column.table, column.name) for column in columns}
-    unique_sets = [[column] for column in columns if column.unique or column.primary_key]
+    # not column.primary_key: it is True for each column of a composite primary key, which
+    # is unique only as a whole (the table's primary key set is added below)
+    unique_sets = [[column] for column in columns if column.unique]
     for table in {column.table for column in columns}:
         unique_sets.append(list(table.primary_key.columns))  # type: ignore[attr-defined]
         unique_sets += [
@@ -149,9 +151,10 @@ def _pages(
     stmt: Select[Any],
     key: ColumnElement[Any],
     size: int,
-    key_of: Any,
+    key_of: Callable[[Any], Any],
     entities: bool,
 ) -> Iterator[list[Any]]:
+    """The pages themselves (a generator: :func:`iter_keyset` checks before the first one)."""
     after = None
     while True:
         query = keyset_page(stmt, key, after=after, size=size)
