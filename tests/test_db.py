@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Column, Engine, Integer, MetaData, Table, create_engine, func, select, text
 from sqlalchemy.exc import InvalidRequestError, LegacyAPIWarning, MissingGreenlet, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -77,6 +77,10 @@ def test_populate_refuses_a_filled_table_and_bad_arguments(seeded: Engine) -> No
         db.populate(seeded, users=1, posts_per_user=True, seed=1)
     with pytest.raises(TypeError, match="seed"):
         db.populate(seeded, users=1, posts_per_user=1, seed="7")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^engine must be a SQLAlchemy Engine, got str"):
+        db.populate("str", users=1, posts_per_user=1, seed=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^engine"):
+        db.add_post_user_index(None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("n", [10, 500, 501, 1000])
@@ -152,7 +156,7 @@ def test_async_lazy_load_raises_missing_greenlet_and_eager_fixes_it(seeded: Engi
 def _connect_args(engine: Engine) -> dict[str, str]:
     with engine.connect() as conn:
         schema = conn.execute(text("SELECT current_schema()")).scalar_one()
-    return {"options": f"-c search_path={schema}"}
+    return {"options": f'-c search_path="{schema}"'}
 
 
 def test_pool_timeout_fires_within_bounds() -> None:
@@ -274,3 +278,149 @@ def test_index_on_the_foreign_key_changes_the_plan(seeded: Engine) -> None:
     assert db.POST_USER_INDEX in after["on"].tolist()
     assert before["rows"].iloc[0] == after["rows"].iloc[0] == 2
     assert after["buffers hit"].iloc[0] * 3 < before["buffers hit"].iloc[0]
+
+
+@pytest.fixture
+def items(pg_engine: Engine) -> Table:
+    """ids 1-4; ``k`` UNIQUE but nullable (1, NULL, NULL, 2); ``rank`` UNIQUE NOT NULL."""
+    table = Table(
+        "items",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("k", Integer, unique=True, nullable=True),
+        Column("rank", Integer, unique=True, nullable=False),
+    )
+    table.create(pg_engine)
+    with pg_engine.begin() as conn:
+        conn.execute(
+            table.insert(),
+            [
+                {"id": 1, "k": 1, "rank": 30},
+                {"id": 2, "k": None, "rank": 10},
+                {"id": 3, "k": None, "rank": 40},
+                {"id": 4, "k": 2, "rank": 20},
+            ],
+        )
+    return table
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_iter_keyset_refuses_a_nullable_unique_key_instead_of_looping(
+    pg_engine: Engine, items: Table, size: int
+) -> None:
+    with Session(pg_engine) as session:
+        # before: size 3 repeated page 1 forever, size 2 visited ids [1, 4] of [1, 2, 3, 4]
+        with pytest.raises(ValueError, match=r"^key must be NOT NULL columns; items\.k"):
+            db.iter_keyset(session, select(items), items.c.k, size=size)
+        with pytest.raises(ValueError, match=r"^key must be NOT NULL"):
+            db.keyset_page(select(items), items.c.k, after=1, size=size)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_iter_keyset_visits_every_row_exactly_once_on_a_unique_not_null_key(
+    pg_engine: Engine, items: Table, size: int
+) -> None:
+    with Session(pg_engine) as session:
+        for key, order in ((items.c.id, [1, 2, 3, 4]), (items.c.rank, [2, 4, 1, 3])):
+            pages = list(db.iter_keyset(session, select(items), key, size=size))
+            visited = [row.id for page in pages for row in page]
+            assert visited == order  # each id once, in key order
+            assert [len(page) for page in pages] == ([2, 2] if size == 2 else [3, 1])
+
+
+def test_iter_keyset_pages_a_statement_of_rows(posts_only: Engine) -> None:
+    stmt = select(db.Post.id, db.Post.title)
+    with Session(posts_only) as session:
+        pages = list(db.iter_keyset(session, stmt, db.Post.id, size=30))
+    rows = [row for page in pages for row in page]
+    assert [row.id for row in rows] == list(range(1, 101))  # before: AttributeError
+    assert all(row.title.endswith(f"#{row.id}") for row in rows)
+    assert [len(page) for page in pages] == [30, 30, 30, 10]
+
+
+def test_keyset_refuses_keys_and_statements_it_cannot_page(posts_only: Engine) -> None:
+    with Session(posts_only) as session:
+        for key in (db.Post.likes, db.Post.user_id, (db.Post.likes, db.Post.user_id)):
+            with pytest.raises(ValueError, match=r"^key must be declared unique"):
+                db.keyset_page(select(db.Post), key, size=5)
+        with pytest.raises(ValueError, match=r"^key must be table columns"):
+            db.iter_keyset(session, select(db.Post), db.Post.id.desc(), size=5)
+        with pytest.raises(ValueError, match=r"^stmt must have no ORDER BY"):
+            db.iter_keyset(session, select(db.Post).order_by(db.Post.likes), db.Post.id, size=5)
+        with pytest.raises(ValueError, match=r"^stmt must have no ORDER BY"):
+            db.keyset_page(select(db.Post).limit(3), db.Post.id, size=5)
+        with pytest.raises(ValueError, match=r"^key must be a column of Post's table"):
+            db.iter_keyset(session, select(db.Post), db.User.id, size=5)
+        with pytest.raises(ValueError, match=r"^key must be one of stmt's selected columns"):
+            db.iter_keyset(session, select(db.Post.title), db.Post.id, size=5)
+        with pytest.raises(TypeError, match=r"^key must be one column"):
+            db.iter_keyset(session, select(db.Post), (db.Post.likes, db.Post.id), size=5)
+        with pytest.raises(ValueError, match=r"^size"):
+            db.iter_keyset(session, select(db.Post), db.Post.id, size=0)
+        with pytest.raises(TypeError, match=r"^session"):
+            db.iter_keyset(None, select(db.Post), db.Post.id, size=5)  # type: ignore[arg-type]
+        # a primary key plus any column is unique: accepted
+        db.keyset_page(select(db.Post), (db.Post.likes, db.Post.id), size=5)
+    pair = Table(  # a composite primary key is unique as a whole, not column by column
+        "pair",
+        MetaData(),
+        Column("a", Integer, primary_key=True),
+        Column("b", Integer, primary_key=True),
+    )
+    with pytest.raises(ValueError, match=r"^key must be declared unique"):
+        db.keyset_page(select(pair), pair.c.a, size=5)
+    db.keyset_page(select(pair), (pair.c.b, pair.c.a), size=5)
+
+
+def test_mixed_case_schemas_keep_their_case_and_stay_apart() -> None:
+    upper = services.unique_schema("Run")  # Run_<hex>
+    lower = upper.lower()  # run_<same hex>: another schema
+    engines = {name: services.schema_engine(name) for name in (upper, lower)}
+    try:
+        with engines[upper].begin() as conn:
+            # before: the search_path was lowercased to a schema that does not exist: None
+            assert conn.execute(text("SELECT current_schema()")).scalar() == upper
+            conn.execute(text("CREATE TABLE mine (id int)"))
+        with engines[lower].connect() as conn:
+            assert conn.execute(text("SELECT current_schema()")).scalar() == lower
+            assert conn.execute(text("SELECT to_regclass('mine')")).scalar() is None
+        with engines[upper].connect() as conn:
+            assert conn.execute(text("SELECT to_regclass('mine')")).scalar() == "mine"
+    finally:
+        for name, engine in engines.items():
+            engine.dispose()
+            services.drop_schema(name)
+    admin = services.engine()
+    try:
+        with admin.connect() as conn:
+            query = text("SELECT count(*) FROM pg_namespace WHERE nspname IN (:a, :b)")
+            assert conn.execute(query, {"a": upper, "b": lower}).scalar() == 0
+    finally:
+        admin.dispose()
+
+
+def test_schema_names_postgresql_would_cut_are_refused() -> None:
+    # PostgreSQL keeps 63 bytes of a name: longer ones would share a schema silently
+    with pytest.raises(ValueError, match=r"^schema must be at most 63"):
+        services.schema_engine("s" * 64)
+    with pytest.raises(ValueError, match=r"^prefix must be a str of at most 50"):
+        services.unique_schema("p" * 51)
+    assert len(services.unique_schema("p" * 50)) == 63
+    with pytest.raises(ValueError, match=r"^schema must be a plain ASCII identifier"):
+        services.schema_engine('x" CASCADE; --')
+
+
+def test_iter_keyset_is_not_shifted_by_rows_inserted_behind_the_cursor(
+    pg_engine: Engine, items: Table
+) -> None:
+    with Session(pg_engine) as session:
+        pages = db.iter_keyset(session, select(items), items.c.rank, size=2)
+        visited = [row.id for row in next(pages)]  # ranks 10, 20
+        with pg_engine.begin() as conn:  # a row lands behind the cursor (rank 15)
+            conn.execute(items.insert(), {"id": 5, "k": 5, "rank": 15})
+        visited += [row.id for page in pages for row in page]
+        by_offset = session.execute(
+            db.offset_page(select(items), items.c.rank, page=1, size=2)
+        ).all()
+    assert visited == [2, 4, 1, 3]  # every row that was there once; no repeat
+    assert [row.id for row in by_offset] == [4, 1]  # OFFSET shows id 4 a second time

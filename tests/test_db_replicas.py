@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,12 +15,13 @@ from typing import Any
 
 import psutil
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.exc import InternalError, OperationalError
 
 from course_lib import db
 from course_lib.db.replicas import ReplicaSet
 from course_lib.services.embedded import find_postgres_bin_dir
+from course_lib.services.errors import ServiceError
 
 
 def _running(pid: int) -> bool:
@@ -210,6 +214,228 @@ def test_bad_arguments_are_refused(rs: ReplicaSet) -> None:
         ReplicaSet.start(apply_delay=-1)
     with pytest.raises(TypeError, match="primary"):
         db.Router("postgresql://", None)  # type: ignore[arg-type]
+    primary, replica = rs.engine("primary"), rs.engine("replica")
+    with pytest.raises(ValueError, match="probe_timeout"):
+        db.Router(primary, replica, probe_timeout=0)
+    with pytest.raises(TypeError, match="probe_interval"):
+        db.Router(primary, replica, probe_interval="1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="lsn"):
         db.parse_lsn("nonsense")
     assert db.format_lsn(db.parse_lsn("16/B374D848")) == "16/B374D848"
+
+
+def _small_router(rs: ReplicaSet, size: int, **kw: Any) -> tuple[db.Router, Engine]:
+    primary = create_engine(rs.primary_url, pool_size=size, max_overflow=0, pool_timeout=10)
+    return db.Router(primary, rs.engine("replica"), **kw), primary
+
+
+def test_a_commit_on_a_pool_of_one_pins_from_the_connection_it_holds(rs: ReplicaSet) -> None:
+    router, primary = _small_router(rs, 1)
+    checkouts = []
+    event.listen(primary, "checkout", lambda *args: checkouts.append(1))
+    try:
+        before = router.primary_lsn()
+        checkouts.clear()
+        with router.session(client="pool-of-one") as session:
+            session.add(db.Post(user_id=2, title="pool of one", likes=0))
+            session.commit()  # before: a second checkout, TimeoutError after pool_timeout
+            token = session.write_lsn
+        assert token is not None and db.parse_lsn(token) > before
+        assert router.pins.required("pool-of-one") == db.parse_lsn(token)
+        assert len(checkouts) == 1 and primary.pool.checkedout() == 0
+    finally:
+        router.dispose()
+        primary.dispose()
+
+
+def test_two_sessions_commit_on_a_pool_of_two_without_waiting(rs: ReplicaSet) -> None:
+    router, primary = _small_router(rs, 2)
+    both_hold = threading.Barrier(2, timeout=30)
+    checkouts: list[int] = []
+    event.listen(primary, "checkout", lambda *args: checkouts.append(1))
+    tokens: dict[str, str | None] = {}
+    errors: list[BaseException] = []
+
+    def writer(client: str) -> None:
+        try:
+            with router.session(client=client) as session:
+                session.add(db.Post(user_id=3, title=client, likes=0))
+                session.flush()  # each session now holds one of the two connections
+                both_hold.wait()
+                session.commit()
+                tokens[client] = session.write_lsn
+        except BaseException as exc:  # reported below, with the thread's name
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=writer, args=(f"w{i}",)) for i in range(2)]
+        start = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        elapsed = time.monotonic() - start
+        assert errors == []
+        assert all(tokens[c] is not None for c in ("w0", "w1")), tokens
+        assert len(router.pins) == 2
+        assert len(checkouts) == 2  # one per session: nobody waited for a third connection
+        assert elapsed < 10  # pool_timeout: a wait for the pool would have taken that long
+    finally:
+        router.dispose()
+        primary.dispose()
+
+
+def test_a_released_or_rolled_back_savepoint_keeps_reads_on_the_primary(rs: ReplicaSet) -> None:
+    router = db.Router(rs.engine("primary"), rs.engine("replica"), probe_interval=0)
+    marker = f"savepoint-{time.monotonic_ns()}"
+    count = select(func.count()).select_from(db.Post).where(db.Post.title == marker)
+    try:
+        with router.session(client="sp") as session:
+            session.add(db.Post(user_id=4, title=marker, likes=0))
+            session.flush()
+            with session.begin_nested():
+                session.add(db.Post(user_id=4, title=marker, likes=1))
+            # still one open transaction: its rows exist only on the primary
+            assert session.scalar(count) == 2
+            with pytest.raises(RuntimeError), session.begin_nested():
+                session.add(db.Post(user_id=4, title=marker, likes=2))
+                session.flush()
+                raise RuntimeError("roll the savepoint back")
+            assert session.scalar(count) == 2
+            assert router.pins.required("sp") is None  # nothing committed yet
+            session.rollback()
+        assert router.routed["replica"] == 0
+    finally:
+        router.dispose()
+
+
+def test_a_connection_lost_after_commit_does_not_fail_the_commit(rs: ReplicaSet) -> None:
+    router = db.Router(rs.engine("primary"), rs.engine("replica"))
+    marker = f"lost-{time.monotonic_ns()}"
+    try:
+        with router.session(client="lost") as session:
+            session.add(db.Post(user_id=5, title=marker, likes=0))
+            backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+            def kill_backend(_: Any) -> None:  # runs after COMMIT, before the LSN is read
+                with rs.engine("primary").connect() as conn:
+                    query = text("SELECT pg_terminate_backend(:pid, 10000)")
+                    assert conn.execute(query, {"pid": backend}).scalar_one() is True
+
+            event.listen(session, "after_commit", kill_backend, insert=True)
+            session.commit()
+            assert session.write_lsn is None
+        assert router.pins.required("lost") is None
+        with rs.engine("primary").connect() as conn:
+            query = select(func.count()).select_from(db.Post).where(db.Post.title == marker)
+            assert conn.execute(query).scalar_one() == 1
+    finally:
+        router.dispose()
+
+
+def _replica_processes(rs: ReplicaSet) -> list[psutil.Process]:
+    postmaster = psutil.Process(rs.replica.pid())
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+def test_a_hung_replica_is_skipped_within_the_probe_timeout(rs: ReplicaSet) -> None:
+    router = db.Router(rs.engine("primary"), rs.engine("replica"), probe_interval=0)
+    query = select(db.User.name).where(db.User.id == 7)
+    outcome: dict[str, Any] = {}
+
+    def reads_while_hung() -> None:
+        try:
+            start = time.monotonic()
+            for _ in range(3):
+                with router.session() as session:
+                    outcome.setdefault("names", []).append(session.scalar(query))
+            outcome["seconds"] = time.monotonic() - start
+            probe = f"replica-probe-{id(router):x}"  # the router's probe threads
+            outcome["probes"] = [t.name for t in threading.enumerate()].count(probe)
+            with pytest.raises(ServiceError, match="did not answer"):
+                rs.lag_bytes()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    try:
+        with router.session() as session:
+            assert session.scalar(query) is not None
+        assert router.routed == {"primary": 0, "replica": 1}
+        frozen = _replica_processes(rs)
+        try:
+            for process in frozen:
+                process.suspend()  # SIGSTOP: connections stay open, nothing answers
+            reader = threading.Thread(target=reads_while_hung)
+            reader.start()
+            reader.join(30)  # before: blocked in the probe's pre-ping until SIGCONT
+            assert not reader.is_alive(), "a routed read hung with the replica"
+        finally:
+            for process in frozen:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.resume()  # SIGCONT, always
+        reader.join(60)
+        assert "error" not in outcome, outcome
+        assert len(outcome["names"]) == 3 and None not in outcome["names"]
+        assert router.routed == {"primary": 3, "replica": 1}
+        # one wait of probe_timeout (1 s), then no more: the hung probe is not repeated
+        assert outcome["probes"] == 1
+        assert outcome["seconds"] < 1 + 10
+        assert _wait_for(router.replica_available)  # the stuck probe answered after SIGCONT
+        with router.session() as session:
+            assert session.scalar(query) is not None
+        assert router.routed["replica"] == 2
+    finally:
+        router.dispose()
+
+
+def test_servers_listen_on_private_unix_sockets_only(rs: ReplicaSet) -> None:
+    assert stat.S_IMODE(rs.root.stat().st_mode) & 0o076 == 0  # others: pass through at most
+    for server in (rs.primary, rs.replica):
+        sockets = psutil.Process(server.pid()).net_connections(kind="inet")
+        assert [c for c in sockets if c.status == psutil.CONN_LISTEN] == []
+        assert stat.S_IMODE(server.socket_dir.stat().st_mode) == 0o700
+        socket = server.socket_dir / ".s.PGSQL.5432"
+        assert socket.is_socket() and stat.S_IMODE(socket.stat().st_mode) == 0o700
+
+
+ATEXIT_SCRIPT = """
+import json
+import stat
+from course_lib.db.replicas import ReplicaSet
+rs = ReplicaSet.start()
+rs._reaper.kill()  # only the interpreter's exit can stop the servers now
+rs._reaper.wait()
+print(json.dumps({"pids": rs.pids(), "root": str(rs.root)}), flush=True)
+"""
+
+
+def test_a_replica_set_the_program_forgets_to_stop_is_stopped_at_exit() -> None:
+    program = subprocess.run(
+        [sys.executable, "-c", ATEXIT_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    seen = json.loads(program.stdout)
+    try:
+        assert program.returncode == 0, program.stderr
+        assert len(seen["pids"]) >= 4
+        # stopped before the interpreter exited: no reaper could have done it
+        assert not [pid for pid in seen["pids"] if _running(pid)]
+        assert not Path(seen["root"]).exists()
+    finally:
+        if Path(seen["root"]).exists():  # the test failed: stop what it left
+            ReplicaSet(Path(seen["root"]), find_postgres_bin_dir(), None).stop()
+
+
+def test_pins_of_clients_that_never_read_again_are_forgotten(rs: ReplicaSet) -> None:
+    router = db.Router(rs.engine("primary"), rs.engine("replica"), probe_interval=0)
+    try:
+        for client in ("gone-1", "gone-2", "gone-3"):
+            with router.session(client=client) as session:
+                session.add(db.Post(user_id=6, title=client, likes=0))
+                session.commit()
+        assert len(router.pins) == 3
+        target = router.primary_lsn()
+        # no session of theirs reads again; the router's own probes catch up with them
+        assert _wait_for(lambda: (router.replayed_lsn() or 0) >= target)
+        assert len(router.pins) == 0  # before: kept forever
+    finally:
+        router.dispose()

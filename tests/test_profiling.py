@@ -3,8 +3,11 @@ flame graphs from py-spy's collapsed stacks."""
 
 from __future__ import annotations
 
+import asyncio
+import cProfile
 import sys
 import tracemalloc
+import warnings
 
 import pandas as pd
 import pytest
@@ -208,3 +211,54 @@ def test_public_names_are_the_documented_objects_whatever_was_imported_first() -
     assert profiling.waterfall.__module__ == "course_lib.profiling.spans"
     with pytest.raises(AttributeError, match="nope"):
         profiling.nope  # noqa: B018
+
+
+async def async_request(n: int) -> int:
+    await asyncio.sleep(0)
+    return hot(n)
+
+
+def rows_of(n: int):
+    yield from range(hot(n))
+
+
+def test_profile_call_refuses_work_that_would_run_after_it_and_profiles_what_runs_it() -> None:
+    with pytest.raises(TypeError, match=r"^fn must be a synchronous function, got the async"):
+        profile_call(async_request, 10)  # before: profiled the coroutine's creation only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the refused coroutine is closed: no "never awaited"
+        with pytest.raises(TypeError, match=r"^fn returned a coroutine: its work runs after"):
+            profile_call(lambda: async_request(10))
+    with pytest.raises(TypeError, match=r"^fn returned a generator"):
+        profile_call(rows_of, 10)
+    result = profile_call(lambda: asyncio.run(async_request(50_000)))  # what the error says
+    assert result.value == hot(50_000)
+    assert result.row("hot")["calls"] == 1  # the coroutine's work, inside the profile
+    assert list(profile_call(lambda: list(rows_of(5))).value) == list(range(hot(5)))
+
+
+def test_overhead_refuses_an_async_function_or_a_deferred_result() -> None:
+    with pytest.raises(TypeError, match=r"^fn must be a synchronous function"):
+        overhead(async_request, ["tracemalloc"], calls=1, rounds=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^fn returned a coroutine"):
+        overhead(lambda: async_request(10), ["tracemalloc"], calls=1, rounds=1)
+    table = overhead(lambda: asyncio.run(async_request(10)), ["tracemalloc"], calls=1, rounds=1)
+    assert list(table["profiler"]) == [UNPROFILED, "tracemalloc"]
+
+
+def test_profilers_refuse_to_nest_instead_of_losing_rows() -> None:
+    # before, on 3.11: the inner profile took the thread's hook, the outer lost its rows
+    with pytest.raises(RuntimeError, match=r"^profile_call: another profiler is already"):
+        profile_call(lambda: profile_call(leaf, 1))
+    with pytest.raises(RuntimeError, match=r"^overhead: another profiler"):
+        profile_call(lambda: overhead(call_heavy, ["tracemalloc"], calls=1, rounds=1))
+    outer = cProfile.Profile()
+    outer.enable()
+    try:
+        for name in ("cprofile", "pyinstrument"):
+            with pytest.raises(RuntimeError, match=rf"^{name}: another profiler"):
+                builtin_profiler(name)().__enter__()
+    finally:
+        outer.disable()
+    assert sys.getprofile() is None
+    assert profile_call(request, 1000).row("leaf")["calls"] == 100  # one at a time: fine

@@ -4,7 +4,11 @@ servers, the once-per-process provider, the waterfall; and the lesson's blog ove
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -216,3 +220,206 @@ def test_one_http_request_traces_handler_stages_redis_and_the_n_plus_1_ladder(
     fast_queries = fast[(fast["system"] == "postgresql") & (fast["statement"] != "")]
     assert len(fast_queries) == 1
     assert list(fast[fast["system"] == "redis"]["name"]) == ["EVALSHA", "GET"]
+
+
+@traced("rows")
+def rows(n: int, fail_at: int | None = None):
+    for i in range(n):
+        time.sleep(0.02)  # the body's own time: the span must cover it
+        if i == fail_at:
+            raise ValueError("planted in the generator")
+        yield inner(i)  # a traced call in the body: a child of "rows"
+    return "done"
+
+
+@traced("consumer_step")
+def consumer_step() -> None:
+    pass
+
+
+def test_traced_generator_spans_the_iteration_and_parents_only_its_body() -> None:
+    with tracing() as spans:
+        got = []
+        for item in rows(3):
+            got.append(item)
+            consumer_step()  # runs between two items: not a child of "rows"
+    assert got == [0, 2, 4]
+    (span,) = by_name(spans, "rows")
+    assert (span.end_time - span.start_time) / 1e9 >= 0.06  # before: 0.06 ms, not 60 ms
+    assert span.status.status_code is StatusCode.UNSET and not span.events
+    children = by_name(spans, "inner")
+    assert len(children) == 3
+    assert all(child.parent.span_id == span.context.span_id for child in children)
+    assert all(step.parent is None for step in by_name(spans, "consumer_step"))
+    assert all(span.start_time <= c.start_time <= c.end_time <= span.end_time for c in children)
+
+
+def test_traced_generator_records_an_exception_and_keeps_send_and_return() -> None:
+    with tracing() as spans, pytest.raises(ValueError, match="planted in the generator"):
+        list(rows(3, fail_at=1))
+    (span,) = by_name(spans, "rows")
+    assert span.status.status_code is StatusCode.ERROR
+    assert [e.name for e in span.events] == ["exception"]
+    assert span.events[0].attributes["exception.type"] == "ValueError"
+
+    @traced("echo")
+    def echo():
+        received = yield "ready"
+        while received is not None:
+            try:
+                received = yield received * 2
+            except KeyError:
+                received = yield "caught"
+        return "finished"
+
+    def delegate():
+        return (yield from echo())
+
+    with tracing() as spans:
+        steps = delegate()
+        assert next(steps) == "ready"
+        assert steps.send(4) == 8
+        assert steps.throw(KeyError("k")) == "caught"
+        with pytest.raises(StopIteration) as stop:
+            steps.send(None)
+    assert stop.value.value == "finished"
+    (span,) = by_name(spans, "echo")
+    assert span.status.status_code is StatusCode.UNSET
+
+
+def test_traced_generator_closed_early_ends_its_span_and_runs_its_finally() -> None:
+    cleaned = []
+
+    @traced("endless")
+    def endless():
+        try:
+            while True:
+                yield inner(1)
+        finally:
+            cleaned.append(trace.get_current_span().get_span_context().span_id)
+
+    with tracing() as spans:
+        for _ in zip(range(2), endless(), strict=False):
+            pass
+        # two traced generators iterated in lockstep keep their own children
+        pairs = list(zip(rows(2), endless(), strict=False))
+    assert pairs == [(0, 2), (2, 2)]
+    first, second = by_name(spans, "endless")
+    assert first.status.status_code is StatusCode.UNSET and first.end_time is not None
+    assert cleaned == [first.context.span_id, second.context.span_id]  # its finally, in its span
+    (row_span,) = by_name(spans, "rows")
+    parents = [c.parent.span_id for c in by_name(spans, "inner")]
+    assert parents.count(row_span.context.span_id) == 2
+    assert parents.count(first.context.span_id) == 2  # zip asked it for 2 items
+    assert parents.count(second.context.span_id) == 2
+
+
+def test_traced_async_generator_spans_the_iteration() -> None:
+    @traced("ticks")
+    async def ticks(n: int, fail: bool = False):
+        for i in range(n):
+            await asyncio.sleep(0.02)
+            yield await twice(i)
+        if fail:
+            raise RuntimeError("planted in the async generator")
+
+    @traced("twice")
+    async def twice(x: int) -> int:
+        return 2 * x
+
+    async def consume(fail: bool) -> list[int]:
+        got = []
+        async for item in ticks(3, fail):
+            got.append(item)
+            consumer_step()
+        return got
+
+    async def close_early() -> None:
+        steps = ticks(10)
+        assert await steps.__anext__() == 0
+        await steps.aclose()
+
+    with tracing() as spans:
+        assert asyncio.run(consume(False)) == [0, 2, 4]
+        with pytest.raises(RuntimeError, match="planted in the async generator"):
+            asyncio.run(consume(True))
+        asyncio.run(close_early())
+    ok, failed, closed = by_name(spans, "ticks")
+    assert (ok.end_time - ok.start_time) / 1e9 >= 0.06
+    assert ok.status.status_code is StatusCode.UNSET and not ok.events
+    assert failed.status.status_code is StatusCode.ERROR
+    assert [e.name for e in failed.events] == ["exception"]
+    assert closed.status.status_code is StatusCode.UNSET and closed.end_time is not None
+    parents = [c.parent.span_id for c in by_name(spans, "twice")]
+    assert parents == [ok.context.span_id] * 3 + [failed.context.span_id] * 3 + [
+        closed.context.span_id
+    ]
+    assert all(step.parent is None for step in by_name(spans, "consumer_step"))
+
+
+def test_blocks_overlapping_across_threads_instrument_until_the_last_one_exits(
+    redis: redis_lib.Redis, ns: str
+) -> None:
+    entered, first_left, done = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, list[str]] = {}
+
+    def second_block() -> None:
+        with tracing() as spans:
+            entered.set()
+            first_left.wait(30)
+            redis.get(f"{ns}:after-the-first-left")  # still instrumented: this block is open
+        seen["second"] = [s.name for s in spans]
+        done.set()
+
+    with tracing() as first:
+        worker = threading.Thread(target=second_block)
+        worker.start()
+        assert entered.wait(30)
+        redis.get(f"{ns}:both-open")
+    first_left.set()
+    assert done.wait(30)
+    worker.join(30)
+    redis.get(f"{ns}:none-open")
+    assert [s.name for s in first] == ["GET"]
+    assert seen["second"] == ["GET", "GET"]
+
+
+OWN_SETUP = """
+import json, sys
+import redis
+from opentelemetry import trace
+from opentelemetry.instrumentation.redis import RedisInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from course_lib.profiling import tracing
+
+own = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(own))
+trace.set_tracer_provider(provider)
+RedisInstrumentor().instrument()  # the application instruments redis itself
+client = redis.Redis.from_url(sys.argv[1])
+with tracing() as spans:
+    client.get(sys.argv[2] + ":in")
+client.get(sys.argv[2] + ":out")  # its own instrumentation is still there
+print(json.dumps({
+    "same_provider": trace.get_tracer_provider() is provider,
+    "block": [s.name for s in spans],
+    "own": [s.name for s in own.get_finished_spans()],
+}))
+"""
+
+
+def test_the_applications_provider_and_instrumentation_are_kept(ns: str) -> None:
+    url = services.redis_url()
+    done = subprocess.run(
+        [sys.executable, "-c", OWN_SETUP, url, ns], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    # one span per GET (not repeated), the block's exporter added to the app's provider
+    assert json.loads(done.stdout) == {
+        "same_provider": True,
+        "block": ["GET"],
+        "own": ["GET", "GET"],
+    }

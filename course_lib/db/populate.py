@@ -67,10 +67,16 @@ def _rows(users: int, posts_per_user: int, seed: int) -> tuple[list[tuple], list
     return user_rows, post_rows
 
 
+def _check_engine(engine: object) -> None:
+    if not isinstance(engine, Engine):
+        raise TypeError(f"engine must be a SQLAlchemy Engine, got {type(engine).__name__}")
+
+
 def populate(engine: Engine, *, users: int, posts_per_user: int, seed: int) -> Populated:
     """Create the tables on ``engine`` (if missing) and fill them: ``users`` users with
     ``posts_per_user`` posts each, generated from ``seed``. Raises ``ValueError`` if the
     tables already hold rows, ``TypeError``/``ValueError`` for bad arguments."""
+    _check_engine(engine)
     positive_int("users", users)
     non_negative_int("posts_per_user", posts_per_user)
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -109,6 +115,7 @@ def populate(engine: Engine, *, users: int, posts_per_user: int, seed: int) -> P
 
 def add_post_user_index(engine: Engine) -> None:
     """Index ``posts.user_id`` (the foreign key) and refresh the planner's statistics."""
+    _check_engine(engine)
     Index(POST_USER_INDEX, Post.user_id).create(engine, checkfirst=True)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("ANALYZE posts"))

@@ -7,8 +7,10 @@ waits until the primary reports the replica as ``streaming``.
 
 Guarantees:
 
-- Both servers listen on Unix sockets only, each in its own folder under a private temporary
-  directory (``/tmp/pc-rs-*``, mode 0700); nothing is reachable from the network.
+- Both servers listen on Unix sockets only (mode 0700), each in its own folder (mode 0700)
+  under a private temporary directory (``/tmp/pc-rs-*``, mode 0700; started by root it
+  belongs to the server user and others may pass through it, never list or write it);
+  nothing is reachable from the network.
 - Binaries: the embedded server's (pgserver bundles ``pg_basebackup``) or the system's, found
   as :func:`course_lib.services.embedded.find_postgres_bin_dir` finds them. Started by root,
   the servers run as the unprivileged ``postgres`` (or ``perfcourse``) user, as the embedded
@@ -28,6 +30,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -52,7 +55,7 @@ from course_lib.services.embedded import (
 from course_lib.services.errors import ServiceError
 from course_lib.validation import optional_positive_number, positive_number
 
-from .routing import Router, RoutingSession, parse_lsn
+from .routing import Router, RoutingSession
 
 __all__ = ["ReplicaSet"]
 
@@ -66,15 +69,39 @@ def _url(socket_dir: Path) -> str:
     return f"postgresql+psycopg://postgres@/postgres?host={socket_dir}"
 
 
+def _run_tool(bin_dir: Path, what: str, *args: str, timeout: float = 60.0) -> str:
+    """Run PostgreSQL's program ``args[0]`` from ``bin_dir`` (as the server user when root)
+    with a deadline; its output, or ``ServiceError`` naming ``what`` if it fails."""
+    user = server_user()
+    kwargs: dict[str, Any] = {"cwd": "/"}
+    if user is not None:
+        kwargs |= {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    try:
+        done = subprocess.run(
+            [str(bin_dir / args[0]), *args[1:]],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            **kwargs,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ServiceError(f"{what} failed: {exc}") from None
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().replace("\n", " ")[-1500:]
+        raise ServiceError(f"{what} failed (exit {done.returncode}): {detail}")
+    return done.stdout
+
+
 class _Server:
     """One cluster: its data directory, socket folder and log, driven by ``pg_ctl``."""
 
-    def __init__(self, owner: ReplicaSet, name: str, extra: str = "") -> None:
-        self.owner = owner
+    def __init__(self, root: Path, bin_dir: Path, name: str, extra: str = "") -> None:
+        self.bin_dir = bin_dir
         self.name = name
-        self.data = owner.root / name
-        self.socket_dir = owner.root / f"{name[0]}s"
-        self.log = owner.root / f"{name}.log"
+        self.data = root / name
+        self.socket_dir = root / f"{name[0]}s"
+        self.log = root / f"{name}.log"
         self.extra = extra
 
     def pid(self) -> int | None:
@@ -89,8 +116,10 @@ class _Server:
         return None
 
     def start(self, timeout: float) -> None:
-        options = f"-h '' -k '{self.socket_dir}' {_SERVER_OPTIONS} {self.extra}".strip()
-        self.owner._command(
+        # pg_ctl hands -o to /bin/sh: quote the folder with the shell's rules
+        options = f"-h '' -k {shlex.quote(str(self.socket_dir))} {_SERVER_OPTIONS} {self.extra}"
+        _run_tool(
+            self.bin_dir,
             f"starting the {self.name}",
             "pg_ctl", "start", "-w", "-t", str(int(timeout)), "-D", str(self.data),
             "-l", str(self.log), "-o", options,
@@ -102,7 +131,8 @@ class _Server:
         if pid is None:
             return
         try:
-            self.owner._command(
+            _run_tool(
+                self.bin_dir,
                 f"stopping the {self.name}",
                 "pg_ctl", "stop", "-w", "-m", "fast", "-t", str(int(timeout)),
                 "-D", str(self.data),
@@ -133,8 +163,8 @@ class ReplicaSet:
         self.bin_dir = bin_dir
         self.apply_delay = apply_delay
         delay = f"-c recovery_min_apply_delay={int(apply_delay * 1000)}ms" if apply_delay else ""
-        self.primary = _Server(self, "primary")
-        self.replica = _Server(self, "replica", delay)
+        self.primary = _Server(root, bin_dir, "primary")
+        self.replica = _Server(root, bin_dir, "replica", delay)
         self._engines: dict[str, Engine] = {}
         self._router: Router | None = None
         self._stopped = False
@@ -173,27 +203,6 @@ class ReplicaSet:
             raise
         return rs
 
-    def _command(self, what: str, *args: str, timeout: float = 60.0) -> str:
-        user = server_user()
-        kwargs: dict[str, Any] = {"cwd": "/"}
-        if user is not None:
-            kwargs |= {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        try:
-            done = subprocess.run(
-                [str(self.bin_dir / args[0]), *args[1:]],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                **kwargs,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise ServiceError(f"{what} failed: {exc}") from None
-        if done.returncode != 0:
-            detail = (done.stderr or done.stdout).strip().replace("\n", " ")[-1500:]
-            raise ServiceError(f"{what} failed (exit {done.returncode}): {detail}")
-        return done.stdout
-
     def _create(self, timeout: float) -> None:
         user = server_user()
         for server in (self.primary, self.replica):
@@ -203,13 +212,15 @@ class ReplicaSet:
             make_traversable(self.bin_dir)
             for path in (self.root, self.primary.socket_dir, self.replica.socket_dir):
                 os.chown(path, user.pw_uid, user.pw_gid)
-        self._command(
+        _run_tool(
+            self.bin_dir,
             "initdb of the primary",
             "initdb", "-D", str(self.primary.data), "-U", "postgres", "--auth=trust",
             "--encoding=UTF8", "--locale=C", "--no-sync",
         )  # fmt: skip
         self.primary.start(timeout)
-        self._command(
+        _run_tool(
+            self.bin_dir,
             "pg_basebackup of the replica",
             "pg_basebackup", "-D", str(self.replica.data), "-R", "-X", "stream",
             "-c", "fast", "--no-sync", "-h", str(self.primary.socket_dir), "-U", "postgres",
@@ -228,6 +239,8 @@ class ReplicaSet:
             return
         self._stopped = True
         atexit.unregister(self.stop)
+        if self._router is not None:
+            self._router.dispose()
         for engine in self._engines.values():
             engine.dispose()
         self._engines.clear()
@@ -319,12 +332,13 @@ class ReplicaSet:
             return int(conn.execute(text(query)).scalar_one())
 
     def lag_bytes(self) -> int:
-        """WAL bytes written on the primary and not yet replayed on the replica."""
-        with self.engine("primary").connect() as conn:
-            written = conn.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one()
-        with self.engine("replica").connect() as conn:
-            replayed = conn.execute(text("SELECT pg_last_wal_replay_lsn()::text")).scalar_one()
-        return max(0, parse_lsn(written) - parse_lsn(replayed))
+        """WAL bytes written on the primary and not yet replayed on the replica
+        (``ServiceError`` if the replica does not answer within the router's probe_timeout)."""
+        written = self.router.primary_lsn()
+        replayed = self.router.replayed_lsn()
+        if replayed is None:
+            raise ServiceError("the replica did not answer its probe: no replay position")
+        return max(0, written - replayed)
 
     def wait_for_replay(self, timeout: float = 30.0) -> float:
         """Block until the replica has replayed everything the primary has written so far;

@@ -14,9 +14,21 @@ statement:
   load balancer does. The pin follows the *client* (any hashable id: a user id, a session
   cookie), not one ``Session`` object; a caller that carries the LSN itself (in a cookie or a
   header) passes it as ``min_lsn`` instead (:attr:`RoutingSession.write_lsn` is the token);
-- a replica that does not answer is skipped: reads go to the primary. Health is probed with
-  a fresh checkout at most every ``probe_interval`` seconds, so a replica that dies is noticed
-  at most that late (a read routed in between fails once with the driver's error).
+- a replica that does not answer is skipped: reads go to the primary. Its health (and how far
+  it has replayed) is probed at most every ``probe_interval`` seconds by one query on a
+  connection of the router's own, in a background thread that the read waits for at most
+  ``probe_timeout`` seconds: a replica that hangs (a stopped process, a full disk) delays
+  reads by at most ``probe_timeout``; while its probe hangs no other is started and reads go
+  to the primary without waiting (until a probe answers again), so a hung replica holds at
+  most one probe thread and one connection. A read routed to the replica just before it
+  stopped answering (at most ``probe_interval`` earlier) waits for it like any query, and one
+  routed to a replica that died fails once with the driver's error.
+
+A commit that wrote reads the primary's WAL position on the connection the session already
+holds (right after its ``COMMIT``), so pinning never needs a second connection: a session
+commits on a pool of one. If that connection breaks between the ``COMMIT`` and the position
+read, ``commit()`` still returns (the write is committed), :attr:`RoutingSession.write_lsn`
+stays ``None`` and the client is not pinned.
 """
 
 from __future__ import annotations
@@ -26,11 +38,12 @@ import time
 from collections.abc import Hashable
 from typing import Any
 
-from sqlalchemy import Engine, Select, event, text
+from sqlalchemy import Connection, Engine, Select, create_engine, event, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session, SessionTransaction
 
-from course_lib.validation import non_negative_number
+from course_lib.validation import non_negative_number, positive_number
 
 __all__ = ["Pins", "Router", "RoutingSession", "format_lsn", "parse_lsn"]
 
@@ -56,7 +69,9 @@ class Pins:
     """Per client, the LSN the replica must have replayed before that client reads from it.
 
     Thread-safe. Kept in process memory here; a service with several processes keeps it
-    where they all see it (Redis, the user's session), as GitLab does.
+    where they all see it (Redis, the user's session), as GitLab does. It holds only the
+    clients whose writes the replica has not replayed yet: every probe of the replica forgets
+    the pins it has caught up with, so a client that never reads again is not kept forever.
     """
 
     def __init__(self) -> None:
@@ -77,6 +92,11 @@ class Pins:
             if self._lsn.get(client, replayed + 1) <= replayed:
                 del self._lsn[client]
 
+    def expire(self, replayed: int) -> None:
+        """Forget every pin the replica has replayed (``<= replayed``)."""
+        with self._lock:
+            self._lsn = {client: lsn for client, lsn in self._lsn.items() if lsn > replayed}
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._lsn)
@@ -87,7 +107,13 @@ def _is_plain_read(clause: Any) -> bool:
 
 
 class Router:
-    """Routes the statements of its sessions between ``primary`` and ``replica``."""
+    """Routes the statements of its sessions between ``primary`` and ``replica``.
+
+    ``probe_interval`` (seconds, default 1) is how old a probe of the replica may be before
+    a read probes again; ``probe_timeout`` (seconds, default 1) is how long a read waits for
+    a probe (see the module). Call :meth:`dispose` when done: it closes the probe's
+    connection (the two engines stay the caller's).
+    """
 
     def __init__(
         self,
@@ -95,6 +121,7 @@ class Router:
         replica: Engine,
         *,
         probe_interval: float = 1.0,
+        probe_timeout: float = 1.0,
         pins: Pins | None = None,
     ) -> None:
         if not isinstance(primary, Engine):
@@ -104,10 +131,17 @@ class Router:
         self.primary = primary
         self.replica = replica
         self.probe_interval = non_negative_number("probe_interval", probe_interval)
+        self.probe_timeout = positive_number("probe_timeout", probe_timeout)
         self.pins = pins if pins is not None else Pins()
+        # The probe's own pool (same connect settings as the replica's): a probe never waits
+        # behind the sessions' connections, and sessions never wait behind a hung probe.
+        self._probe_engine = create_engine(replica.url, pool=replica.pool.recreate())
         self._lock = threading.Lock()
         self._probed_at = -float("inf")
         self._replica_up = False
+        self._replayed: int | None = None
+        self._probe_done: threading.Event | None = None  # set while a probe runs
+        self._probe_deadline = 0.0
         self.routed = {"primary": 0, "replica": 0}
 
     def session(
@@ -116,49 +150,83 @@ class Router:
         """A routing session for ``client`` (pinned by id) and/or a carried ``min_lsn``."""
         return RoutingSession(self, client=client, min_lsn=min_lsn, **kwargs)
 
+    def dispose(self) -> None:
+        """Close the probe's pooled connection (a probe still hung keeps its own)."""
+        self._probe_engine.dispose()
+
     def primary_lsn(self) -> int:
-        """The primary's current WAL write position."""
+        """The primary's current WAL write position (a connection from the primary's pool)."""
         with self.primary.connect() as conn:
             return parse_lsn(conn.execute(text("SELECT pg_current_wal_lsn()::text")).scalar_one())
 
-    def replica_available(self) -> bool:
-        """Whether the replica answered its last probe (re-probed every ``probe_interval``)."""
-        with self._lock:
-            if time.monotonic() - self._probed_at < self.probe_interval:
-                return self._replica_up
+    def _probe(self, done: threading.Event) -> None:
+        """Body of the probe thread: one query that answers both "up?" and "replayed how far?"."""
         try:
-            with self.replica.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            up = True
-        except DBAPIError:
-            up = False
+            with self._probe_engine.connect() as conn:
+                value = conn.execute(text("SELECT pg_last_wal_replay_lsn()::text")).scalar()
+            up, replayed = True, None if value is None else parse_lsn(value)
+        except (DBAPIError, PoolTimeout):
+            up, replayed = False, None
+        if replayed is not None:
+            self.pins.expire(replayed)
         with self._lock:
-            self._probed_at, self._replica_up = time.monotonic(), up
-        return up
+            self._replica_up, self._replayed = up, replayed
+            self._probed_at = time.monotonic()
+            self._probe_done = None
+        done.set()
+
+    def _replica_state(self, max_age: float) -> tuple[bool, int | None]:
+        """(up, replayed LSN) from a probe at most ``max_age`` seconds old, else from a new
+        one (or the one running), waited for until its deadline: one probe at a time."""
+        with self._lock:
+            if time.monotonic() - self._probed_at <= max_age:
+                return self._replica_up, self._replayed
+            if self._probe_done is None:
+                self._probe_done = threading.Event()
+                self._probe_deadline = time.monotonic() + self.probe_timeout
+                name = f"replica-probe-{id(self):x}"
+                threading.Thread(
+                    target=self._probe, args=(self._probe_done,), name=name, daemon=True
+                ).start()
+            done, deadline = self._probe_done, self._probe_deadline
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            with self._lock:
+                if self._probe_done is done:  # still no answer: down until a probe answers
+                    self._replica_up, self._probed_at = False, time.monotonic()
+        with self._lock:
+            return self._replica_up, self._replayed
+
+    def replica_available(self) -> bool:
+        """Whether the replica answered its last probe (re-probed every ``probe_interval``;
+        waits at most ``probe_timeout``)."""
+        return self._replica_state(self.probe_interval)[0]
 
     def replayed_lsn(self) -> int | None:
-        """How far the replica has replayed the primary's WAL; ``None`` if it is down."""
-        try:
-            with self.replica.connect() as conn:
-                value = conn.execute(text("SELECT pg_last_wal_replay_lsn()::text")).scalar()
-        except DBAPIError:
-            with self._lock:
-                self._probed_at, self._replica_up = time.monotonic(), False
-            return None
-        return None if value is None else parse_lsn(value)
+        """How far the replica has replayed the primary's WAL, from a new probe (waits at
+        most ``probe_timeout``); ``None`` if it does not answer or is not a standby."""
+        up, replayed = self._replica_state(0.0)
+        return replayed if up else None
+
+    def write_engine(self) -> Engine:
+        """Where a write (or a read of a transaction that wrote) goes: the primary; counted."""
+        with self._lock:
+            self.routed["primary"] += 1
+        return self.primary
 
     def read_engine(self, client: Hashable | None, min_lsn: int | None) -> Engine:
-        """Where a plain read of ``client`` goes now."""
+        """Where a plain read of ``client`` goes now; counted."""
         required = max(
             (lsn for lsn in (min_lsn, self.pins.required(client)) if lsn is not None), default=None
         )
-        chosen = self.replica if self.replica_available() else self.primary
-        if chosen is self.replica and required is not None:
-            replayed = self.replayed_lsn()
-            if replayed is None or replayed < required:
-                chosen = self.primary
-            elif client is not None:
-                self.pins.release(client, replayed)
+        asked = time.monotonic()
+        up, replayed = self._replica_state(self.probe_interval)
+        if up and required is not None and (replayed is None or replayed < required):
+            # the last probe saw the replica behind this client: ask again, once
+            up, replayed = self._replica_state(time.monotonic() - asked)
+        caught_up = required is None or (replayed is not None and replayed >= required)
+        chosen = self.replica if up and caught_up else self.primary
+        if chosen is self.replica and client is not None and replayed is not None:
+            self.pins.release(client, replayed)
         with self._lock:
             self.routed["replica" if chosen is self.replica else "primary"] += 1
         return chosen
@@ -188,27 +256,37 @@ class RoutingSession(Session):
         self.min_lsn = None if min_lsn is None else parse_lsn(min_lsn)
         self.write_lsn: str | None = None  # token of this session's last committed write
         self._wrote = False
+        self._primary: Connection | None = None  # this transaction's primary connection
+        event.listen(self, "after_begin", self._after_begin)
         event.listen(self, "after_commit", self._after_commit)
-        event.listen(self, "after_rollback", self._after_rollback)
+        event.listen(self, "after_transaction_end", self._after_transaction_end)
 
     def get_bind(self, mapper: Any = None, clause: Any = None, **kwargs: Any) -> Engine:
         if self._flushing or self._wrote or not _is_plain_read(clause):
             self._wrote = True
-            with self.router._lock:
-                self.router.routed["primary"] += 1
-            return self.router.primary
+            return self.router.write_engine()
         return self.router.read_engine(self.client, self.min_lsn)
 
+    def _after_begin(self, session: Session, txn: SessionTransaction, conn: Connection) -> None:
+        if conn.engine is self.router.primary:
+            self._primary = conn
+
     def _after_commit(self, session: Session) -> None:
-        if not self._wrote:
+        # A savepoint's release also fires this; the outer transaction is still open then.
+        if not self._wrote or self._primary is None or session.in_nested_transaction():
             return
-        self._wrote = False
-        # A fresh connection after COMMIT returned: the commit record is at or before this.
-        lsn = self.router.primary_lsn()
+        try:
+            # The connection that sent the COMMIT: the commit record is at or before this.
+            value = self._primary.exec_driver_sql("SELECT pg_current_wal_lsn()::text")
+            lsn = parse_lsn(value.scalar_one())
+        except DBAPIError:
+            return  # committed all the same: no position, no pin (module docstring)
         self.write_lsn = format_lsn(lsn)
         self.min_lsn = max(lsn, self.min_lsn or 0)
         if self.client is not None:
             self.router.pins.pin(self.client, lsn)
 
-    def _after_rollback(self, session: Session) -> None:
-        self._wrote = False
+    def _after_transaction_end(self, session: Session, txn: SessionTransaction) -> None:
+        if txn.parent is None:  # the outermost transaction (not a savepoint, not a flush's)
+            self._wrote = False
+            self._primary = None

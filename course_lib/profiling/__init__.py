@@ -11,6 +11,10 @@
   redis-py and SQLAlchemy instrumented for the block; yields the live list of finished spans.
 - :func:`span_table`, :func:`waterfall`: one request's spans as a table and a chart.
 
+The profilers refuse what would make their numbers silently wrong (:mod:`.guards`): an
+``async`` function or one returning a coroutine or a generator (``TypeError``), and running
+inside another profiler (``RuntimeError``).
+
 :mod:`.lesson` holds what stages notebook 05 (the module's snippets as written, the small
 service whose request is profiled, the leak); it is not meant to be copied into a service.
 """

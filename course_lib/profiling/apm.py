@@ -1,8 +1,10 @@
 """Vendor-neutral APM with OpenTelemetry: spans of a request, kept in memory.
 
 - :func:`traced`: a decorator that runs each call of the function in a span named after it,
-  what ``newrelic.agent.background_task()`` does for New Relic. Without :func:`tracing` (or
-  another OpenTelemetry SDK set up) its spans are the API's no-ops and cost almost nothing.
+  what ``newrelic.agent.background_task()`` does for New Relic (plain and ``async``
+  functions, generators and async generators: the span lasts for the iteration). Without
+  :func:`tracing` (or another OpenTelemetry SDK set up) its spans are the API's no-ops and
+  cost almost nothing.
 - :func:`tracing`: a context manager. On first use in a process it installs one
   OpenTelemetry SDK ``TracerProvider`` with an in-memory exporter; if the process already has
   an SDK provider (the application set one up), the exporter is added to that one instead. A
@@ -38,14 +40,16 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import Status, StatusCode
 from sqlalchemy import Engine
 
 __all__ = ["TRACER_NAME", "traced", "tracing"]
@@ -56,9 +60,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def traced(name: str | None = None) -> Callable[[F], F]:
     """Decorator: each call runs in a span called ``name`` (default: the function's
-    qualified name); an exception is recorded on the span and re-raised. Works on plain and
-    ``async`` functions. Spans nest: a traced function called inside another's span is its
-    child."""
+    qualified name); an exception is recorded on the span (an ``exception`` event, status
+    ``ERROR``) and re-raised. Spans nest: a traced function called inside another's span is
+    its child.
+
+    Works on plain and ``async`` functions, and on generators and async generators: their
+    span starts at the first item asked for and ends when the iteration does (exhausted,
+    raised, or closed early, which is not an error), so it lasts as long as the body runs.
+    The span is the current one only while the body runs, so spans started in the body are
+    its children and spans the consumer starts between two items are not.
+    """
     if callable(name):
         raise TypeError("traced takes a span name, not a function: write @traced()")
     if name is not None and (not isinstance(name, str) or not name):
@@ -69,6 +80,10 @@ def traced(name: str | None = None) -> Callable[[F], F]:
         attributes = {"code.function": fn.__qualname__, "code.namespace": fn.__module__}
         tracer = trace.get_tracer(TRACER_NAME)  # a proxy until a provider is installed
 
+        if inspect.isgeneratorfunction(fn):
+            return _traced_generator(fn, tracer, span_name, attributes)  # type: ignore[return-value]
+        if inspect.isasyncgenfunction(fn):
+            return _traced_async_generator(fn, tracer, span_name, attributes)  # type: ignore[return-value]
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -86,6 +101,100 @@ def traced(name: str | None = None) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _failed(span: trace.Span, exc: BaseException) -> None:
+    """What ``start_as_current_span`` does with an exception that leaves its block."""
+    span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+def _traced_generator(
+    fn: Callable[..., Generator[Any, Any, Any]],
+    tracer: trace.Tracer,
+    span_name: str,
+    attributes: dict[str, str],
+) -> Callable[..., Generator[Any, Any, Any]]:
+    @functools.wraps(fn)
+    def generator_wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+        span = tracer.start_span(span_name, attributes=attributes)
+        body_context = trace.set_span_in_context(span)
+        steps = fn(*args, **kwargs)
+        sent: Any = None
+        thrown: BaseException | None = None
+        try:
+            while True:  # what `yield from steps` does, with the span current for each step
+                token = otel_context.attach(body_context)
+                try:
+                    item = steps.send(sent) if thrown is None else steps.throw(thrown)
+                finally:
+                    otel_context.detach(token)
+                try:
+                    sent, thrown = (yield item), None
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:  # consumer's throw(): handed on to the body
+                    sent, thrown = None, exc
+        except StopIteration as done:
+            return done.value
+        except GeneratorExit:  # closed early by the consumer: not an error
+            token = otel_context.attach(body_context)
+            try:
+                steps.close()
+            finally:
+                otel_context.detach(token)
+            raise
+        except BaseException as exc:
+            _failed(span, exc)
+            raise
+        finally:
+            span.end()
+
+    return generator_wrapper
+
+
+def _traced_async_generator(
+    fn: Callable[..., AsyncGenerator[Any, Any]],
+    tracer: trace.Tracer,
+    span_name: str,
+    attributes: dict[str, str],
+) -> Callable[..., AsyncGenerator[Any, Any]]:
+    @functools.wraps(fn)
+    async def async_generator_wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
+        span = tracer.start_span(span_name, attributes=attributes)
+        body_context = trace.set_span_in_context(span)
+        steps = fn(*args, **kwargs)
+        sent: Any = None
+        thrown: BaseException | None = None
+        try:
+            while True:  # the same loop as for a generator, with asend/athrow/aclose
+                token = otel_context.attach(body_context)
+                try:
+                    item = await (steps.asend(sent) if thrown is None else steps.athrow(thrown))
+                finally:
+                    otel_context.detach(token)
+                try:
+                    sent, thrown = (yield item), None
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:
+                    sent, thrown = None, exc
+        except StopAsyncIteration:
+            return
+        except GeneratorExit:
+            token = otel_context.attach(body_context)
+            try:
+                await steps.aclose()
+            finally:
+                otel_context.detach(token)
+            raise
+        except BaseException as exc:
+            _failed(span, exc)
+            raise
+        finally:
+            span.end()
+
+    return async_generator_wrapper
 
 
 class _LiveExporter(SpanExporter):

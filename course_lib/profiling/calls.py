@@ -8,6 +8,17 @@ it and everything it called). Guarantees: only the call itself is profiled (the 
 enabled around it and nothing else), the profiler is disabled even if ``fn`` raises, and the
 exception propagates.
 
+Refused, because the numbers would silently be wrong (:mod:`.guards`):
+
+- ``TypeError`` if ``fn`` is an ``async`` function, or returns an awaitable or a generator:
+  its work would run after the profiler stopped (only the object's creation is profiled).
+  Profile what runs it instead: ``profile_call(asyncio.run, main())``,
+  ``profile_call(list, rows())``.
+- ``RuntimeError`` if a profiler is already running in this thread (another
+  :func:`profile_call`, cProfile, pyinstrument): a thread has one profile hook, so on Python
+  3.11 the inner profiler would take it over and the outer one would lose every row from then
+  on. To profile a part of a call, profile that part alone.
+
 cProfile is deterministic: it records every call, so its counts are exact, but each call pays
 a fixed cost, which inflates code made of many small calls (see :func:`.overhead`).
 """
@@ -24,6 +35,8 @@ from typing import Any
 import pandas as pd
 
 from course_lib.validation import positive_int
+
+from .guards import refuse_async, refuse_deferred_work, refuse_nested
 
 __all__ = ["STATS_COLUMNS", "ProfileResult", "profile_call", "stats_frame"]
 
@@ -114,12 +127,15 @@ def profile_call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Profil
     """Run ``fn(*args, **kwargs)`` once under cProfile; see the module docstring."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    refuse_async(fn, "profile_call")
+    refuse_nested("profile_call")
     profiler = cProfile.Profile()
     profiler.enable()
     try:
         value = fn(*args, **kwargs)
     finally:
         profiler.disable()
+    refuse_deferred_work(value, "profile_call")
     stats = pstats.Stats(profiler)
     # the profiler also saw its own disable() call: drop it from the table
     stats.stats = {  # type: ignore[attr-defined]

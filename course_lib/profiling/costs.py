@@ -11,6 +11,12 @@ Built-in profilers: ``"cprofile"`` (deterministic: a hook on every call and retu
 ``"tracemalloc"`` (a hook on every allocation). Any other tool can be passed as a
 name -> context-manager factory, e.g. ``{"opentelemetry": lambda: tracing(engines=[e])}``,
 mixed with built-ins through :func:`builtin_profiler`.
+
+Refused (:mod:`.guards`): an ``async`` ``fn``, or one that returns an awaitable or a
+generator (``TypeError``: only the creation of the coroutine would be timed; pass
+``lambda: asyncio.run(main())``), and a call while another profiler runs in the thread
+(``RuntimeError``: the unprofiled baseline would be profiled, and on Python 3.11 cProfile
+would take the outer profiler's hook).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import pandas as pd
 from course_lib.progress import progress as progress_bar
 from course_lib.validation import positive_int, positive_number
 
+from .guards import refuse_async, refuse_deferred_work, refuse_nested
+
 __all__ = ["BUILTIN_PROFILERS", "UNPROFILED", "builtin_profiler", "overhead"]
 
 UNPROFILED = "unprofiled"
@@ -36,6 +44,7 @@ Factory = Callable[[], AbstractContextManager[Any]]
 
 @contextmanager
 def _cprofile() -> Iterator[cProfile.Profile]:
+    refuse_nested("cprofile")
     profiler = cProfile.Profile()
     profiler.enable()
     try:
@@ -49,6 +58,7 @@ def _pyinstrument(interval: float) -> Factory:
     def run() -> Iterator[Any]:
         from pyinstrument import Profiler  # optional at import time of the course
 
+        refuse_nested("pyinstrument")
         profiler = Profiler(interval=interval, async_mode="disabled")
         profiler.start()
         try:
@@ -114,6 +124,12 @@ def _timed(fn: Callable[[], object], calls: int, context: AbstractContextManager
         return (time.perf_counter() - start) / calls
 
 
+def _warm_up(fn: Callable[[], object]) -> None:
+    """One unprofiled call before timing (caches, connection pools, imports), which also
+    checks that the call does its work before it returns."""
+    refuse_deferred_work(fn(), "overhead")
+
+
 def overhead(
     fn: Callable[[], object],
     profilers: Sequence[str] | Mapping[str, Factory] = BUILTIN_PROFILERS,
@@ -131,12 +147,16 @@ def overhead(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    refuse_async(fn, "overhead")
     calls = positive_int("calls", calls)
     rounds = positive_int("rounds", rounds)
     interval = positive_number("interval", interval)
     subjects: dict[str, Factory] = {UNPROFILED: nullcontext, **_factories(profilers, interval)}
-    for factory in subjects.values():  # warm-up: caches, connection pools, imports
-        _timed(fn, 1, factory())
+    refuse_nested("overhead")
+    _warm_up(fn)
+    for name, factory in subjects.items():  # and once under each profiler
+        if name != UNPROFILED:
+            _timed(fn, 1, factory())
     samples: dict[str, list[float]] = {name: [] for name in subjects}
     for _ in progress_bar(range(rounds), desc="overhead", disable=not progress):
         for name, factory in subjects.items():
