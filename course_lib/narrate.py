@@ -76,12 +76,13 @@ def _display(data: dict[str, str], records: dict[str, dict[str, Any]]) -> None:
     display(data, raw=True, metadata={METADATA_KEY: records})
 
 
-def say(template: str, /, **figures: Any) -> str:
+def say(template: str, /, **figures: Any) -> None:
     """Show ``template.format(**figures)`` as Markdown and record each figure.
 
     ``template`` is Markdown with ``str.format`` fields (``"{p99:.1f} ms"``); every field
     must be given and every figure used, so a sentence cannot quote a number it was not
-    given. Returns the rendered text (outside a kernel it is printed instead of displayed).
+    given. Outside a kernel the text is printed instead. Returns nothing, so a ``say`` at the
+    end of a cell shows the sentence once.
     """
     if not isinstance(template, str):
         raise TypeError(f"template must be a str, got {type(template).__name__}")
@@ -98,7 +99,6 @@ def say(template: str, /, **figures: Any) -> str:
         _display({"text/markdown": text, "text/plain": text}, records)
     else:
         print(text)
-    return text
 
 
 def record(spec: str = "", /, **figures: Any) -> None:

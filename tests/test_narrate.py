@@ -36,7 +36,7 @@ def test_say_in_a_kernel_shows_markdown_and_records_what_it_showed() -> None:
     assert str(figures["ratio"]) == "1.23"
 
 
-def test_say_refuses_a_sentence_and_figures_that_do_not_match() -> None:
+def test_say_refuses_a_sentence_and_figures_that_do_not_match(capsys) -> None:
     with pytest.raises(ValueError, match="no figure given for b"):
         say("{a} and {b}", a=1)
     with pytest.raises(ValueError, match="not quoted by the template: c"):
@@ -45,7 +45,8 @@ def test_say_refuses_a_sentence_and_figures_that_do_not_match() -> None:
         say("{a:.1f} vs {a:.2f}", a=1.0)
     with pytest.raises(TypeError, match="template"):
         say(3)  # type: ignore[arg-type]
-    assert say("{a:.1f} ms", a=2.25) == "2.2 ms"
+    say("{a:.1f} ms", a=2.25)
+    assert capsys.readouterr().out == "2.2 ms\n"
 
 
 def test_figures_of_refuses_one_name_with_two_texts() -> None:
@@ -79,10 +80,11 @@ def test_progress_bar_in_a_kernel_leaves_no_frames_in_the_saved_output() -> None
     assert not any(o.get("name") == "stderr" for o in nb.cells[0].outputs)
 
 
-def test_progress_outside_a_kernel_is_a_plain_bar_and_refuses_a_file(capsys) -> None:
+def test_progress_outside_a_kernel_is_a_plain_bar_and_refuses_a_file() -> None:
     from course_lib.progress import progress
 
     assert list(progress(range(3), desc="x")) == [0, 1, 2]
+    assert list(progress(range(3), disable=True)) == [0, 1, 2]
     with pytest.raises(TypeError, match="file="):
         progress(range(3), file=None)
 
