@@ -1,140 +1,199 @@
 """Exercises of notebook 05 (profiling); each checker runs the student's code for real.
 
-- :func:`check_n_plus_1_fix`: the newest page of posts with their authors' names, from the
-  blog on PostgreSQL, in at most 2 queries whatever the page size.
-- :func:`check_bounded_cache`: an LRU page cache whose memory stops growing (measured with
-  tracemalloc) and which keeps the most recently used pages.
+- :func:`check_query_budget`: a guard for tests that fails a block running more SQL
+  statements than its budget, naming the repeated statement (the N+1's signature); checked
+  on PostgreSQL against the blog's lazy and eager page loads.
+- :func:`check_sampler`: a sampling profiler in a few lines (a thread reading the profiled
+  thread's stack with ``sys._current_frames()``); checked on a workload whose true shares
+  the checker knows, drawn at random so no fixed answer passes.
 """
 
 from __future__ import annotations
 
-import tracemalloc
+import random
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, text
 
 from course_lib import services
-from course_lib.measure import QueryCounter
-from course_lib.profiling import allocation_diff
-from course_lib.profiling.lesson.service import PAGE, seed_blog
+from course_lib.profiling.lesson.service import Blog, seed_blog
 
 from .result import CheckResult, failed, not_attempted, passed
 
-__all__ = ["check_bounded_cache", "check_n_plus_1_fix"]
-
-_EXPECTED_PAGE = text(
-    "SELECT p.id, p.title, a.name FROM posts p JOIN authors a ON a.id = p.author_id "
-    "ORDER BY p.id DESC LIMIT :n"
-)
+__all__ = ["check_query_budget", "check_sampler"]
 
 
-def check_n_plus_1_fix(page_with_authors: Callable[[Engine], Any]) -> CheckResult:
-    """``page_with_authors(engine)`` returns the newest ``PAGE`` (50) posts, newest first,
-    each a dict ``{"id", "title", "author"}`` (the author's name), reading the blog's
-    ``posts`` and ``authors`` tables through ``engine``. Checked on a freshly seeded blog: the
-    rows, and at most 2 SQL statements (an N+1 runs 51)."""
-    name = "check_n_plus_1_fix"
-    schema = services.unique_schema("ex05")
-    engine = services.schema_engine(schema)
-    try:
-        seed_blog(engine, seed=11)
-        with engine.connect() as conn:
-            expected = [
-                {"id": i, "title": t, "author": a}
-                for i, t, a in conn.execute(_EXPECTED_PAGE, {"n": PAGE})
-            ]
-        try:
-            with QueryCounter(engine) as queries:
-                got = page_with_authors(engine)
-        except NotImplementedError:
-            return not_attempted(name, "implement page_with_authors")
-    finally:
-        engine.dispose()
-        services.drop_schema(schema)
-    rows = [dict(row) for row in got] if isinstance(got, list) else got
-    if rows != expected:
-        first_bad = next(
-            (i for i, (g, e) in enumerate(zip(rows, expected, strict=False)) if g != e), None
-        )
-        detail = (
-            f"got {len(rows)} rows, expected {len(expected)}"
-            if not isinstance(rows, list) or len(rows) != len(expected)
-            else f"row {first_bad}: got {rows[first_bad]}, expected {expected[first_bad]}"
-        )
-        return failed(name, f"wrong page: {detail}")
-    if queries.count > 2:
-        return failed(
-            name,
-            f"{queries.count} SQL statements for {PAGE} posts: still an N+1 (load the authors "
-            "with the posts: a join, joinedload or selectinload)",
-        )
-    return passed(name, f"{PAGE} posts with their authors in {queries.count} statement(s)")
-
-
-def _page(key: str) -> bytes:
-    """A page of about 2 KiB for ``key`` (the memory phase: nothing else is kept)."""
-    return key.encode() + bytes(2048)
-
-
-class _Builds:
-    """A page builder that records the keys it built (the eviction phase)."""
+class _Workloads:
+    """The blog's two page loads on a schema of their own, for the budget checker."""
 
     def __init__(self) -> None:
-        self.calls: list[str] = []
+        self.schema = services.unique_schema("ex05")
+        self.engine = services.schema_engine(self.schema)
+        self.other = services.schema_engine(self.schema)  # a second engine, same tables
+        seed_blog(self.engine, seed=11)
+        self.redis = services.redis_client()  # the blog's limiter; the page loads skip it
+        self.blog = Blog(self.engine, self.redis, f"{self.schema}:blog")
 
-    def __call__(self, key: str) -> bytes:
-        self.calls.append(key)
-        return _page(key)
+    def close(self) -> None:
+        self.redis.close()
+        self.engine.dispose()
+        self.other.dispose()
+        services.drop_schema(self.schema)
 
 
-def check_bounded_cache(make_cache: Callable[[int], Any]) -> CheckResult:
-    """``make_cache(maxsize)`` returns an object whose ``get(key, build)`` returns the cached
-    value for ``key``, or ``build(key)`` (then cached) on a miss. Checked: after 5000
-    distinct keys with ``maxsize=100`` the memory it holds grows by under 1 MiB; a hit does
-    not rebuild; with ``maxsize=3`` the least recently *used* key is evicted."""
-    name = "check_bounded_cache"
+def _raises_assertion(block: Callable[[], Any], guard: Any) -> AssertionError | None:
     try:
-        big = make_cache(100)
-        big.get("/posts", _page)
-    except NotImplementedError:
-        return not_attempted(name, "implement make_cache")
-    was_tracing = tracemalloc.is_tracing()
-    if not was_tracing:
-        tracemalloc.start()
+        with guard:
+            block()
+    except AssertionError as exc:
+        return exc
+    return None
+
+
+def check_query_budget(query_budget: Callable[[Engine, int], Any]) -> CheckResult:
+    """``query_budget(engine, max_statements)`` is a context manager: it counts the SQL
+    statements ``engine`` sends inside the block and, on leaving it, raises
+    ``AssertionError`` if there were more than ``max_statements``, with a message that names
+    the statement sent most often (its text, parameters left out) and how many times.
+
+    Checked: the eager page (1 statement) passes a budget of 2; the lazy page (51: the
+    N+1) fails it, and the message names the authors query and 50; statements before and
+    after the block, and on another engine, are not counted; a second block counts from
+    zero; an exception raised in the block comes out unchanged (not an AssertionError)."""
+    name = "check_query_budget"
+    work = _Workloads()
     try:
-        before = tracemalloc.take_snapshot()
-        for i in range(5000):
-            big.get(f"/posts?utm_campaign=c{i}", _page)
-        after = tracemalloc.take_snapshot()
+        try:
+            guard = query_budget(work.engine, 2)
+        except NotImplementedError:
+            return not_attempted(name, "implement query_budget")
+        if _raises_assertion(work.blog.load_page_joined, guard) is not None:
+            return failed(name, "the eager page sends 1 statement: a budget of 2 must pass")
+        error = _raises_assertion(work.blog.load_page_n_plus_1, query_budget(work.engine, 2))
+        if error is None:
+            return failed(name, "the lazy page sent 51 statements under a budget of 2: no error")
+        message = str(error)
+        if "authors" not in message or "50" not in message:
+            return failed(
+                name,
+                "the error must name the statement sent most often and its count "
+                f"(the authors lookup, 50 times); it said: {message[:160]!r}",
+            )
+        # Only the block: a statement after the guard is made but before the block starts.
+        listeners = len(work.engine.dispatch.before_cursor_execute)
+        guard = query_budget(work.engine, 0)
+        _select(work.engine)
+        if error := _raises_assertion(lambda: None, guard):
+            return failed(name, f"a statement sent before the block was counted: {error}")
+        # Only its engine: a statement on another engine inside the block.
+        if error := _raises_assertion(lambda: _select(work.other), query_budget(work.engine, 0)):
+            return failed(name, f"a statement on another engine was counted: {error}")
+        if len(work.engine.dispatch.before_cursor_execute) != listeners:
+            return failed(name, "the guard left its event listener on the engine after the block")
+        try:
+            with query_budget(work.engine, 100):
+                raise KeyError("from the block")
+        except KeyError:
+            pass
+        except Exception as exc:
+            return failed(name, f"the block's KeyError came out as {type(exc).__name__}")
+        else:
+            return failed(name, "the block's KeyError was swallowed")
     finally:
-        if not was_tracing:
-            tracemalloc.stop()
-    growth = allocation_diff(before, after, n=3)
-    held_kib = float(growth["grew_kib"].sum()) if len(growth) else 0.0
-    if held_kib > 1024:
-        top = growth.iloc[0]
-        return failed(
-            name,
-            f"5000 distinct keys, maxsize=100: the cache holds {held_kib:,.0f} KiB more "
-            f"(top site {top['site']}, +{top['grew_blocks']} blocks): it is not bounded",
-        )
-    cache, build = make_cache(3), _Builds()
-    first = cache.get("a", build)
-    if first != build("a") or cache.get("a", build) != first:
-        return failed(name, "get('a', build) must return build('a')")
-    if build.calls != ["a", "a"]:  # the checker's own build("a"), nothing from the hit
-        return failed(name, "a hit rebuilt the page: get must return the cached value")
-    build.calls.clear()
-    for key in ("b", "c", "a", "d", "a", "b"):
-        cache.get(key, build)
-    # b, c built; a used again; d evicts the least recently used: b
-    if build.calls != ["b", "c", "d", "b"]:
-        return failed(
-            name,
-            f"maxsize=3, keys a,b,c,a,d,a,b: expected builds of b,c,d,b (d evicts b, the least "
-            f"recently used; a stays), got builds of {','.join(build.calls) or 'nothing'}",
-        )
+        work.close()
     return passed(
-        name, "5000 distinct keys with maxsize=100 held in under 1 MiB; hits do not rebuild; LRU"
+        name,
+        "eager page within 2; the N+1 fails 2 naming the authors query x50; "
+        "counts only its block and its engine",
+    )
+
+
+def _select(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def _spin(seconds: float) -> None:
+    """Busy work for ``seconds`` of wall time (a frame of its own, under each caller)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        sum(range(200))
+        time.sleep(0)  # lets the sampler's thread take the GIL when its tick is due
+
+
+def parse_orders(seconds: float) -> None:
+    """One of the two stages of the checker's workload."""
+    _spin(seconds)
+
+
+def price_orders(seconds: float) -> None:
+    """The other stage."""
+    _spin(seconds)
+
+
+def check_sampler(sample: Callable[..., Counter]) -> CheckResult:
+    """``sample(fn, interval)`` calls ``fn()`` in the calling thread while another thread,
+    every ``interval`` seconds, reads the calling thread's stack; it returns a ``Counter``:
+    for each function name, the number of samples in which that function was on the stack
+    (anywhere, not only innermost). When it returns, its sampling thread has stopped.
+
+    Checked on a workload of two stages whose durations the checker draws at random (so a
+    fixed answer cannot pass): each stage's share of the samples within 15 points of its
+    share of the time; at least 10 samples of the calling thread; no
+    thread left running."""
+    name = "check_sampler"
+    rng = random.Random()
+    share = rng.uniform(0.3, 0.7)  # parse_orders' share of the time, unknown to the student
+    spent = {"parse_orders": 0.0, "price_orders": 0.0}
+
+    def timed(stage: Callable[[float], None], seconds: float) -> None:
+        start = time.perf_counter()
+        stage(seconds)
+        spent[stage.__name__] += time.perf_counter() - start
+
+    def workload() -> None:
+        # The stages alternate, so a sampler that starts late or stalls for a moment on a
+        # busy machine loses samples of both alike, not of the first stage only.
+        for _ in range(8):
+            timed(parse_orders, 0.1 * share)
+            timed(price_orders, 0.1 * (1 - share))
+
+    before = set(threading.enumerate())
+    try:
+        counts = sample(workload, 0.005)
+    except NotImplementedError:
+        return not_attempted(name, "implement sample")
+    if not isinstance(counts, Counter):
+        return failed(name, f"sample must return a Counter, got {type(counts).__name__}")
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and set(threading.enumerate()) - before:
+        time.sleep(0.01)  # polling for a state: the sampler's thread finishing its last tick
+    if set(threading.enumerate()) - before:
+        return failed(name, "a sampling thread is still running after sample returned")
+    total = counts.get("workload", 0)
+    if total < 10:  # of about 160 ticks: room for a busy machine, none for the wrong thread
+        return failed(
+            name,
+            f"{total} samples with workload on the stack over 0.8 s at 5 ms: the sampler "
+            "does not see the calling thread (sys._current_frames()[its thread id])",
+        )
+    busy = sum(spent.values())
+    shares = {
+        stage: (counts.get(stage, 0) / total, seconds / busy) for stage, seconds in spent.items()
+    }
+    for stage, (seen, true) in shares.items():
+        if abs(seen - true) > 0.15:
+            return failed(
+                name,
+                f"{stage}: {seen:.0%} of the samples for {true:.0%} of the time; count every "
+                "function on the stack (walk f_back), not only the innermost one",
+            )
+    return passed(
+        name,
+        "each stage's share of the samples within 15 points of its share of the time; "
+        "the sampling thread stopped",
     )

@@ -3,7 +3,9 @@
 - :func:`profile_call` -> :class:`ProfileResult`: one call under cProfile, its ``pstats`` as
   a DataFrame (``.stats``: calls, own and cumulative time per function; ``.top(n)``).
 - :func:`overhead`: what cProfile, pyinstrument, tracemalloc (or any profiler you pass) add
-  to a function, as ratios to the unprofiled run measured in the same interleaved rounds.
+  to a function, as ratios to the unprofiled run measured in the same interleaved rounds,
+  with their range over the rounds; :func:`noise_verdict` says whether that range can tell a
+  cost from the machine's noise.
 - :func:`allocation_diff`: the allocation sites that grew between two ``tracemalloc``
   snapshots (a leak's address).
 - :func:`traced`: a span per call (OpenTelemetry's ``newrelic.agent.background_task()``).
@@ -30,6 +32,7 @@ __all__ = [
     "ProfileResult",
     "allocation_diff",
     "builtin_profiler",
+    "noise_verdict",
     "overhead",
     "profile_call",
     "span_table",
@@ -47,6 +50,7 @@ _HOME = {
     "ProfileResult": "calls",
     "allocation_diff": "memory",
     "builtin_profiler": "costs",
+    "noise_verdict": "costs",
     "overhead": "costs",
     "profile_call": "calls",
     "span_table": "spans",

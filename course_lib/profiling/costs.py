@@ -36,7 +36,7 @@ from course_lib.validation import positive_int, positive_number
 
 from .guards import refuse_async, refuse_deferred_work, refuse_nested
 
-__all__ = ["BUILTIN_PROFILERS", "UNPROFILED", "builtin_profiler", "overhead"]
+__all__ = ["BUILTIN_PROFILERS", "UNPROFILED", "builtin_profiler", "noise_verdict", "overhead"]
 
 UNPROFILED = "unprofiled"
 Factory = Callable[[], AbstractContextManager[Any]]
@@ -142,7 +142,9 @@ def overhead(
     """Median seconds per call of ``fn`` unprofiled and under each profiler, and the ratio.
 
     Returns one row per subject, ``unprofiled`` first: ``profiler``, ``per_call_s``,
-    ``ratio`` (to the unprofiled median), ``rounds``, ``calls``. ``interval`` is
+    ``ratio`` (to the unprofiled median), ``ratio_low`` and ``ratio_high`` (the lowest and
+    highest ratio of one round to the unprofiled run of the same round), ``rounds``,
+    ``calls``. ``interval`` is
     pyinstrument's sampling interval in seconds.
     """
     if not callable(fn):
@@ -162,14 +164,27 @@ def overhead(
         for name, factory in subjects.items():
             samples[name].append(_timed(fn, calls, factory()))
     base = statistics.median(samples[UNPROFILED])
-    rows = [
-        {
-            "profiler": name,
-            "per_call_s": statistics.median(values),
-            "ratio": statistics.median(values) / base,
-            "rounds": rounds,
-            "calls": calls,
-        }
-        for name, values in samples.items()
-    ]
+    rows = []
+    for name, values in samples.items():
+        # each round's ratio to the unprofiled run of the same round: drift lands on both
+        round_ratios = [v / b for v, b in zip(values, samples[UNPROFILED], strict=True)]
+        rows.append(
+            {
+                "profiler": name,
+                "per_call_s": statistics.median(values),
+                "ratio": statistics.median(values) / base,
+                "ratio_low": min(round_ratios),
+                "ratio_high": max(round_ratios),
+                "rounds": rounds,
+                "calls": calls,
+            }
+        )
     return pd.DataFrame(rows)
+
+
+def noise_verdict(low: float, high: float) -> str:
+    """What a cost ratio measured over rounds says: ``low``-``high`` is its range over the
+    rounds. A range that spans 1 cannot tell the cost from the machine's noise."""
+    if low <= 1 <= high:
+        return "indistinguishable from no overhead within the noise"
+    return "above 1 in every round" if low > 1 else "below 1 in every round (noise, not a gain)"

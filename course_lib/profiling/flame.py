@@ -137,10 +137,11 @@ def flame_graph(
     ax.set_xlim(0, 100)
     ax.set_yticks([])
     ax.grid(False, axis="y")
-    ax.legend(
+    ax.legend(  # outside the axes, so no box is hidden under it
         handles=[Patch(color=c, label=p) for p, c in packages.items()],
-        loc="lower right",
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
         fontsize=8,
-        ncols=2,
     )
+    fig.tight_layout()
     return fig

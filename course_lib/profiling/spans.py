@@ -3,8 +3,8 @@
 :func:`span_table` puts each span on a row (start order, parents before children) with its
 depth in the tree, start and duration in milliseconds from the first span's start, what it
 talks to (``python``, ``redis``, ``postgresql``) and the statement or command it carries.
-:func:`waterfall` draws the same rows as horizontal bars: an N+1 shows as a ladder of short
-database bars, one under the other.
+:func:`waterfall` draws the same rows as horizontal bars; the repeated lookups of an N+1
+share one row, labelled with their count, so they show as a comb of short database bars.
 """
 
 from __future__ import annotations
@@ -81,21 +81,51 @@ def span_table(spans: Sequence[ReadableSpan]) -> pd.DataFrame:
 
 def _label(row: pd.Series, width: int = 48) -> str:
     text = " ".join(row["statement"].split()) or row["name"]
-    text = text if len(text) <= width else text[: width - 1] + "…"
-    return "  " * int(row["depth"]) + text
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _bands(table: pd.DataFrame) -> list[list[int]]:
+    """Rows of ``table`` grouped into bands: a run of consecutive leaf spans with the same
+    parent and the same label (an N+1's fifty lookups) is one band; any other span is a
+    band of its own."""
+    parents = set(table["parent_id"])
+    bands: list[list[int]] = []
+    for index, row in table.iterrows():
+        leaf = row["span_id"] not in parents
+        if bands and leaf:
+            last = table.loc[bands[-1][-1]]
+            same = last["parent_id"] == row["parent_id"] and _label(last) == _label(row)
+            if same and last["span_id"] not in parents:
+                bands[-1].append(index)
+                continue
+        bands.append([index])
+    return bands
 
 
 def waterfall(spans: Sequence[ReadableSpan], title: str = "") -> Figure:
-    """Horizontal bars, one per span in start order, from the first span's start (ms)."""
+    """Horizontal bars from the first span's start (ms), one row per span in start order,
+    except that a run of identical leaf spans under one parent (an N+1's lookups) shares one
+    row, labelled with its count: the repetition shows as a comb of short bars."""
     table = span_table(spans)
+    bands = _bands(table)
     title = title or f"{len(table)} spans of one request"
     fig, (ax,) = new_figure(title, xlabel="time since the request started (ms)")
-    fig.set_size_inches(10, min(2.0 + 0.17 * len(table), 14))
-    y = range(len(table))[::-1]  # first span at the top
-    colours = [color(system) for system in table["system"]]
-    ax.barh(list(y), table["duration_ms"], left=table["start_ms"], color=colours, height=0.7)
-    ax.set_yticks(list(y), [_label(row) for _, row in table.iterrows()], fontsize=7)
-    ax.set_ylim(-0.7, len(table) - 0.3)
+    fig.set_size_inches(10, min(2.0 + 0.3 * len(bands), 14))
+    labels = []
+    for position, band in enumerate(bands):
+        y = len(bands) - 1 - position  # first span at the top
+        rows = table.loc[band]
+        ax.barh(
+            [y] * len(rows),
+            rows["duration_ms"],
+            left=rows["start_ms"],
+            color=[color(system) for system in rows["system"]],
+            height=0.7,
+        )
+        label = _label(rows.iloc[0])
+        labels.append(f"{label}  × {len(rows)}" if len(rows) > 1 else label)
+    ax.set_yticks(list(range(len(bands)))[::-1], labels, fontsize=8)
+    ax.set_ylim(-0.7, len(bands) - 0.3)
     ax.grid(True, axis="x", alpha=0.3)
     ax.grid(False, axis="y")
     systems = list(dict.fromkeys(table["system"]))
