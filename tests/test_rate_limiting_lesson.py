@@ -1,0 +1,28 @@
+"""Lesson helpers of notebook 03: what its charts plot is what the bucket did."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from course_lib.rate_limiting.lesson import replay as rp
+
+
+def _slopes(xs: list[float], ys: list[float]) -> list[float]:
+    return [(y1 - y0) / (x1 - x0) for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]) if x1 > x0]
+
+
+def test_token_curve_reaches_capacity_after_the_last_request_then_stays_flat() -> None:
+    # Drained to 0 at t=2; at 2 tokens/s it is full (10) at t=7 and flat until 12. Before the
+    # fix the curve went straight from (2, 0) to (12, 10): 1 token/s, full only at the end.
+    run = pd.DataFrame({"t": [1.0, 2.0], "after": [9.0, 0.0]})
+    xs, ys = rp.token_curve(run, 10, 2, until=12)
+    assert (xs[-2:], ys[-2:]) == ([7.0, 12.0], [10.0, 10.0])
+    assert max(_slopes(xs, ys)) <= 2
+
+
+def test_token_curve_on_the_notebook_trace_never_climbs_faster_than_the_refill() -> None:
+    trace = rp.bursty_trace(seed=7)
+    run = rp.run_seed_bucket(trace, capacity=10, refill_rate=2)
+    xs, ys = rp.token_curve(run, 10, 2, until=25)
+    assert max(_slopes(xs, ys)) <= 2 + 1e-9
+    assert ys[-1] == 10 and xs[-2] < 25 and ys[-2] == 10
