@@ -25,7 +25,7 @@ from sqlalchemy import Engine, NullPool, create_engine, text
 
 from .measure import percentiles, time_calls
 
-__all__ = ["RATIOS", "RUNS_FILE", "RUNGS", "Rung", "measure_ladder", "ratios", "record_run"]
+__all__ = ["RATIOS", "RUNGS", "RUNS_FILE", "Rung", "measure_ladder", "ratios", "record_run"]
 
 
 @dataclass(frozen=True)

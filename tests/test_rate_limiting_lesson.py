@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pandas as pd
 import pytest
 
@@ -9,7 +11,8 @@ from course_lib.rate_limiting.lesson import replay as rp
 
 
 def _slopes(xs: list[float], ys: list[float]) -> list[float]:
-    return [(y1 - y0) / (x1 - x0) for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]) if x1 > x0]
+    points = pairwise(zip(xs, ys, strict=True))
+    return [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in points if x1 > x0]
 
 
 def test_token_curve_reaches_capacity_after_the_last_request_then_stays_flat() -> None:
