@@ -15,18 +15,16 @@ from __future__ import annotations
 import contextlib
 import random
 import statistics
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from types import FrameType
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from course_lib import services
 from course_lib.clocks import ManualClock
-from course_lib.concurrency import admission_count, hammer_threads
+from course_lib.concurrency import admission_count, hammer_threads, switch_between_bytecodes
 
 from .result import CheckResult, failed, not_attempted, passed
 
@@ -45,36 +43,6 @@ def _code_file(method: Any) -> str | None:
     function = getattr(method, "__func__", method)
     code = getattr(function, "__code__", None)
     return None if code is None else code.co_filename
-
-
-@contextlib.contextmanager
-def _switch_between_every_bytecode(filename: str) -> Iterator[None]:
-    """In threads started inside this block, give up the GIL (``time.sleep(0)``) before every
-    bytecode of code from ``filename``.
-
-    CPython switches threads only at some bytecodes, so a read-modify-write without a lock
-    loses an update only when a switch happens to land inside it. This puts a switch point
-    between every two bytecodes of the student's code, whatever types it converts its numbers
-    to: an unlocked read-check-write is interleaved on every run, while code that holds a
-    lock only lets the other threads queue on that lock.
-    """
-
-    def local(frame: FrameType, event: str, arg: object) -> Any:
-        if event == "opcode":
-            time.sleep(0)
-        return local
-
-    def global_trace(frame: FrameType, event: str, arg: object) -> Any:
-        if frame.f_code.co_filename != filename:
-            return None
-        frame.f_trace_opcodes = True
-        return local
-
-    threading.settrace(global_trace)
-    try:
-        yield
-    finally:
-        threading.settrace(None)  # type: ignore[arg-type]
 
 
 def check_window_counter(make_limiter: Callable[..., Any]) -> CheckResult:
@@ -130,7 +98,7 @@ def check_window_counter(make_limiter: Callable[..., Any]) -> CheckResult:
     if filename is None:
         return failed(name, "allow must be a Python function or method")
     try:
-        with _switch_between_every_bytecode(filename):
+        with switch_between_bytecodes(filename):
             allowed = hammer_threads(lambda: frozen.allow("shared"), threads=8, calls=30)
     except RuntimeError as exc:
         return failed(name, f"allow raised under 8 threads: {exc}")
