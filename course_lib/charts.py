@@ -328,14 +328,19 @@ def ladder(
     unit: str = "µs",
     scale: float = 1e6,
 ) -> Figure:
-    """Horizontal log-scale bars, fastest at the top: the course's latency ladder."""
+    """The course's latency ladder, fastest at the top: one dot per rung on a log axis.
+
+    Dots, not bars: a bar's length on a log axis depends on where the axis starts, so it
+    would draw a ratio that is not in the data; a dot's position is the value itself.
+    """
     fig, (ax,) = new_figure(title, xlabel=f"time per operation ({unit}, log scale)")
     names = list(rungs)[::-1]
     widths = [rungs[n] * scale for n in names]
-    ax.barh(names, widths, color=[color(n.split()[0]) for n in names])
+    ax.scatter(widths, names, s=60, color=[color(n.split()[0]) for n in names], zorder=3)
     ax.set_xscale("log")
+    ax.set_xlim(min(widths) / 3, max(widths) * 30)  # room for the labels right of the dots
     for y, width in enumerate(widths):
         shown = f"{width:,.0f}" if width >= 100 else f"{width:.3g}"
-        ax.annotate(f" {shown} {unit}", (width, y), va="center", fontsize=9)
+        ax.annotate(f"  {shown} {unit}", (width, y), va="center", fontsize=9)
     ax.grid(True, axis="x", which="both", alpha=0.3)
     return fig

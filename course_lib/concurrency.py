@@ -4,16 +4,21 @@ and count what it let through; make races show up on demand.
 These are the experiments behind the course's concurrency claims: the harnesses of
 :mod:`course_lib.measure` release all workers together, so races show up and the counts
 are exact. :func:`fast_switching` makes CPython switch threads far more often, so a race
-window between two Python statements is hit on most runs instead of rarely.
+window between two Python statements is hit on most runs instead of rarely;
+:func:`switch_between_bytecodes` puts a switch point between every two bytecodes of chosen
+code, so an unlocked read-modify-write in it is interleaved on every run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
 from course_lib.measure import run_processes, run_threads
 
@@ -24,6 +29,7 @@ __all__ = [
     "fast_switching",
     "hammer_threads",
     "run_for",
+    "switch_between_bytecodes",
 ]
 
 Decide = Callable[[], object]
@@ -132,3 +138,37 @@ def run_for(
     runs = result.values
     span = max(end for _, _, end in runs) - min(start for _, start, _ in runs)
     return TimedRun(sorted(allowed for allowed, _, _ in runs), span)
+
+
+@contextlib.contextmanager
+def switch_between_bytecodes(*filenames: str) -> Iterator[None]:
+    """In threads started inside this block, give up the GIL (``time.sleep(0)``) before every
+    bytecode of code whose source file is one of ``filenames``.
+
+    CPython switches threads only at some bytecodes (calls, loop jumps) once a thread's slice
+    is over, so a read-modify-write without a lock loses an update only when a switch happens
+    to land inside it. This offers a switch between every two bytecodes of the chosen code,
+    whatever types it works on: an unlocked read-check-write there is interleaved on every run,
+    while code that holds a lock only makes the other threads queue on it. Threads already
+    running are not traced; the hook is removed on exit.
+    """
+    if not filenames:
+        raise ValueError("filenames: give at least one source file to trace")
+    traced = frozenset(filenames)
+
+    def local(frame: FrameType, event: str, arg: object) -> Any:
+        if event == "opcode":
+            time.sleep(0)
+        return local
+
+    def global_trace(frame: FrameType, event: str, arg: object) -> Any:
+        if frame.f_code.co_filename not in traced:
+            return None
+        frame.f_trace_opcodes = True
+        return local
+
+    threading.settrace(global_trace)
+    try:
+        yield
+    finally:
+        threading.settrace(None)  # type: ignore[arg-type]

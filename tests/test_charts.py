@@ -66,7 +66,9 @@ def test_bar_timeline_step_and_ladder() -> None:
     )
     assert [t.get_text() for t in steps.axes[0].get_yticklabels()] == ["a", "b"]
     ladder = charts.ladder({"Python dict lookup": 2e-8, "Redis GET": 5e-5}, "Ladder")
-    assert ladder.axes[0].get_xscale() == "log" and len(ladder.axes[0].patches) == 2
+    # dots on the log axis, no bars (a bar's length there depends on where the axis starts)
+    assert ladder.axes[0].get_xscale() == "log" and not ladder.axes[0].patches
+    assert len(ladder.axes[0].collections[0].get_offsets()) == 2
 
 
 def test_new_figure_columns() -> None:

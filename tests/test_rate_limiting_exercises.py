@@ -1,4 +1,5 @@
-"""Each checker of notebook 03 passes the reference solution and fails planted wrong answers."""
+"""Each checker of notebook 03 passes the reference solution and fails planted wrong answers
+(one per property it checks, the lock-free ones included)."""
 
 from __future__ import annotations
 
@@ -13,40 +14,96 @@ from course_lib import lua
 from course_lib.exercises.rate_limiting import (
     check_atomic_limiter,
     check_retry_delays,
-    check_token_bucket,
+    check_window_counter,
 )
 from course_lib.exercises.result import CheckResult
-from course_lib.rate_limiting.lesson import as_written
 
 
-class ReferenceBucket:
-    def __init__(self, capacity, refill_rate, clock=time.monotonic):
-        self.capacity, self.rate, self.clock = capacity, refill_rate, clock
-        self.tokens, self.last = capacity, clock()
+class ReferenceCounter:
+    """The reference answer of exercise 1: a sliding window counter per key, one lock."""
+
+    def __init__(self, limit, window, clock):
+        self.limit, self.window, self.clock = limit, window, clock
+        self.latest = clock()
+        self.counts = {}  # key -> (window start, current count, previous count)
         self.lock = threading.Lock()
 
-    def consume(self, tokens=1):
+    def allow(self, key):
         with self.lock:
-            now = self.clock()
-            elapsed = max(0.0, now - self.last)
-            self.last = now
-            self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
-            if self.tokens >= tokens:
-                self.tokens -= tokens
-                return True
-            return False
+            now = max(self.clock(), self.latest)  # a clock stepping back counts as no time
+            self.latest = now
+            start = now - now % self.window
+            since, current, previous = self.counts.get(key, (start, 0, 0))
+            if since != start:
+                previous = current if since == start - self.window else 0
+                current = 0
+            weight = 1 - (now - start) / self.window
+            allowed = previous * weight + current + 1 <= self.limit
+            self.counts[key] = (start, current + allowed, previous)
+            return allowed
 
 
-class UnlockedBucket(ReferenceBucket):
-    def consume(self, tokens=1):
-        now = self.clock()
-        elapsed = max(0.0, now - self.last)
-        self.last = now
-        self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
-        if self.tokens >= tokens:
-            self.tokens -= tokens
-            return True
-        return False
+class UnlockedCounter(ReferenceCounter):
+    """Right arithmetic, no lock."""
+
+    def allow(self, key):
+        now = max(self.clock(), self.latest)
+        self.latest = now
+        start = now - now % self.window
+        since, current, previous = self.counts.get(key, (start, 0, 0))
+        if since != start:
+            previous = current if since == start - self.window else 0
+            current = 0
+        weight = 1 - (now - start) / self.window
+        allowed = previous * weight + current + 1 <= self.limit
+        self.counts[key] = (start, current + allowed, previous)
+        return allowed
+
+
+class FloatUnlockedCounter(UnlockedCounter):
+    """No lock, every number converted with float() first: the checker's thread switches
+    are forced between bytecodes, not carried by the numbers, so conversion strips nothing."""
+
+    def __init__(self, limit, window, clock):
+        super().__init__(float(limit), float(window), lambda: float(clock()))
+
+
+class LockPerCallCounter(ReferenceCounter):
+    """A lock, but a new one per call: it excludes nobody."""
+
+    def allow(self, key):
+        self.lock = threading.Lock()
+        return super().allow(key)
+
+
+class FixedWindowCounter(ReferenceCounter):
+    """Ignores the previous window: a fixed window."""
+
+    def allow(self, key):
+        with self.lock:
+            now = max(self.clock(), self.latest)
+            self.latest = now
+            start = now - now % self.window
+            since, current, _ = self.counts.get(key, (start, 0, 0))
+            current = current if since == start else 0
+            allowed = current + 1 <= self.limit
+            self.counts[key] = (start, current + allowed, 0)
+            return allowed
+
+
+class UnclampedCounter(ReferenceCounter):
+    """Trusts a clock that steps back: an earlier window looks fresh."""
+
+    def allow(self, key):
+        self.latest = self.clock()
+        return super().allow(key)
+
+
+class OneCounterForAll(ReferenceCounter):
+    """Counts every client in one counter."""
+
+    def allow(self, key):
+        return super().allow("everyone")
 
 
 REFERENCE_FIXED_WINDOW = """
@@ -69,63 +126,55 @@ def reference_delay(retry_after: float, attempt: int, rng: random.Random) -> flo
     return base * (1 + rng.uniform(0, 1))
 
 
-class AbsoluteElapsedBucket(ReferenceBucket):
-    """Refills by |elapsed|: a clock stepping back an hour fills it to the brim."""
-
-    def consume(self, tokens=1):
-        with self.lock:
-            now = self.clock()
-            elapsed = abs(now - self.last)
-            self.last = now
-            self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
-            if self.tokens >= tokens:
-                self.tokens -= tokens
-                return True
-            return False
-
-
 def _fails(result: CheckResult, reason: str) -> bool:
     """The checker failed, and for the reason the planted bug should cause."""
     return not result and reason in result.message
 
 
-def test_token_bucket_checker_reports_what_failed(capsys: pytest.CaptureFixture[str]) -> None:
-    assert not check_token_bucket(lambda c, r, clock: AbsoluteElapsedBucket(c, r, clock))
+def test_window_counter_checker_reports_what_failed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert not check_window_counter(UnclampedCounter)
     line = capsys.readouterr().out
-    assert line.startswith("FAIL check_token_bucket") and "request at the step was allowed" in line
+    assert line.startswith("FAIL check_window_counter") and "clock stepped back 1 h" in line
 
 
-def test_token_bucket_checker() -> None:
-    assert check_token_bucket(lambda c, r, clock: ReferenceBucket(c, r, clock))
-    # the seed: its clock-step bug (a wall clock jumping back locks it for an hour)
-    assert _fails(
-        check_token_bucket(lambda c, r, clock: _seed_bucket(c, r, clock)),
-        "expected 2 allowed, got 0",
-    )
-    # a lock is missing: the race lets more than the capacity through
-    assert _fails(
-        check_token_bucket(lambda c, r, clock: UnlockedBucket(c, r, clock)), "8 threads x 100"
-    )
+def test_window_counter_checker_passes_the_reference() -> None:
+    assert check_window_counter(ReferenceCounter)
 
 
-def _seed_bucket(capacity, refill_rate, clock):
-    class Clocked(as_written.TokenBucket):
-        def consume(self, tokens=1):
-            from course_lib.clocks import replaced_time
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (FixedWindowCounter, "previous window 10 at weight 0.5: expected 5 allowed, got 8"),
+        (UnclampedCounter, "clock stepped back 1 h (counts as no time passing): expected 0"),
+        (OneCounterForAll, "another client 'b': expected 10 allowed, got 0"),
+        (LockPerCallCounter, "8 threads x 30 calls on one key, limit 50"),
+    ],
+    ids=["fixed window", "no clamp", "one counter", "lock per call"],
+)
+def test_window_counter_checker_fails_planted_answers(answer: type, reason: str) -> None:
+    assert _fails(check_window_counter(answer), reason)
 
-            with replaced_time(as_written, clock):
-                return super().consume(tokens)
 
-    bucket = Clocked(capacity, refill_rate)
-    bucket.last_refill = clock()
-    return bucket
+@pytest.mark.parametrize("answer", [UnlockedCounter, FloatUnlockedCounter])
+def test_window_counter_checker_refuses_a_lock_free_answer_every_time(answer: type) -> None:
+    # every run, not by luck: a thread switch is forced between every bytecode of the answer
+    for _ in range(5):
+        assert _fails(check_window_counter(answer), "8 threads x 30 calls on one key")
+
+
+def test_window_counter_checker_needs_time_from_the_clock_it_is_given() -> None:
+    class WallClock(ReferenceCounter):
+        def __init__(self, limit, window, clock):
+            super().__init__(limit, window, time.time)
+
+    assert _fails(check_window_counter(WallClock), "expected")
 
 
 def test_checkers_report_not_attempted(capsys: pytest.CaptureFixture[str]) -> None:
     def todo(*args):
         raise NotImplementedError
 
-    assert not check_token_bucket(todo)
+    assert not check_window_counter(todo)
     assert not check_atomic_limiter(todo)
     assert not check_retry_delays(todo)
     lines = capsys.readouterr().out.splitlines()

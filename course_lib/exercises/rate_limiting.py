@@ -1,6 +1,8 @@
 """Exercises of notebook 03 (rate limiting); each checker runs the student's code for real.
 
-- :func:`check_token_bucket`: a thread-safe token bucket that survives clock steps.
+- :func:`check_window_counter`: an in-process sliding window counter per client,
+  thread-safe (checked with a thread switch forced between every bytecode of the student's
+  code) and unmoved by a clock stepping back.
 - :func:`check_atomic_limiter`: a Redis limiter that admits exactly the limit under
   8 threads x 2 processes and leaves no key without a TTL, also when the connection drops
   between two of its commands (the checker drops it there on purpose).
@@ -22,12 +24,11 @@ import redis
 
 from course_lib import services
 from course_lib.clocks import ManualClock
-from course_lib.concurrency import admission_count, hammer_threads
-from course_lib.rate_limiting.lesson.races import Yielding
+from course_lib.concurrency import admission_count, hammer_threads, switch_between_bytecodes
 
 from .result import CheckResult, failed, not_attempted, passed
 
-__all__ = ["check_atomic_limiter", "check_retry_delays", "check_token_bucket"]
+__all__ = ["check_atomic_limiter", "check_retry_delays", "check_window_counter"]
 
 
 def _attempted(fn: Callable[[], Any], exercise: str, what: str) -> tuple[bool, Any]:
@@ -37,58 +38,80 @@ def _attempted(fn: Callable[[], Any], exercise: str, what: str) -> tuple[bool, A
         return False, not_attempted(exercise, what)
 
 
-def check_token_bucket(make_bucket: Callable[..., Any]) -> CheckResult:
-    """``make_bucket(capacity, refill_rate, clock)`` returns an object whose
-    ``consume(tokens=1)`` is truthy when allowed. Checked: refill arithmetic on a manual
-    clock, a clock stepping back an hour, and exactly ``capacity`` admissions from 8
-    threads on a frozen clock."""
-    name = "check_token_bucket"
+def _code_file(method: Any) -> str | None:
+    """The source file of a function or bound method (a notebook cell has its own)."""
+    function = getattr(method, "__func__", method)
+    code = getattr(function, "__code__", None)
+    return None if code is None else code.co_filename
+
+
+def check_window_counter(make_limiter: Callable[..., Any]) -> CheckResult:
+    """``make_limiter(limit, window, clock)`` returns an object whose ``allow(key)`` is
+    truthy when a request of client ``key`` is admitted by a sliding window counter:
+    windows aligned on the clock (``start = now - now % window``), a request admitted if
+    ``previous * (1 - (now - start) / window) + current + 1 <= limit``, counts kept per key,
+    and a clock reading earlier than the latest time the limiter saw counting as that time.
+
+    Checked on a manual clock (limit 10, window 2 s): a full window, another key, the
+    previous window's weight at half and a quarter of the next, a long idle, a clock stepping
+    back an hour; then exactness from 8 threads on a frozen clock with a thread switch
+    forced between every bytecode of the student's code, so an answer without a lock fails
+    every time (not only when a switch happens to land in its read-modify-write).
+    """
+    name = "check_window_counter"
     clock = ManualClock(1000.0)
-    ok, bucket = _attempted(lambda: make_bucket(5, 2.0, clock), name, "implement make_bucket")
+    ok, limiter = _attempted(lambda: make_limiter(10, 2.0, clock), name, "implement make_limiter")
     if not ok:
-        return bucket
+        return limiter
+
+    def burst(key: str, n: int) -> int:
+        return sum(bool(limiter.allow(key)) for _ in range(n))
+
+    expectations = []
     try:
-        first = [bool(bucket.consume()) for _ in range(6)]
-        clock.advance(0.5)
-        after_half_second = [bool(bucket.consume()) for _ in range(2)]
-        clock.advance(100)
-        after_idle = sum(bool(bucket.consume()) for _ in range(8))
+        expectations.append(
+            ("window 1000-1002 s, limit 10: 12 requests of 'a'", 10, burst("a", 12))
+        )
+        expectations.append(("same instant, another client 'b'", 10, burst("b", 12)))
+        clock.set(1003.0)  # previous window held 10 and weighs 0.5: 5 + current + 1 <= 10
+        expectations.append(("t=1003 s, previous window 10 at weight 0.5", 5, burst("a", 8)))
+        clock.set(1004.5)  # previous held 5, weight 0.75: 3.75 + current + 1 <= 10
+        expectations.append(("t=1004.5 s, previous window 5 at weight 0.75", 6, burst("a", 10)))
+        clock.set(1010.0)  # two whole windows idle: nothing carries over
+        expectations.append(("t=1010 s, after two idle windows", 10, burst("a", 12)))
         clock.advance(-3600)
-        at_step = bool(bucket.consume())
+        expectations.append(
+            ("clock stepped back 1 h (counts as no time passing)", 0, burst("a", 3))
+        )
         clock.advance(1.0)
-        after_step_back = sum(bool(bucket.consume()) for _ in range(3))
+        expectations.append(("1 s after the step, still before t=1010 s", 0, burst("a", 3)))
     except NotImplementedError:
-        return not_attempted(name, "implement consume")
-    if first != [True] * 5 + [False]:
-        return failed(name, f"capacity 5: expected 5 allowed then 1 denied, got {first}")
-    if after_half_second != [True, False]:
-        return failed(name, f"0.5 s at 2 tokens/s refills 1 token, got {after_half_second}")
-    if after_idle != 5:
-        return failed(
-            name, f"after 100 s idle the bucket holds capacity=5, it allowed {after_idle}"
-        )
-    if at_step:
-        return failed(
-            name,
-            "clock stepped back 1 h with the bucket empty: the request at the step was "
-            "allowed (a clock running backwards must count as no time passing)",
-        )
-    if after_step_back != 2:
-        return failed(
-            name,
-            "clock stepped back 1 h, then 1 s passed at 2 tokens/s: expected 2 allowed, "
-            f"got {after_step_back}",
-        )
-    frozen = make_bucket(Yielding(100), Yielding(1.0), ManualClock(0.0))
+        return not_attempted(name, "implement allow")
+    except Exception as exc:
+        return failed(name, f"allow raised {type(exc).__name__}: {exc}")
+    for what, expected, got in expectations:
+        if got != expected:
+            return failed(name, f"{what}: expected {expected} allowed, got {got}")
+
+    frozen = make_limiter(50, 2.0, ManualClock(0.0))
+    filename = _code_file(frozen.allow)
+    if filename is None:
+        return failed(name, "allow must be a Python function or method")
     try:
-        allowed = hammer_threads(frozen.consume, threads=8, calls=100)
+        with switch_between_bytecodes(filename):
+            allowed = hammer_threads(lambda: frozen.allow("shared"), threads=8, calls=30)
     except RuntimeError as exc:
-        return failed(name, f"consume raised under 8 threads: {exc}")
-    if allowed != 100:
-        return failed(name, f"8 threads x 100 calls, capacity 100: allowed {allowed}, not 100")
+        return failed(name, f"allow raised under 8 threads: {exc}")
+    if allowed != 50:
+        return failed(
+            name,
+            f"8 threads x 30 calls on one key, limit 50: allowed {allowed}, not 50 "
+            "(the check and the increment must happen as one step: a lock)",
+        )
     return passed(
         name,
-        "refill and capacity exact, survives a 1 h clock step, 8 threads allowed exactly 100",
+        "window weights, per-key counts and a 1 h clock step exact; 8 threads with a "
+        "switch between every bytecode allowed exactly 50",
     )
 
 

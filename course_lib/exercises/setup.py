@@ -2,7 +2,7 @@
 
 - :func:`check_get_many`: ``get_many(r, keys)`` fetches many keys in one round trip.
 - :func:`check_pool`: ``make_engine(url)`` returns an engine whose pool lets 8 threads run
-  200 queries over at most 8 PostgreSQL connections, opened once and reused.
+  200 queries over at most 4 PostgreSQL connections, opened once and reused.
 """
 
 from __future__ import annotations

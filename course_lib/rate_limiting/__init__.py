@@ -16,7 +16,7 @@
 - :class:`RateLimitMiddleware`: ASGI middleware answering 429 with ``Retry-After`` and the
   IETF draft ``RateLimit-Policy`` / ``RateLimit`` headers.
 - :mod:`.lesson`: what stages notebook 03 (the module's limiters as written, replays,
-  races, the HTTP demo app); not meant to be copied into a service.
+  excerpts and charts, the HTTP demo app); not meant to be copied into a service.
 """
 
 from . import aio

@@ -95,22 +95,30 @@ def run_seed_bucket(times: Sequence[float], capacity: float, refill_rate: float)
 def token_curve(
     run: pd.DataFrame, capacity: float, refill_rate: float, *, until: float
 ) -> tuple[list[float], list[float]]:
-    """The token count as a continuous line: refills between requests (flat at capacity),
-    a drop at each allowed request."""
+    """The token count as a continuous line up to ``until``: a climb at ``refill_rate``
+    between requests, flat once at capacity, a drop at each allowed request.
+
+    Drawn straight between its points, the line's slope is never more than ``refill_rate``:
+    where the bucket fills up between two points (also after the last request), the point at
+    which it reaches capacity is part of the line.
+    """
     xs, ys = [0.0], [capacity]
     level, last = capacity, 0.0
-    for t, after in zip(run["t"], run["after"], strict=True):
+
+    def refill_to(t: float) -> None:
         full_at = last + (capacity - level) / refill_rate
         if full_at < t:
             xs.append(full_at)
             ys.append(capacity)
         xs.append(t)
         ys.append(min(capacity, level + (t - last) * refill_rate))
+
+    for t, after in zip(run["t"], run["after"], strict=True):
+        refill_to(t)
         xs.append(t)
         ys.append(after)
         level, last = after, t
-    xs.append(until)
-    ys.append(min(capacity, level + (until - last) * refill_rate))
+    refill_to(until)
     return xs, ys
 
 
