@@ -62,7 +62,9 @@ class _Bar(tqdm):
     """tqdm that empties its display line when it closes."""
 
     def close(self) -> None:
-        line = self.fp if isinstance(self.fp, _DisplayLine) else None
+        # A disabled bar has no ``fp`` at all (tqdm returns before setting it).
+        fp = getattr(self, "fp", None)
+        line = fp if isinstance(fp, _DisplayLine) else None
         super().close()
         if line is not None and not line.closed:
             line.close()
