@@ -62,7 +62,7 @@ class _Bar(tqdm):
     """tqdm that empties its display line when it closes."""
 
     def close(self) -> None:
-        # A disabled bar has no ``fp`` at all (tqdm returns before setting it).
+        # tqdm calls close() from __del__ too, also on a bar whose __init__ stopped early
         fp = getattr(self, "fp", None)
         line = fp if isinstance(fp, _DisplayLine) else None
         super().close()
