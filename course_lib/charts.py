@@ -148,9 +148,14 @@ def new_figure(
     return fig, axes_list
 
 
+def _number(value: float) -> str:
+    """Three significant digits, never in e-notation (1,304 rather than 1.3e+03)."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _label_with_percentiles(label: str, values: Sequence[float], unit: str) -> str:
     p = percentiles(values)
-    return f"{label} (p50 {p['p50']:.3g} {unit}, p99 {p['p99']:.3g} {unit})"
+    return f"{label} (p50 {_number(p['p50'])} {unit}, p99 {_number(p['p99'])} {unit})"
 
 
 def latency_hist(

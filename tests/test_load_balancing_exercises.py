@@ -1,13 +1,22 @@
 """The notebook 02 checkers: a reference answer passes, each planted-wrong answer fails
-for the property it breaks, and a stub is reported as not attempted."""
+for the property it breaks (the lock-free balancer every time), and a stub is reported as
+not attempted."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
+import zlib
 
-from course_lib.exercises.load_balancing import check_ip_hash, check_least_connections
-from course_lib.load_balancing import LeastConnections
+import pytest
+
+from course_lib.exercises.load_balancing import (
+    check_ip_hash,
+    check_rendezvous,
+    check_weighted_least_connections,
+)
+from course_lib.load_balancing import ConsistentHash, LeastConnections
 from course_lib.load_balancing.lesson import as_written
 
 
@@ -15,20 +24,86 @@ def stub(*args: object) -> None:
     raise NotImplementedError
 
 
-# -- least connections ---------------------------------------------------------------------
-def test_least_connections_reference_passes() -> None:
-    assert check_least_connections(lambda servers: LeastConnections(servers, seed=1))
+# -- weighted least connections ------------------------------------------------------------
+class Weighted:
+    """The reference: fewest in flight per unit of weight, picked and counted under a lock,
+    freed in ``finally``."""
+
+    def __init__(self, weights: dict[str, int]) -> None:
+        self.weights = weights
+        self.active = dict.fromkeys(weights, 0)
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def acquire(self):
+        with self.lock:
+            server = min(self.active, key=lambda s: self.active[s] / self.weights[s])
+            self.active[server] += 1
+        try:
+            yield server
+        finally:
+            with self.lock:
+                self.active[server] -= 1
 
 
-def test_least_connections_not_attempted() -> None:
-    result = check_least_connections(stub)
-    assert not result and "not attempted" in result.message
+class LockFree(Weighted):
+    """The same arithmetic without the lock: correct alone, loses updates under threads."""
+
+    @contextlib.contextmanager
+    def acquire(self):
+        server = min(self.active, key=lambda s: self.active[s] / self.weights[s])
+        self.active[server] += 1
+        try:
+            yield server
+        finally:
+            self.active[server] -= 1
+
+
+class LockFreeOverFloats(Weighted):
+    """Lock-free, with its own plain copies of names and weights (``str()``/``float()``),
+    as a student might write to avoid the checker's yielding names."""
+
+    def __init__(self, weights: dict[str, int]) -> None:
+        super().__init__({str(s): float(w) for s, w in weights.items()})
+
+    @contextlib.contextmanager
+    def acquire(self):
+        server = min(self.active, key=lambda s: self.active[s] / self.weights[s])
+        count = self.active[server]
+        self.active[server] = count + 1
+        try:
+            yield server
+        finally:
+            self.active[server] -= 1
+
+
+class NoFinally(Weighted):
+    """Counts under a lock, but the decrement is skipped when the block raises."""
+
+    @contextlib.contextmanager
+    def acquire(self):
+        with self.lock:
+            server = min(self.active, key=lambda s: self.active[s] / self.weights[s])
+            self.active[server] += 1
+        yield server
+        with self.lock:
+            self.active[server] -= 1
+
+
+class Unweighted:
+    """course_lib's LeastConnections, which ignores weights: 4/3/3, not 6/2/2."""
+
+    def __init__(self, weights: dict[str, int]) -> None:
+        self.inner = LeastConnections(list(weights), seed=1)
+
+    def acquire(self):
+        return self.inner.acquire()
 
 
 class ModuleAsWritten:
-    """The module's balancer behind acquire(): it never counts, so all go to server1."""
+    """The module's balancer behind acquire(): it never counts, so all go to one server."""
 
-    def __init__(self, servers: list[str]) -> None:
+    def __init__(self, weights: dict[str, int]) -> None:
         self.lb = as_written.LoadBalancer()
 
     @contextlib.contextmanager
@@ -36,58 +111,104 @@ class ModuleAsWritten:
         yield self.lb.get_server()
 
 
-class NoFinally:
-    """Counts, but the decrement is skipped when the block raises."""
-
-    def __init__(self, servers: list[str]) -> None:
-        self.active = dict.fromkeys(servers, 0)
-        self.lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def acquire(self):
-        with self.lock:
-            server = min(self.active, key=self.active.get)
-            self.active[server] += 1
-        yield server
-        with self.lock:
-            self.active[server] -= 1
+def test_weighted_least_connections_reference_passes() -> None:
+    assert check_weighted_least_connections(Weighted)
 
 
-class TryLock:
-    """Refuses to wait for its lock: fine alone, raises as soon as two threads meet."""
-
-    def __init__(self, servers: list[str]) -> None:
-        self.inner = LeastConnections(servers, seed=1)
-        self.lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def acquire(self):
-        if not self.lock.acquire(blocking=False):
-            raise RuntimeError("balancer busy")
-        try:
-            with self.inner.acquire() as server:
-                threading.Event().wait(0.0001)  # hold the lock across a thread switch
-                self.lock.release()
-                yield server
-        finally:
-            if self.lock.locked():
-                with contextlib.suppress(RuntimeError):
-                    self.lock.release()
+def test_weighted_least_connections_not_attempted() -> None:
+    result = check_weighted_least_connections(stub)
+    assert not result and "not attempted" in result.message
 
 
-def test_least_connections_that_never_counts_fails() -> None:
-    result = check_least_connections(ModuleAsWritten)
-    assert not result and "3/3/3" in result.message and "'server1': 9" in result.message
+@pytest.mark.parametrize("run", range(5))
+def test_weighted_least_connections_without_a_lock_fails_every_time(run: int) -> None:
+    result = check_weighted_least_connections(LockFree)
+    assert not result and "counts are off" in result.message
 
 
-def test_least_connections_that_leaks_on_exceptions_fails() -> None:
-    result = check_least_connections(NoFinally)
-    assert not result and "did not free its slot" in result.message
+@pytest.mark.parametrize("run", range(5))
+def test_weighted_least_connections_without_a_lock_over_plain_copies_fails_every_time(
+    run: int,
+) -> None:
+    # Its counts are keyed by plain str copies, so the names' yielding hash is stripped:
+    # the checker's switch before each write still lands between the read and the write.
+    result = check_weighted_least_connections(LockFreeOverFloats)
+    assert not result and "counts are off" in result.message
 
 
-def test_least_connections_that_fails_under_threads_fails() -> None:
-    result = check_least_connections(TryLock)
-    assert not result and "under 8 threads" in result.message
+def test_weighted_least_connections_that_leaks_on_exceptions_fails() -> None:
+    result = check_weighted_least_connections(NoFinally)
+    assert not result and "not freed" in result.message
+
+
+def test_weighted_least_connections_that_ignores_weights_fails() -> None:
+    result = check_weighted_least_connections(Unweighted)
+    assert not result and "should go 6/2/2" in result.message
+
+
+def test_weighted_least_connections_that_never_counts_fails() -> None:
+    result = check_weighted_least_connections(ModuleAsWritten)
+    assert not result and "should go 6/2/2" in result.message
+
+
+# -- rendezvous hashing --------------------------------------------------------------------
+def rendezvous(key: str, servers: list[str]) -> str:
+    def score(server: str) -> int:
+        return int.from_bytes(hashlib.blake2b(f"{server}|{key}".encode(), digest_size=8).digest())
+
+    return max(servers, key=score)
+
+
+def test_rendezvous_reference_passes() -> None:
+    assert check_rendezvous(rendezvous)
+
+
+def test_rendezvous_not_attempted() -> None:
+    result = check_rendezvous(stub)
+    assert not result and "not attempted" in result.message
+
+
+def test_rendezvous_on_pythons_salted_hash_fails() -> None:
+    result = check_rendezvous(lambda key, servers: max(servers, key=lambda s: hash((s, key))))
+    assert not result and "PYTHONHASHSEED" in result.message
+
+
+def test_rendezvous_as_hash_mod_n_fails() -> None:
+    def modulo(key: str, servers: list[str]) -> str:
+        ordered = sorted(servers)
+        return ordered[zlib.crc32(key.encode()) % len(ordered)]
+
+    result = check_rendezvous(modulo)
+    assert not result and "whose server stayed" in result.message
+
+
+def test_rendezvous_that_depends_on_list_order_fails() -> None:
+    result = check_rendezvous(
+        lambda key, servers: servers[zlib.crc32(key.encode()) % 10 % len(servers)]
+    )
+    assert not result and "shuffled" in result.message
+
+
+def test_rendezvous_with_a_score_that_ignores_the_pairing_fails() -> None:
+    # crc(key) + crc(server): the key adds the same to every score, so one server always wins.
+    def additive(key: str, servers: list[str]) -> str:
+        return max(servers, key=lambda s: zlib.crc32(key.encode()) + zlib.crc32(s.encode()))
+
+    result = check_rendezvous(additive)
+    assert not result and "uneven" in result.message
+
+
+def test_rendezvous_as_a_ring_of_one_point_per_server_fails() -> None:
+    def ring(key: str, servers: list[str]) -> str:
+        return ConsistentHash(servers, vnodes=1).pick(str(key))
+
+    result = check_rendezvous(ring)
+    assert not result and "uneven" in result.message
+
+
+def test_rendezvous_that_returns_a_stranger_fails() -> None:
+    result = check_rendezvous(lambda key, servers: "elsewhere")
+    assert not result and "not one of the servers" in result.message
 
 
 # -- ip hash -------------------------------------------------------------------------------

@@ -96,3 +96,13 @@ def test_claim_asserts_the_title_on_its_data() -> None:
         claim("B is faster", holds=False)
     with pytest.raises(TypeError, match="holds must be a bool"):
         claim("B is faster", holds=1.5)
+
+
+def test_a_disabled_progress_bar_closes_cleanly() -> None:
+    # tqdm sets no file on a disabled bar: closing one (as run_load(progress=False) does)
+    # raised AttributeError before the fix.
+    from course_lib.progress import progress
+
+    bar = progress(total=3, disable=True)
+    bar.update()
+    bar.close()

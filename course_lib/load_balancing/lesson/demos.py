@@ -1,10 +1,13 @@
-"""Small demos for notebook 02: the naive weighted expansion, burst length, modulo hashing,
-remap counts and load spread. Bookkeeping only; the strategies are in the library."""
+"""Small demos for notebook 02: the module's round robin with a log line, the naive weighted
+expansion, burst length, modulo hashing, remap counts and load spread.
+Bookkeeping only; the strategies are in the library."""
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import os
 import random
 import time
 import zlib
@@ -12,15 +15,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ..strategies import Strategy
+from . import as_written
 
 __all__ = [
     "PolledLeastLoaded",
     "PolledTwoChoices",
-    "YieldingList",
+    "get_server_with_log",
     "longest_run",
     "modulo_pick",
     "naive_weighted",
     "remapped",
+    "route_log",
     "spread",
 ]
 
@@ -58,18 +63,25 @@ def spread(picks: Iterable[str], servers: Sequence[str]) -> float:
     return max(loads) / (sum(loads) / len(loads))
 
 
-class YieldingList(list):
-    """A list whose ``len()`` gives the GIL away (``time.sleep(0)``).
+# The log line of get_server_with_log goes to a real file, so each record is a write(2):
+# the thread releases the GIL there, as it does in any service that logs to a file or a pipe.
+route_log = logging.getLogger("course_lib.lesson.routing")
+route_log.propagate = False
+route_log.setLevel(logging.INFO)
+route_log.addHandler(logging.StreamHandler(open(os.devnull, "w")))  # noqa: SIM115 - lives with the process
 
-    The module's round robin calls ``len(servers)`` between reading ``current`` and
-    writing it back; with this list another thread runs exactly there, which widens the
-    race window from a few bytecodes to a thread switch (the magnitude is staged, the race
-    is the module's).
+
+def get_server_with_log() -> object:
+    """The module's ``get_server`` with the log line a real service puts in it.
+
+    Nothing else changes: it reads ``current``, logs which server it picked, then writes
+    ``current + 1`` back. Writing the log record releases the GIL, so another thread can
+    read the same ``current`` before this one writes it.
     """
-
-    def __len__(self) -> int:
-        time.sleep(0)
-        return super().__len__()
+    server = as_written.servers[as_written.current]
+    route_log.info("routing request to %s", server)
+    as_written.current = (as_written.current + 1) % len(as_written.servers)
+    return server
 
 
 class _Polled(Strategy):
