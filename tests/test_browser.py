@@ -107,7 +107,8 @@ def _stop(server: subprocess.Popen[bytes], base: str) -> None:
     for child in children:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-    psutil.wait_procs(children, timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left running: {alive}"
 
 
 @pytest.fixture
@@ -123,6 +124,10 @@ def lab(tmp_path: Path) -> Iterator[str]:
         "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
     }
+    # no autosave: the test opens the course's own notebooks and must not write them back
+    docmanager = tmp_path / "settings" / "@jupyterlab" / "docmanager-extension"
+    docmanager.mkdir(parents=True)
+    (docmanager / "plugin.jupyterlab-settings").write_text('{"autosave": false}')
     log = (tmp_path / "lab.log").open("wb")
     server = subprocess.Popen(
         [
@@ -155,6 +160,13 @@ def lab(tmp_path: Path) -> Iterator[str]:
         assert "running as root (usual in containers), so JupyterLab gets --allow-root" in output
 
 
+def _keep(page: object, name: str) -> None:
+    """Save a screenshot where ``COURSE_KEEP_SCREENSHOTS`` names a folder (to look at)."""
+    keep = os.environ.get("COURSE_KEEP_SCREENSHOTS")
+    if keep:
+        page.screenshot(path=str(Path(keep) / name))  # type: ignore[attr-defined]
+
+
 def _poll_status(base: str) -> int:
     try:
         return _get(f"{base}/api/status?token={TOKEN}")[0]
@@ -184,6 +196,7 @@ def test_lab_opens_on_the_start_page_and_renders_a_notebook_and_its_slideshow(
             assert title in text
         assert "session length" in text
         assert page.get_by_text("official Jupyter news").count() == 0
+        _keep(page, "lab-start.png")
 
         # a notebook: its title and its first chart rendered from the saved outputs
         page.goto(f"{lab}/lab/tree/00_setup.ipynb?token={TOKEN}")
@@ -196,11 +209,13 @@ def test_lab_opens_on_the_start_page_and_renders_a_notebook_and_its_slideshow(
         chart.wait_for(state="visible", timeout=60_000)
         assert chart.evaluate("img => img.naturalWidth") > 100
         assert page.get_by_text("official Jupyter news").count() == 0
+        _keep(page, "lab-notebook.png")
 
         # the live slideshow (RISE) of that notebook, from the same JupyterLab
         page.goto(f"{lab}/rise/00_setup.ipynb?token={TOKEN}")
         page.locator(".reveal .slides section").first.wait_for(timeout=90_000)
-        assert "00 · Setup and the latency ladder" in page.locator(".reveal").inner_text()
+        assert "00 · setup and the latency ladder" in page.locator(".reveal").inner_text().lower()
+        _keep(page, "lab-rise.png")
     finally:
         page.close()
 
@@ -259,7 +274,9 @@ def test_the_built_landing_page_resolves_every_card_thumbnail_and_link(
         # the slides show their first slide offline: reveal.js is in the build
         page.goto((out / "00_setup.slides.html").as_uri())
         page.wait_for_function("document.querySelector('.reveal.ready') !== null", timeout=30_000)
-        assert "00 · Setup" in page.locator(".reveal .slides section.present").first.inner_text()
+        first = page.locator(".reveal .slides section.present").first
+        assert "00 · setup and the latency ladder" in first.inner_text().lower()  # theme: caps
+        page.screenshot(path=str(out / "slides.png"))
         assert remote == []
         page.goto((out / "index.html").as_uri())
         page.screenshot(path=str(out / "landing.full.png"), full_page=True)
@@ -267,6 +284,7 @@ def test_the_built_landing_page_resolves_every_card_thumbnail_and_link(
         page.close()
     # course build kept a screenshot of the landing page with the build
     assert (out / "landing.png").read_bytes().startswith(b"\x89PNG")
-    keep = os.environ.get("COURSE_KEEP_SCREENSHOT")
+    keep = os.environ.get("COURSE_KEEP_SCREENSHOTS")  # a folder to look at them afterwards
     if keep:
-        shutil.copy(out / "landing.full.png", keep)
+        for name in ("landing.png", "landing.full.png", "slides.png"):
+            shutil.copy(out / name, Path(keep) / name)
