@@ -16,7 +16,7 @@ from pathlib import Path
 from . import services
 from .services.resolve import mask
 
-__all__ = ["main"]
+__all__ = ["LAB_SETTINGS", "ROOT_NOTE", "lab_command", "lab_settings_file", "main"]
 
 
 _INSTALLED_FROM = Path(__file__).resolve().parent.parent
@@ -127,8 +127,34 @@ def _write_start_page(root: Path) -> str:
     return START_PAGE
 
 
-def _is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
+ROOT_NOTE = (
+    "course: running as root (usual in containers), so JupyterLab gets --allow-root; "
+    "it refuses root without it"
+)
+
+
+def lab_command(
+    notebooks: Path, jupyter_args: list[str], *, as_root: bool, start: str | None
+) -> tuple[list[str], list[str]]:
+    """The command ``course lab`` runs and the lines it prints first: JupyterLab on
+    ``notebooks``, on loopback, opening ``start`` (a file under ``notebooks``) if given;
+    ``--allow-root`` added only ``as_root`` (JupyterLab refuses root otherwise, and stays as
+    strict as it is for everyone else); ``jupyter_args`` last, so the user's win."""
+    command = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        f"--notebook-dir={notebooks}",
+        "--ServerApp.ip=127.0.0.1",
+    ]
+    notes = []
+    if start is not None:
+        command.append(f"--LabApp.default_url=/lab/tree/{start}")
+    if as_root and "--allow-root" not in jupyter_args:
+        notes.append(ROOT_NOTE)
+        command.append("--allow-root")
+    return [*command, *jupyter_args], notes
 
 
 def _lab(args: argparse.Namespace) -> int:
@@ -138,25 +164,18 @@ def _lab(args: argparse.Namespace) -> int:
     print(f"DATABASE_URL={mask(services.database_url())}")
     root = _root()
     _install_lab_settings()
-    command = [
-        sys.executable,
-        "-m",
-        "jupyter",
-        "lab",
-        f"--notebook-dir={root / 'notebooks'}",
-        "--ServerApp.ip=127.0.0.1",
-    ]
     try:
-        command.append(f"--LabApp.default_url=/lab/tree/{_write_start_page(root)}")
+        start: str | None = _write_start_page(root)
     except OSError as exc:  # no start page where notebooks/ is read-only: JupyterLab as is
         print(f"course: note: no start page ({exc})")
-    if _is_root() and "--allow-root" not in args.jupyter_args:
-        print(
-            "course: running as root (usual in containers), so JupyterLab gets --allow-root; "
-            "it refuses root without it"
-        )
-        command.append("--allow-root")
-    command += args.jupyter_args
+        start = None
+    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    command, notes = lab_command(
+        root / "notebooks", args.jupyter_args, as_root=as_root, start=start
+    )
+    for note in notes:
+        print(note)
+    sys.stdout.flush()
     os.execv(sys.executable, command)
     return 0  # pragma: no cover - execv does not return
 
