@@ -160,6 +160,19 @@ def key_chart(nb: nbformat.NotebookNode) -> bytes | None:
     return None
 
 
+# A code cell taller than this (source and text output, in lines) gets a sub-slide of its
+# own: as a fragment it would push the slide's heading off the screen.
+_TALL_CELL = 24
+
+
+def _lines(cell: nbformat.NotebookNode) -> int:
+    count = len(cell.source.splitlines())
+    for output in cell.get("outputs", []):
+        text = output.get("text") or output.get("data", {}).get("text/plain", "")
+        count += len("".join(text).splitlines())
+    return count
+
+
 def _default_slide_type(cell: nbformat.NotebookNode, previous: str) -> str:
     if cell.cell_type == "markdown":
         if cell.source.lstrip().startswith("#"):
@@ -167,7 +180,7 @@ def _default_slide_type(cell: nbformat.NotebookNode, previous: str) -> str:
         return "subslide" if previous == "code" else "-"
     if any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])):
         return "subslide"
-    return "fragment"
+    return "subslide" if _lines(cell) > _TALL_CELL else "fragment"
 
 
 def _fill_slide_types(nb: nbformat.NotebookNode) -> int:
@@ -187,9 +200,10 @@ def with_default_slides(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """A copy of ``nb`` in which every cell has a slide type; a cell's own is kept. Defaults:
     every Markdown heading starts a slide; prose right under a heading stays on its slide,
     prose after code starts a sub-slide (the next step of the section, below it); a code cell
-    whose output is a chart gets a sub-slide of its own; other code cells appear as fragments
-    of the current slide. The same rule serves the static slides (``course build``) and the
-    live slideshow in JupyterLab (RISE, once :func:`set_default_slides` wrote it)."""
+    whose output is a chart, or that is taller than 24 lines with its text output, gets a
+    sub-slide of its own; other code cells appear as fragments of the current slide. The same
+    rule serves the static slides (``course build``) and the live slideshow in JupyterLab
+    (RISE, once :func:`set_default_slides` wrote it)."""
     copy = nbformat.from_dict(json.loads(json.dumps(nb)))
     _fill_slide_types(copy)
     return copy

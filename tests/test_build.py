@@ -231,6 +231,9 @@ def test_goals_are_the_first_cells_bullets() -> None:
 def test_default_slide_types_follow_headings_and_charts() -> None:
     chart = new_code_cell("plot()")
     chart.outputs = [nbformat.v4.new_output("display_data", data={"image/png": "iVBOR"})]
+    # a table printed by a short cell: as a fragment it would push the heading off the screen
+    tall = new_code_cell("print(table)")
+    tall.outputs = [nbformat.v4.new_output("stream", name="stdout", text="row\n" * 30)]
     nb = new_notebook(
         cells=[
             new_markdown_cell("# Title"),
@@ -239,12 +242,15 @@ def test_default_slide_types_follow_headings_and_charts() -> None:
             chart,
             new_markdown_cell("the next step"),
             new_code_cell("y = 2"),
+            tall,
             new_markdown_cell("## 1.1 Next"),
         ]
     )
     slides = with_default_slides(nb)
     kinds = [c.metadata["slideshow"]["slide_type"] for c in slides.cells]
-    assert kinds == ["slide", "-", "fragment", "subslide", "subslide", "fragment", "slide"]
+    assert kinds == [
+        "slide", "-", "fragment", "subslide", "subslide", "fragment", "subslide", "slide"
+    ]  # fmt: skip
     assert "slideshow" not in nb.cells[0].metadata  # the notebook itself is left alone
 
 
