@@ -101,6 +101,14 @@ LAB_SETTINGS = {
 START_PAGE = "START_HERE.md"
 
 
+def _replace(target: Path, text: str) -> None:
+    """Write ``target`` whole or not at all: a JupyterLab already running (another
+    ``course lab``) never reads it half written."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, target)
+
+
 def lab_settings_file() -> Path:
     """Where ``course lab`` installs :data:`LAB_SETTINGS` in the current environment."""
     return Path(sys.prefix) / "share/jupyter/lab/settings/overrides.d/perf-course.json"
@@ -112,7 +120,7 @@ def _install_lab_settings() -> None:
     try:
         if not target.is_file() or target.read_text(encoding="utf-8") != text:
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
+            _replace(target, text)
     except OSError as exc:  # a read-only environment: JupyterLab still starts, with its prompt
         print(f"course: note: could not install the course's JupyterLab settings: {exc}")
 
@@ -123,7 +131,7 @@ def _write_start_page(root: Path) -> str:
 
     checkout = _checkout()
     ledger = (checkout or Path.cwd()) / "build" / "runs.json"
-    (root / "notebooks" / START_PAGE).write_text(start_page(root, ledger), encoding="utf-8")
+    _replace(root / "notebooks" / START_PAGE, start_page(root, ledger))
     return START_PAGE
 
 
