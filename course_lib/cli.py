@@ -96,6 +96,9 @@ LAB_SETTINGS = {
     "jupyterlab-rise:plugin": {
         "start_slideshow_at": "beginning",
         "scroll": True,
+        # RISE's default theme ("simple") imports web fonts, "white" capitalises headings
+        # (identifiers like `ip_hash` in them too); "serif" does neither
+        "theme": "serif",
     },
 }
 START_PAGE = "START_HERE.md"

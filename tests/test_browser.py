@@ -160,6 +160,23 @@ def lab(tmp_path: Path) -> Iterator[str]:
         assert "running as root (usual in containers), so JupyterLab gets --allow-root" in output
 
 
+def _offline(page: object, allowed: str) -> list[str]:
+    """Refuse every request of ``page`` whose URL does not start with ``allowed``; return
+    the list the refused URLs are added to."""
+    refused: list[str] = []
+
+    def route(route: object) -> None:
+        url = route.request.url  # type: ignore[attr-defined]
+        if url.startswith(allowed) or url.startswith(("data:", "blob:")):
+            route.continue_()  # type: ignore[attr-defined]
+        else:
+            refused.append(url)
+            route.abort()  # type: ignore[attr-defined]
+
+    page.route("**/*", route)  # type: ignore[attr-defined]
+    return refused
+
+
 def _keep(page: object, name: str) -> None:
     """Save a screenshot where ``COURSE_KEEP_SCREENSHOTS`` names a folder (to look at)."""
     keep = os.environ.get("COURSE_KEEP_SCREENSHOTS")
@@ -179,6 +196,8 @@ def test_lab_opens_on_the_start_page_and_renders_a_notebook_and_its_slideshow(
     lab: str, chromium: object
 ) -> None:
     page = chromium.new_page()  # type: ignore[attr-defined]
+    # offline, as in a classroom without network: only the server on loopback answers
+    remote = _offline(page, allowed=lab)
     try:
         # the course's settings, from this environment: no news prompt, no update check
         status, body = _get(
@@ -216,6 +235,7 @@ def test_lab_opens_on_the_start_page_and_renders_a_notebook_and_its_slideshow(
         page.locator(".reveal .slides section").first.wait_for(timeout=90_000)
         assert "00 · setup and the latency ladder" in page.locator(".reveal").inner_text().lower()
         _keep(page, "lab-rise.png")
+        assert remote == []  # nothing tried to leave the machine
     finally:
         page.close()
 
@@ -244,16 +264,7 @@ def test_the_built_landing_page_resolves_every_card_thumbnail_and_link(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     page = chromium.new_page()  # type: ignore[attr-defined]
-    remote: list[str] = []
-    # offline, as in a classroom without network: anything not on disk is refused and noted
-    page.route(
-        "**/*",
-        lambda route: (
-            route.continue_()
-            if route.request.url.startswith("file:")
-            else (remote.append(route.request.url), route.abort())[1]
-        ),
-    )
+    remote = _offline(page, allowed="file:")
     try:
         page.goto((out / "index.html").as_uri())
         cards = page.locator(".card")

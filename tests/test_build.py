@@ -216,6 +216,7 @@ def test_landing_page_slides_and_instructor_pages_build_offline(
     assert "reveal.js/dist/reveal.js" in loaded and "reveal.js/dist/theme/white.css" in loaded
     assert not [url for url in loaded if re.match(r"(https?:)?//", url)]
     assert "require(" not in slides and "unpkg.com" not in slides
+    assert "text-transform: none" in slides  # headings as written, not capitalised by the theme
     for name in loaded:
         if name.startswith("reveal.js/"):
             assert (out / name).is_file(), name
