@@ -352,3 +352,28 @@ def test_a_partial_build_lists_the_instructor_pages_of_notebooks_it_did_not_buil
     unlisted = index.split("not built here yet")[1]
     assert "href='instructor/01_tiny.html'" in unlisted
     assert "href='instructor/04_later.html'" in unlisted
+
+
+def test_the_committed_notebooks_declare_the_servers_they_use_by_using_them() -> None:
+    root = Path(__file__).resolve().parent.parent
+    used = {
+        path.stem: servers_used(nbformat.read(path, as_version=4))
+        for path in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    }
+    # 02 runs HTTP backends, its proxy and nginx: neither Redis nor PostgreSQL
+    assert used["02_load_balancing"] == ["nginx"]
+    assert used["00_setup"] == ["redis", "postgres"]  # the latency ladder measures both
+    assert "postgres" in used["04_db_optimization"] and "redis" in used["03_rate_limiting"]
+
+
+def test_nginx_is_shown_with_its_version_or_as_not_installed() -> None:
+    from course_lib.build import _servers_line
+    from course_lib.load_balancing.nginx import nginx_binary
+
+    line = _servers_line(["redis", "nginx"], ["redis 7.2 (local)", "postgres 16 (local)"])
+    assert line[0] == "redis 7.2 (local)"  # postgres was not used: not listed
+    assert len(line) == 2
+    if nginx_binary() is None:
+        assert line[1] == "nginx not installed (its comparison was skipped)"
+    else:
+        assert re.fullmatch(r"nginx \d+\.\d+\.\d+ \(compared with the course proxy\)", line[1])
