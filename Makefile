@@ -44,8 +44,10 @@ test-embedded: install
 	COURSE_STATE_DIR=$(TEST_STATE) $(VENV)/bin/course services stop >/dev/null; \
 	rm -rf $(TEST_STATE); exit $$status
 
-lab: install  ## start JupyterLab on notebooks/ with the services provisioned
-	$(VENV)/bin/course lab
+# As root (containers) `course lab` adds --allow-root and says so. LAB_ARGS go to JupyterLab,
+# e.g. make lab LAB_ARGS="--port=8899 --no-browser".
+lab: install  ## start JupyterLab on the course's start page, services provisioned
+	$(VENV)/bin/course lab $(LAB_ARGS)
 
 notebooks: install  ## re-execute the notebooks in place (regenerates the committed outputs)
 	$(VENV)/bin/course build --inplace

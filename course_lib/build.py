@@ -9,10 +9,13 @@ names the failing notebook and cell. Output under ``build/``: the executed ``.ip
 :func:`with_default_slides`) and the PNG of its cell tagged ``key-chart`` (``thumbs/``); the
 instructor pages ``notebooks/instructor/NN_topic.md`` as ``instructor/NN_topic.html``; and the
 landing page ``index.html``: per notebook its title, goals (its first cell's bullets), status,
-run time, date, the servers it ran against, its key chart, and links to its page, slides,
-instructor page and solutions (of each notebook's latest build, kept in ``build/runs.json``,
-so building one notebook keeps the others' cards). The landing page is static HTML with
-inline CSS and no external assets; the slides load reveal.js from a CDN when opened.
+run time, date, session length (its instructor page's ``**Session length:**`` line), the
+servers it used (:func:`servers_used`) with their versions, its key chart (a click opens it
+full size), and links to its page, slides, instructor page and solutions (of each notebook's
+latest build, kept in ``build/runs.json``, so building one notebook keeps the others' cards);
+and ``landing.png``, a screenshot of it, where a Chromium is installed. The landing page is
+static HTML with inline CSS and no external assets; the slides load reveal.js from
+``build/reveal.js/`` (copied from the ``sphinx-revealjs`` package), so they work offline.
 With ``inplace`` the executed notebooks are written back over the sources instead, which is
 how the committed outputs are regenerated.
 """
@@ -25,6 +28,9 @@ import html
 import json
 import os
 import re
+import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,12 +47,18 @@ from .narrate import Figure, figures_of
 __all__ = [
     "NotebookRun",
     "build",
+    "chromium_binary",
+    "chromium_flags",
     "discover",
     "fill_instructor_page",
     "key_chart",
     "notebook_goals",
     "notebook_title",
     "render_markdown_page",
+    "servers_used",
+    "session_length",
+    "set_default_slides",
+    "start_page",
     "with_default_slides",
 ]
 
@@ -148,42 +160,198 @@ def key_chart(nb: nbformat.NotebookNode) -> bytes | None:
     return None
 
 
-def with_default_slides(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """A copy of ``nb`` with slide types for reveal.js; the notebook's own are kept if it has
-    any. Defaults: every Markdown heading starts a slide; prose right under a heading stays on
-    its slide, prose after code starts a sub-slide (the next step of the section, below it); a
-    code cell whose output is a chart gets a sub-slide of its own; other code cells appear as
-    fragments of the current slide."""
-    copy = nbformat.from_dict(json.loads(json.dumps(nb)))
-    if any("slide_type" in c.get("metadata", {}).get("slideshow", {}) for c in copy.cells):
-        return copy
-    previous = ""
-    for cell in copy.cells:
-        if cell.cell_type == "markdown":
-            if cell.source.lstrip().startswith("#"):
-                kind = "slide"
-            else:
-                kind = "subslide" if previous == "code" else "-"
-        elif any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])):
-            kind = "subslide"
-        else:
-            kind = "fragment"
-        cell.metadata["slideshow"] = {"slide_type": kind}
+# A code cell taller than this (source and text output, in lines) gets a sub-slide of its
+# own: as a fragment it would push the slide's heading off the screen.
+_TALL_CELL = 24
+
+
+def _lines(cell: nbformat.NotebookNode) -> int:
+    count = len(cell.source.splitlines())
+    for output in cell.get("outputs", []):
+        text = output.get("text") or output.get("data", {}).get("text/plain", "")
+        count += len("".join(text).splitlines())
+    return count
+
+
+def _default_slide_type(cell: nbformat.NotebookNode, previous: str) -> str:
+    if cell.cell_type == "markdown":
+        if cell.source.lstrip().startswith("#"):
+            return "slide"
+        return "subslide" if previous == "code" else "-"
+    if any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])):
+        return "subslide"
+    return "subslide" if _lines(cell) > _TALL_CELL else "fragment"
+
+
+def _fill_slide_types(nb: nbformat.NotebookNode) -> int:
+    """Give every cell of ``nb`` without a slide type the default one (see
+    :func:`with_default_slides`), in place; return how many cells got one."""
+    previous, filled = "", 0
+    for cell in nb.cells:
+        slideshow = cell.metadata.setdefault("slideshow", {})
+        if "slide_type" not in slideshow:
+            slideshow["slide_type"] = _default_slide_type(cell, previous)
+            filled += 1
         previous = cell.cell_type
+    return filled
+
+
+def with_default_slides(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A copy of ``nb`` in which every cell has a slide type; a cell's own is kept. Defaults:
+    every Markdown heading starts a slide; prose right under a heading stays on its slide,
+    prose after code starts a sub-slide (the next step of the section, below it); a code cell
+    whose output is a chart, or that is taller than 24 lines with its text output, gets a
+    sub-slide of its own; other code cells appear as fragments of the current slide. The same
+    rule serves the static slides (``course build``) and the live slideshow in JupyterLab
+    (RISE, once :func:`set_default_slides` wrote it)."""
+    copy = nbformat.from_dict(json.loads(json.dumps(nb)))
+    _fill_slide_types(copy)
     return copy
 
 
+def set_default_slides(path: Path) -> int:
+    """Write the default slide types (:func:`with_default_slides`) into the notebook file
+    ``path``, for the cells that have none, so RISE presents the live notebook the way the
+    static slides do. Only cell metadata changes: sources and outputs are untouched, and a
+    second call changes nothing. Returns how many cells got a slide type."""
+    nb = nbformat.read(path, as_version=4)
+    filled = _fill_slide_types(nb)
+    if filled:
+        nbformat.write(nb, path)
+    return filled
+
+
+def _reveal_folder() -> Path:
+    """reveal.js as the ``sphinx-revealjs`` package ships it (``dist/``, ``plugin/``)."""
+    import sphinx_revealjs
+
+    return Path(sphinx_revealjs.__file__).parent / "_static" / "revealjs"
+
+
+# What the offline slides load: reveal.js itself, its notes plugin, and the white theme
+# with the fonts it imports (nbconvert's default theme, "simple", imports web fonts).
+_REVEAL_FILES = ("dist/reveal.js", "dist/reveal.css", "plugin/notes/notes.js")
+_REVEAL_THEME = "white"
+
+
+def _copy_reveal(out: Path) -> None:
+    """Copy the reveal.js files the slides use into ``out/reveal.js``."""
+    source, target = _reveal_folder(), out / "reveal.js"
+    for name in _REVEAL_FILES:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, target / name)
+    theme = Path("dist/theme")
+    (target / theme).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / theme / f"{_REVEAL_THEME}.css", target / theme)
+    shutil.copytree(source / theme / "fonts", target / theme / "fonts", dirs_exist_ok=True)
+
+
 def _slides(nb: nbformat.NotebookNode) -> str:
-    """reveal.js slides of ``nb``. Nothing is fetched while exporting; the page loads reveal.js
-    (nbconvert's default ``reveal_url_prefix``, unpkg.com), require.js and jQuery from CDNs when
-    it is opened."""
+    """reveal.js slides of ``nb``, loading reveal.js from ``reveal.js/`` beside them (see
+    :func:`_copy_reveal`) and nothing from the network (the template ``reveal_offline``)."""
     from nbconvert import SlidesExporter
 
     exporter = SlidesExporter(
-        reveal_scroll=True, exclude_input_prompt=True, exclude_output_prompt=True
+        extra_template_basedirs=[str(Path(__file__).parent / "templates")],
+        template_name="reveal_offline",
+        reveal_url_prefix="reveal.js",
+        reveal_theme=_REVEAL_THEME,
+        reveal_scroll=True,
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
     )
     body, _ = exporter.from_notebook_node(with_default_slides(nb))
     return body
+
+
+# What a line of a notebook's code calls when it uses a server (``services.status()``, the
+# status line every notebook prints, only reports on the servers and is not counted).
+_SERVER_CALLS = {
+    "redis": re.compile(
+        r"\b(redis_client|redis_url|fail_fast_redis|fail_fast_async_redis|EmbeddedRedis)\s*\("
+    ),
+    "postgres": re.compile(
+        r"\b(engine|schema_engine|database_url|unique_schema|EmbeddedPostgres)\s*\("
+    ),
+    "nginx": re.compile(r"\brun_nginx\s*\("),
+}
+
+
+def servers_used(nb: nbformat.NotebookNode) -> list[str]:
+    """The servers the executed notebook ``nb`` used, among ``redis``, ``postgres`` and
+    ``nginx``: a server counts when a code cell that ran (it has an execution count) calls,
+    outside a comment, what connects to it or starts it (``services.redis_client()``,
+    ``services.engine()``, ``run_nginx(...)``, ...). A notebook declares what it uses by
+    using it; nothing is typed in by hand, and a run that stopped early claims only what it
+    reached."""
+    found = []
+    code = [
+        line.split("#", 1)[0]
+        for cell in nb.cells
+        if cell.cell_type == "code" and cell.get("execution_count") is not None
+        for line in cell.source.splitlines()
+    ]
+    for server, call in _SERVER_CALLS.items():
+        if any(call.search(line) for line in code):
+            found.append(server)
+    return found
+
+
+def _nginx_version() -> str | None:
+    """``nginx X.Y.Z`` of the nginx the course would start, or ``None`` if none is installed."""
+    from .load_balancing.nginx import nginx_binary
+
+    binary = nginx_binary()
+    if binary is None:
+        return None
+    done = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=30)
+    found = re.search(r"nginx/(\S+)", done.stderr + done.stdout)
+    return f"nginx {found.group(1)}" if found else "nginx (version unknown)"
+
+
+def _servers_line(used: Sequence[str], services_used: Sequence[str]) -> list[str]:
+    """Each server ``used`` with its version: Redis and PostgreSQL from ``services_used``
+    (``"redis 7.0.15 (local)"``, as ``course build`` passes them), nginx from its binary."""
+    described = []
+    for server in used:
+        if server == "nginx":
+            version = _nginx_version()
+            described.append(
+                f"{version} (compared with the course proxy)"
+                if version
+                else "nginx not installed (its comparison was skipped)"
+            )
+            continue
+        match = [s for s in services_used if s.split(" ", 1)[0] == server]
+        described += match or [server]
+    return described
+
+
+_SESSION_LENGTH = re.compile(r"\*\*Session length:\*\*\s*([^*]*)")
+
+
+def session_length(markdown: str) -> str | None:
+    """How long teaching the notebook takes, from its instructor page's ``**Session
+    length:**`` line: the duration (``about 85 minutes``), and ``, as two sessions`` when the
+    page says to split it. ``None`` if the page has no such line."""
+    found = _SESSION_LENGTH.search(markdown)
+    if not found:
+        return None
+    text = found.group(1)
+    duration = re.search(r"(about |under |over )?\d+(\s*-\s*\d+)?\s*(minutes|min|hours?)", text)
+    length = duration.group(0) if duration else text.split(".")[0].strip()
+    sessions = re.search(r"\b(two|three|four|\d) sessions\b", text)
+    return f"{length}, as {sessions.group(0)}" if sessions else length
+
+
+def _session_lengths(root: Path) -> dict[str, str]:
+    """Session length per notebook stem, from ``notebooks/instructor/*.md``."""
+    lengths = {}
+    for page in sorted((root / "notebooks" / "instructor").glob("[0-9][0-9]_*.md")):
+        length = session_length(page.read_text(encoding="utf-8"))
+        if length:
+            lengths[page.stem] = length
+    return lengths
 
 
 def render_markdown_page(markdown: str) -> str:
@@ -235,10 +403,12 @@ def _record(
 
 
 _CSS = (
-    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222}"
-    "h1{margin-bottom:.2em}.meta{color:#666}.card{border:1px solid #ddd;border-radius:6px;"
+    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:75em;color:#222}"
+    "h1{margin-bottom:.2em}.meta{color:#555}.card{border:1px solid #ddd;border-radius:6px;"
     "padding:1em 1.2em;margin:1.2em 0;display:flex;gap:1.5em}.card .text{flex:1}"
-    ".card h2{margin:0 0 .4em}.thumb img{width:20em;border:1px solid #eee}"
+    ".card h2{margin:0 0 .4em}.thumb{width:30em;text-align:center}"
+    ".thumb img{width:100%;border:1px solid #eee}.thumb .meta{font-size:.85em}"
+    ".start{background:#f3f7fc;border-left:4px solid #1f77b4;padding:.6em 1.2em}"
     ".ok{color:#2ca02c}.fail{color:#d62728}.links a{margin-right:1em}"
     "code{background:#f4f4f4;padding:0 .2em}ul{margin:.3em 0}"
 )
@@ -261,7 +431,15 @@ def _status(entry: dict[str, object]) -> str:
     return f"<span class='fail'>{html.escape(failure)}</span> after {entry['seconds']} s"
 
 
-def _card(entry: dict[str, object], solutions: dict[str, object] | None) -> str:
+def _servers(entry: dict[str, object]) -> str:
+    """The card's line of servers: those the notebook used (:func:`servers_used`)."""
+    if "servers" not in entry:  # a ledger entry from before servers were detected
+        return "servers used: not recorded (build it again)"
+    servers = ", ".join(str(s) for s in entry["servers"])  # type: ignore[attr-defined]
+    return f"servers used: {servers or 'none of Redis, PostgreSQL or nginx'}"
+
+
+def _card(entry: dict[str, object], solutions: dict[str, object] | None, length: str | None) -> str:
     page = str(entry["page"])
     links = [f"<a href='{html.escape(page)}'>notebook</a>"]
     for key, label in (("slides", "slides"), ("instructor", "instructor page")):
@@ -271,33 +449,60 @@ def _card(entry: dict[str, object], solutions: dict[str, object] | None) -> str:
         links.append(
             f"<a href='{html.escape(str(solutions['page']))}'>solutions</a> ({_status(solutions)})"
         )
-    goals = "".join(f"<li>{_inline(goal)}</li>" for goal in entry.get("goals", []))
-    services_used = ", ".join(str(s) for s in entry.get("services", [])) or "not recorded"
-    thumb = (
-        f"<div class='thumb'><a href='{html.escape(page)}'>"
-        f"<img src='{html.escape(str(entry['thumb']))}' alt='key chart'></a></div>"
-        if entry.get("thumb")
-        else ""
-    )
+    goals = "".join(f"<li>{_inline(goal)}</li>" for goal in entry.get("goals", []))  # type: ignore[attr-defined]
+    thumb = ""
+    if entry.get("thumb"):
+        src = html.escape(str(entry["thumb"]))
+        thumb = (
+            f"<div class='thumb'><a href='{src}' title='open the chart full size'>"
+            f"<img src='{src}' alt='key chart of {html.escape(str(entry['title']))}'></a>"
+            "<div class='meta'>key chart: click for full size</div></div>"
+        )
+    teaching = f"; session length {html.escape(length)}" if length else ""
     return (
         f"<div class='card'><div class='text'><h2>{html.escape(str(entry['title']))}</h2>"
-        f"<div>{_status(entry)}; built {html.escape(str(entry.get('built', '?')))}</div>"
-        f"<div class='meta'>ran against: {html.escape(services_used)}</div>"
+        f"<div>{_status(entry)}; built {html.escape(str(entry.get('built', '?')))}"
+        f"{teaching}</div>"
+        f"<div class='meta'>{html.escape(_servers(entry))}</div>"
         + (f"<ul>{goals}</ul>" if goals else "")
         + f"<div class='links'>{' '.join(links)}</div></div>{thumb}</div>"
     )
 
 
-def _index(entries: list[dict[str, object]], unlisted: list[tuple[str, str]], today: str) -> str:
-    """The landing page: one card per notebook (its solutions on the same card), then the
-    instructor pages of notebooks without a card. Static, with no external assets."""
+def _start_here(notebooks: list[dict[str, object]]) -> str:
+    """The pointer at the top of the landing page: set up, then the first notebook."""
+    first = notebooks[0] if notebooks else None
+    then = (
+        f"then open <a href='{html.escape(str(first['page']))}'>"
+        f"{html.escape(str(first['title']))}</a> (or run it live: <code>make lab</code>)"
+        if first
+        else "then build and open the first notebook"
+    )
+    return (
+        "<div class='start'><strong>Start here.</strong> Set up once with <code>make course"
+        "</code> (Python 3.11 or 3.12 and <code>make</code>; it starts its own Redis and "
+        "PostgreSQL where none runs) and check the servers with <code>course doctor</code>; "
+        f"{then}. The notebooks build on each other in order.</div>"
+    )
+
+
+def _index(
+    entries: list[dict[str, object]],
+    unlisted: list[tuple[str, str]],
+    today: str,
+    lengths: Mapping[str, str] | None = None,
+) -> str:
+    """The landing page: a pointer to where to start, one card per notebook (its solutions on
+    the same card), then the instructor pages of notebooks without a card. Static, with no
+    external assets."""
     notebooks = [e for e in entries if "/" not in str(e["page"])]
     solutions = {str(e["page"]): e for e in entries if "/" in str(e["page"])}
     cards = []
     for entry in notebooks:
         stem = str(entry["page"]).removesuffix(".html")
-        cards.append(_card(entry, solutions.pop(f"solutions/{stem}_solutions.html", None)))
-    cards += [_card(entry, None) for entry in solutions.values()]
+        answer = solutions.pop(f"solutions/{stem}_solutions.html", None)
+        cards.append(_card(entry, answer, (lengths or {}).get(stem)))
+    cards += [_card(entry, None, None) for entry in solutions.values()]
     upcoming = "".join(
         f"<li><a href='{html.escape(link)}'>{html.escape(title)}</a></li>"
         for title, link in unlisted
@@ -307,8 +512,9 @@ def _index(entries: list[dict[str, object]], unlisted: list[tuple[str, str]], to
         f"<style>{_CSS}</style></head><body>"
         "<h1>perf-course: backend performance and concurrency in Python</h1>"
         f"<p class='meta'>Course page built {html.escape(today)}. Each notebook: its goals, "
-        "its last build, the servers it ran against, its key chart; the slides and the "
-        "instructor page are for teaching it live.</p>"
+        "its last build, the servers it used, how long teaching it takes, its key chart; the "
+        "slides and the instructor page are for teaching it live.</p>"
+        + _start_here(notebooks)
         + "".join(cards)
         + (
             f"<h2>Instructor pages of notebooks not built here yet</h2><ul>{upcoming}</ul>"
@@ -336,7 +542,7 @@ def _publish(
     target.with_suffix(".html").write_text(_html(nb), encoding="utf-8")
     details: dict[str, object] = {
         "goals": notebook_goals(nb),
-        "services": list(services_used),
+        "servers": _servers_line(servers_used(nb), services_used),
         "built": built,
     }
     if len(relative.parts) > 1:
@@ -411,6 +617,95 @@ def _instructor_pages(root: Path, out: Path, built: set[str]) -> list[tuple[str,
     return unlisted
 
 
+def chromium_binary() -> str | None:
+    """A Chromium (or Chrome) on this machine, for the landing page's screenshot."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def chromium_flags(user_data_dir: Path) -> list[str]:
+    """Flags for a headless Chromium that touches nothing but the page it is given: no GPU,
+    no background traffic, a fresh profile; ``--no-sandbox`` only for root, where Chromium's
+    sandbox refuses to start (containers)."""
+    flags = [
+        "--headless",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={user_data_dir}",
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        flags.insert(1, "--no-sandbox")
+    return flags
+
+
+def _screenshot(page: Path, png: Path, size: tuple[int, int]) -> bool:
+    """Save a screenshot of the local HTML file ``page`` as ``png`` with headless Chromium;
+    ``False`` (and no file) where no Chromium is installed or it fails."""
+    binary = chromium_binary()
+    png.unlink(missing_ok=True)
+    if binary is None:
+        return False
+    with tempfile.TemporaryDirectory(prefix="course-chromium-") as profile:
+        command = [
+            binary,
+            *chromium_flags(Path(profile)),
+            f"--window-size={size[0]},{size[1]}",
+            f"--screenshot={png}",
+            page.resolve().as_uri(),
+        ]
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(command, capture_output=True, timeout=120, check=False)
+    return png.is_file()
+
+
+def start_page(root: Path, ledger: Path | None = None) -> str:
+    """The course's start page in Markdown, for JupyterLab (``course lab`` opens it): the
+    content of the landing page's cards, linking the notebooks themselves. Per notebook its
+    title, goals, session length and run time (from ``ledger``, a build's ``runs.json``, when
+    it has the notebook; else "not built yet")."""
+    runs: dict[str, dict[str, object]] = {}
+    if ledger is not None and ledger.is_file():
+        with contextlib.suppress(ValueError):
+            runs = {str(e["page"]): e for e in json.loads(ledger.read_text(encoding="utf-8"))}
+    lengths = _session_lengths(root)
+    lines = [
+        "# perf-course: start here",
+        "",
+        "Run the notebooks in order, starting with **00 · Setup** (it checks the servers). "
+        "To present one live, open it and press **Alt+R** (or the *Render as slides* button "
+        "of its toolbar): the slideshow runs its cells live. The instructor notes are in "
+        "`instructor/`.",
+    ]
+    for path in discover(root):
+        if path.parent.name == "solutions":
+            continue
+        nb = nbformat.read(path, as_version=4)
+        run = runs.get(f"{path.stem}.html")
+        if run is None:
+            ran = "not built yet (`course build`)"
+        elif run.get("ok"):
+            ran = f"ran in {run['seconds']} s on {run.get('built', '?')}"
+        else:
+            ran = f"last build FAILED at cell {run.get('failed_cell')}"
+        length = lengths.get(path.stem)
+        facts = [ran] + ([f"session length {length}"] if length else [])
+        if run is not None and "servers" in run:
+            servers = ", ".join(str(s) for s in run["servers"])  # type: ignore[attr-defined]
+            facts.append(f"servers used: {servers or 'none of Redis, PostgreSQL or nginx'}")
+        lines += ["", f"## [{notebook_title(nb, path.stem)}]({path.name})", ""]
+        lines += [f"- {goal}" for goal in notebook_goals(nb)]
+        lines += ["", f"*{'; '.join(facts)}.*"]
+    return "\n".join(lines) + "\n"
+
+
 def build(
     root: Path,
     notebooks: list[Path] | None = None,
@@ -419,11 +714,13 @@ def build(
     inplace: bool = False,
     timeout: int = 600,
     services_used: Sequence[str] = (),
+    screenshot: bool = True,
 ) -> list[NotebookRun]:
     """Execute ``notebooks`` (default: :func:`discover`) and write the results; see module doc.
 
     ``services_used`` describes the servers the notebooks run against (``course build``
-    passes each service's kind and version); the landing page shows it per notebook.
+    passes each service's kind and version); each card shows those its notebook used.
+    ``screenshot``: save ``landing.png`` where a Chromium is installed.
     Raises ``ValueError`` before running anything if a notebook is missing or ``timeout`` is
     not positive, and ``OSError`` if the output folder cannot be written.
     """
@@ -456,10 +753,16 @@ def build(
             built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
             details[path] = _publish(nb, path, root, out, services_used, built)
     if not inplace:
+        if any("slides" in d for d in details.values()):
+            _copy_reveal(out)
         entries = _record(runs, details, root, out)
         built = {str(e["page"]).removesuffix(".html") for e in entries}
         unlisted = _instructor_pages(root, out, built)
         today = datetime.now(UTC).strftime("%Y-%m-%d")
-        page = _index(entries, unlisted, today)
+        page = _index(entries, unlisted, today, _session_lengths(root))
         (out / "index.html").write_text(page, encoding="utf-8")
+        if screenshot:
+            # tall enough for every card (about 400 px each at this width)
+            height = 400 + 400 * len(entries) + 30 * len(unlisted)
+            _screenshot(out / "index.html", out / "landing.png", (1280, height))
     return runs

@@ -14,7 +14,16 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from course_lib.build import build, key_chart, notebook_goals, with_default_slides
+from course_lib.build import (
+    build,
+    key_chart,
+    notebook_goals,
+    servers_used,
+    session_length,
+    set_default_slides,
+    start_page,
+    with_default_slides,
+)
 
 # The notebooks built here use no service of the course: one pass of `make test` covers them.
 pytestmark = pytest.mark.one_pass
@@ -69,6 +78,8 @@ def course(tmp_path: Path) -> Path:
         _chart_cell(tagged=True),
         new_markdown_cell("## 1.2 Another section"),
         new_code_cell("print(x + 1)"),
+        # the notebook uses Redis (a call it made), not PostgreSQL (a comment, a call not run)
+        new_code_cell("def redis_url():\n    return 'redis://'\n\nredis_url()  # not engine()"),
     )
     _write(
         notebooks / "solutions" / "01_tiny_solutions.ipynb",
@@ -82,7 +93,10 @@ def course(tmp_path: Path) -> Path:
     )
     instructor = notebooks / "instructor"
     instructor.mkdir()
-    (instructor / "01_tiny.md").write_text("# 01 · Instructor notes\n\n## 1.1 A section\n\n10 min.")
+    (instructor / "01_tiny.md").write_text(
+        "# 01 · Instructor notes\n\n**Session length:** about 25 minutes (the table below). "
+        "**Needs:** Redis.\n\n## 1.1 A section\n\n10 min."
+    )
     (instructor / "04_later.md").write_text("# 04 · Later topic: instructor notes\n\nSoon.")
     return tmp_path
 
@@ -132,6 +146,10 @@ def test_landing_page_slides_and_instructor_pages_build_offline(
     assert offline == []  # nothing tried to reach the network
     index = (out / "index.html").read_text()
 
+    # a pointer to where to start: setup, then the first notebook
+    start = index[index.index("Start here") : index.index("<div class='card'>")]
+    assert "<code>make course</code>" in start and "href='01_tiny.html'" in start
+
     # one card per course notebook, its solutions on the same card
     assert index.count("<div class='card'>") == 2
     tiny = index[index.index("01 · A tiny topic") : index.index("02 · Plain")]
@@ -140,8 +158,13 @@ def test_landing_page_slides_and_instructor_pages_build_offline(
         in tiny
     )
     assert "<li>explain another.</li>" in tiny
-    assert "ran against: redis 7.0 (local), postgres 15 (local)" in tiny
-    assert re.search(r"<span class='ok'>ok</span>, ran in [0-9.]+ s; built \d{4}-\d\d-\d\d", tiny)
+    # the servers the notebook used, with their versions; the session length of its page
+    assert "servers used: redis 7.0 (local)</div>" in tiny
+    assert re.search(
+        r"<span class='ok'>ok</span>, ran in [0-9.]+ s; built \d{4}-\d\d-\d\d .*UTC; "
+        r"session length about 25 minutes</div>",
+        tiny,
+    )
     for link in (
         "href='01_tiny.html'",
         "href='01_tiny.slides.html'",
@@ -157,11 +180,15 @@ def test_landing_page_slides_and_instructor_pages_build_offline(
     thumb = (out / "thumbs" / "01_tiny.png").read_bytes()
     assert thumb == key_chart(built) == base64.b64decode(tagged) != base64.b64decode(untagged)
     assert thumb.startswith(b"\x89PNG")
-    assert "<img src='thumbs/01_tiny.png'" in tiny
+    # a click on the thumbnail opens the chart itself, full size
+    full_size = "<a href='thumbs/01_tiny.png' title='open the chart full size'>"
+    assert f"{full_size}<img src='thumbs/01_tiny.png'" in tiny
 
     # a notebook without a tagged chart, slides or instructor page shows none of them
-    plain = index[index.index("02 · Plain") :]
+    plain = index[index.index("02 · Plain") : index.index("not built here yet")]
     assert "<img" not in plain and "instructor/02" not in plain and "solutions" not in plain
+    assert "servers used: none of Redis, PostgreSQL or nginx" in plain
+    assert "session length" not in plain
     assert "href='02_plain.slides.html'" in plain
     assert not (out / "thumbs" / "02_plain.png").exists()
 
@@ -181,9 +208,20 @@ def test_landing_page_slides_and_instructor_pages_build_offline(
     later_page = (out / "instructor" / "04_later.html").read_text()
     assert 'href="../index.html"' in later_page and "../04_later.html" not in later_page
 
-    # slides: one reveal.js slide per heading by default; reveal.js itself comes from a CDN
+    # slides: one reveal.js slide per heading by default, and reveal.js is in the build: the
+    # page loads nothing from the network (no CDN, no web font), so it works offline
     slides = (out / "01_tiny.slides.html").read_text()
-    assert "reveal.js" in slides and "1.2 Another section" in slides
+    assert "1.2 Another section" in slides
+    loaded = re.findall(r"(?:src|href)=\"([^\"]+)\"", slides)
+    assert "reveal.js/dist/reveal.js" in loaded and "reveal.js/dist/theme/white.css" in loaded
+    assert not [url for url in loaded if re.match(r"(https?:)?//", url)]
+    assert "require(" not in slides and "unpkg.com" not in slides
+    assert "text-transform: none" in slides  # headings as written, not capitalised by the theme
+    for name in loaded:
+        if name.startswith("reveal.js/"):
+            assert (out / name).is_file(), name
+    theme = (out / "reveal.js/dist/theme/white.css").read_text()
+    assert "//" not in "".join(re.findall(r"@import url\(([^)]*)\)", theme))
 
 
 def test_goals_are_the_first_cells_bullets() -> None:
@@ -194,6 +232,9 @@ def test_goals_are_the_first_cells_bullets() -> None:
 def test_default_slide_types_follow_headings_and_charts() -> None:
     chart = new_code_cell("plot()")
     chart.outputs = [nbformat.v4.new_output("display_data", data={"image/png": "iVBOR"})]
+    # a table printed by a short cell: as a fragment it would push the heading off the screen
+    tall = new_code_cell("print(table)")
+    tall.outputs = [nbformat.v4.new_output("stream", name="stdout", text="row\n" * 30)]
     nb = new_notebook(
         cells=[
             new_markdown_cell("# Title"),
@@ -202,22 +243,101 @@ def test_default_slide_types_follow_headings_and_charts() -> None:
             chart,
             new_markdown_cell("the next step"),
             new_code_cell("y = 2"),
+            tall,
             new_markdown_cell("## 1.1 Next"),
         ]
     )
     slides = with_default_slides(nb)
     kinds = [c.metadata["slideshow"]["slide_type"] for c in slides.cells]
-    assert kinds == ["slide", "-", "fragment", "subslide", "subslide", "fragment", "slide"]
+    assert kinds == [
+        "slide", "-", "fragment", "subslide", "subslide", "fragment", "subslide", "slide"
+    ]  # fmt: skip
     assert "slideshow" not in nb.cells[0].metadata  # the notebook itself is left alone
 
 
-def test_a_notebooks_own_slide_types_are_kept() -> None:
+def test_a_cells_own_slide_type_is_kept_and_the_others_get_the_default() -> None:
     nb = new_notebook(cells=[new_markdown_cell("# Title"), new_code_cell("x = 1")])
     nb.cells[1].metadata["slideshow"] = {"slide_type": "skip"}
-    kinds = [
-        c.metadata.get("slideshow", {}).get("slide_type") for c in with_default_slides(nb).cells
-    ]
-    assert kinds == [None, "skip"]
+    kinds = [c.metadata["slideshow"]["slide_type"] for c in with_default_slides(nb).cells]
+    assert kinds == ["slide", "skip"]
+
+
+def test_slides_set_writes_slide_types_into_the_notebook_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    chart = new_code_cell("plot()", execution_count=2)
+    chart.outputs = [nbformat.v4.new_output("display_data", data={"image/png": "iVBOR"})]
+    path = _write(
+        tmp_path / "01_x.ipynb",
+        new_markdown_cell("# Title"),
+        new_code_cell("x = 1", execution_count=1),
+        chart,
+    )
+    before = nbformat.read(path, as_version=4)
+    before.cells[1].metadata["slideshow"] = {"slide_type": "skip"}  # an author's choice
+    nbformat.write(before, path)
+
+    assert set_default_slides(path) == 2
+    after = nbformat.read(path, as_version=4)
+    kinds = [c.metadata["slideshow"]["slide_type"] for c in after.cells]
+    assert kinds == ["slide", "skip", "subslide"]
+    for old, new in zip(before.cells, after.cells, strict=True):
+        assert (old.source, old.get("outputs"), old.get("execution_count")) == (
+            new.source,
+            new.get("outputs"),
+            new.get("execution_count"),
+        )
+    written = path.read_bytes()
+    assert set_default_slides(path) == 0 and path.read_bytes() == written  # re-runnable
+
+
+def test_servers_used_counts_calls_of_cells_that_ran() -> None:
+    def ran(source: str) -> nbformat.NotebookNode:
+        return new_code_cell(source, execution_count=1)
+
+    nb = new_notebook(
+        cells=[
+            ran("print(services.status())  # reports on both servers, uses neither"),
+            ran("client = services.redis_client()"),
+            new_code_cell("engine = services.engine()"),  # never ran (the run stopped)
+            ran("# with run_nginx(config) as nginx: commented out"),
+        ]
+    )
+    assert servers_used(nb) == ["redis"]
+    nb.cells[2].execution_count = 3
+    nb.cells.append(ran("with run_nginx(NGINX, upstreams) as port:\n    pass"))
+    assert servers_used(nb) == ["redis", "postgres", "nginx"]
+
+
+def test_session_length_of_every_instructor_page() -> None:
+    root = Path(__file__).resolve().parent.parent
+    pages = sorted((root / "notebooks" / "instructor").glob("[0-9][0-9]_*.md"))
+    assert len(pages) == 6
+    for page in pages:
+        length = session_length(page.read_text())
+        assert length and re.match(r"(about )?\d+ minutes", length), (page.name, length)
+    assert session_length(
+        "**Session length:** 100 minutes (the table below): teach it as "
+        "two sessions (1-2, then 3-4). **Needs:** x"
+    ) == ("100 minutes, as two sessions")
+    assert session_length("# no such line") is None
+
+
+def test_start_page_lists_the_notebooks_with_run_times_where_built(course: Path) -> None:
+    ledger = course / "runs.json"
+    ledger.write_text(
+        '[{"page": "01_tiny.html", "ok": true, "seconds": 3.2, "built": "2026-01-02 10:00 UTC",'
+        ' "servers": ["redis 7.0 (local)"]}]'
+    )
+    page = start_page(course, ledger)
+    tiny = page[page.index("## [01 · A tiny topic](01_tiny.ipynb)") : page.index("## [02")]
+    assert "- measure `one thing` with **care**, *twice*;" in tiny
+    assert "*ran in 3.2 s on 2026-01-02 10:00 UTC; session length about 25 minutes; " in tiny
+    assert "servers used: redis 7.0 (local).*" in tiny
+    plain = page[page.index("## [02 · Plain](02_plain.ipynb)") :]
+    assert "not built yet" in plain
+    assert "solutions" not in page  # the start page lists the course's notebooks only
+    assert "not built yet" in start_page(course, course / "missing.json")
 
 
 @pytest.mark.timeout(120)
@@ -232,3 +352,28 @@ def test_a_partial_build_lists_the_instructor_pages_of_notebooks_it_did_not_buil
     unlisted = index.split("not built here yet")[1]
     assert "href='instructor/01_tiny.html'" in unlisted
     assert "href='instructor/04_later.html'" in unlisted
+
+
+def test_the_committed_notebooks_declare_the_servers_they_use_by_using_them() -> None:
+    root = Path(__file__).resolve().parent.parent
+    used = {
+        path.stem: servers_used(nbformat.read(path, as_version=4))
+        for path in sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    }
+    # 02 runs HTTP backends, its proxy and nginx: neither Redis nor PostgreSQL
+    assert used["02_load_balancing"] == ["nginx"]
+    assert used["00_setup"] == ["redis", "postgres"]  # the latency ladder measures both
+    assert "postgres" in used["04_db_optimization"] and "redis" in used["03_rate_limiting"]
+
+
+def test_nginx_is_shown_with_its_version_or_as_not_installed() -> None:
+    from course_lib.build import _servers_line
+    from course_lib.load_balancing.nginx import nginx_binary
+
+    line = _servers_line(["redis", "nginx"], ["redis 7.2 (local)", "postgres 16 (local)"])
+    assert line[0] == "redis 7.2 (local)"  # postgres was not used: not listed
+    assert len(line) == 2
+    if nginx_binary() is None:
+        assert line[1] == "nginx not installed (its comparison was skipped)"
+    else:
+        assert re.fullmatch(r"nginx \d+\.\d+\.\d+ \(compared with the course proxy\)", line[1])

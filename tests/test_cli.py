@@ -13,6 +13,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from course_lib.cli import LAB_SETTINGS, ROOT_NOTE, lab_command, lab_settings_file
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -88,7 +90,7 @@ def test_build_with_embedded_services(tmp_path: Path) -> None:
         # the ladder chart is 00's tagged key chart; the landing page shows it and links slides
         assert (tmp_path / "thumbs" / "00_setup.png").read_bytes().startswith(b"\x89PNG")
         assert "src='thumbs/00_setup.png'" in index and "href='00_setup.slides.html'" in index
-        assert "ran against: redis " in index
+        assert "servers used: redis " in index and ", postgres " in index
         executed = json.dumps(nbformat.read(tmp_path / "00_setup.ipynb", as_version=4).cells)
         assert executed.count("COURSE_SERVICES=embedded") >= 2  # both services, embedded
         status = course("services", "status", env=env)
@@ -104,6 +106,38 @@ def test_lab_provisions_services_then_hands_over_to_jupyter() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("REDIS_URL=") and "DATABASE_URL=" in done.stdout
     assert done.stdout.strip().splitlines()[-1][0].isdigit()  # jupyter lab's version
+    # root (CI, containers) gets --allow-root, with one line saying so and why
+    assert (ROOT_NOTE in done.stdout.splitlines()) == (os.geteuid() == 0)
+    # the course's JupyterLab settings are in this environment: no news prompt
+    settings = json.loads(lab_settings_file().read_text())
+    assert settings == LAB_SETTINGS
+    assert settings["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
+
+
+def test_lab_passes_allow_root_to_root_only_and_opens_on_the_start_page(tmp_path: Path) -> None:
+    as_user, notes = lab_command(tmp_path, ["--port=9"], as_root=False, start="START_HERE.md")
+    assert "--allow-root" not in as_user and notes == []
+    assert "--LabApp.default_url=/lab/tree/START_HERE.md" in as_user
+    assert as_user[-1] == "--port=9"  # the user's options come last, so they win
+    as_root, notes = lab_command(tmp_path, [], as_root=True, start=None)
+    assert "--allow-root" in as_root and notes == [ROOT_NOTE]
+    assert not [arg for arg in as_root if "default_url" in arg]
+    # given by the user already: not twice, and nothing to explain
+    again, notes = lab_command(tmp_path, ["--allow-root"], as_root=True, start=None)
+    assert again.count("--allow-root") == 1 and notes == []
+
+
+@pytest.mark.one_pass
+def test_slides_set_writes_default_slide_types_into_the_given_notebooks(tmp_path: Path) -> None:
+    path = _notebook(tmp_path / "01_x.ipynb", "x = 1")
+    done = course("slides", "--set", str(path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{path}: 2 cell(s) got a slide type"
+    kinds = [c.metadata["slideshow"]["slide_type"] for c in nbformat.read(path, 4).cells]
+    assert kinds == ["slide", "fragment"]
+    assert course("slides", "--set", str(path)).stdout.strip() == f"{path}: unchanged"
+    missing = course("slides", "--set", str(tmp_path / "nope.ipynb"))
+    assert missing.returncode == 2 and "not a notebook file" in missing.stderr
 
 
 @pytest.mark.one_pass
