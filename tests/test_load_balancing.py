@@ -125,7 +125,7 @@ def test_least_connections_picks_least_loaded_and_frees_on_exit() -> None:
         assert Counter(held) == dict.fromkeys(THREE, 3)
         lc.release(held[0])
         assert lc.pick() == held[0]
-        lc._acquire_server(held[0])
+        lc.acquire_server(held[0])
     assert lc.active() == dict.fromkeys(THREE, 0)
 
 
@@ -173,7 +173,7 @@ def test_least_connections_down_server_keeps_counting() -> None:
 def test_two_choices_never_picks_the_more_loaded_of_its_pair() -> None:
     p2c = PowerOfTwoChoices(THREE, seed=7)
     for _ in range(5):
-        p2c._acquire_server("server1")
+        p2c.acquire_server("server1")
     assert "server1" not in {p2c.pick() for _ in range(500)}
     assert {p2c.pick() for _ in range(500)} == {"server2", "server3"}
 

@@ -1,78 +1,417 @@
-"""Just enough HTTP/1.1 for the proxy and the load generator: heads and Content-Length bodies.
+"""HTTP/1.1 for the proxy and the load generator, parsed by httptools (llhttp, the parser
+of uvicorn and Node.js).
 
-Both sides of the course rig speak keep-alive HTTP/1.1 with a ``Content-Length`` on every
-message (the backends, nginx and the proxy all send one), which keeps this parser to a
-few lines; a message without one is refused rather than guessed at.
+llhttp applies RFC 9112's framing in strict mode: a bare LF or a bare CR, an obs-fold
+line, a ``Content-Length`` that is not digits (``1_0``), two ``Content-Length`` headers,
+``Content-Length`` together with ``Transfer-Encoding``, a ``Transfer-Encoding`` that does
+not end in ``chunked`` on a request, and a status that is not three digits are all
+refused (:class:`ProtocolError`). This module adds what llhttp leaves to its caller:
+
+- size limits: a head over :data:`MAX_HEAD` bytes or :data:`MAX_HEADERS` header lines
+  (answered ``431``), a body over :data:`MAX_BODY` bytes (``413``);
+- message length from the request: the reply to ``HEAD`` ends with its head (llhttp cannot
+  be told so: the connection is not reused after it); replies 1xx, 204 and 304 have no
+  body; a reply with neither ``Content-Length`` nor ``Transfer-Encoding`` runs until the
+  server closes the connection, and is complete only then;
+- interim 1xx replies (``100 Continue``) are skipped; ``101`` (an upgrade) is refused;
+- keep-alive from the version and the ``Connection`` header.
+
+:class:`ServerConnection` reads requests (pipelined ones in order) and writes replies;
+:class:`ClientConnection` writes a request and reads its reply. Both are asyncio
+protocols: bytes go from the socket straight into the parser, and each message goes out
+in one ``writelines`` (head and body, the body not copied).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+from collections.abc import Callable
+from http import HTTPStatus
 
-__all__ = ["Message", "ProtocolError", "read_message", "render"]
+import httptools
+
+__all__ = [
+    "MAX_BODY",
+    "MAX_HEAD",
+    "MAX_HEADERS",
+    "ClientConnection",
+    "ClosedBeforeReply",
+    "Message",
+    "ProtocolError",
+    "ServerConnection",
+    "open_connection",
+    "reason",
+]
 
 MAX_HEAD = 64 * 1024
+MAX_HEADERS = 100
 MAX_BODY = 16 * 1024 * 1024
+
+NO_BODY_STATUS = frozenset({204, 304})
+
+
+class ClosedBeforeReply(ConnectionResetError):
+    """The server closed the connection before any byte of its reply."""
 
 
 class ProtocolError(Exception):
-    """The peer sent something this parser does not accept."""
+    """The peer sent something this module refuses; ``status`` is the reply it deserves."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Message:
-    """A request (``start`` = method, target) or a response (``start`` = version, status)."""
+    """A request (``method``, ``target``) or a response (``status``, ``reason``).
 
-    __slots__ = ("body", "headers", "start")
+    ``headers`` are ``(name, value)`` byte pairs, names in lower case, in arrival order.
+    """
 
-    def __init__(self, start: list[str], headers: list[tuple[str, str]], body: bytes) -> None:
-        self.start = start
-        self.headers = headers
-        self.body = body
+    __slots__ = (
+        "body",
+        "headers",
+        "keep_alive",
+        "method",
+        "reason",
+        "status",
+        "target",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.keep_alive = True
+        self.version = "1.1"
 
     def header(self, name: str, default: str | None = None) -> str | None:
-        """The last value of header ``name`` (lower case), or ``default``."""
-        for key, value in reversed(self.headers):
-            if key == name:
-                return value
+        """The last value of header ``name`` (lower case) as text, or ``default``."""
+        key = name.encode("latin-1")
+        for k, v in reversed(self.headers):
+            if k == key:
+                return v.decode("latin-1")
         return default
 
-    @property
-    def keep_alive(self) -> bool:
-        return (self.header("connection") or "").lower() != "close"
 
-
-async def read_message(reader: asyncio.StreamReader) -> Message | None:
-    """The next message on ``reader``; ``None`` on a clean end of stream before it starts."""
+def reason(status: int) -> bytes:
+    """The standard reason phrase of ``status`` (``b""`` for an unknown one)."""
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise
-    except asyncio.LimitOverrunError as exc:
-        raise ProtocolError("message head too large") from exc
-    lines = head[:-4].decode("latin-1").split("\r\n")
-    start = lines[0].split(" ", 2)
-    if len(start) < 2:
-        raise ProtocolError(f"bad start line {lines[0]!r}")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ProtocolError(f"bad header line {line!r}")
-        headers.append((name.strip().lower(), value.strip()))
-    message = Message(start, headers, b"")
-    if message.header("transfer-encoding"):
-        raise ProtocolError("chunked bodies are not supported by this rig")
-    length = int(message.header("content-length") or 0)
-    if not 0 <= length <= MAX_BODY:
-        raise ProtocolError(f"bad content-length {length}")
-    if length:
-        message.body = await reader.readexactly(length)
-    return message
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
-def render(start: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
-    """One message on the wire, with its ``Content-Length``."""
-    lines = [start, *(f"{k}: {v}" for k, v in headers), f"content-length: {len(body)}", "", ""]
-    return "\r\n".join(lines).encode("latin-1") + body
+def _keep_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:
+    tokens = {t.strip().lower() for k, v in headers if k == b"connection" for t in v.split(b",")}
+    if version == "1.1":
+        return b"close" not in tokens
+    return b"keep-alive" in tokens and b"close" not in tokens
+
+
+class _Builder:
+    """httptools callbacks that assemble one message at a time, within the size limits."""
+
+    def __init__(self, is_response: bool, on_message: Callable[[Message], None]) -> None:
+        self._on_message = on_message
+        self.parser = (
+            httptools.HttpResponseParser(self) if is_response else httptools.HttpRequestParser(self)
+        )
+        self.is_response = is_response
+        self.head_only = False  # the reply to a HEAD: complete with its head
+        self.error: Exception | None = None
+        self.message: Message | None = None
+        self.headers_done = False
+        self.needs_eof = False  # a response body delimited by the connection's close
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            # An exception raised in a callback reaches us wrapped, without its cause.
+            if self.error is not None:
+                raise self.error from None
+            raise ProtocolError(str(exc) or type(exc).__name__) from None
+
+    def _fail(self, error: Exception) -> None:
+        self.error = error
+        raise error
+
+    # -- the callbacks --------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.message = Message()
+        self._head = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self.headers_done = False
+        self.needs_eof = False
+
+    def _grow(self, n: int) -> None:
+        self._head += n
+        if self._head > MAX_HEAD:
+            self._fail(ProtocolError(f"message head over {MAX_HEAD} bytes", 431))
+
+    def on_url(self, url: bytes) -> None:
+        assert self.message is not None
+        self._grow(len(url))
+        self.message.target += url
+
+    def on_status(self, status: bytes) -> None:
+        assert self.message is not None
+        self._grow(len(status))
+        self.message.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.message is not None
+        self._grow(len(name) + len(value) + 4)
+        headers = self.message.headers
+        if len(headers) >= MAX_HEADERS:
+            self._fail(ProtocolError(f"more than {MAX_HEADERS} header lines", 431))
+        headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        message = self.message
+        assert message is not None
+        parser = self.parser
+        self.headers_done = True
+        message.version = parser.get_http_version()
+        message.keep_alive = _keep_alive(message.version, message.headers)
+        if self.is_response:
+            status = message.status = parser.get_status_code()
+            if status == 101:
+                self._fail(ProtocolError("protocol upgrades are not supported", 502))
+            framed = any(k in (b"content-length", b"transfer-encoding") for k, _ in message.headers)
+            if self.head_only:
+                # llhttp would wait for the Content-Length bytes a HEAD reply never sends,
+                # and has no way to be told: stop here, and drop the connection after.
+                message.keep_alive = False
+                self._complete()
+                self._fail(_HeadComplete())
+            if not framed and status >= 200 and status not in NO_BODY_STATUS:
+                self.needs_eof = True
+                message.keep_alive = False
+        else:
+            message.method = parser.get_method()
+            if parser.should_upgrade():
+                self._fail(ProtocolError("protocol upgrades are not supported", 501))
+
+    def on_body(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size > MAX_BODY:
+            self._fail(ProtocolError(f"body over {MAX_BODY} bytes", 413))
+        self._body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        message = self.message
+        assert message is not None
+        if self.is_response and 100 <= message.status < 200:
+            self.message = None  # an interim reply: the final one follows
+            return
+        self._complete()
+
+    def _complete(self) -> None:
+        message = self.message
+        assert message is not None
+        message.body = b"".join(self._body)
+        self.message = None
+        self.needs_eof = False
+        self._on_message(message)
+
+    def finish(self) -> bool:
+        """At end of stream: complete a close-delimited response; ``False`` if a message
+        was cut short (or nothing had started)."""
+        if self.message is not None and self.headers_done and self.needs_eof:
+            self._complete()
+            return True
+        return False
+
+
+class _HeadComplete(Exception):
+    """Raised from the callbacks to stop llhttp after the head of a HEAD reply."""
+
+
+class ServerConnection(asyncio.Protocol):
+    """One client's connection to a server: :meth:`next_request`, then :meth:`send`.
+
+    Requests are queued in arrival order; reading pauses while
+    :data:`PIPELINE_LIMIT` are waiting, so a client cannot queue unbounded work.
+    """
+
+    PIPELINE_LIMIT = 16
+
+    def __init__(self, on_connect: Callable[[ServerConnection], None]) -> None:
+        self._on_connect = on_connect
+        self._builder = _Builder(False, self._queue_request)
+        self._requests: collections.deque[Message | ProtocolError] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._closed = False
+        self._paused = False
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+
+    # -- asyncio callbacks ----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._builder.feed(data)
+        except ProtocolError as exc:
+            self._requests.append(exc)
+            self.transport.pause_reading()  # nothing after a bad message is read
+            self._paused = True
+        if len(self._requests) >= self.PIPELINE_LIMIT and not self._paused:
+            self.transport.pause_reading()
+            self._paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._wake()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # -- used by the server's handler ---------------------------------------------
+    def _queue_request(self, message: Message) -> None:
+        self._requests.append(message)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next_request(self) -> Message | None:
+        """The next request; ``None`` once the client has closed. Raises
+        :class:`ProtocolError` for a request refused by the parser."""
+        while not self._requests:
+            if self._closed:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._requests.popleft()
+        if isinstance(item, ProtocolError):
+            raise item
+        if self._paused and len(self._requests) < self.PIPELINE_LIMIT // 2:
+            self._paused = False
+            self.transport.resume_reading()
+        return item
+
+    async def send(self, head: bytes, body: bytes, timeout: float) -> None:
+        """Write one message; wait (at most ``timeout`` s) while the client is not reading."""
+        self.transport.writelines((head, body) if body else (head,))
+        if self._writable is not None:
+            await asyncio.wait_for(asyncio.shield(self._writable), timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class ClientConnection(asyncio.Protocol):
+    """A keep-alive connection to a server: one request at a time with :meth:`request`.
+
+    Bytes that arrive while no request is outstanding mean the server is out of step (or
+    closing): the connection is closed then, as nginx does with its idle upstreams, so a
+    stray reply can never be taken for the answer to the next request.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._builder: _Builder | None = None
+        self._reply: asyncio.Future[Message] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        builder, reply = self._builder, self._reply
+        if builder is None or reply is None or reply.done():
+            self.close()  # unsolicited bytes
+            return
+        try:
+            builder.feed(data)
+        except _HeadComplete:
+            pass
+        except ProtocolError as exc:
+            self.close()
+            if not reply.done():
+                reply.set_exception(exc)
+            return
+        if reply.done() and builder.message is not None:
+            self.close()  # bytes after the reply: a second message began
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reply, builder = self._reply, self._builder
+        if reply is None or reply.done():
+            return
+        if builder is not None and builder.finish():
+            return
+        if builder is None or builder.message is None:
+            reply.set_exception(ClosedBeforeReply("the server closed the connection"))
+        else:
+            reply.set_exception(ConnectionResetError("the server closed the connection mid-reply"))
+
+    def _got(self, message: Message) -> None:
+        reply = self._reply
+        if reply is None or reply.done():
+            self.close()  # a second reply to one request
+            return
+        if not message.keep_alive:
+            self.close()
+        reply.set_result(message)
+
+    async def request(self, head: bytes, body: bytes, *, head_only: bool) -> Message:
+        """Send one request (``head`` ends with the blank line) and return its reply;
+        ``head_only`` for a ``HEAD`` request. Raises :class:`ProtocolError` for a reply
+        the parser refuses, ``ConnectionResetError`` if the connection ends first."""
+        if self.closed:
+            raise ClosedBeforeReply("the connection is closed")
+        builder = _Builder(True, self._got)
+        builder.head_only = head_only
+        self._builder = builder
+        self._reply = asyncio.get_running_loop().create_future()
+        self.transport.writelines((head, body) if body else (head,))
+        try:
+            return await self._reply
+        finally:
+            self._reply = None
+            self._builder = None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def open_connection(host: str, port: int) -> ClientConnection:
+    """A :class:`ClientConnection` to ``host:port``."""
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(ClientConnection, host, port)
+    return protocol

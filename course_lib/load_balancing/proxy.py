@@ -28,23 +28,56 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import pandas as pd
 
 from course_lib.http import free_socket
-from course_lib.validation import non_negative_int, optional_positive_number, positive_number
+from course_lib.validation import (
+    non_negative_int,
+    optional_positive_number,
+    positive_int,
+    positive_number,
+)
 
-from ._http1 import Message, ProtocolError, read_message, render
+from ._http1 import (
+    ClientConnection,
+    ClosedBeforeReply,
+    Message,
+    ProtocolError,
+    ServerConnection,
+    open_connection,
+    reason,
+)
 from .strategies import NoBackendAvailable, Strategy
+
+try:  # uvloop where installed: the same asyncio API with a loop written in C
+    import uvloop
+except ImportError:  # pragma: no cover - the default loop then
+    uvloop = None
 
 __all__ = ["IDEMPOTENT", "Proxy", "client_key"]
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+# Headers about one connection (RFC 9110 7.6.1), replaced by each hop, and the ones the
+# proxy writes itself.
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"date",
+        b"server",
+    }
 )
+DROPPED_FROM_REQUESTS = HOP_BY_HOP | {b"host", b"x-forwarded-for"}
+BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 LOOPBACK = ("127.0.0.1", "::1")
 
 KeyFunction = Callable[[str, str, Message], str | None]
@@ -55,15 +88,37 @@ def client_key(client: str, target: str, request: Message) -> str:
     return client
 
 
-class _Failure(Exception):
-    """An upstream attempt failed the way nginx counts (error or timeout)."""
-
-
 @dataclass
 class _Upstream:
     host: str
     port: int
-    idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+    host_header: bytes = b""
+    idle: deque[ClientConnection] = field(default_factory=deque)
+
+    def take_idle(self) -> ClientConnection | None:
+        """The most recently used idle connection still open, or ``None``."""
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+
+@dataclass
+class _Reply:
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    # The Content-Length to send; None for none (1xx, 204), the backend's for HEAD and 304.
+    length: bytes | None
+
+
+def _own_reply(status: int, text: str) -> _Reply:
+    body = text.encode()
+    return _Reply(
+        status, reason(status), [(b"content-type", b"text/plain")], body, b"%d" % len(body)
+    )
 
 
 class Proxy:
@@ -80,6 +135,7 @@ class Proxy:
         retry: bool = True,
         connect_timeout: float = 1.0,
         read_timeout: float = 10.0,
+        keepalive: int = 64,
         key: KeyFunction = client_key,
         sample_every: float | None = None,
     ) -> None:
@@ -99,6 +155,7 @@ class Proxy:
         self.retry = bool(retry)
         self.connect_timeout = positive_number("connect_timeout", connect_timeout)
         self.read_timeout = positive_number("read_timeout", read_timeout)
+        self.keepalive = positive_int("keepalive", keepalive)
         self.sample_every = optional_positive_number("sample_every", sample_every)
         self.key = key
         self._upstreams = {}
@@ -106,27 +163,32 @@ class Proxy:
             parts = urlsplit(url)
             if parts.scheme != "http" or not parts.hostname or not parts.port:
                 raise ValueError(f"backend {name!r} must be an http://host:port URL, got {url!r}")
-            self._upstreams[name] = _Upstream(parts.hostname, parts.port, deque())
+            host_header = f"host: {parts.hostname}:{parts.port}\r\n".encode()
+            self._upstreams[name] = _Upstream(parts.hostname, parts.port, host_header)
         self._fails: dict[str, deque[float]] = {name: deque() for name in self.backends}
         self._records: list[tuple[float, str, str, float, int, int, str]] = []
         self._samples: list[tuple[float, str, int]] = []
         self._events: list[tuple[float, str, str]] = []
         self._t0 = time.perf_counter()
         self._handlers: set[asyncio.Task[None]] = set()
+        self._connections: set[ServerConnection] = set()
         self.url = ""
 
     # -- lifecycle ----------------------------------------------------------------------
     @contextlib.contextmanager
     def serve(self) -> Iterator[str]:
         """Run the proxy on a free loopback port in a thread; yield its URL."""
-        loop = asyncio.new_event_loop()
+        loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
         sock = free_socket()
         ready = threading.Event()
         stop: dict[str, asyncio.Event] = {}
         errors: list[BaseException] = []
 
         async def main() -> None:
-            server = await asyncio.start_server(self._client, sock=sock, backlog=2048)
+            running = asyncio.get_running_loop()
+            server = await running.create_server(
+                lambda: ServerConnection(self._connected), sock=sock, backlog=2048
+            )
             stop["event"] = asyncio.Event()
             sampler = asyncio.create_task(self._sample()) if self.sample_every else None
             ready.set()
@@ -138,9 +200,11 @@ class Proxy:
             for task in list(self._handlers):
                 task.cancel()
             await asyncio.gather(*self._handlers, return_exceptions=True)
+            for conn in list(self._connections):
+                conn.close()
             for upstream in self._upstreams.values():
                 while upstream.idle:
-                    upstream.idle.pop()[1].close()
+                    upstream.idle.pop().close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 2)
 
@@ -195,67 +259,90 @@ class Proxy:
             await asyncio.sleep(self.sample_every)
 
     # -- serving ------------------------------------------------------------------------
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")[0]
-        task = asyncio.current_task()
-        assert task is not None
+    def _connected(self, conn: ServerConnection) -> None:
+        task = asyncio.get_running_loop().create_task(self._client(conn))
         self._handlers.add(task)
+        self._connections.add(conn)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _client(self, conn: ServerConnection) -> None:
         try:
             while True:
                 try:
-                    request = await read_message(reader)
-                except (ProtocolError, ValueError, asyncio.IncompleteReadError):
-                    writer.write(render("HTTP/1.1 400 Bad Request", [], b"bad request\n"))
+                    request = await conn.next_request()
+                except ProtocolError as exc:
+                    reply = _own_reply(exc.status, f"{exc}\n")
+                    await conn.send(self._head(reply, None), reply.body, self.read_timeout)
                     break
                 if request is None:
                     break
-                client = peer
-                forwarded = request.header("x-forwarded-for")
-                if forwarded and peer in LOOPBACK:
-                    client = forwarded.rsplit(",", 1)[-1].strip()
-                status, headers, body = await self._forward(request, client)
-                writer.write(render(f"HTTP/1.1 {status} X", headers, body))
-                await writer.drain()
+                client = conn.peer
+                if client in LOOPBACK:
+                    forwarded = request.header("x-forwarded-for")
+                    if forwarded:
+                        client = forwarded.rsplit(",", 1)[-1].strip()
+                reply = await self._forward(request, client)
+                await conn.send(self._head(reply, request), reply.body, self.read_timeout)
                 if not request.keep_alive:
                     break
-        except (ConnectionError, OSError, asyncio.CancelledError):
+        except (ConnectionError, OSError, TimeoutError, asyncio.CancelledError):
             pass
         finally:
-            writer.close()
-            self._handlers.discard(task)
+            conn.close()
+            self._connections.discard(conn)
 
-    async def _forward(self, request: Message, client: str) -> tuple[int, list, bytes]:
-        method, target = request.start[0], request.start[1]
+    @staticmethod
+    def _head(reply: _Reply, request: Message | None) -> bytes:
+        """The reply's status line and headers; ``request`` None for a refused one (closed)."""
+        lines = [b"HTTP/1.1 %d %s\r\n" % (reply.status, reply.reason)]
+        lines += [b"%s: %s\r\n" % header for header in reply.headers]
+        if reply.length is not None:
+            lines.append(b"content-length: %s\r\n" % reply.length)
+        if request is None or not request.keep_alive:
+            lines.append(b"connection: close\r\n")
+        elif request.version == "1.0":
+            lines.append(b"connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    async def _forward(self, request: Message, client: str) -> _Reply:
+        method = request.method.decode("latin-1")
         start = time.perf_counter()
         tried: list[str] = []
-        status, headers, body = 502, [], b"bad gateway\n"
-        try:
-            key = self.key(client, target, request)
-            with self.strategy.acquire(key) as server:
+        reply = None
+        with contextlib.ExitStack() as stack:
+            try:
+                key = self.key(client, request.target.decode("latin-1"), request)
+                server = stack.enter_context(self.strategy.acquire(key))
+            except NoBackendAvailable:
+                server = None
+            except ValueError:  # the key function refused the request (an invalid address)
+                reply = _own_reply(400, "bad client address\n")
+                server = None
+            if server is not None:
                 tried.append(server)
-                response = await self._attempt(server, request, client)
-            while response is None and self.retry and method in IDEMPOTENT:
-                server = self._next_untried(tried)
-                if server is None:
-                    break
-                tried.append(server)
-                self.strategy._acquire_server(server)
-                try:
-                    response = await self._attempt(server, request, client)
-                finally:
-                    self.strategy.release(server)
-            if response is not None:
-                status, headers, body = response
-        except NoBackendAvailable:
-            pass
-        except ValueError:  # the key function refused the request (an invalid address)
-            status, body = 400, b"bad client address\n"
+                reply = await self._attempt(server, request, client)
+        while reply is None and tried and self.retry and method in IDEMPOTENT:
+            server = self._next_untried(tried)
+            if server is None:
+                break
+            tried.append(server)
+            try:
+                self.strategy.acquire_server(server)
+            except ValueError:  # removed from the balancer since _next_untried looked
+                break
+            try:
+                reply = await self._attempt(server, request, client)
+            finally:
+                self.strategy.release(server)
+        if reply is None:
+            reply = _own_reply(502, "bad gateway\n")
         elapsed = time.perf_counter() - start
         backend = tried[-1] if tried else ""
         self._records.append(
-            (start - self._t0, method, backend, elapsed, status, len(tried), client)
+            (start - self._t0, method, backend, elapsed, reply.status, len(tried), client)
         )
-        return status, headers, body
+        return reply
 
     def _next_untried(self, tried: list[str]) -> str | None:
         """The backend after the last tried one, in list order, that is up and untried."""
@@ -268,52 +355,82 @@ class Proxy:
                 return candidate
         return None
 
-    async def _attempt(
-        self, server: str, request: Message, client: str
-    ) -> tuple[int, list, bytes] | None:
-        """Send ``request`` to ``server``; ``None`` (and a counted failure) if it fails."""
+    def _request_head(self, request: Message, upstream: _Upstream, client: str) -> bytes:
+        lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
+        lines += [
+            b"%s: %s\r\n" % header
+            for header in request.headers
+            if header[0] not in DROPPED_FROM_REQUESTS
+        ]
+        lines.append(upstream.host_header)
+        lines.append(b"x-forwarded-for: %s\r\n" % client.encode("latin-1"))
+        if request.body or request.method in BODY_METHODS:
+            lines.append(b"content-length: %d\r\n" % len(request.body))
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    async def _attempt(self, server: str, request: Message, client: str) -> _Reply | None:
+        """Send ``request`` to ``server``; ``None`` (and a counted failure) if it fails.
+
+        A failure is no connection, a reset, a timeout, or a reply the parser refuses
+        (a status that is not three digits, a bad ``Content-Length``, a bare LF): nginx
+        counts that last one as ``invalid_header``, an error of the backend.
+        """
         upstream = self._upstreams[server]
-        headers = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP and k != "host"]
-        headers = [(k, v) for k, v in headers if k != "x-forwarded-for"]
-        headers += [("host", f"{upstream.host}:{upstream.port}"), ("x-forwarded-for", client)]
-        wire = render(f"{request.start[0]} {request.start[1]} HTTP/1.1", headers, request.body)
+        head = self._request_head(request, upstream, client)
+        head_only = request.method == b"HEAD"
         # A pooled connection the backend closed while idle fails before any byte comes
         # back: that is not the backend failing, so it is retried once on a new connection.
         for pooled in (True, False):
-            if pooled and not upstream.idle:
-                continue
-            try:
-                if pooled:
-                    reader, writer = upstream.idle.pop()
-                else:
-                    reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(upstream.host, upstream.port),
-                        self.connect_timeout,
+            if pooled:
+                conn = upstream.take_idle()
+                if conn is None:
+                    continue
+            else:
+                try:
+                    conn = await asyncio.wait_for(
+                        open_connection(upstream.host, upstream.port), self.connect_timeout
                     )
-            except (OSError, TimeoutError):
-                break
+                except (OSError, TimeoutError):
+                    break
             try:
-                writer.write(wire)
-                response = await asyncio.wait_for(read_message(reader), self.read_timeout)
-                if response is None:
-                    raise ConnectionResetError("upstream closed the connection")
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError) as exc:
-                writer.close()
-                if pooled and not isinstance(exc, TimeoutError):
+                response = await asyncio.wait_for(
+                    conn.request(head, request.body, head_only=head_only), self.read_timeout
+                )
+            except ClosedBeforeReply:
+                conn.close()
+                if pooled:
                     continue
                 break
-            if response.keep_alive:
-                upstream.idle.append((reader, writer))
+            except (OSError, TimeoutError, ProtocolError):
+                conn.close()
+                break
+            if response.keep_alive and len(upstream.idle) < self.keepalive:
+                upstream.idle.append(conn)
             else:
-                writer.close()
-            status = int(response.start[1])
-            out = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP]
-            return status, out, response.body
+                conn.close()
+            return self._reply(response, request)
         self._failed(server)
         return None
 
+    @staticmethod
+    def _reply(response: Message, request: Message) -> _Reply:
+        headers = [h for h in response.headers if h[0] not in HOP_BY_HOP]
+        status = response.status
+        if request.method == b"HEAD" or status == 304:
+            # No body, but the length the body would have (RFC 9110 8.6).
+            sent = response.header("content-length")
+            length = sent.encode("latin-1") if sent is not None else None
+        elif status == 204:
+            length = None
+        else:
+            length = b"%d" % len(response.body)
+        return _Reply(status, response.reason, headers, response.body, length)
+
     def _failed(self, server: str) -> None:
-        if not self.max_fails:
+        # nginx never marks a lone server down (ngx_http_upstream_free_round_robin_peer
+        # returns early when peers->single): there is nothing to send its requests to.
+        if not self.max_fails or len(self.strategy.servers) == 1:
             return
         now = time.monotonic()
         fails = self._fails[server]
