@@ -1,13 +1,25 @@
 """An asyncio reverse proxy that balances across backends with any strategy.
 
-- Keep-alive upstream connections: a pool of idle connections per backend, reused.
 - Active requests per backend are counted by the strategy (``acquire``), so least
   connections and two choices see the real load; ``sample_every`` records them over time.
+- HTTP/1.1 parsed by httptools (llhttp) with RFC 9112's message-length rules
+  (:mod:`._http1`): a request with a bare LF, an obs-fold, a bad or conflicting length,
+  or a head over 64 KiB is refused (``400``/``431``) and never forwarded, so nothing a
+  client sends can be read as a second request by the backend (request smuggling).
+  Replies: HEAD, 1xx, 204 and 304 without a body, chunked and close-delimited bodies read
+  whole; every reply goes to the client with its own ``Content-Length``.
+- Keep-alive upstream connections: at most ``keepalive`` idle ones per backend (nginx's
+  ``keepalive``); one that receives bytes while idle is closed, so a stray reply is never
+  taken for the next request's.
+- Every wait is bounded: ``connect_timeout`` for a new upstream connection,
+  ``read_timeout`` for a backend's reply and for a client that does not read its own.
 - Passive health checks with nginx's semantics: a backend that fails ``max_fails`` times
   within ``fail_timeout`` seconds is marked down for ``fail_timeout`` seconds
-  (``max_fails=0`` disables it). A failure is what nginx's default
-  ``proxy_next_upstream error timeout`` counts: no connection, a reset, a timeout; an HTTP
-  error status is passed to the client, not retried.
+  (``max_fails=0`` disables it); a lone backend is never marked down (nginx's single
+  peer: there is nowhere else to send its requests). A failure is what nginx counts
+  with ``proxy_next_upstream error timeout invalid_header`` (the config
+  :func:`.nginx.nginx_config` writes): no connection, a reset, a timeout, and a reply
+  the parser refuses; an HTTP error status is passed to the client, not retried.
 - A failed request is retried on the next backend not yet tried, for idempotent methods
   only (a ``POST`` may have been processed before the connection broke, so it gets a
   ``502``), as nginx does since 1.9.13.
@@ -16,8 +28,8 @@
 - One record per request: backend, latency, status, attempts (:meth:`Proxy.records`).
 
 Use it as a context manager: ``with Proxy(backends, RoundRobin(...)).serve() as url``; it
-runs its own event loop in a thread and stops (closing every connection) on exit, also when
-the block raises.
+runs its own event loop (uvloop where installed) in a thread and stops (closing every
+connection) on exit, also when the block raises.
 """
 
 from __future__ import annotations
