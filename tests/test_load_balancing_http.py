@@ -74,7 +74,10 @@ class Scripted:
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     return
                 data, close = step
-                conn.sendall(data)
+                try:
+                    conn.sendall(data)
+                except OSError:
+                    return
                 if close:
                     return
 
@@ -366,3 +369,65 @@ def test_run_load_refuses_what_would_change_the_request() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             run_load("http://127.0.0.1:1", requests=1, progress=False, **kwargs)
+
+
+# -- the other sentences of the docstrings --------------------------------------------------
+def test_upgrades_are_refused_both_ways() -> None:
+    switching = (
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+    )
+    with scripted(always(switching), always(OK)) as (upgrading, good):
+        urls = {"upgrading": upgrading.url, "good": good.url}
+        proxy = Proxy(urls, RoundRobin(list(urls)))
+        with proxy.serve() as url:
+            (retried,) = exchange(url, b"GET / HTTP/1.1\r\n\r\n")
+            (refused,) = exchange(
+                url, b"GET / HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+            )
+    assert status_of(retried) == 200 and proxy.records().attempts.tolist()[0] == 2
+    assert status_of(refused) == 501 and len(good.heads) == 1
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    def numbered(i: int) -> Step:
+        return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%d" % (len(str(i)), i), False
+
+    with scripted(numbered) as (backend,):
+        proxy = Proxy({"b": backend.url}, RoundRobin(["b"]))
+        with proxy.serve() as url:
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET / HTTP/1.1\r\n\r\n" * 40)  # more than PIPELINE_LIMIT at once
+                replies = [_read_reply(s) for _ in range(40)]
+    assert [body_of(r) for r in replies] == [str(i).encode() for i in range(40)]
+
+
+def test_idle_upstream_connections_are_capped_at_keepalive() -> None:
+    names = ["server1", "server2"]
+    with serve_processes(FACTORY, [{"name": n, "latency_ms": 5} for n in names]) as procs:
+        urls = {p.kwargs["name"]: p.url for p in procs}
+        proxy = Proxy(urls, RoundRobin(names), keepalive=2)
+        with proxy.serve() as url:
+            df = run_load(url, requests=64, concurrency=16, progress=False)
+            idle = {name: len(up.idle) for name, up in proxy._upstreams.items()}
+    assert set(df.status) == {200}
+    assert all(0 < n <= 2 for n in idle.values()), idle
+
+
+def test_a_client_that_does_not_read_is_dropped_after_read_timeout() -> None:
+    size = 12 << 20  # under MAX_BODY, far over what the socket buffers hold
+    big = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + b"x" * size
+    with scripted(always(big)) as (backend,):
+        proxy = Proxy({"b": backend.url}, RoundRobin(["b"]), read_timeout=0.5)
+        with proxy.serve() as url:
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                deadline = time.monotonic() + 20
+                while len(proxy.records()) == 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)  # polling for a state: the reply was forwarded
+                while proxy._connections and time.monotonic() < deadline:
+                    time.sleep(0.05)  # polling for a state: the connection was dropped
+                dropped = not proxy._connections
+    assert dropped

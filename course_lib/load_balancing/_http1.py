@@ -324,7 +324,11 @@ class ServerConnection(asyncio.Protocol):
         """Write one message; wait (at most ``timeout`` s) while the client is not reading."""
         self.transport.writelines((head, body) if body else (head,))
         if self._writable is not None:
-            await asyncio.wait_for(asyncio.shield(self._writable), timeout)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writable), timeout)
+            except TimeoutError:
+                self.transport.abort()  # close() would wait for the unread bytes to go
+                raise
 
     def close(self) -> None:
         self._closed = True
