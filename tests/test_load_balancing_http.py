@@ -104,38 +104,49 @@ OK = b"HTTP/1.1 200 OK\r\nx-backend: good\r\ncontent-length: 5\r\n\r\nfine\n"
 
 
 def exchange(url: str, *raw: bytes, timeout: float = 10.0) -> list[bytes]:
-    """Send each raw request on one connection, read one reply after each; a reply is
-    read until its Content-Length is complete (or the server closes)."""
+    """Send each raw request on one connection, read one reply after each."""
     port = int(url.rsplit(":", 1)[1])
     replies = []
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        reader = Replies(s)
         for request in raw:
             s.sendall(request)
-            replies.append(_read_reply(s, head_only=request.startswith(b"HEAD")))
+            replies.append(reader.next(head_only=request.startswith(b"HEAD")))
     return replies
 
 
-def _read_reply(s: socket.socket, head_only: bool = False) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    if head_only or head.split(b" ")[1] in (b"204", b"304"):
+class Replies:
+    """Replies read off one socket in order (several may arrive in one recv): each up to
+    the end of its Content-Length body, or to the server's close."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _more(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def next(self, head_only: bool = False) -> bytes:
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._more():
+                data, self.buffer = self.buffer, b""
+                return data
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
         length = 0
-    while len(body) < length:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if head_only or head.split(b" ")[1] in (b"204", b"304"):
+            length = 0
+        while len(rest) < length:
+            if not self._more():
+                break
+            rest = self.buffer.partition(b"\r\n\r\n")[2]
+        self.buffer = rest[length:]
+        return head + b"\r\n\r\n" + rest[:length]
 
 
 def status_of(reply: bytes) -> int:
@@ -398,7 +409,8 @@ def test_pipelined_requests_are_answered_in_order() -> None:
             port = int(url.rsplit(":", 1)[1])
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 s.sendall(b"GET / HTTP/1.1\r\n\r\n" * 40)  # more than PIPELINE_LIMIT at once
-                replies = [_read_reply(s) for _ in range(40)]
+                reader = Replies(s)
+                replies = [reader.next() for _ in range(40)]
     assert [body_of(r) for r in replies] == [str(i).encode() for i in range(40)]
 
 

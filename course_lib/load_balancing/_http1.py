@@ -315,13 +315,20 @@ class ServerConnection(asyncio.Protocol):
         item = self._requests.popleft()
         if isinstance(item, ProtocolError):
             raise item
-        if self._paused and len(self._requests) < self.PIPELINE_LIMIT // 2:
+        if (
+            self._paused
+            and len(self._requests) < self.PIPELINE_LIMIT // 2
+            and not self.transport.is_closing()
+        ):
             self._paused = False
             self.transport.resume_reading()
         return item
 
     async def send(self, head: bytes, body: bytes, timeout: float) -> None:
-        """Write one message; wait (at most ``timeout`` s) while the client is not reading."""
+        """Write one message; wait (at most ``timeout`` s) while the client is not reading.
+        Raises ``ConnectionResetError`` if the client has gone."""
+        if self.transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
         self.transport.writelines((head, body) if body else (head,))
         if self._writable is not None:
             try:
@@ -346,7 +353,9 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._builder: _Builder | None = None
+        # One parser for the connection's life: after a HEAD (which stops it mid-message)
+        # or any error the connection is closed, so it never parses from a bad state.
+        self._builder = _Builder(True, self._got)
         self._reply: asyncio.Future[Message] | None = None
         self.closed = False
 
@@ -355,7 +364,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         builder, reply = self._builder, self._reply
-        if builder is None or reply is None or reply.done():
+        if reply is None or reply.done():
             self.close()  # unsolicited bytes
             return
         try:
@@ -375,9 +384,9 @@ class ClientConnection(asyncio.Protocol):
         reply, builder = self._reply, self._builder
         if reply is None or reply.done():
             return
-        if builder is not None and builder.finish():
+        if builder.finish():
             return
-        if builder is None or builder.message is None:
+        if builder.message is None:
             reply.set_exception(ClosedBeforeReply("the server closed the connection"))
         else:
             reply.set_exception(ConnectionResetError("the server closed the connection mid-reply"))
@@ -391,22 +400,37 @@ class ClientConnection(asyncio.Protocol):
             self.close()
         reply.set_result(message)
 
-    async def request(self, head: bytes, body: bytes, *, head_only: bool) -> Message:
+    def _timed_out(self, timeout: float) -> None:
+        reply = self._reply
+        if reply is not None and not reply.done():
+            reply.set_exception(TimeoutError(f"no reply within {timeout} s"))
+        self.close()
+
+    async def request(
+        self, head: bytes, body: bytes, *, head_only: bool, timeout: float
+    ) -> Message:
         """Send one request (``head`` ends with the blank line) and return its reply;
-        ``head_only`` for a ``HEAD`` request. Raises :class:`ProtocolError` for a reply
-        the parser refuses, ``ConnectionResetError`` if the connection ends first."""
-        if self.closed:
+        ``head_only`` for a ``HEAD`` request. Raises ``TimeoutError`` when the reply is
+        not complete within ``timeout`` s, :class:`ProtocolError` for a reply the parser
+        refuses, ``ConnectionResetError`` if the connection ends first; the connection is
+        closed after any of these."""
+        if self.closed or self.transport.is_closing():
             raise ClosedBeforeReply("the connection is closed")
-        builder = _Builder(True, self._got)
-        builder.head_only = head_only
-        self._builder = builder
-        self._reply = asyncio.get_running_loop().create_future()
+        self._builder.head_only = head_only
+        loop = asyncio.get_running_loop()
+        reply = self._reply = loop.create_future()
+        # A timer on the loop rather than asyncio.wait_for, which wraps every request in
+        # a task of its own: one more object and one more loop iteration per request.
+        timer = loop.call_later(timeout, self._timed_out, timeout)
         self.transport.writelines((head, body) if body else (head,))
         try:
-            return await self._reply
+            return await reply
+        except asyncio.CancelledError:
+            self.close()  # the caller gave up mid-request: the reply would come unasked
+            raise
         finally:
+            timer.cancel()
             self._reply = None
-            self._builder = None
 
     def close(self) -> None:
         self.closed = True

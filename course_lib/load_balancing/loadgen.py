@@ -139,9 +139,7 @@ async def _load(
             try:
                 if conn is None or conn.closed:
                     conn = await asyncio.wait_for(open_connection(host, port), timeout)
-                response = await asyncio.wait_for(
-                    conn.request(head, body, head_only=head_only), timeout
-                )
+                response = await conn.request(head, body, head_only=head_only, timeout=timeout)
                 status = response.status
                 backend = response.header("x-backend", "") or ""
             except (OSError, TimeoutError, ProtocolError):

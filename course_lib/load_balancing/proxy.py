@@ -406,8 +406,8 @@ class Proxy:
                 except (OSError, TimeoutError):
                     break
             try:
-                response = await asyncio.wait_for(
-                    conn.request(head, request.body, head_only=head_only), self.read_timeout
+                response = await conn.request(
+                    head, request.body, head_only=head_only, timeout=self.read_timeout
                 )
             except ClosedBeforeReply:
                 conn.close()
