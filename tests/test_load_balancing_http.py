@@ -283,6 +283,8 @@ BAD_REQUESTS = {
     "bare-lf-line-ends": b"GET / HTTP/1.1\nhost: x\n\n",
     "head-over-64k": b"GET / HTTP/1.1\r\nx: " + b"a" * 70_000 + b"\r\n\r\n",
     "over-100-headers": b"GET / HTTP/1.1\r\n" + b"x: 1\r\n" * 101 + b"\r\n",
+    # a header line that never ends: refused while it streams, not buffered to the end
+    "head-over-64k-unfinished": b"GET / HTTP/1.1\r\nx: " + b"a" * 600_000,
 }
 
 

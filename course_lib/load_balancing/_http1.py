@@ -14,7 +14,7 @@ refused (:class:`ProtocolError`). This module adds what llhttp leaves to its cal
   body; a reply with neither ``Content-Length`` nor ``Transfer-Encoding`` runs until the
   server closes the connection, and is complete only then;
 - interim 1xx replies (``100 Continue``) are skipped; ``101`` (an upgrade) is refused;
-- keep-alive from the version and the ``Connection`` header.
+- keep-alive from the version and the ``Connection`` header (llhttp's verdict).
 
 :class:`ServerConnection` reads requests (pipelined ones in order) and writes replies;
 :class:`ClientConnection` writes a request and reads its reply. Both are asyncio
@@ -107,13 +107,6 @@ def reason(status: int) -> bytes:
         return b""
 
 
-def _keep_alive(version: str, headers: list[tuple[bytes, bytes]]) -> bool:
-    tokens = {t.strip().lower() for k, v in headers if k == b"connection" for t in v.split(b",")}
-    if version == "1.1":
-        return b"close" not in tokens
-    return b"keep-alive" in tokens and b"close" not in tokens
-
-
 class _Builder:
     """httptools callbacks that assemble one message at a time, within the size limits."""
 
@@ -127,9 +120,11 @@ class _Builder:
         self.error: Exception | None = None
         self.message: Message | None = None
         self.headers_done = False
-        self.needs_eof = False  # a response body delimited by the connection's close
+        self._began_now = False
+        self._spill = 0
 
     def feed(self, data: bytes) -> None:
+        self._began_now = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -137,6 +132,12 @@ class _Builder:
             if self.error is not None:
                 raise self.error from None
             raise ProtocolError(str(exc) or type(exc).__name__) from None
+        if self.message is not None and not self.headers_done and not self._began_now:
+            # httptools holds a header line until it ends: a head still open after a
+            # whole further read is bounded here (to MAX_HEAD plus the read it began in).
+            self._spill += len(data)
+            if self._spill > MAX_HEAD:
+                raise ProtocolError(f"message head over {MAX_HEAD} bytes", 431)
 
     def _fail(self, error: Exception) -> None:
         self.error = error
@@ -149,27 +150,21 @@ class _Builder:
         self._body: list[bytes] = []
         self._body_size = 0
         self.headers_done = False
-        self.needs_eof = False
-
-    def _grow(self, n: int) -> None:
-        self._head += n
-        if self._head > MAX_HEAD:
-            self._fail(ProtocolError(f"message head over {MAX_HEAD} bytes", 431))
+        self._began_now = True
+        self._spill = 0
 
     def on_url(self, url: bytes) -> None:
-        assert self.message is not None
-        self._grow(len(url))
-        self.message.target += url
+        self._head += len(url)
+        self.message.target += url  # type: ignore[union-attr]
 
     def on_status(self, status: bytes) -> None:
-        assert self.message is not None
-        self._grow(len(status))
-        self.message.reason += status
+        self.message.reason += status  # type: ignore[union-attr]
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.message is not None
-        self._grow(len(name) + len(value) + 4)
-        headers = self.message.headers
+        headers = self.message.headers  # type: ignore[union-attr]
+        self._head += len(name) + len(value) + 4
+        if self._head > MAX_HEAD:
+            self._fail(ProtocolError(f"message head over {MAX_HEAD} bytes", 431))
         if len(headers) >= MAX_HEADERS:
             self._fail(ProtocolError(f"more than {MAX_HEADERS} header lines", 431))
         headers.append((name.lower(), value))
@@ -180,21 +175,19 @@ class _Builder:
         parser = self.parser
         self.headers_done = True
         message.version = parser.get_http_version()
-        message.keep_alive = _keep_alive(message.version, message.headers)
+        # llhttp's verdict: the version, the Connection header, and (for a response)
+        # whether the body runs to the connection's close.
+        message.keep_alive = parser.should_keep_alive()
         if self.is_response:
             status = message.status = parser.get_status_code()
             if status == 101:
                 self._fail(ProtocolError("protocol upgrades are not supported", 502))
-            framed = any(k in (b"content-length", b"transfer-encoding") for k, _ in message.headers)
             if self.head_only:
                 # llhttp would wait for the Content-Length bytes a HEAD reply never sends,
                 # and has no way to be told: stop here, and drop the connection after.
                 message.keep_alive = False
                 self._complete()
                 self._fail(_HeadComplete())
-            if not framed and status >= 200 and status not in NO_BODY_STATUS:
-                self.needs_eof = True
-                message.keep_alive = False
         else:
             message.method = parser.get_method()
             if parser.should_upgrade():
@@ -219,16 +212,20 @@ class _Builder:
         assert message is not None
         message.body = b"".join(self._body)
         self.message = None
-        self.needs_eof = False
         self._on_message(message)
 
     def finish(self) -> bool:
         """At end of stream: complete a close-delimited response; ``False`` if a message
         was cut short (or nothing had started)."""
-        if self.message is not None and self.headers_done and self.needs_eof:
-            self._complete()
-            return True
-        return False
+        message = self.message
+        if message is None or not self.headers_done or not self.is_response:
+            return False
+        framed = any(k in (b"content-length", b"transfer-encoding") for k, _ in message.headers)
+        if framed or message.status < 200 or message.status in NO_BODY_STATUS:
+            return False  # a length that was not reached: cut short
+        message.keep_alive = False
+        self._complete()
+        return True
 
 
 class _HeadComplete(Exception):
@@ -252,6 +249,7 @@ class ServerConnection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._closed = False
         self._paused = False
+        self._lingering = False
         self.transport: asyncio.Transport | None = None
         self.peer = ""
 
@@ -263,6 +261,8 @@ class ServerConnection(asyncio.Protocol):
         self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the rest of a refused request, read only to be dropped
         try:
             self._builder.feed(data)
         except ProtocolError as exc:
@@ -336,6 +336,28 @@ class ServerConnection(asyncio.Protocol):
             except TimeoutError:
                 self.transport.abort()  # close() would wait for the unread bytes to go
                 raise
+
+    async def linger(self, timeout: float) -> None:
+        """After a refusal: end our side (FIN after the reply), then read and drop what
+        the client still sends, until it closes or ``timeout`` s. Closing at once with
+        its bytes unread would send a reset, which can destroy the reply before the
+        client reads it (nginx's ``lingering_close``)."""
+        self._lingering = True
+        self._requests.clear()
+        if self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.resume_reading()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self._closed:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                return
+            finally:
+                self._waiter = None
 
     def close(self) -> None:
         self._closed = True

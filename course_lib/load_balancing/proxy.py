@@ -1,6 +1,6 @@
 """An asyncio reverse proxy that balances across backends with any strategy.
 
-- Active requests per backend are counted by the strategy (``acquire``), so least
+- Active requests per backend are counted by the strategy (``take``/``release``), so least
   connections and two choices see the real load; ``sample_every`` records them over time.
 - HTTP/1.1 parsed by httptools (llhttp) with RFC 9112's message-length rules
   (:mod:`._http1`): a request with a bare LF, an obs-fold, a bad or conflicting length,
@@ -285,6 +285,7 @@ class Proxy:
                 except ProtocolError as exc:
                     reply = _own_reply(exc.status, f"{exc}\n")
                     await conn.send(self._head(reply, None), reply.body, self.read_timeout)
+                    await conn.linger(self.read_timeout)
                     break
                 if request is None:
                     break
@@ -322,18 +323,19 @@ class Proxy:
         start = time.perf_counter()
         tried: list[str] = []
         reply = None
-        with contextlib.ExitStack() as stack:
+        try:
+            server = self.strategy.take(self.key(client, request.target.decode("latin-1"), request))
+        except NoBackendAvailable:
+            server = None
+        except ValueError:  # the key function refused the request (an invalid address)
+            reply = _own_reply(400, "bad client address\n")
+            server = None
+        if server is not None:
+            tried.append(server)
             try:
-                key = self.key(client, request.target.decode("latin-1"), request)
-                server = stack.enter_context(self.strategy.acquire(key))
-            except NoBackendAvailable:
-                server = None
-            except ValueError:  # the key function refused the request (an invalid address)
-                reply = _own_reply(400, "bad client address\n")
-                server = None
-            if server is not None:
-                tried.append(server)
                 reply = await self._attempt(server, request, client)
+            finally:
+                self.strategy.release(server)
         while reply is None and tried and self.retry and method in IDEMPOTENT:
             server = self._next_untried(tried)
             if server is None:

@@ -6,7 +6,8 @@ O(log n) work, never a scan of the servers) and has the same interface:
 - ``pick(key=None) -> server``: the next server (the key is the client IP for
   :class:`IpHash`, any string for :class:`ConsistentHash`, ignored by the others);
 - ``acquire(key=None)``: a context manager yielding the picked server and counting it as
-  active until the block exits, also when it raises;
+  active until the block exits, also when it raises; ``take(key=None)`` picks and counts
+  without the block (for callers such as an event loop that release by hand);
 - ``acquire_server(server)``: count a request on a server the caller chose (a proxy's
   retry on the next backend), ended with ``release(server)``;
 - ``release(server)``: end one active request that was counted by hand;
@@ -116,12 +117,18 @@ class Strategy:
         with self._lock:
             return self._pick(key)
 
-    @contextlib.contextmanager
-    def acquire(self, key: str | None = None) -> Iterator[str]:
-        """Pick a server and count it active until the block exits (also on an exception)."""
+    def take(self, key: str | None = None) -> str:
+        """Pick a server and count it active, in one critical section; end the request
+        with :meth:`release` (what :meth:`acquire` does around a block)."""
         with self._lock:
             server = self._pick(key)
             self._count(server, +1)
+            return server
+
+    @contextlib.contextmanager
+    def acquire(self, key: str | None = None) -> Iterator[str]:
+        """Pick a server and count it active until the block exits (also on an exception)."""
+        server = self.take(key)
         try:
             yield server
         finally:
