@@ -9,12 +9,15 @@ client addresses / strings so hashing strategies do real work; their baseline is
 ``random.choice`` behind the same key rotation.
 
 Proxy vs nginx (where both nginx and wrk are installed; otherwise the rows are skipped and
-the reason printed): three backends (0 ms, each its own process), round robin, one nginx
-worker process and the course proxy's one event loop, the same wrk load (1 thread, 32
-keep-alive connections) through each, and directly to one backend with 11 connections
-(the share of the load each backend gets behind a balancer). Rows: throughput ratio
-proxy / nginx (target >= 0.5x), p50 and p99 of each over direct, and CPU time per request
-of the proxy (this process) and of the nginx worker.
+the reason printed): three backends (0 ms, each its own uvicorn process), round robin, one
+nginx worker process and the course proxy's one event loop, the same wrk load (1 thread,
+32 keep-alive connections) through each, in interleaved rounds (the order alternating), so
+the machine's drift falls on both. Rows (medians over the rounds; the spread of the
+per-round ratios goes to stderr): throughput (target >= 0.8x nginx), CPU time per request
+of the proxy's process against the nginx worker's (target <= 2x), p50 and p99 latency
+against nginx's (p99 target <= 1.2x), and each backend's own capacity under the same wrk
+load, beside the proxy's throughput (a proxy near that would be measuring the backends).
+Then a py-spy profile of the proxy under wrk prints its top functions by own time.
 """
 
 from __future__ import annotations
