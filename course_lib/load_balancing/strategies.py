@@ -489,7 +489,11 @@ def _key_hash(key: str) -> int:
     The key's bytes are its UTF-8 with ``surrogatepass``: every ``str`` is a valid key,
     a lone surrogate ("\\ud800", which strict UTF-8 cannot encode) included, and every
     other string hashes exactly as its UTF-8."""
-    h = zlib.crc32(key.encode("utf-8", "surrogatepass"))
+    try:
+        data = key.encode()
+    except UnicodeEncodeError:  # the rare key strict UTF-8 refuses; "strict" is the fast path
+        data = key.encode("utf-8", "surrogatepass")
+    h = zlib.crc32(data)
     h = (h * 0x9E3779B1) & 0xFFFFFFFF
     return h ^ (h >> 16)
 
