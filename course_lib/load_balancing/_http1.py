@@ -18,8 +18,9 @@ refused (:class:`ProtocolError`). This module adds what llhttp leaves to its cal
 
 :class:`ServerConnection` reads requests (pipelined ones in order) and writes replies;
 :class:`ClientConnection` writes a request and reads its reply. Both are asyncio
-protocols: bytes go from the socket straight into the parser, and each message goes out
-in one ``writelines`` (head and body, the body not copied).
+protocols driven by callbacks: bytes go from the socket straight into the parser, each
+message goes out in one ``writelines`` (head and body, the body not copied), and no task
+or coroutine is created per request.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import asyncio
 import collections
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Protocol
 
 import httptools
 
@@ -39,6 +41,7 @@ __all__ = [
     "ClosedBeforeReply",
     "Message",
     "ProtocolError",
+    "RequestHandler",
     "ServerConnection",
     "open_connection",
     "reason",
@@ -233,32 +236,42 @@ class _HeadComplete(Exception):
 
 
 class ServerConnection(asyncio.Protocol):
-    """One client's connection to a server: :meth:`next_request`, then :meth:`send`.
+    """One client's connection to a server, driven by callbacks (no task per request).
 
-    Requests are queued in arrival order; reading pauses while
-    :data:`PIPELINE_LIMIT` are waiting, so a client cannot queue unbounded work.
+    ``handler.on_request(conn, message)`` gets each request, one at a time in arrival
+    order; the handler answers with :meth:`reply`, after which the next queued request
+    goes out. ``handler.on_refused(conn, error)`` gets a request the parser refused
+    (answer it with :meth:`refuse`). Reading pauses while :data:`PIPELINE_LIMIT`
+    requests wait, so a client cannot queue unbounded work; a client that does not read
+    its replies for ``send_timeout`` s is dropped.
     """
 
     PIPELINE_LIMIT = 16
 
-    def __init__(self, on_connect: Callable[[ServerConnection], None]) -> None:
-        self._on_connect = on_connect
-        self._builder = _Builder(False, self._queue_request)
+    def __init__(self, handler: RequestHandler, send_timeout: float) -> None:
+        self._handler = handler
+        self._send_timeout = send_timeout
+        self._builder = _Builder(False, self._requests_append)
         self._requests: collections.deque[Message | ProtocolError] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._writable: asyncio.Future[None] | None = None
-        self._closed = False
-        self._paused = False
+        self._busy = False  # a request is with the handler
+        self._dispatching = False
+        self._write_paused = False
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._read_paused = False
         self._lingering = False
+        self.closed = False
         self.transport: asyncio.Transport | None = None
         self.peer = ""
+
+    def _requests_append(self, message: Message) -> None:
+        self._requests.append(message)
 
     # -- asyncio callbacks ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
-        self._on_connect(self)
+        self._handler.on_connect(self)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
@@ -267,110 +280,124 @@ class ServerConnection(asyncio.Protocol):
             self._builder.feed(data)
         except ProtocolError as exc:
             self._requests.append(exc)
-            self.transport.pause_reading()  # nothing after a bad message is read
-            self._paused = True
-        if len(self._requests) >= self.PIPELINE_LIMIT and not self._paused:
-            self.transport.pause_reading()
-            self._paused = True
-        self._wake()
+            self._pause_reading()  # nothing after a bad message is read
+        if len(self._requests) >= self.PIPELINE_LIMIT:
+            self._pause_reading()
+        self._dispatch()
 
     def eof_received(self) -> bool:
-        self._closed = True
-        self._wake()
-        return False
+        if self._lingering or (not self._busy and not self._requests):
+            self.close()
+        return True  # keep our side open for the replies still to come
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
-        self._wake()
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
+        self.closed = True
+        self._requests.clear()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+        self._handler.on_disconnect(self)
 
     def pause_writing(self) -> None:
-        self._writable = asyncio.get_running_loop().create_future()
+        self._write_paused = True
+        loop = asyncio.get_running_loop()
+        self._write_timer = loop.call_later(self._send_timeout, self._abort)
 
     def resume_writing(self) -> None:
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
-        self._writable = None
+        self._write_paused = False
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        self._dispatch()
 
-    # -- used by the server's handler ---------------------------------------------
-    def _queue_request(self, message: Message) -> None:
-        self._requests.append(message)
+    # -- flow -----------------------------------------------------------------------
+    def _pause_reading(self) -> None:
+        if not self._read_paused and not self.transport.is_closing():
+            self._read_paused = True
+            self.transport.pause_reading()
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    def _dispatch(self) -> None:
+        # A loop rather than recursion: a reply given synchronously dispatches the next.
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            while not self._busy and not self._write_paused and self._requests:
+                if self.closed:
+                    return
+                item = self._requests.popleft()
+                self._busy = True
+                if isinstance(item, ProtocolError):
+                    self._handler.on_refused(self, item)
+                else:
+                    self._handler.on_request(self, item)
+            if (
+                self._read_paused
+                and len(self._requests) < self.PIPELINE_LIMIT // 2
+                and not self._lingering
+                and not self.transport.is_closing()
+            ):
+                self._read_paused = False
+                self.transport.resume_reading()
+        finally:
+            self._dispatching = False
 
-    async def next_request(self) -> Message | None:
-        """The next request; ``None`` once the client has closed. Raises
-        :class:`ProtocolError` for a request refused by the parser."""
-        while not self._requests:
-            if self._closed:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        item = self._requests.popleft()
-        if isinstance(item, ProtocolError):
-            raise item
-        if (
-            self._paused
-            and len(self._requests) < self.PIPELINE_LIMIT // 2
-            and not self.transport.is_closing()
-        ):
-            self._paused = False
-            self.transport.resume_reading()
-        return item
-
-    async def send(self, head: bytes, body: bytes, timeout: float) -> None:
-        """Write one message; wait (at most ``timeout`` s) while the client is not reading.
-        Raises ``ConnectionResetError`` if the client has gone."""
-        if self.transport.is_closing():
-            raise ConnectionResetError("the client closed the connection")
+    def reply(self, head: bytes, body: bytes, keep_alive: bool) -> None:
+        """Send the reply to the current request (one ``writelines``, the body not
+        copied); close after it unless ``keep_alive``."""
+        self._busy = False
+        if self.closed or self.transport.is_closing():
+            return
         self.transport.writelines((head, body) if body else (head,))
-        if self._writable is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._writable), timeout)
-            except TimeoutError:
-                self.transport.abort()  # close() would wait for the unread bytes to go
-                raise
+        if not keep_alive:
+            self.close()
+            return
+        self._dispatch()
 
-    async def linger(self, timeout: float) -> None:
-        """After a refusal: end our side (FIN after the reply), then read and drop what
-        the client still sends, until it closes or ``timeout`` s. Closing at once with
-        its bytes unread would send a reset, which can destroy the reply before the
-        client reads it (nginx's ``lingering_close``)."""
+    def refuse(self, head: bytes, body: bytes, linger: float) -> None:
+        """Send the reply to a refused request, end our side, then read and drop what
+        the client still sends until it closes or ``linger`` s: closing at once with its
+        bytes unread would send a reset, which can destroy the reply before the client
+        reads it (nginx's ``lingering_close``)."""
+        self._busy = False
         self._lingering = True
         self._requests.clear()
-        if self.transport.is_closing():
+        if self.closed or self.transport.is_closing():
             return
+        self.transport.writelines((head, body))
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self.transport.resume_reading()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not self._closed:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(self._waiter, deadline - asyncio.get_running_loop().time())
-            except TimeoutError:
-                return
-            finally:
-                self._waiter = None
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        asyncio.get_running_loop().call_later(linger, self.close)
+
+    def _abort(self) -> None:
+        self.closed = True
+        self.transport.abort()  # close() would wait for the unread bytes to go
 
     def close(self) -> None:
-        self._closed = True
+        self.closed = True
         if self.transport is not None:
             self.transport.close()
 
 
-class ClientConnection(asyncio.Protocol):
-    """A keep-alive connection to a server: one request at a time with :meth:`request`.
+class RequestHandler(Protocol):
+    """What a :class:`ServerConnection` calls."""
 
-    Bytes that arrive while no request is outstanding mean the server is out of step (or
-    closing): the connection is closed then, as nginx does with its idle upstreams, so a
-    stray reply can never be taken for the answer to the next request.
+    def on_connect(self, conn: ServerConnection) -> None: ...
+    def on_request(self, conn: ServerConnection, request: Message) -> None: ...
+    def on_refused(self, conn: ServerConnection, error: ProtocolError) -> None: ...
+    def on_disconnect(self, conn: ServerConnection) -> None: ...
+
+
+class ClientConnection(asyncio.Protocol):
+    """A keep-alive connection to a server: one request at a time with :meth:`send`
+    (a callback) or :meth:`request` (a coroutine).
+
+    Bytes that arrive while no request is outstanding, or after the reply, mean the
+    server is out of step (or closing): the connection is closed then, as nginx does
+    with its idle upstreams, so a stray reply can never be taken for the answer to the
+    next request.
     """
 
     def __init__(self) -> None:
@@ -378,81 +405,113 @@ class ClientConnection(asyncio.Protocol):
         # One parser for the connection's life: after a HEAD (which stops it mid-message)
         # or any error the connection is closed, so it never parses from a bad state.
         self._builder = _Builder(True, self._got)
-        self._reply: asyncio.Future[Message] | None = None
+        self._done: Callable[[Message | None, BaseException | None], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._result: Message | None = None
+        self._extra = False
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
-        builder, reply = self._builder, self._reply
-        if reply is None or reply.done():
+        if self._done is None:
             self.close()  # unsolicited bytes
             return
         try:
-            builder.feed(data)
+            self._builder.feed(data)
         except _HeadComplete:
             pass
         except ProtocolError as exc:
             self.close()
-            if not reply.done():
-                reply.set_exception(exc)
+            self._resolve(None, exc)
             return
-        if reply.done() and builder.message is not None:
-            self.close()  # bytes after the reply: a second message began
+        result = self._result
+        if result is not None:
+            # The reply goes out only once this read is parsed to its end, so that bytes
+            # after it (a second message) close the connection before anyone reuses it.
+            self._result = None
+            if self._extra or self._builder.message is not None or not result.keep_alive:
+                self.close()
+            self._resolve(result, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        reply, builder = self._reply, self._builder
-        if reply is None or reply.done():
+        if self._done is None:
             return
-        if builder.finish():
-            return
-        if builder.message is None:
-            reply.set_exception(ClosedBeforeReply("the server closed the connection"))
+        if self._builder.finish():  # a close-delimited body ends here
+            result, self._result = self._result, None
+            self._resolve(result, None)
+        elif self._builder.message is None:
+            self._resolve(None, ClosedBeforeReply("the server closed the connection"))
         else:
-            reply.set_exception(ConnectionResetError("the server closed the connection mid-reply"))
+            self._resolve(None, ConnectionResetError("the server closed the connection mid-reply"))
 
     def _got(self, message: Message) -> None:
-        reply = self._reply
-        if reply is None or reply.done():
-            self.close()  # a second reply to one request
+        if self._result is not None:
+            self._extra = True  # a second reply to one request
             return
-        if not message.keep_alive:
-            self.close()
-        reply.set_result(message)
+        self._result = message
+
+    def _resolve(self, reply: Message | None, error: BaseException | None) -> None:
+        done, self._done = self._done, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if done is not None:
+            done(reply, error)
 
     def _timed_out(self, timeout: float) -> None:
-        reply = self._reply
-        if reply is not None and not reply.done():
-            reply.set_exception(TimeoutError(f"no reply within {timeout} s"))
+        self._timer = None
         self.close()
+        self._resolve(None, TimeoutError(f"no reply within {timeout} s"))
+
+    def send(
+        self,
+        head: bytes,
+        body: bytes,
+        *,
+        head_only: bool,
+        timeout: float,
+        done: Callable[[Message | None, BaseException | None], None],
+    ) -> None:
+        """Send one request (``head`` ends with the blank line); ``done(reply, None)``
+        or ``done(None, error)`` is called once: ``TimeoutError`` when the reply is not
+        complete within ``timeout`` s, :class:`ProtocolError` for a reply the parser
+        refuses, ``ConnectionResetError`` (:class:`ClosedBeforeReply` when no byte came
+        back) if the connection ends first; the connection is closed after any of these.
+        ``head_only`` for a ``HEAD`` request."""
+        loop = asyncio.get_running_loop()
+        if self.closed or self.transport.is_closing() or self._done is not None:
+            loop.call_soon(done, None, ClosedBeforeReply("the connection is not usable"))
+            return
+        self._done = done
+        self._builder.head_only = head_only
+        # A timer on the loop rather than asyncio.wait_for, which wraps every request in
+        # a task of its own: one more object and one more loop iteration per request.
+        self._timer = loop.call_later(timeout, self._timed_out, timeout)
+        self.transport.writelines((head, body) if body else (head,))
 
     async def request(
         self, head: bytes, body: bytes, *, head_only: bool, timeout: float
     ) -> Message:
-        """Send one request (``head`` ends with the blank line) and return its reply;
-        ``head_only`` for a ``HEAD`` request. Raises ``TimeoutError`` when the reply is
-        not complete within ``timeout`` s, :class:`ProtocolError` for a reply the parser
-        refuses, ``ConnectionResetError`` if the connection ends first; the connection is
-        closed after any of these."""
-        if self.closed or self.transport.is_closing():
-            raise ClosedBeforeReply("the connection is closed")
-        self._builder.head_only = head_only
-        loop = asyncio.get_running_loop()
-        reply = self._reply = loop.create_future()
-        # A timer on the loop rather than asyncio.wait_for, which wraps every request in
-        # a task of its own: one more object and one more loop iteration per request.
-        timer = loop.call_later(timeout, self._timed_out, timeout)
-        self.transport.writelines((head, body) if body else (head,))
+        """:meth:`send` as a coroutine: the reply, or the error raised."""
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+        def done(reply: Message | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(reply)  # type: ignore[arg-type]
+
+        self.send(head, body, head_only=head_only, timeout=timeout, done=done)
         try:
-            return await reply
+            return await future
         except asyncio.CancelledError:
             self.close()  # the caller gave up mid-request: the reply would come unasked
             raise
-        finally:
-            timer.cancel()
-            self._reply = None
 
     def close(self) -> None:
         self.closed = True

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -126,6 +127,18 @@ class _Reply:
     length: bytes | None
 
 
+@dataclass
+class _Exchange:
+    """One client request on its way through the proxy."""
+
+    conn: ServerConnection
+    request: Message
+    client: str
+    start: float
+    tried: list[str] = field(default_factory=list)
+    head: bytes | None = None  # the forwarded request, built once for every attempt
+
+
 def _own_reply(status: int, text: str) -> _Reply:
     body = text.encode()
     return _Reply(
@@ -182,8 +195,9 @@ class Proxy:
         self._samples: list[tuple[float, str, int]] = []
         self._events: list[tuple[float, str, str]] = []
         self._t0 = time.perf_counter()
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._connecting: set[asyncio.Task[None]] = set()
         self._connections: set[ServerConnection] = set()
+        self._upstream_conns: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
         self.url = ""
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -199,7 +213,7 @@ class Proxy:
         async def main() -> None:
             running = asyncio.get_running_loop()
             server = await running.create_server(
-                lambda: ServerConnection(self._connected), sock=sock, backlog=2048
+                lambda: ServerConnection(self, self.read_timeout), sock=sock, backlog=2048
             )
             stop["event"] = asyncio.Event()
             sampler = asyncio.create_task(self._sample()) if self.sample_every else None
@@ -208,15 +222,15 @@ class Proxy:
             if sampler:
                 sampler.cancel()
             server.close()
-            # Client connections still open (keep-alive) would outlive the loop: end them.
-            for task in list(self._handlers):
+            # Connections still open (keep-alive, in flight) would outlive the loop: end them.
+            for task in list(self._connecting):
                 task.cancel()
-            await asyncio.gather(*self._handlers, return_exceptions=True)
+            await asyncio.gather(*self._connecting, return_exceptions=True)
             for conn in list(self._connections):
                 conn.close()
-            for upstream in self._upstreams.values():
-                while upstream.idle:
-                    upstream.idle.pop().close()
+            for upstream_conn in list(self._upstream_conns):
+                upstream_conn.close()
+            await asyncio.sleep(0)  # let the closes run their callbacks
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 2)
 
@@ -270,39 +284,33 @@ class Proxy:
                 self._samples.append((now, name, n))
             await asyncio.sleep(self.sample_every)
 
-    # -- serving ------------------------------------------------------------------------
-    def _connected(self, conn: ServerConnection) -> None:
-        task = asyncio.get_running_loop().create_task(self._client(conn))
-        self._handlers.add(task)
+    # -- serving: callbacks from the connections, no task per request ------------------
+    def on_connect(self, conn: ServerConnection) -> None:
         self._connections.add(conn)
-        task.add_done_callback(self._handlers.discard)
 
-    async def _client(self, conn: ServerConnection) -> None:
+    def on_disconnect(self, conn: ServerConnection) -> None:
+        self._connections.discard(conn)
+
+    def on_refused(self, conn: ServerConnection, error: ProtocolError) -> None:
+        reply = _own_reply(error.status, f"{error}\n")
+        conn.refuse(self._head(reply, None), reply.body, linger=self.read_timeout)
+
+    def on_request(self, conn: ServerConnection, request: Message) -> None:
+        client = conn.peer
+        if client in LOOPBACK:
+            forwarded = request.header("x-forwarded-for")
+            if forwarded:
+                client = forwarded.rsplit(",", 1)[-1].strip()
+        exchange = _Exchange(conn, request, client, time.perf_counter())
         try:
-            while True:
-                try:
-                    request = await conn.next_request()
-                except ProtocolError as exc:
-                    reply = _own_reply(exc.status, f"{exc}\n")
-                    await conn.send(self._head(reply, None), reply.body, self.read_timeout)
-                    await conn.linger(self.read_timeout)
-                    break
-                if request is None:
-                    break
-                client = conn.peer
-                if client in LOOPBACK:
-                    forwarded = request.header("x-forwarded-for")
-                    if forwarded:
-                        client = forwarded.rsplit(",", 1)[-1].strip()
-                reply = await self._forward(request, client)
-                await conn.send(self._head(reply, request), reply.body, self.read_timeout)
-                if not request.keep_alive:
-                    break
-        except (ConnectionError, OSError, TimeoutError, asyncio.CancelledError):
-            pass
-        finally:
-            conn.close()
-            self._connections.discard(conn)
+            server = self.strategy.take(self.key(client, request.target.decode("latin-1"), request))
+        except NoBackendAvailable:
+            self._finish(exchange, _own_reply(502, "bad gateway\n"))
+            return
+        except ValueError:  # the key function refused the request (an invalid address)
+            self._finish(exchange, _own_reply(400, "bad client address\n"))
+            return
+        self._try(exchange, server)
 
     @staticmethod
     def _head(reply: _Reply, request: Message | None) -> bytes:
@@ -318,45 +326,96 @@ class Proxy:
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    async def _forward(self, request: Message, client: str) -> _Reply:
-        method = request.method.decode("latin-1")
-        start = time.perf_counter()
-        tried: list[str] = []
-        reply = None
-        try:
-            server = self.strategy.take(self.key(client, request.target.decode("latin-1"), request))
-        except NoBackendAvailable:
-            server = None
-        except ValueError:  # the key function refused the request (an invalid address)
-            reply = _own_reply(400, "bad client address\n")
-            server = None
-        if server is not None:
-            tried.append(server)
-            try:
-                reply = await self._attempt(server, request, client)
-            finally:
-                self.strategy.release(server)
-        while reply is None and tried and self.retry and method in IDEMPOTENT:
-            server = self._next_untried(tried)
-            if server is None:
-                break
-            tried.append(server)
-            try:
-                self.strategy.acquire_server(server)
-            except ValueError:  # removed from the balancer since _next_untried looked
-                break
-            try:
-                reply = await self._attempt(server, request, client)
-            finally:
-                self.strategy.release(server)
-        if reply is None:
-            reply = _own_reply(502, "bad gateway\n")
-        elapsed = time.perf_counter() - start
-        backend = tried[-1] if tried else ""
+    def _finish(self, exchange: _Exchange, reply: _Reply) -> None:
+        request = exchange.request
+        tried = exchange.tried
         self._records.append(
-            (start - self._t0, method, backend, elapsed, reply.status, len(tried), client)
+            (
+                exchange.start - self._t0,
+                request.method.decode("latin-1"),
+                tried[-1] if tried else "",
+                time.perf_counter() - exchange.start,
+                reply.status,
+                len(tried),
+                exchange.client,
+            )
         )
-        return reply
+        exchange.conn.reply(self._head(reply, request), reply.body, request.keep_alive)
+
+    def _try(self, exchange: _Exchange, server: str) -> None:
+        """One attempt on ``server`` (already counted active by the strategy)."""
+        exchange.tried.append(server)
+        upstream = self._upstreams[server]
+        conn = upstream.take_idle()
+        if conn is not None:
+            self._send(exchange, server, conn, pooled=True)
+        else:
+            self._connect(exchange, server)
+
+    def _connect(self, exchange: _Exchange, server: str) -> None:
+        # The one await on the path, and only for a new connection: a task of its own.
+        task = asyncio.get_running_loop().create_task(self._open(exchange, server))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _open(self, exchange: _Exchange, server: str) -> None:
+        upstream = self._upstreams[server]
+        try:
+            conn = await asyncio.wait_for(
+                open_connection(upstream.host, upstream.port), self.connect_timeout
+            )
+        except (OSError, TimeoutError):
+            self._attempt_failed(exchange, server)
+            return
+        self._upstream_conns.add(conn)
+        self._send(exchange, server, conn, pooled=False)
+
+    def _send(self, exchange: _Exchange, server: str, conn: ClientConnection, pooled: bool) -> None:
+        request = exchange.request
+        if exchange.head is None:
+            exchange.head = self._request_head(request, exchange.client)
+
+        def done(response: Message | None, error: BaseException | None) -> None:
+            if response is not None:
+                upstream = self._upstreams[server]
+                if not conn.closed and len(upstream.idle) < self.keepalive:
+                    upstream.idle.append(conn)
+                else:
+                    conn.close()
+                self.strategy.release(server)
+                self._finish(exchange, self._reply(response, request))
+            elif pooled and isinstance(error, ClosedBeforeReply):
+                # A pooled connection the backend closed while idle fails before any
+                # byte comes back: not the backend failing, so one new connection.
+                self._connect(exchange, server)
+            else:
+                self._attempt_failed(exchange, server)
+
+        conn.send(
+            exchange.head + self._upstreams[server].host_header + b"\r\n",
+            request.body,
+            head_only=request.method == b"HEAD",
+            timeout=self.read_timeout,
+            done=done,
+        )
+
+    def _attempt_failed(self, exchange: _Exchange, server: str) -> None:
+        """Count the failure (nginx's error, timeout, invalid_header), then retry an
+        idempotent request on the next backend not yet tried, or answer 502."""
+        self._failed(server)
+        self.strategy.release(server)
+        request = exchange.request
+        if self.retry and request.method.decode("latin-1") in IDEMPOTENT:
+            following = self._next_untried(exchange.tried)
+            if following is not None:
+                try:
+                    self.strategy.acquire_server(following)
+                except ValueError:  # removed from the balancer since _next_untried looked
+                    pass
+                else:
+                    self._try(exchange, following)
+                    return
+        self._finish(exchange, _own_reply(502, "bad gateway\n"))
 
     def _next_untried(self, tried: list[str]) -> str | None:
         """The backend after the last tried one, in list order, that is up and untried."""
@@ -369,63 +428,18 @@ class Proxy:
                 return candidate
         return None
 
-    def _request_head(self, request: Message, upstream: _Upstream, client: str) -> bytes:
+    def _request_head(self, request: Message, client: str) -> bytes:
+        """The request as forwarded, up to its Host line (which depends on the backend)."""
         lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
         lines += [
             b"%s: %s\r\n" % header
             for header in request.headers
             if header[0] not in DROPPED_FROM_REQUESTS
         ]
-        lines.append(upstream.host_header)
         lines.append(b"x-forwarded-for: %s\r\n" % client.encode("latin-1"))
         if request.body or request.method in BODY_METHODS:
             lines.append(b"content-length: %d\r\n" % len(request.body))
-        lines.append(b"\r\n")
         return b"".join(lines)
-
-    async def _attempt(self, server: str, request: Message, client: str) -> _Reply | None:
-        """Send ``request`` to ``server``; ``None`` (and a counted failure) if it fails.
-
-        A failure is no connection, a reset, a timeout, or a reply the parser refuses
-        (a status that is not three digits, a bad ``Content-Length``, a bare LF): nginx
-        counts that last one as ``invalid_header``, an error of the backend.
-        """
-        upstream = self._upstreams[server]
-        head = self._request_head(request, upstream, client)
-        head_only = request.method == b"HEAD"
-        # A pooled connection the backend closed while idle fails before any byte comes
-        # back: that is not the backend failing, so it is retried once on a new connection.
-        for pooled in (True, False):
-            if pooled:
-                conn = upstream.take_idle()
-                if conn is None:
-                    continue
-            else:
-                try:
-                    conn = await asyncio.wait_for(
-                        open_connection(upstream.host, upstream.port), self.connect_timeout
-                    )
-                except (OSError, TimeoutError):
-                    break
-            try:
-                response = await conn.request(
-                    head, request.body, head_only=head_only, timeout=self.read_timeout
-                )
-            except ClosedBeforeReply:
-                conn.close()
-                if pooled:
-                    continue
-                break
-            except (OSError, TimeoutError, ProtocolError):
-                conn.close()
-                break
-            if response.keep_alive and len(upstream.idle) < self.keepalive:
-                upstream.idle.append(conn)
-            else:
-                conn.close()
-            return self._reply(response, request)
-        self._failed(server)
-        return None
 
     @staticmethod
     def _reply(response: Message, request: Message) -> _Reply:
