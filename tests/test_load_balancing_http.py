@@ -445,3 +445,19 @@ def test_a_client_that_does_not_read_is_dropped_after_read_timeout() -> None:
                     time.sleep(0.05)  # polling for a state: the connection was dropped
                 dropped = not proxy._connections
     assert dropped
+
+
+def test_a_client_that_half_closes_gets_its_replies_then_the_close() -> None:
+    # Two pipelined requests, then the client's FIN: both are answered, then the proxy
+    # closes (the connection does not linger half-open).
+    with scripted(always(OK)) as (backend,):
+        proxy = Proxy({"b": backend.url}, RoundRobin(["b"]))
+        with proxy.serve() as url:
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET / HTTP/1.1\r\n\r\n" * 2)
+                s.shutdown(socket.SHUT_WR)
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 2 and data.endswith(b"fine\n")

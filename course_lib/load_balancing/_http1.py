@@ -259,6 +259,7 @@ class ServerConnection(asyncio.Protocol):
         self._write_timer: asyncio.TimerHandle | None = None
         self._read_paused = False
         self._lingering = False
+        self._eof = False  # the client has sent all it will send
         self.closed = False
         self.transport: asyncio.Transport | None = None
         self.peer = ""
@@ -286,6 +287,7 @@ class ServerConnection(asyncio.Protocol):
         self._dispatch()
 
     def eof_received(self) -> bool:
+        self._eof = True
         if self._lingering or (not self._busy and not self._requests):
             self.close()
         return True  # keep our side open for the replies still to come
@@ -330,6 +332,9 @@ class ServerConnection(asyncio.Protocol):
                     self._handler.on_refused(self, item)
                 else:
                     self._handler.on_request(self, item)
+            if self._eof and not self._busy and not self._requests and not self._lingering:
+                self.close()  # every request the client sent before its end is answered
+                return
             if (
                 self._read_paused
                 and len(self._requests) < self.PIPELINE_LIMIT // 2

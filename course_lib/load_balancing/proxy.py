@@ -196,6 +196,7 @@ class Proxy:
         self._events: list[tuple[float, str, str]] = []
         self._t0 = time.perf_counter()
         self._connecting: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self._connections: set[ServerConnection] = set()
         self._upstream_conns: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
         self.url = ""
@@ -223,6 +224,7 @@ class Proxy:
                 sampler.cancel()
             server.close()
             # Connections still open (keep-alive, in flight) would outlive the loop: end them.
+            self._stopping = True
             for task in list(self._connecting):
                 task.cancel()
             await asyncio.gather(*self._connecting, return_exceptions=True)
@@ -353,6 +355,10 @@ class Proxy:
             self._connect(exchange, server)
 
     def _connect(self, exchange: _Exchange, server: str) -> None:
+        if self._stopping:
+            self.strategy.release(server)
+            self._finish(exchange, _own_reply(502, "bad gateway\n"))
+            return
         # The one await on the path, and only for a new connection: a task of its own.
         task = asyncio.get_running_loop().create_task(self._open(exchange, server))
         self._connecting.add(task)
