@@ -150,6 +150,8 @@ def test_bad_rig_input() -> None:
         Proxy({"a": "ftp://x"}, RoundRobin(["a"]))
     with pytest.raises(TypeError, match="strategy"):
         Proxy({"a": "http://127.0.0.1:1"}, ["a"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="keepalive"):
+        Proxy({"a": "http://127.0.0.1:1"}, RoundRobin(["a"]), keepalive=0)
     with pytest.raises(ValueError, match="requests"):
         run_load("http://127.0.0.1:1", requests=0)
     with pytest.raises(ValueError, match="url"):

@@ -288,16 +288,21 @@ class Proxy:
 
     # -- serving: callbacks from the connections, no task per request ------------------
     def on_connect(self, conn: ServerConnection) -> None:
+        """A client connected (tracked, to be closed when the proxy stops)."""
         self._connections.add(conn)
 
     def on_disconnect(self, conn: ServerConnection) -> None:
+        """A client's connection ended; a request still in flight is answered to no one."""
         self._connections.discard(conn)
 
     def on_refused(self, conn: ServerConnection, error: ProtocolError) -> None:
+        """A request the parser refused: answered with its status (400, 413, 431, 501),
+        never forwarded, and the connection closed after a lingering read."""
         reply = _own_reply(error.status, f"{error}\n")
         conn.refuse(self._head(reply, None), reply.body, linger=self.read_timeout)
 
     def on_request(self, conn: ServerConnection, request: Message) -> None:
+        """A request: picked, forwarded, retried as the module says; answered once."""
         client = conn.peer
         if client in LOOPBACK:
             forwarded = request.header("x-forwarded-for")
