@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections import Counter
 
 import pytest
@@ -129,7 +130,7 @@ def test_least_connections_picks_least_loaded_and_frees_on_exit() -> None:
         assert Counter(held) == dict.fromkeys(THREE, 3)
         lc.release(held[0])
         assert lc.pick() == held[0]
-        lc._acquire_server(held[0])
+        lc.acquire_server(held[0])
     assert lc.active() == dict.fromkeys(THREE, 0)
 
 
@@ -177,7 +178,7 @@ def test_least_connections_down_server_keeps_counting() -> None:
 def test_two_choices_never_picks_the_more_loaded_of_its_pair() -> None:
     p2c = PowerOfTwoChoices(THREE, seed=7)
     for _ in range(5):
-        p2c._acquire_server("server1")
+        p2c.acquire_server("server1")
     assert "server1" not in {p2c.pick() for _ in range(500)}
     assert {p2c.pick() for _ in range(500)} == {"server2", "server3"}
 
@@ -394,3 +395,72 @@ def test_bad_calls_name_the_server_or_key() -> None:
         WeightedRoundRobin({"a": 1}).add("d", 0)
     with pytest.raises(ValueError, match="key"):
         ConsistentHash(THREE).pick()
+
+
+# -- issue 18: a race and a key that broke documented guarantees ------------------------------
+class _PausingLock:
+    """Wraps a balancer's lock: the first time ``owner`` releases it, ``owner`` waits
+    there until another thread has run a whole call, so that call lands exactly between
+    two critical sections of ``owner`` (if there are two), never by luck."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+        self.owner: threading.Thread | None = None
+        self.released = threading.Event()
+        self.other_done = threading.Event()
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+        if threading.current_thread() is self.owner and not self.released.is_set():
+            self.released.set()
+            assert self.other_done.wait(10)
+
+
+def test_weighted_remove_and_mark_down_race_deterministically() -> None:
+    # Before the fix, remove() deleted the weight, released the lock, then removed the
+    # server: a mark_down of another server in that gap rebuilt the schedule from the up
+    # servers, the half-removed one included, and raised KeyError.
+    wrr = WeightedRoundRobin({"server1": 2, "server2": 1, "server3": 1})
+    lock = _PausingLock(wrr._lock)
+    wrr._lock = lock  # type: ignore[assignment]
+    errors: dict[str, BaseException] = {}
+
+    def remove() -> None:
+        try:
+            wrr.remove("server1")
+        except BaseException as exc:  # recorded for the assertion
+            errors["remove"] = exc
+
+    def mark_down() -> None:
+        assert lock.released.wait(10)
+        try:
+            wrr.mark_down("server2")
+        except BaseException as exc:
+            errors["mark_down"] = exc
+        finally:
+            lock.other_done.set()
+
+    threads = [threading.Thread(target=remove), threading.Thread(target=mark_down)]
+    lock.owner = threads[0]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert errors == {}
+    assert wrr.servers == ["server2", "server3"] and wrr.weights == {"server2": 1, "server3": 1}
+    assert wrr.up == ["server3"]
+
+
+def test_consistent_hash_takes_any_str_key() -> None:
+    # "\ud800" (a lone surrogate) cannot be strict UTF-8; it hashes by its surrogatepass
+    # bytes, deterministically, and apart from its neighbours.
+    ring, other = ConsistentHash(TEN), ConsistentHash(TEN)
+    lone = ["\ud800", "\udbff", "\udc00", "\udfff", "a\ud800b"]
+    assert [ring.pick(k) for k in lone] == [other.pick(k) for k in lone]
+    assert all(ring.pick(k) in TEN for k in lone)
+    assert len({ring.pick(k) for k in lone * 3}) > 1  # not all sent to one fallback
+    with pytest.raises(TypeError, match="key"):
+        ring.pick(b"bytes")  # type: ignore[arg-type]

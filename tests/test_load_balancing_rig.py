@@ -150,6 +150,8 @@ def test_bad_rig_input() -> None:
         Proxy({"a": "ftp://x"}, RoundRobin(["a"]))
     with pytest.raises(TypeError, match="strategy"):
         Proxy({"a": "http://127.0.0.1:1"}, ["a"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="keepalive"):
+        Proxy({"a": "http://127.0.0.1:1"}, RoundRobin(["a"]), keepalive=0)
     with pytest.raises(ValueError, match="requests"):
         run_load("http://127.0.0.1:1", requests=0)
     with pytest.raises(ValueError, match="url"):
@@ -213,3 +215,32 @@ def test_nginx_live_matches_the_course_strategies(procs: list[ServerProcess]) ->
     assert wrr == [ours_w.pick() for _ in range(14)]
     ip = IpHash(NAMES)
     assert sticky.backend.tolist() == [ip.pick(c) for c in clients]
+
+
+@pytest.mark.parametrize(
+    ("backends", "prefix", "match"),
+    [
+        (
+            {"a\n}\nserver { listen 0.0.0.0:9; root /; autoindex on; }\n#": "http://127.0.0.1:1"},
+            "/p",
+            "backend name",
+        ),
+        ({"a;b": "http://127.0.0.1:1"}, "/p", "backend name"),
+        ({"a": "http://127.0.0.1;x:1"}, "/p", "host of backend 'a'"),
+        ({"a": "http://127.0.0.1:1"}, "/p;\nuser root", "prefix"),
+        ({"a": "http://127.0.0.1:1"}, "/p q", "prefix"),
+    ],
+)
+def test_nginx_config_refuses_values_nginx_would_read_as_syntax(
+    backends: dict[str, str], prefix: str, match: str
+) -> None:
+    # A name with a newline once ended the comment it goes into and added a server block.
+    with pytest.raises(ValueError, match=match):
+        nginx_config(backends, port=1, prefix=prefix)
+
+
+def test_nginx_config_accepts_ipv6_and_names() -> None:
+    conf = nginx_config(
+        {"web-1.eu": "http://[::1]:8001", "b": "http://backend.local:8002"}, port=1, prefix="/p"
+    )
+    assert "server [::1]:8001 " in conf and "server backend.local:8002 " in conf

@@ -17,6 +17,7 @@ without an HTTP answer.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -27,9 +28,13 @@ from course_lib.measure import run_async
 from course_lib.progress import progress as progress_bar
 from course_lib.validation import optional_positive_number, positive_int, positive_number
 
-from ._http1 import ProtocolError, read_message, render
+from ._http1 import ClientConnection, ProtocolError, open_connection
 
 __all__ = ["COLUMNS", "run_load"]
+
+_TOKEN = re.compile(r"[A-Z]+")
+_TARGET = re.compile(r"/[\x21-\x7e]*")
+_FIELD = re.compile(r"[\x21-\x7e]+")
 
 COLUMNS = ["i", "client", "intended_s", "sent_s", "done_s", "latency_ms", "status", "backend"]
 
@@ -61,6 +66,14 @@ def run_load(
         raise ValueError(f"url must be an http://host:port URL, got {url!r}")
     if clients is not None and not clients:
         raise ValueError("clients must not be empty (or None)")
+    # They go into the request as written: refuse what would change its framing.
+    if not isinstance(method, str) or not _TOKEN.fullmatch(method):
+        raise ValueError(f"method must be an HTTP method token such as 'GET', got {method!r}")
+    if not isinstance(path, str) or not _TARGET.fullmatch(path):
+        raise ValueError(f"path must start with '/' and hold no space or control, got {path!r}")
+    for client in clients or ():
+        if not isinstance(client, str) or not _FIELD.fullmatch(client):
+            raise ValueError(f"clients must be header-safe strings, got {client!r}")
     return run_async(
         _load(
             parts.hostname,
@@ -96,10 +109,14 @@ async def _load(
     counter = iter(range(requests))
     bar = progress_bar(total=requests, desc=desc, unit="req", disable=not progress)
     body = b"x" if method in ("POST", "PUT", "PATCH") else b""
+    request_line = f"{method} {path} HTTP/1.1\r\nhost: {host}:{port}\r\n".encode("latin-1")
+    if body:
+        request_line += b"content-length: %d\r\n" % len(body)
+    head_only = method == "HEAD"
     start = time.perf_counter()
 
     async def client_task() -> None:
-        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        conn: ClientConnection | None = None
         for i in counter:
             client = clients[i % len(clients)] if clients else "-"
             intended = i / rate if rate else None
@@ -108,32 +125,27 @@ async def _load(
                 if wait > 0:
                     await asyncio.sleep(wait)
             sent = time.perf_counter() - start
-            headers = [("host", f"{host}:{port}")]
+            head = request_line
             if clients:
-                headers.append(("x-forwarded-for", client))
+                head += f"x-forwarded-for: {client}\r\n".encode("latin-1")
+            head += b"\r\n"
             status, backend = 0, ""
             try:
-                if conn is None:
-                    conn = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-                conn[1].write(render(f"{method} {path} HTTP/1.1", headers, body))
-                response = await asyncio.wait_for(read_message(conn[0]), timeout)
-                if response is None:
-                    raise ConnectionResetError("server closed the connection")
-                status = int(response.start[1])
+                if conn is None or conn.closed:
+                    conn = await asyncio.wait_for(open_connection(host, port), timeout)
+                response = await conn.request(head, body, head_only=head_only, timeout=timeout)
+                status = response.status
                 backend = response.header("x-backend", "") or ""
-                if not response.keep_alive:
-                    conn[1].close()
-                    conn = None
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError):
+            except (OSError, TimeoutError, ProtocolError):
                 if conn is not None:
-                    conn[1].close()
+                    conn.close()
                 conn = None
             done = time.perf_counter() - start
             began = intended if intended is not None else sent
             rows[i] = (i, client, began, sent, done, (done - began) * 1000, status, backend)
             bar.update()
         if conn is not None:
-            conn[1].close()
+            conn.close()
 
     try:
         await asyncio.gather(*(client_task() for _ in range(concurrency)))

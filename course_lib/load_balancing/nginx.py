@@ -8,7 +8,9 @@ proxy uses, with one of nginx's balancing methods (:data:`METHODS`), and:
 - ``set_real_ip_from 127.0.0.1`` + ``real_ip_header X-Forwarded-For``: the client address
   comes from ``X-Forwarded-For`` only when the peer is loopback, as the course proxy does;
 - keep-alive upstream connections (``keepalive``, HTTP/1.1, empty ``Connection``);
-- passive health checks ``max_fails`` / ``fail_timeout`` on every server.
+- passive health checks ``max_fails`` / ``fail_timeout`` on every server, and the next
+  server tried after an error, a timeout or an invalid reply (``proxy_next_upstream``), as
+  the course proxy does.
 
 :func:`run_nginx` starts nginx on such a config (its own prefix folder, no daemon) and
 stops it on exit, also when the block raises. :func:`nginx_binary` says whether nginx is
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -55,6 +58,25 @@ def nginx_binary() -> str | None:
     )
 
 
+# What may go into the config unquoted: nginx ends a token at whitespace, ';', '{', '}'
+# and starts a comment at '#', and reads quotes and '$' (variables) specially. Names go
+# into a comment, hosts and the prefix into directives: anything else is refused.
+_NAME = re.compile(r"[A-Za-z0-9._:@-]+")
+_HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
+_PATH = re.compile(r"[A-Za-z0-9._/+,=@%:-]+")
+
+
+def _safe(parameter: str, value: object, pattern: re.Pattern[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{parameter} must be a str, got {type(value).__name__}")
+    if not pattern.fullmatch(value):
+        raise ValueError(
+            f"{parameter} {value!r} holds characters nginx would read as config syntax "
+            f"(allowed: {pattern.pattern})"
+        )
+    return value
+
+
 def nginx_config(
     backends: Mapping[str, str],
     *,
@@ -66,12 +88,17 @@ def nginx_config(
     fail_timeout: float = 10.0,
     keepalive: int = 64,
 ) -> str:
-    """An nginx.conf balancing ``backends`` ({name: URL}, in order) with ``method``."""
+    """An nginx.conf balancing ``backends`` ({name: URL}, in order) with ``method``.
+
+    Backend names, URL hosts and ``prefix`` are refused (``ValueError`` naming them) when
+    they hold anything nginx reads as syntax (whitespace, ``;``, braces, ``#``, quotes,
+    ``$``), so no value can add a directive to the config."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if not backends:
         raise ValueError("backends must not be empty")
     port = positive_int("port", port)
+    prefix = _safe("prefix", prefix, _PATH)
     max_fails = non_negative_int("max_fails", max_fails)
     fail_timeout = positive_number("fail_timeout", fail_timeout)
     keepalive = positive_int("keepalive", keepalive)
@@ -82,9 +109,11 @@ def nginx_config(
         raise ValueError("weights are only used with method='weighted'")
     servers = []
     for name, url in backends.items():
+        _safe("backend name", name, _NAME)
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname or not parts.port:
             raise ValueError(f"backend {name!r} must be an http://host:port URL, got {url!r}")
+        host = _safe(f"host of backend {name!r}", parts.netloc.rsplit(":", 1)[0], _HOST)
         weight = ""
         if weights is not None:
             w = weights[name]
@@ -92,7 +121,7 @@ def nginx_config(
                 raise ValueError(f"weight of {name!r} must be an int > 0, got {w!r}")
             weight = f" weight={w}"
         servers.append(
-            f"        server {parts.hostname}:{parts.port}{weight}"
+            f"        server {host}:{parts.port}{weight}"
             f" max_fails={max_fails} fail_timeout={fail_timeout:g}s;  # {name}"
         )
     method_line = f"        {METHODS[method]}\n" if METHODS[method] else ""
@@ -124,7 +153,7 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header X-Forwarded-For $remote_addr;
-            proxy_next_upstream error timeout;
+            proxy_next_upstream error timeout invalid_header;
         }}
     }}
 }}

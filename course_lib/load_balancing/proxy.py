@@ -1,13 +1,25 @@
 """An asyncio reverse proxy that balances across backends with any strategy.
 
-- Keep-alive upstream connections: a pool of idle connections per backend, reused.
-- Active requests per backend are counted by the strategy (``acquire``), so least
+- Active requests per backend are counted by the strategy (``take``/``release``), so least
   connections and two choices see the real load; ``sample_every`` records them over time.
+- HTTP/1.1 parsed by httptools (llhttp) with RFC 9112's message-length rules
+  (:mod:`._http1`): a request with a bare LF, an obs-fold, a bad or conflicting length,
+  or a head over 64 KiB is refused (``400``/``431``) and never forwarded, so nothing a
+  client sends can be read as a second request by the backend (request smuggling).
+  Replies: HEAD, 1xx, 204 and 304 without a body, chunked and close-delimited bodies read
+  whole; every reply goes to the client with its own ``Content-Length``.
+- Keep-alive upstream connections: at most ``keepalive`` idle ones per backend (nginx's
+  ``keepalive``); one that receives bytes while idle is closed, so a stray reply is never
+  taken for the next request's.
+- Every wait is bounded: ``connect_timeout`` for a new upstream connection,
+  ``read_timeout`` for a backend's reply and for a client that does not read its own.
 - Passive health checks with nginx's semantics: a backend that fails ``max_fails`` times
   within ``fail_timeout`` seconds is marked down for ``fail_timeout`` seconds
-  (``max_fails=0`` disables it). A failure is what nginx's default
-  ``proxy_next_upstream error timeout`` counts: no connection, a reset, a timeout; an HTTP
-  error status is passed to the client, not retried.
+  (``max_fails=0`` disables it); a lone backend is never marked down (nginx's single
+  peer: there is nowhere else to send its requests). A failure is what nginx counts
+  with ``proxy_next_upstream error timeout invalid_header`` (the config
+  :func:`.nginx.nginx_config` writes): no connection, a reset, a timeout, and a reply
+  the parser refuses; an HTTP error status is passed to the client, not retried.
 - A failed request is retried on the next backend not yet tried, for idempotent methods
   only (a ``POST`` may have been processed before the connection broke, so it gets a
   ``502``), as nginx does since 1.9.13.
@@ -16,8 +28,8 @@
 - One record per request: backend, latency, status, attempts (:meth:`Proxy.records`).
 
 Use it as a context manager: ``with Proxy(backends, RoundRobin(...)).serve() as url``; it
-runs its own event loop in a thread and stops (closing every connection) on exit, also when
-the block raises.
+runs its own event loop (uvloop where installed) in a thread and stops (closing every
+connection) on exit, also when the block raises.
 """
 
 from __future__ import annotations
@@ -26,25 +38,59 @@ import asyncio
 import contextlib
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import pandas as pd
 
 from course_lib.http import free_socket
-from course_lib.validation import non_negative_int, optional_positive_number, positive_number
+from course_lib.validation import (
+    non_negative_int,
+    optional_positive_number,
+    positive_int,
+    positive_number,
+)
 
-from ._http1 import Message, ProtocolError, read_message, render
+from ._http1 import (
+    ClientConnection,
+    ClosedBeforeReply,
+    Message,
+    ProtocolError,
+    ServerConnection,
+    open_connection,
+    reason,
+)
 from .strategies import NoBackendAvailable, Strategy
+
+try:  # uvloop where installed: the same asyncio API with a loop written in C
+    import uvloop
+except ImportError:  # pragma: no cover - the default loop then
+    uvloop = None
 
 __all__ = ["IDEMPOTENT", "Proxy", "client_key"]
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+# Headers about one connection (RFC 9110 7.6.1), replaced by each hop, and the ones the
+# proxy writes itself.
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"date",
+        b"server",
+    }
 )
+DROPPED_FROM_REQUESTS = HOP_BY_HOP | {b"host", b"x-forwarded-for"}
+BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 LOOPBACK = ("127.0.0.1", "::1")
 
 KeyFunction = Callable[[str, str, Message], str | None]
@@ -55,15 +101,49 @@ def client_key(client: str, target: str, request: Message) -> str:
     return client
 
 
-class _Failure(Exception):
-    """An upstream attempt failed the way nginx counts (error or timeout)."""
-
-
 @dataclass
 class _Upstream:
     host: str
     port: int
-    idle: deque[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+    host_header: bytes = b""
+    idle: deque[ClientConnection] = field(default_factory=deque)
+
+    def take_idle(self) -> ClientConnection | None:
+        """The most recently used idle connection still open, or ``None``."""
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+
+@dataclass
+class _Reply:
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    # The Content-Length to send; None for none (1xx, 204), the backend's for HEAD and 304.
+    length: bytes | None
+
+
+@dataclass
+class _Exchange:
+    """One client request on its way through the proxy."""
+
+    conn: ServerConnection
+    request: Message
+    client: str
+    start: float
+    tried: list[str] = field(default_factory=list)
+    head: bytes | None = None  # the forwarded request, built once for every attempt
+
+
+def _own_reply(status: int, text: str) -> _Reply:
+    body = text.encode()
+    return _Reply(
+        status, reason(status), [(b"content-type", b"text/plain")], body, b"%d" % len(body)
+    )
 
 
 class Proxy:
@@ -80,6 +160,7 @@ class Proxy:
         retry: bool = True,
         connect_timeout: float = 1.0,
         read_timeout: float = 10.0,
+        keepalive: int = 64,
         key: KeyFunction = client_key,
         sample_every: float | None = None,
     ) -> None:
@@ -99,6 +180,7 @@ class Proxy:
         self.retry = bool(retry)
         self.connect_timeout = positive_number("connect_timeout", connect_timeout)
         self.read_timeout = positive_number("read_timeout", read_timeout)
+        self.keepalive = positive_int("keepalive", keepalive)
         self.sample_every = optional_positive_number("sample_every", sample_every)
         self.key = key
         self._upstreams = {}
@@ -106,27 +188,34 @@ class Proxy:
             parts = urlsplit(url)
             if parts.scheme != "http" or not parts.hostname or not parts.port:
                 raise ValueError(f"backend {name!r} must be an http://host:port URL, got {url!r}")
-            self._upstreams[name] = _Upstream(parts.hostname, parts.port, deque())
+            host_header = f"host: {parts.hostname}:{parts.port}\r\n".encode()
+            self._upstreams[name] = _Upstream(parts.hostname, parts.port, host_header)
         self._fails: dict[str, deque[float]] = {name: deque() for name in self.backends}
         self._records: list[tuple[float, str, str, float, int, int, str]] = []
         self._samples: list[tuple[float, str, int]] = []
         self._events: list[tuple[float, str, str]] = []
         self._t0 = time.perf_counter()
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._connecting: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._connections: set[ServerConnection] = set()
+        self._upstream_conns: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
         self.url = ""
 
     # -- lifecycle ----------------------------------------------------------------------
     @contextlib.contextmanager
     def serve(self) -> Iterator[str]:
         """Run the proxy on a free loopback port in a thread; yield its URL."""
-        loop = asyncio.new_event_loop()
+        loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
         sock = free_socket()
         ready = threading.Event()
         stop: dict[str, asyncio.Event] = {}
         errors: list[BaseException] = []
 
         async def main() -> None:
-            server = await asyncio.start_server(self._client, sock=sock, backlog=2048)
+            running = asyncio.get_running_loop()
+            server = await running.create_server(
+                lambda: ServerConnection(self, self.read_timeout), sock=sock, backlog=2048
+            )
             stop["event"] = asyncio.Event()
             sampler = asyncio.create_task(self._sample()) if self.sample_every else None
             ready.set()
@@ -134,13 +223,16 @@ class Proxy:
             if sampler:
                 sampler.cancel()
             server.close()
-            # Client connections still open (keep-alive) would outlive the loop: end them.
-            for task in list(self._handlers):
+            # Connections still open (keep-alive, in flight) would outlive the loop: end them.
+            self._stopping = True
+            for task in list(self._connecting):
                 task.cancel()
-            await asyncio.gather(*self._handlers, return_exceptions=True)
-            for upstream in self._upstreams.values():
-                while upstream.idle:
-                    upstream.idle.pop()[1].close()
+            await asyncio.gather(*self._connecting, return_exceptions=True)
+            for conn in list(self._connections):
+                conn.close()
+            for upstream_conn in list(self._upstream_conns):
+                upstream_conn.close()
+            await asyncio.sleep(0)  # let the closes run their callbacks
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 2)
 
@@ -194,68 +286,147 @@ class Proxy:
                 self._samples.append((now, name, n))
             await asyncio.sleep(self.sample_every)
 
-    # -- serving ------------------------------------------------------------------------
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")[0]
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            while True:
-                try:
-                    request = await read_message(reader)
-                except (ProtocolError, ValueError, asyncio.IncompleteReadError):
-                    writer.write(render("HTTP/1.1 400 Bad Request", [], b"bad request\n"))
-                    break
-                if request is None:
-                    break
-                client = peer
-                forwarded = request.header("x-forwarded-for")
-                if forwarded and peer in LOOPBACK:
-                    client = forwarded.rsplit(",", 1)[-1].strip()
-                status, headers, body = await self._forward(request, client)
-                writer.write(render(f"HTTP/1.1 {status} X", headers, body))
-                await writer.drain()
-                if not request.keep_alive:
-                    break
-        except (ConnectionError, OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-            self._handlers.discard(task)
+    # -- serving: callbacks from the connections, no task per request ------------------
+    def on_connect(self, conn: ServerConnection) -> None:
+        """A client connected (tracked, to be closed when the proxy stops)."""
+        self._connections.add(conn)
 
-    async def _forward(self, request: Message, client: str) -> tuple[int, list, bytes]:
-        method, target = request.start[0], request.start[1]
-        start = time.perf_counter()
-        tried: list[str] = []
-        status, headers, body = 502, [], b"bad gateway\n"
+    def on_disconnect(self, conn: ServerConnection) -> None:
+        """A client's connection ended; a request still in flight is answered to no one."""
+        self._connections.discard(conn)
+
+    def on_refused(self, conn: ServerConnection, error: ProtocolError) -> None:
+        """A request the parser refused: answered with its status (400, 413, 431, 501),
+        never forwarded, and the connection closed after a lingering read."""
+        reply = _own_reply(error.status, f"{error}\n")
+        conn.refuse(self._head(reply, None), reply.body, linger=self.read_timeout)
+
+    def on_request(self, conn: ServerConnection, request: Message) -> None:
+        """A request: picked, forwarded, retried as the module says; answered once."""
+        client = conn.peer
+        if client in LOOPBACK:
+            forwarded = request.header("x-forwarded-for")
+            if forwarded:
+                client = forwarded.rsplit(",", 1)[-1].strip()
+        exchange = _Exchange(conn, request, client, time.perf_counter())
         try:
-            key = self.key(client, target, request)
-            with self.strategy.acquire(key) as server:
-                tried.append(server)
-                response = await self._attempt(server, request, client)
-            while response is None and self.retry and method in IDEMPOTENT:
-                server = self._next_untried(tried)
-                if server is None:
-                    break
-                tried.append(server)
-                self.strategy._acquire_server(server)
-                try:
-                    response = await self._attempt(server, request, client)
-                finally:
-                    self.strategy.release(server)
-            if response is not None:
-                status, headers, body = response
+            server = self.strategy.take(self.key(client, request.target.decode("latin-1"), request))
         except NoBackendAvailable:
-            pass
+            self._finish(exchange, _own_reply(502, "bad gateway\n"))
+            return
         except ValueError:  # the key function refused the request (an invalid address)
-            status, body = 400, b"bad client address\n"
-        elapsed = time.perf_counter() - start
-        backend = tried[-1] if tried else ""
+            self._finish(exchange, _own_reply(400, "bad client address\n"))
+            return
+        self._try(exchange, server)
+
+    @staticmethod
+    def _head(reply: _Reply, request: Message | None) -> bytes:
+        """The reply's status line and headers; ``request`` None for a refused one (closed)."""
+        lines = [b"HTTP/1.1 %d %s\r\n" % (reply.status, reply.reason)]
+        lines += [b"%s: %s\r\n" % header for header in reply.headers]
+        if reply.length is not None:
+            lines.append(b"content-length: %s\r\n" % reply.length)
+        if request is None or not request.keep_alive:
+            lines.append(b"connection: close\r\n")
+        elif request.version == "1.0":
+            lines.append(b"connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def _finish(self, exchange: _Exchange, reply: _Reply) -> None:
+        request = exchange.request
+        tried = exchange.tried
         self._records.append(
-            (start - self._t0, method, backend, elapsed, status, len(tried), client)
+            (
+                exchange.start - self._t0,
+                request.method.decode("latin-1"),
+                tried[-1] if tried else "",
+                time.perf_counter() - exchange.start,
+                reply.status,
+                len(tried),
+                exchange.client,
+            )
         )
-        return status, headers, body
+        exchange.conn.reply(self._head(reply, request), reply.body, request.keep_alive)
+
+    def _try(self, exchange: _Exchange, server: str) -> None:
+        """One attempt on ``server`` (already counted active by the strategy)."""
+        exchange.tried.append(server)
+        upstream = self._upstreams[server]
+        conn = upstream.take_idle()
+        if conn is not None:
+            self._send(exchange, server, conn, pooled=True)
+        else:
+            self._connect(exchange, server)
+
+    def _connect(self, exchange: _Exchange, server: str) -> None:
+        if self._stopping:
+            self.strategy.release(server)
+            self._finish(exchange, _own_reply(502, "bad gateway\n"))
+            return
+        # The one await on the path, and only for a new connection: a task of its own.
+        task = asyncio.get_running_loop().create_task(self._open(exchange, server))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _open(self, exchange: _Exchange, server: str) -> None:
+        upstream = self._upstreams[server]
+        try:
+            conn = await asyncio.wait_for(
+                open_connection(upstream.host, upstream.port), self.connect_timeout
+            )
+        except (OSError, TimeoutError):
+            self._attempt_failed(exchange, server)
+            return
+        self._upstream_conns.add(conn)
+        self._send(exchange, server, conn, pooled=False)
+
+    def _send(self, exchange: _Exchange, server: str, conn: ClientConnection, pooled: bool) -> None:
+        request = exchange.request
+        if exchange.head is None:
+            exchange.head = self._request_head(request, exchange.client)
+
+        def done(response: Message | None, error: BaseException | None) -> None:
+            if response is not None:
+                upstream = self._upstreams[server]
+                if not conn.closed and len(upstream.idle) < self.keepalive:
+                    upstream.idle.append(conn)
+                else:
+                    conn.close()
+                self.strategy.release(server)
+                self._finish(exchange, self._reply(response, request))
+            elif pooled and isinstance(error, ClosedBeforeReply):
+                # A pooled connection the backend closed while idle fails before any
+                # byte comes back: not the backend failing, so one new connection.
+                self._connect(exchange, server)
+            else:
+                self._attempt_failed(exchange, server)
+
+        conn.send(
+            exchange.head + self._upstreams[server].host_header + b"\r\n",
+            request.body,
+            head_only=request.method == b"HEAD",
+            timeout=self.read_timeout,
+            done=done,
+        )
+
+    def _attempt_failed(self, exchange: _Exchange, server: str) -> None:
+        """Count the failure (nginx's error, timeout, invalid_header), then retry an
+        idempotent request on the next backend not yet tried, or answer 502."""
+        self._failed(server)
+        self.strategy.release(server)
+        request = exchange.request
+        if self.retry and request.method.decode("latin-1") in IDEMPOTENT:
+            following = self._next_untried(exchange.tried)
+            if following is not None:
+                try:
+                    self.strategy.acquire_server(following)
+                except ValueError:  # removed from the balancer since _next_untried looked
+                    pass
+                else:
+                    self._try(exchange, following)
+                    return
+        self._finish(exchange, _own_reply(502, "bad gateway\n"))
 
     def _next_untried(self, tried: list[str]) -> str | None:
         """The backend after the last tried one, in list order, that is up and untried."""
@@ -268,52 +439,37 @@ class Proxy:
                 return candidate
         return None
 
-    async def _attempt(
-        self, server: str, request: Message, client: str
-    ) -> tuple[int, list, bytes] | None:
-        """Send ``request`` to ``server``; ``None`` (and a counted failure) if it fails."""
-        upstream = self._upstreams[server]
-        headers = [(k, v) for k, v in request.headers if k not in HOP_BY_HOP and k != "host"]
-        headers = [(k, v) for k, v in headers if k != "x-forwarded-for"]
-        headers += [("host", f"{upstream.host}:{upstream.port}"), ("x-forwarded-for", client)]
-        wire = render(f"{request.start[0]} {request.start[1]} HTTP/1.1", headers, request.body)
-        # A pooled connection the backend closed while idle fails before any byte comes
-        # back: that is not the backend failing, so it is retried once on a new connection.
-        for pooled in (True, False):
-            if pooled and not upstream.idle:
-                continue
-            try:
-                if pooled:
-                    reader, writer = upstream.idle.pop()
-                else:
-                    reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(upstream.host, upstream.port),
-                        self.connect_timeout,
-                    )
-            except (OSError, TimeoutError):
-                break
-            try:
-                writer.write(wire)
-                response = await asyncio.wait_for(read_message(reader), self.read_timeout)
-                if response is None:
-                    raise ConnectionResetError("upstream closed the connection")
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError) as exc:
-                writer.close()
-                if pooled and not isinstance(exc, TimeoutError):
-                    continue
-                break
-            if response.keep_alive:
-                upstream.idle.append((reader, writer))
-            else:
-                writer.close()
-            status = int(response.start[1])
-            out = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP]
-            return status, out, response.body
-        self._failed(server)
-        return None
+    def _request_head(self, request: Message, client: str) -> bytes:
+        """The request as forwarded, up to its Host line (which depends on the backend)."""
+        lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
+        lines += [
+            b"%s: %s\r\n" % header
+            for header in request.headers
+            if header[0] not in DROPPED_FROM_REQUESTS
+        ]
+        lines.append(b"x-forwarded-for: %s\r\n" % client.encode("latin-1"))
+        if request.body or request.method in BODY_METHODS:
+            lines.append(b"content-length: %d\r\n" % len(request.body))
+        return b"".join(lines)
+
+    @staticmethod
+    def _reply(response: Message, request: Message) -> _Reply:
+        headers = [h for h in response.headers if h[0] not in HOP_BY_HOP]
+        status = response.status
+        if request.method == b"HEAD" or status == 304:
+            # No body, but the length the body would have (RFC 9110 8.6).
+            sent = response.header("content-length")
+            length = sent.encode("latin-1") if sent is not None else None
+        elif status == 204:
+            length = None
+        else:
+            length = b"%d" % len(response.body)
+        return _Reply(status, response.reason, headers, response.body, length)
 
     def _failed(self, server: str) -> None:
-        if not self.max_fails:
+        # nginx never marks a lone server down (ngx_http_upstream_free_round_robin_peer
+        # returns early when peers->single): there is nothing to send its requests to.
+        if not self.max_fails or len(self.strategy.servers) == 1:
             return
         now = time.monotonic()
         fails = self._fails[server]

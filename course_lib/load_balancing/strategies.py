@@ -6,7 +6,10 @@ O(log n) work, never a scan of the servers) and has the same interface:
 - ``pick(key=None) -> server``: the next server (the key is the client IP for
   :class:`IpHash`, any string for :class:`ConsistentHash`, ignored by the others);
 - ``acquire(key=None)``: a context manager yielding the picked server and counting it as
-  active until the block exits, also when it raises;
+  active until the block exits, also when it raises; ``take(key=None)`` picks and counts
+  without the block (for callers such as an event loop that release by hand);
+- ``acquire_server(server)``: count a request on a server the caller chose (a proxy's
+  retry on the next backend), ended with ``release(server)``;
 - ``release(server)``: end one active request that was counted by hand;
 - ``add(server)`` (``add(server, weight)`` for :class:`WeightedRoundRobin`),
   ``remove(server)``, ``mark_down(server)``, ``mark_up(server)``.
@@ -84,6 +87,10 @@ class Strategy:
     def _pick(self, key: str | None) -> str:
         raise NotImplementedError
 
+    def _forget(self, server: str) -> None:
+        """Drop what a subclass keeps about ``server`` (lock held, in the same critical
+        section as the removal, so no other call sees half of it)."""
+
     # -- counting hooks (least connections keeps its own structure in step) ------------
     def _count(self, server: str, delta: int) -> None:
         self._active[server] = self._active.get(server, 0) + delta
@@ -110,19 +117,26 @@ class Strategy:
         with self._lock:
             return self._pick(key)
 
-    @contextlib.contextmanager
-    def acquire(self, key: str | None = None) -> Iterator[str]:
-        """Pick a server and count it active until the block exits (also on an exception)."""
+    def take(self, key: str | None = None) -> str:
+        """Pick a server and count it active, in one critical section; end the request
+        with :meth:`release` (what :meth:`acquire` does around a block)."""
         with self._lock:
             server = self._pick(key)
             self._count(server, +1)
+            return server
+
+    @contextlib.contextmanager
+    def acquire(self, key: str | None = None) -> Iterator[str]:
+        """Pick a server and count it active until the block exits (also on an exception)."""
+        server = self.take(key)
         try:
             yield server
         finally:
             self.release(server)
 
-    def _acquire_server(self, server: str) -> None:
-        """Count a request on ``server`` chosen by the caller (a proxy's retry)."""
+    def acquire_server(self, server: str) -> None:
+        """Count a request on ``server`` chosen by the caller (a proxy's retry); end it
+        with :meth:`release`. Raises ``ValueError`` if ``server`` is not in the balancer."""
         with self._lock:
             if server not in self._servers:
                 raise ValueError(f"server {server!r} is not in this balancer")
@@ -151,6 +165,7 @@ class Strategy:
         """Remove a server; requests already on it still ``release`` normally."""
         with self._lock:
             self._known(server)
+            self._forget(server)
             self._servers.remove(server)
             self._down.discard(server)
             if self._active.get(server) == 0:
@@ -299,11 +314,8 @@ class WeightedRoundRobin(Strategy):
             self._active.setdefault(server, 0)
             self._rebuild()
 
-    def remove(self, server: str) -> None:
-        with self._lock:
-            self._known(server)
-            del self._weights[server]
-        super().remove(server)
+    def _forget(self, server: str) -> None:
+        del self._weights[server]
 
 
 class _Bag:
@@ -472,8 +484,16 @@ def _ring_hash(data: bytes) -> int:
 
 def _key_hash(key: str) -> int:
     """A key's point on the ring: CRC32 (what nginx's ``hash ... consistent`` uses), then a
-    multiply-xorshift finaliser so similar keys ("user1", "user2") land far apart."""
-    h = zlib.crc32(key.encode())
+    multiply-xorshift finaliser so similar keys ("user1", "user2") land far apart.
+
+    The key's bytes are its UTF-8 with ``surrogatepass``: every ``str`` is a valid key,
+    a lone surrogate ("\\ud800", which strict UTF-8 cannot encode) included, and every
+    other string hashes exactly as its UTF-8."""
+    try:
+        data = key.encode()
+    except UnicodeEncodeError:  # the rare key strict UTF-8 refuses; "strict" is the fast path
+        data = key.encode("utf-8", "surrogatepass")
+    h = zlib.crc32(data)
     h = (h * 0x9E3779B1) & 0xFFFFFFFF
     return h ^ (h >> 16)
 
