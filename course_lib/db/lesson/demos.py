@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.orm import Session, joinedload, selectinload
 from sqlalchemy.pool import NullPool
 
@@ -23,6 +23,7 @@ from course_lib.db.pagination import keyset_page, offset_page
 from course_lib.db.replicas import ReplicaSet
 from course_lib.measure import QueryCounter, percentiles, run_threads, time_calls
 from course_lib.progress import progress
+from course_lib.validation import positive_int
 
 __all__ = [
     "STRATEGIES",
@@ -72,26 +73,43 @@ def pool_sweep(
     *,
     threads: int = 32,
     calls: int = 8,
+    repeats: int = 1,
     query: str,
     params: Callable[[int, int], dict[str, Any]],
 ) -> pd.DataFrame:
-    """Throughput and latency of ``query`` from ``threads`` threads per pool configuration."""
+    """Throughput and latency of ``query`` from ``threads`` threads, one row per pool
+    configuration and repeat (column ``repeat``).
+
+    The repeats are interleaved (every configuration once, then every one again), so a
+    change in the machine's load during the sweep hits every configuration alike. Before the
+    clock starts each pool opens the ``pool_size`` connections it keeps. Overflow connections
+    cannot be opened in advance: ``QueuePool`` closes an overflow connection as soon as it is
+    returned while ``pool_size`` idle ones are kept, so they are opened on demand inside the
+    timed window; column ``connects`` counts the connections opened there (0 without
+    overflow).
+    """
+    positive_int("repeats", repeats)
     rows = []
-    configs = [(s, o) for o in overflows for s in sizes]
-    for size, overflow in progress(configs, desc="pool sizes"):
+    configs = [(r, s, o) for r in range(repeats) for o in overflows for s in sizes]
+    for repeat, size, overflow in progress(configs, desc="pool sizes"):
         engine = create_engine(
             url, pool_size=size, max_overflow=overflow, pool_timeout=60, connect_args=connect_args
         )
+        opened = [0]
+
+        def count_connect(*_: object, opened: list[int] = opened) -> None:
+            opened[0] += 1
 
         def call(worker: int, index: int, engine: Engine = engine) -> object:
             with engine.connect() as conn:
                 return conn.execute(text(query), params(worker, index)).scalar()
 
         try:
-            # Open every pooled connection first: the sweep measures checkouts, not connects.
+            # Open the connections the pool keeps first: the clock measures checkouts.
             held = [engine.connect() for _ in range(size)]
             for conn in held:
                 conn.close()
+            event.listen(engine, "connect", count_connect)
             start = time.perf_counter()
             done = run_threads(call, threads, calls=calls, pass_worker=True, timeout=120)
             elapsed = time.perf_counter() - start
@@ -104,7 +122,9 @@ def pool_sweep(
             {
                 "pool_size": size,
                 "max_overflow": overflow,
+                "repeat": repeat,
                 "connections": size + overflow,
+                "connects": opened[0],
                 "queries_per_s": len(done) / elapsed,
                 "mean_ms": statistics.fmean(done.latencies) * 1e3,
                 "p50_ms": spread["p50"] * 1e3,
@@ -155,7 +175,9 @@ def _walk(node: dict[str, Any], depth: int) -> Iterator[dict[str, Any]]:
     yield {
         "node": "  " * depth + node["Node Type"],
         "on": node.get("Index Name") or node.get("Relation Name") or "",
+        "est. rows": node.get("Plan Rows"),
         "rows": node.get("Actual Rows"),
+        "removed by filter": node.get("Rows Removed by Filter", 0),
         "loops": node.get("Actual Loops"),
         "buffers hit": node.get("Shared Hit Blocks", 0),
         "buffers read": node.get("Shared Read Blocks", 0),
@@ -166,16 +188,21 @@ def _walk(node: dict[str, Any], depth: int) -> Iterator[dict[str, Any]]:
 
 
 def explain(engine: Engine, sql: str, params: dict[str, Any]) -> pd.DataFrame:
-    """``EXPLAIN (ANALYZE, BUFFERS)`` of ``sql`` as one row per plan node, plus totals in
-    ``df.attrs`` (``execution_ms``, ``planning_ms``)."""
+    """``EXPLAIN (ANALYZE, BUFFERS)`` of ``sql`` as one row per plan node (the planner's
+    estimated rows next to the actual ones; a node's buffers include its children's, as
+    PostgreSQL reports them), plus in ``df.attrs`` the totals (``execution_ms``,
+    ``planning_ms``) and ``plan``, PostgreSQL's own text output of ``EXPLAIN (ANALYZE,
+    BUFFERS)`` for the same query (a second execution: its times differ a little)."""
     with engine.connect() as conn:
         conn.execute(text(sql), params).all()  # warm the cache: compare plans, not disk reads
+        raw = "\n".join(conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS) {sql}"), params).scalars())
         plan = conn.execute(
             text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"), params
         ).scalar_one()[0]
     frame = pd.DataFrame(list(_walk(plan["Plan"], 0)))
     frame.attrs["execution_ms"] = plan["Execution Time"]
     frame.attrs["planning_ms"] = plan["Planning Time"]
+    frame.attrs["plan"] = raw
     return frame
 
 
