@@ -73,3 +73,18 @@ def test_explain_shows_estimates_the_filter_and_the_raw_plan(seeded: Engine) -> 
     assert "lesson_ix" in after.attrs["plan"]
     # The parent's buffers include its child's (PostgreSQL reports them cumulatively).
     assert after["buffers hit"].iloc[0] >= after["buffers hit"].iloc[1] > 0
+
+
+def test_pagination_sweep_gives_the_fastest_of_each_page_both_ways(seeded: Engine) -> None:
+    sweep = demos.pagination_sweep(seeded, [0, 10, 40], size=20, repeats=3)
+    assert sorted(zip(sweep.method, sweep.page, strict=True)) == [
+        ("OFFSET", 0),
+        ("OFFSET", 10),
+        ("OFFSET", 40),
+        ("keyset", 0),
+        ("keyset", 10),
+        ("keyset", 40),
+    ]
+    assert sweep["same rows"].all() and (sweep.ms > 0).all()
+    with pytest.raises(ValueError, match="repeats"):
+        demos.pagination_sweep(seeded, [0], repeats=0)
