@@ -7,6 +7,7 @@ visible in the notebook cell that calls it.
 
 from __future__ import annotations
 
+import random
 import statistics
 import threading
 import time
@@ -207,13 +208,16 @@ def explain(engine: Engine, sql: str, params: dict[str, Any]) -> pd.DataFrame:
 
 
 def pagination_sweep(
-    engine: Engine, pages: list[int], *, size: int = 20, repeats: int = 11
+    engine: Engine, pages: list[int], *, size: int = 20, repeats: int = 11, seed: int = 0
 ) -> pd.DataFrame:
     """Fastest ms of ``repeats`` per page fetched with ``OFFSET`` and with keyset, and
     whether they agree. The fastest run is the one least disturbed by the machine: on idle
     cores loopback round trips vary by several ms, more than the query itself. The repeats
     are interleaved (every page both ways, then again), so a busy spell of the machine
-    slows one fetch of every page rather than every fetch of one page.
+    slows one fetch of every page rather than every fetch of one page, and each round runs
+    in a new order (from ``seed``): with one fixed order on busy cores, the keyset fetch that
+    always came right after the deepest ``OFFSET`` was the slowest every round (about twice
+    the first page's time), so whatever one fetch leaves to the next is spread over pages.
 
     Post ids are contiguous from 1, so the last id of page ``p - 1`` (what a client would
     carry in its "next" link) is ``p * size``.
@@ -230,8 +234,12 @@ def pagination_sweep(
             same[page] = conn.execute(by_offset).all() == conn.execute(by_key).all()  # warm-up
             statements[("OFFSET", page)] = by_offset
             statements[("keyset", page)] = by_key
+        order = list(statements)
+        shuffle = random.Random(seed)
         for _ in range(repeats):
-            for key, stmt in statements.items():
+            shuffle.shuffle(order)
+            for key in order:
+                stmt = statements[key]
                 start = time.perf_counter()
                 conn.execute(stmt).all()
                 elapsed = time.perf_counter() - start
