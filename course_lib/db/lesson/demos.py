@@ -7,6 +7,7 @@ visible in the notebook cell that calls it.
 
 from __future__ import annotations
 
+import random
 import statistics
 import threading
 import time
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.orm import Session, joinedload, selectinload
 from sqlalchemy.pool import NullPool
 
@@ -23,6 +24,7 @@ from course_lib.db.pagination import keyset_page, offset_page
 from course_lib.db.replicas import ReplicaSet
 from course_lib.measure import QueryCounter, percentiles, run_threads, time_calls
 from course_lib.progress import progress
+from course_lib.validation import positive_int
 
 __all__ = [
     "STRATEGIES",
@@ -72,26 +74,43 @@ def pool_sweep(
     *,
     threads: int = 32,
     calls: int = 8,
+    repeats: int = 1,
     query: str,
     params: Callable[[int, int], dict[str, Any]],
 ) -> pd.DataFrame:
-    """Throughput and latency of ``query`` from ``threads`` threads per pool configuration."""
+    """Throughput and latency of ``query`` from ``threads`` threads, one row per pool
+    configuration and repeat (column ``repeat``).
+
+    The repeats are interleaved (every configuration once, then every one again), so a
+    change in the machine's load during the sweep hits every configuration alike. Before the
+    clock starts each pool opens the ``pool_size`` connections it keeps. Overflow connections
+    cannot be opened in advance: ``QueuePool`` closes an overflow connection as soon as it is
+    returned while ``pool_size`` idle ones are kept, so they are opened on demand inside the
+    timed window; column ``connects`` counts the connections opened there (0 without
+    overflow).
+    """
+    positive_int("repeats", repeats)
     rows = []
-    configs = [(s, o) for o in overflows for s in sizes]
-    for size, overflow in progress(configs, desc="pool sizes"):
+    configs = [(r, s, o) for r in range(repeats) for o in overflows for s in sizes]
+    for repeat, size, overflow in progress(configs, desc="pool sizes"):
         engine = create_engine(
             url, pool_size=size, max_overflow=overflow, pool_timeout=60, connect_args=connect_args
         )
+        opened = [0]
+
+        def count_connect(*_: object, opened: list[int] = opened) -> None:
+            opened[0] += 1
 
         def call(worker: int, index: int, engine: Engine = engine) -> object:
             with engine.connect() as conn:
                 return conn.execute(text(query), params(worker, index)).scalar()
 
         try:
-            # Open every pooled connection first: the sweep measures checkouts, not connects.
+            # Open the connections the pool keeps first: the clock measures checkouts.
             held = [engine.connect() for _ in range(size)]
             for conn in held:
                 conn.close()
+            event.listen(engine, "connect", count_connect)
             start = time.perf_counter()
             done = run_threads(call, threads, calls=calls, pass_worker=True, timeout=120)
             elapsed = time.perf_counter() - start
@@ -104,7 +123,9 @@ def pool_sweep(
             {
                 "pool_size": size,
                 "max_overflow": overflow,
+                "repeat": repeat,
                 "connections": size + overflow,
+                "connects": opened[0],
                 "queries_per_s": len(done) / elapsed,
                 "mean_ms": statistics.fmean(done.latencies) * 1e3,
                 "p50_ms": spread["p50"] * 1e3,
@@ -155,7 +176,9 @@ def _walk(node: dict[str, Any], depth: int) -> Iterator[dict[str, Any]]:
     yield {
         "node": "  " * depth + node["Node Type"],
         "on": node.get("Index Name") or node.get("Relation Name") or "",
+        "est. rows": node.get("Plan Rows"),
         "rows": node.get("Actual Rows"),
+        "removed by filter": node.get("Rows Removed by Filter", 0),
         "loops": node.get("Actual Loops"),
         "buffers hit": node.get("Shared Hit Blocks", 0),
         "buffers read": node.get("Shared Read Blocks", 0),
@@ -166,47 +189,67 @@ def _walk(node: dict[str, Any], depth: int) -> Iterator[dict[str, Any]]:
 
 
 def explain(engine: Engine, sql: str, params: dict[str, Any]) -> pd.DataFrame:
-    """``EXPLAIN (ANALYZE, BUFFERS)`` of ``sql`` as one row per plan node, plus totals in
-    ``df.attrs`` (``execution_ms``, ``planning_ms``)."""
+    """``EXPLAIN (ANALYZE, BUFFERS)`` of ``sql`` as one row per plan node (the planner's
+    estimated rows next to the actual ones; a node's buffers include its children's, as
+    PostgreSQL reports them), plus in ``df.attrs`` the totals (``execution_ms``,
+    ``planning_ms``) and ``plan``, PostgreSQL's own text output of ``EXPLAIN (ANALYZE,
+    BUFFERS)`` for the same query (a second execution: its times differ a little)."""
     with engine.connect() as conn:
         conn.execute(text(sql), params).all()  # warm the cache: compare plans, not disk reads
+        raw = "\n".join(conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS) {sql}"), params).scalars())
         plan = conn.execute(
             text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"), params
         ).scalar_one()[0]
     frame = pd.DataFrame(list(_walk(plan["Plan"], 0)))
     frame.attrs["execution_ms"] = plan["Execution Time"]
     frame.attrs["planning_ms"] = plan["Planning Time"]
+    frame.attrs["plan"] = raw
     return frame
 
 
 def pagination_sweep(
-    engine: Engine, pages: list[int], *, size: int = 20, repeats: int = 11
+    engine: Engine, pages: list[int], *, size: int = 20, repeats: int = 11, seed: int = 0
 ) -> pd.DataFrame:
     """Fastest ms of ``repeats`` per page fetched with ``OFFSET`` and with keyset, and
     whether they agree. The fastest run is the one least disturbed by the machine: on idle
-    cores loopback round trips vary by several ms, more than the query itself.
+    cores loopback round trips vary by several ms, more than the query itself. The repeats
+    are interleaved (every page both ways, then again), so a busy spell of the machine
+    slows one fetch of every page rather than every fetch of one page, and each round runs
+    in a new order (from ``seed``): with one fixed order on busy cores, the keyset fetch that
+    always came right after the deepest ``OFFSET`` was the slowest every round (about twice
+    the first page's time), so whatever one fetch leaves to the next is spread over pages.
 
     Post ids are contiguous from 1, so the last id of page ``p - 1`` (what a client would
     carry in its "next" link) is ``p * size``.
     """
-    rows = []
+    positive_int("repeats", repeats)
     base = select(Post.id, Post.title)
+    statements = {}
+    best: dict[tuple[str, int], float] = {}
+    same: dict[int, bool] = {}
     with engine.connect() as conn:
         for page in pages:
             by_offset = offset_page(base, Post.id, page=page, size=size)
             by_key = keyset_page(base, Post.id, after=page * size if page else None, size=size)
-            same = conn.execute(by_offset).all() == conn.execute(by_key).all()
-            for method, stmt in (("OFFSET", by_offset), ("keyset", by_key)):
-                seconds = time_calls(lambda s=stmt: conn.execute(s).all(), repeats, warmup=1)
-                rows.append(
-                    {
-                        "method": method,
-                        "page": page,
-                        "ms": min(seconds) * 1e3,
-                        "same rows": same,
-                    }
-                )
-    return pd.DataFrame(rows)
+            same[page] = conn.execute(by_offset).all() == conn.execute(by_key).all()  # warm-up
+            statements[("OFFSET", page)] = by_offset
+            statements[("keyset", page)] = by_key
+        order = list(statements)
+        shuffle = random.Random(seed)
+        for _ in range(repeats):
+            shuffle.shuffle(order)
+            for key in order:
+                stmt = statements[key]
+                start = time.perf_counter()
+                conn.execute(stmt).all()
+                elapsed = time.perf_counter() - start
+                best[key] = min(best.get(key, float("inf")), elapsed)
+    return pd.DataFrame(
+        [
+            {"method": method, "page": page, "ms": seconds * 1e3, "same rows": same[page]}
+            for (method, page), seconds in best.items()
+        ]
+    )
 
 
 def time_to_visibility(rs: ReplicaSet, n: int) -> list[float]:
