@@ -280,6 +280,30 @@ def test_index_on_the_foreign_key_changes_the_plan(seeded: Engine) -> None:
     assert after["buffers hit"].iloc[0] * 3 < before["buffers hit"].iloc[0]
 
 
+def test_the_foreign_key_index_stays_in_the_schema_it_was_added_to(seeded: Engine) -> None:
+    db.add_post_user_index(seeded)
+    schema = services.unique_schema("t")
+    fresh = services.schema_engine(schema)
+    try:
+        db.populate(fresh, users=3, posts_per_user=2, seed=1)
+        with fresh.connect() as conn:
+            indexes = (
+                conn.execute(
+                    text(
+                        "SELECT indexname FROM pg_indexes "
+                        "WHERE schemaname = :s AND tablename = 'posts'"
+                    ),
+                    {"s": schema},
+                )
+                .scalars()
+                .all()
+            )
+    finally:
+        fresh.dispose()
+        services.drop_schema(schema)
+    assert db.POST_USER_INDEX not in indexes
+
+
 @pytest.fixture
 def items(pg_engine: Engine) -> Table:
     """ids 1-4; ``k`` UNIQUE but nullable (1, NULL, NULL, 2); ``rank`` UNIQUE NOT NULL."""
