@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from course_lib import db, services
 from course_lib.db.lesson import demos
@@ -64,13 +64,9 @@ def test_explain_shows_estimates_the_filter_and_the_raw_plan(seeded: Engine) -> 
     assert before["est. rows"].iloc[0] >= 1
     assert "Seq Scan on posts" in before.attrs["plan"]
     assert "Rows Removed by Filter: 995" in before.attrs["plan"]
-    # Raw SQL, not db.add_post_user_index: that one attaches its Index to the shared Post
-    # table, so every later populate() in this process would create it too.
-    with seeded.begin() as conn:
-        conn.execute(text("CREATE INDEX lesson_ix ON posts (user_id)"))
-        conn.execute(text("ANALYZE posts"))
+    db.add_post_user_index(seeded)
     after = demos.explain(seeded, sql, {"uid": 5})
-    assert "lesson_ix" in after.attrs["plan"]
+    assert db.POST_USER_INDEX in after.attrs["plan"]
     # The parent's buffers include its child's (PostgreSQL reports them cumulatively).
     assert after["buffers hit"].iloc[0] >= after["buffers hit"].iloc[1] > 0
 
