@@ -378,3 +378,31 @@ def test_default_state_dir(monkeypatch) -> None:
     assert embedded.state_dir() == Path.home() / ".local" / "state" / "perf-course"
     monkeypatch.setenv("XDG_STATE_HOME", "/tmp/xdg")
     assert embedded.state_dir() == Path("/tmp/xdg/perf-course")
+
+
+def test_fail_fast_clients_have_a_bounded_pool_a_bounded_wait_and_no_retries() -> None:
+    import redis.asyncio as aredis
+    import redis.asyncio.retry
+
+    url = services.redis_url()
+    sync = services.fail_fast_redis(url, timeout=0.25, max_connections=7, pool_timeout=1.5)
+    assert isinstance(sync.connection_pool, redis_lib.BlockingConnectionPool)
+    assert (sync.connection_pool.max_connections, sync.connection_pool.timeout) == (7, 1.5)
+    assert sync.connection_pool.connection_kwargs["socket_timeout"] == 0.25
+    assert sync.get_retry().get_retries() == 0 and sync.ping()
+    sync.close()
+    asynchronous = services.fail_fast_async_client(max_connections=3, pool_timeout=0.5)
+    pool = asynchronous.connection_pool
+    assert isinstance(pool, aredis.BlockingConnectionPool)
+    assert (pool.max_connections, pool.timeout) == (3, 0.5)
+    # the asyncio Retry: a synchronous one makes redis.asyncio warn and sleep on the loop
+    assert isinstance(pool.connection_kwargs["retry"], redis.asyncio.retry.Retry)
+    assert pool.connection_kwargs["retry"].get_retries() == 0
+    for bad in ({"max_connections": 0}, {"pool_timeout": 0}, {"pool_timeout": float("inf")}):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=name):
+            services.fail_fast_redis(url, **bad)
+        with pytest.raises(ValueError, match=name):
+            services.fail_fast_async_redis(url, **bad)
+    with pytest.raises(TypeError, match="max_connections"):
+        services.fail_fast_client(max_connections="8")  # type: ignore[arg-type]

@@ -20,9 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio
 from sqlalchemy import Engine, create_engine
 
-from .clients import fail_fast_async_redis, fail_fast_redis, redis_unavailable
+from .clients import (
+    PoolExhaustedError,
+    fail_fast_async_redis,
+    fail_fast_redis,
+    pool_exhausted,
+    redis_unavailable,
+)
 from .database import connect
 from .embedded import EmbeddedPostgres, EmbeddedRedis, state_dir
 from .errors import ServiceError
@@ -32,6 +39,7 @@ from .schema import drop_schema, schema_engine, unique_schema
 __all__ = [
     "EmbeddedPostgres",
     "EmbeddedRedis",
+    "PoolExhaustedError",
     "Resolution",
     "ServiceError",
     "ServiceStatus",
@@ -39,8 +47,11 @@ __all__ = [
     "database_url",
     "drop_schema",
     "engine",
+    "fail_fast_async_client",
     "fail_fast_async_redis",
+    "fail_fast_client",
     "fail_fast_redis",
+    "pool_exhausted",
     "redis_client",
     "redis_unavailable",
     "redis_url",
@@ -86,6 +97,28 @@ def redis_url() -> str:
 def redis_client(**kwargs: Any) -> redis.Redis:
     """A new ``redis.Redis`` for the course's Redis; ``kwargs`` go to ``Redis.from_url``."""
     return redis.Redis.from_url(redis_url(), **kwargs)
+
+
+def fail_fast_client(
+    *, timeout: float = 0.5, max_connections: int = 50, pool_timeout: float = 5.0
+) -> redis.Redis:
+    """:func:`fail_fast_redis` on the course's Redis: the client to give a rate limiter or
+    a cache (no retries, ``timeout`` per reply, a bounded pool whose full-pool wait ends
+    after ``pool_timeout`` s in :class:`PoolExhaustedError`, never read as an outage)."""
+    return fail_fast_redis(
+        redis_url(), timeout=timeout, max_connections=max_connections, pool_timeout=pool_timeout
+    )
+
+
+def fail_fast_async_client(
+    *, timeout: float = 0.5, max_connections: int = 50, pool_timeout: float = 5.0
+) -> redis.asyncio.Redis:
+    """:func:`fail_fast_async_redis` on the course's Redis: the ``redis.asyncio`` client to
+    give the asyncio limiters (:mod:`course_lib.rate_limiting.aio`) and caches, with the
+    guarantees of :func:`fail_fast_client`."""
+    return fail_fast_async_redis(
+        redis_url(), timeout=timeout, max_connections=max_connections, pool_timeout=pool_timeout
+    )
 
 
 def database_url() -> str:
