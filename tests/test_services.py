@@ -406,3 +406,26 @@ def test_fail_fast_clients_have_a_bounded_pool_a_bounded_wait_and_no_retries() -
             services.fail_fast_async_redis(url, **bad)
     with pytest.raises(TypeError, match="max_connections"):
         services.fail_fast_client(max_connections="8")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("password=Hunter2 host=h", "password=*** host=h"),
+        ("DATABASE_URL=password=Hunter2 host=h", "DATABASE_URL=password=*** host=h"),
+        ("host=h password='two words' dbname=c", "host=h password=*** dbname=c"),
+        ("host=h PASSWORD = 'it\\'s two' dbname=c", "host=h PASSWORD = *** dbname=c"),
+        ("host=h password='never closed", "host=h password=***"),
+        ("host=h sslpassword=key", "host=h sslpassword=***"),
+        ("redis://h/0?password=pw&db=1", "redis://h/0?password=***&db=1"),
+        ("redis://:a@b@c@h:1/0", "redis://:***@h:1/0"),
+        (
+            "postgresql://u:p@ss@h:1/db (failed to resolve host 'ss@h')",
+            "postgresql://u:***@h:1/db (failed to resolve host '***@h')",
+        ),
+        ("postgresql://u@h/db?sslmode=require", "postgresql://u@h/db?sslmode=require"),
+        ("mypassword=kept host=h", "mypassword=kept host=h"),  # not a libpq keyword
+    ],
+)
+def test_mask_hides_every_password_form(text: str, masked: str) -> None:
+    assert resolve.mask(text) == masked
