@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -429,3 +430,26 @@ def test_fail_fast_clients_have_a_bounded_pool_a_bounded_wait_and_no_retries() -
 )
 def test_mask_hides_every_password_form(text: str, masked: str) -> None:
     assert resolve.mask(text) == masked
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["command", "apostrophe"])
+def test_state_dir_with_shell_characters_works_and_runs_nothing(kind: str, monkeypatch) -> None:
+    # Issue 18, finding 7: the folder once went into `pg_ctl -o '...'`, which /bin/sh runs.
+    # The payload names an absolute marker, so a command run as the server user is seen.
+    base = Path(tempfile.mkdtemp(prefix="pc-q", dir="/tmp"))
+    base.chmod(0o777)
+    marker = base / "M"
+    name = f"o'$(touch {marker})'x" if kind == "command" else "o'brien"
+    folder = base / name / "st"
+    monkeypatch.setenv("COURSE_STATE_DIR", str(folder))
+    monkeypatch.setenv("COURSE_SERVICES", "embedded")
+    try:
+        assert services.redis_client().ping()
+        url = services.database_url()
+        assert _pg_scalar(url, "SELECT current_database()") == "course"
+        assert _pg_scalar(url, "SHOW unix_socket_directories") == str(folder / "postgres")
+    finally:
+        services.stop_embedded()
+        assert not marker.exists(), "a shell ran the command hidden in the folder name"
+        shutil.rmtree(base, ignore_errors=True)
