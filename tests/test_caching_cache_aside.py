@@ -7,9 +7,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aredis
+from ordering import async_until, flight_waiters, until
 
 from course_lib import services
 from course_lib.caching import AsyncCacheAside, CacheAside, LoaderError
@@ -23,11 +25,14 @@ class Counting:
         self.delay = delay
         self.fail = fail
         self.calls = 0
+        self.before: Callable[[], None] | None = None  # runs inside each load, first
         self._lock = threading.Lock()
 
     def __call__(self, key: object) -> object:
         with self._lock:
             self.calls += 1
+        if self.before is not None:
+            self.before()
         time.sleep(self.delay)
         if self.fail:
             raise ConnectionError("database unavailable")
@@ -179,16 +184,20 @@ def test_asyncio_naive_loads_per_task(ns):
 
 @pytest.mark.timeout(30)
 def test_loader_error_reaches_every_thread_and_next_call_retries(redis, ns):
-    loader = Counting(delay=0.2, fail=True)
+    loader = Counting(fail=True)
     cache = CacheAside(redis, loader, ttl=60, namespace=ns)
+    # A failed load is not cached: it must fail while the 29 others wait on it (a polled
+    # state), or a late thread would load again.
+    flight, key = cache._flight, cache._c.value_key("k")
+    loader.before = lambda: until(lambda: flight_waiters(flight, key) == 29, "29 waiters")
     start = time.monotonic()
-    calls = run_threads(lambda: cache.get("k"), 30, timeout=10)
-    assert time.monotonic() - start < 5
+    calls = run_threads(lambda: cache.get("k"), 30, timeout=30)
+    assert time.monotonic() - start < 25
     assert len(calls.errors) == 30
     assert all("database unavailable" in e for e in calls.errors)
     assert loader.calls == 1
     assert redis.get(f"{ns}#lock:k") is None  # released
-    loader.fail = False
+    loader.fail, loader.before = False, None
     assert cache.get("k") == {"key": "k"}
     assert loader.calls == 2
 
@@ -226,7 +235,9 @@ def test_async_loader_error_reaches_every_task(ns):
 
         async def loader(key):
             loads["n"] += 1
-            await asyncio.sleep(0.1)
+            # fail only once the 19 others joined the load: a miss is counted right before
+            # the flight is joined, with no await between
+            await async_until(lambda: cache.stats["misses"] == 20, "the 20 misses")
             raise ConnectionError("database unavailable")
 
         cache = AsyncCacheAside(client, loader, ttl=60, namespace=ns)
