@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis as redis_lib
+from ordering import until
 
 from course_lib import services
 from course_lib.services import embedded, resolve
@@ -325,7 +326,18 @@ def test_a_busy_embedded_redis_is_waited_for_not_replaced(embedded_dir: Path) ->
     busy = "local i = 0 while i < 150000000 do i = i + 1 end return i"
     worker = threading.Thread(target=lambda: redis_lib.Redis.from_url(server.url).eval(busy, 0))
     worker.start()
-    time.sleep(0.3)  # the script now holds the server; a 1 s PING would time out
+
+    def held() -> bool:  # the script holds the server: a PING goes unanswered
+        probe = redis_lib.Redis.from_url(server.url, socket_timeout=0.2)
+        try:
+            probe.ping()
+            return False
+        except (redis_lib.TimeoutError, redis_lib.ResponseError):  # BUSY after 5 s
+            return True
+        finally:
+            probe.close()
+
+    until(held, "the script holds the server")
     assert services.EmbeddedRedis(embedded_dir / "redis").start() == server.url
     worker.join()
     assert client.info("server")["run_id"] == run_id
