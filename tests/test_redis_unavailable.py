@@ -314,3 +314,30 @@ def test_a_cache_on_a_full_pool_serves_that_call_and_declares_no_outage(
     assert cache.get("a") == "va" and cache.get("a") == "va"
     assert loads == ["a", "a"] and cache.stats["hits"] == 1
     client.close()
+
+
+@pytest.mark.parametrize("which", ["redis-py", "services"])
+def test_the_middleware_on_a_full_pool_answers_500_never_admits(ns: str, which: str) -> None:
+    client = dict(_sync_pools(services.redis_url()))[which]
+    reached: list[str] = []
+
+    async def home(request: object) -> PlainTextResponse:
+        reached.append("app")
+        return PlainTextResponse("ok")
+
+    limiter = GCRA(client, 1, 5, prefix=f"{ns}:mw")
+    app = RateLimitMiddleware(Starlette(routes=[Route("/", home)]), limiter)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+
+    async def call() -> int:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return (await http.get("/")).status_code
+
+    held = client.connection_pool.get_connection()
+    try:
+        assert asyncio.run(call()) == 500
+    finally:
+        client.connection_pool.release(held)
+    assert reached == []
+    assert asyncio.run(call()) == 200 and reached == ["app"]
+    client.close()

@@ -465,3 +465,24 @@ def test_state_dir_with_shell_characters_works_and_runs_nothing(kind: str, monke
         services.stop_embedded()
         assert not marker.exists(), "a shell ran the command hidden in the folder name"
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_status_of_a_redis_that_never_answers_is_bounded(monkeypatch) -> None:
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never replies
+    port = silent.getsockname()[1]
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    # REDIS_URL is explicit, so resolution refuses it; status() then reports it, bounded.
+    services._cache["redis"] = services.Resolution(
+        "redis", f"redis://127.0.0.1:{port}/0", "environment", "REDIS_URL is set"
+    )
+    try:
+        start = time.monotonic()
+        report = {item.service: item for item in services.status()}
+        elapsed = time.monotonic() - start
+    finally:
+        silent.close()
+    assert not report["redis"].ok and "Timeout" in report["redis"].error
+    assert elapsed < 15  # 5 s of socket timeout; redis-py's default retries took over 20 s

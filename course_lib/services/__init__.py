@@ -150,6 +150,9 @@ class ServiceStatus:
     error: str = ""
 
 
+_STATUS_TIMEOUT = 5.0
+
+
 def _rtt_ms(call: Callable[[], object], rounds: int = 7) -> float:
     call()
     samples = []
@@ -162,7 +165,9 @@ def _rtt_ms(call: Callable[[], object], rounds: int = 7) -> float:
 
 def _redis_status() -> ServiceStatus:
     chosen = resolution("redis")
-    client = redis.Redis.from_url(chosen.url, socket_timeout=5)
+    # Bounded: a server that accepts the connection and never answers costs 5 s, not
+    # redis-py's default retries with backoff (or no connect timeout at all).
+    client = fail_fast_redis(chosen.url, timeout=_STATUS_TIMEOUT)
     try:
         version = str(client.info("server")["redis_version"])
         latency = _rtt_ms(client.ping)
@@ -175,7 +180,7 @@ def _redis_status() -> ServiceStatus:
 
 def _postgres_status() -> ServiceStatus:
     chosen = resolution("postgres")
-    with connect(chosen.url, connect_timeout=5) as conn:
+    with connect(chosen.url, connect_timeout=int(_STATUS_TIMEOUT)) as conn:
         version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         latency = _rtt_ms(lambda: conn.execute("SELECT 1").fetchone())
     return ServiceStatus(
@@ -187,6 +192,7 @@ def status() -> list[ServiceStatus]:
     """Per service: the source chosen and why, server version, median round trip in ms.
 
     Never raises for an unreachable service: it is reported with ``ok=False`` and the error.
+    A Redis that accepts connections but never answers is reported after 5 s.
     """
     report = []
     for service, probe in (("redis", _redis_status), ("postgres", _postgres_status)):
