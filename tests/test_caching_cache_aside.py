@@ -159,7 +159,9 @@ def test_asyncio_tasks_one_load(ns):
     calls = run_tasks(get, 100, timeout=20)
     assert calls.errors == []
     assert calls.values == [{"key": "hot"}] * 100
-    assert loads["n"] == 1
+    # once seen as 2 with both cores busy (not reproduced since): the counters say which
+    # path loaded again (fail_open/redis_errors, lock_timeouts, ...)
+    assert loads["n"] == 1, holder["cache"].stats
     assert holder["cache"].stats["loads"] == 1
 
 
