@@ -228,7 +228,9 @@ def test_sync_threads_on_a_full_pool_never_exceed_the_quota(ns: str, which: str)
 def test_the_services_clients_admit_exactly_the_quota_under_load(ns: str) -> None:
     # 16 threads on a pool of 2, 300 tasks on redis.asyncio (whose default pool would raise
     # MaxConnectionsError at 100): everyone waits its turn, nobody is degraded.
-    client = services.fail_fast_client(max_connections=2)
+    # Generous timeouts: this test is about waiting for the pool, and a reply slower than
+    # 0.5 s on a saturated machine is a (correctly degraded) timeout, not what it checks.
+    client = services.fail_fast_client(max_connections=2, timeout=10, pool_timeout=60)
     limiter = FixedWindow(client, QUOTA, 3600, prefix=f"{ns}:sync")
     results: list[Any] = []
     lock = threading.Lock()
@@ -251,7 +253,7 @@ def test_the_services_clients_admit_exactly_the_quota_under_load(ns: str) -> Non
     assert sum(bool(d) for d in results) == QUOTA
 
     async def main() -> list[Any]:
-        aclient = services.fail_fast_async_client()
+        aclient = services.fail_fast_async_client(timeout=10, pool_timeout=60)
         try:
             alimiter = aio.FixedWindow(aclient, QUOTA, 3600, prefix=f"{ns}:async")
             return await asyncio.gather(*(alimiter.hit("k") for _ in range(300)))
