@@ -171,7 +171,11 @@ def _sync_pools(url: str) -> list[tuple[str, redis_lib.Redis]]:
     plain = redis_lib.BlockingConnectionPool.from_url(url, max_connections=1, timeout=0.0001)
     return [
         ("redis-py", redis_lib.Redis(connection_pool=plain)),
-        ("services", services.fail_fast_redis(url, max_connections=1, pool_timeout=0.0001)),
+        # timeout=10: only the pool may time out here, never a reply on a saturated machine
+        (
+            "services",
+            services.fail_fast_redis(url, timeout=10, max_connections=1, pool_timeout=1e-4),
+        ),
     ]
 
 
@@ -271,7 +275,9 @@ def test_async_tasks_on_a_full_pool_never_exceed_the_quota(ns: str, which: str) 
 
     async def main() -> tuple[list[Any], Any]:
         if which == "services":
-            client = services.fail_fast_async_redis(url, max_connections=2, pool_timeout=0.001)
+            client = services.fail_fast_async_redis(
+                url, timeout=10, max_connections=2, pool_timeout=0.001
+            )
         else:
             pool = aredis.BlockingConnectionPool.from_url(url, max_connections=2, timeout=0.001)
             client = aredis.Redis(connection_pool=pool)
