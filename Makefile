@@ -7,7 +7,7 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
 	$$p -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' >/dev/null 2>&1 \
 	&& echo $$p && break; done)
 
-.PHONY: install course test test-services test-embedded lint lab notebooks bench doctor services-stop clean
+.PHONY: install course test test-busy test-services test-embedded lint lab notebooks bench doctor services-stop clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 not found (3.11 or 3.12 recommended, see README); or run make PYTHON=/path/to/python3.12"; exit 1; }
@@ -43,6 +43,14 @@ test-embedded: install
 	@status=0; COURSE_SERVICES=embedded COURSE_STATE_DIR=$(TEST_STATE) $(VENV)/bin/pytest -m "not one_pass" || status=$$?; \
 	COURSE_STATE_DIR=$(TEST_STATE) $(VENV)/bin/course services stop >/dev/null; \
 	rm -rf $(TEST_STATE); exit $$status
+
+# The suite on a busy machine: one CPU hog per core (BUSY_HOGS=N to choose) for exactly the
+# duration of the run, always stopped (tests/busy.py). TESTS="tests/test_x.py ..." runs only
+# those files instead of the whole `make test`.
+BUSY_HOGS ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
+test-busy: install  ## `make test` with every core saturated by CPU hogs (or TESTS="files")
+	$(PY) tests/busy.py --hogs $(BUSY_HOGS) \
+		$(if $(TESTS),$(VENV)/bin/pytest $(TESTS),$(MAKE) --no-print-directory test)
 
 # As root (containers) `course lab` adds --allow-root and says so. LAB_ARGS go to JupyterLab,
 # e.g. make lab LAB_ARGS="--port=8899 --no-browser".

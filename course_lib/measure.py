@@ -396,7 +396,10 @@ class RoundTripCounter:
     One command is one round trip; a pipeline or a ``MGET`` is one round trip however many
     keys it carries. The pool's connection class is a subclass that counts
     ``send_packed_command`` calls, so it observes the real client talking to the real
-    server. The connection handshake is not counted.
+    server. The connection handshake is not counted: what a connection sends while it
+    connects (``HELLO``, ``AUTH``, ``CLIENT SETINFO``, ``CLIENT MAINT_NOTIFICATIONS``,
+    ``SELECT``) is skipped, so N commands count N whichever thread sends them and however
+    many connections the pool opens for them. Thread-safe.
     """
 
     def __init__(self, url: str, **kwargs: Any) -> None:
@@ -408,9 +411,20 @@ class RoundTripCounter:
         counter = self
 
         class Counting(pool.connection_class):  # type: ignore[name-defined, misc]
+            # Set while this connection connects; a connection serves one thread at a time.
+            _handshake = False
+
+            def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+                self._handshake = True
+                try:
+                    super().connect_check_health(*args, **kwargs)
+                finally:
+                    self._handshake = False
+
             def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-                with counter._lock:
-                    counter.count += 1
+                if not self._handshake:
+                    with counter._lock:
+                        counter.count += 1
                 super().send_packed_command(command, check_health)
 
         pool.connection_class = Counting
@@ -431,7 +445,9 @@ class QueryCounter:
     Counted at SQLAlchemy's ``before_cursor_execute`` event, so it sees what is really sent
     to the database: lazy loads, eager-load batches, flushes. An ``executemany`` is one
     statement. ``where`` keeps only the statements for which it returns true (e.g.
-    ``lambda sql: sql.startswith("SELECT")``). Thread-safe; listening stops on exit.
+    ``lambda sql: sql.startswith("SELECT")``). Thread-safe. Re-entrant: the same counter
+    may be entered again (nested, or from another thread); it listens from the first entry
+    to the last exit.
     """
 
     def __init__(self, engine: Any, *, where: Callable[[str], bool] | None = None) -> None:
@@ -441,6 +457,7 @@ class QueryCounter:
         self.where = where
         self.statements: list[str] = []
         self._lock = threading.Lock()
+        self._entries = 0  # SQLAlchemy keeps one listener per function: count the entries
 
     @property
     def count(self) -> int:
@@ -456,10 +473,16 @@ class QueryCounter:
     def __enter__(self) -> QueryCounter:
         from sqlalchemy import event
 
-        event.listen(self.engine, "before_cursor_execute", self._on_execute)
+        with self._lock:
+            self._entries += 1
+            if self._entries == 1:
+                event.listen(self.engine, "before_cursor_execute", self._on_execute)
         return self
 
     def __exit__(self, *exc: object) -> None:
         from sqlalchemy import event
 
-        event.remove(self.engine, "before_cursor_execute", self._on_execute)
+        with self._lock:
+            self._entries -= 1
+            if self._entries == 0:
+                event.remove(self.engine, "before_cursor_execute", self._on_execute)

@@ -14,6 +14,7 @@ from decimal import Decimal
 import pytest
 import redis.asyncio as aredis
 import rq
+from ordering import flight_waiters, until
 
 from course_lib import services
 from course_lib.caching import (
@@ -37,20 +38,25 @@ def test_single_flight_shares_result_and_exception():
     flight: SingleFlight = SingleFlight(timeout=5)
     calls = {"n": 0}
 
+    def all_joined() -> None:
+        # The call lasts until the 39 other threads wait on it: a polled state, so a busy
+        # machine that starts them slowly cannot make one of them lead a second call.
+        until(lambda: flight_waiters(flight, "k") == 39, "the 39 others joined the flight")
+
     def work():
         calls["n"] += 1
-        time.sleep(0.2)
+        all_joined()
         return "v"
 
-    assert run_threads(lambda: flight.do("k", work), 40).values == ["v"] * 40
+    assert run_threads(lambda: flight.do("k", work), 40, timeout=30).values == ["v"] * 40
     assert calls["n"] == 1
 
     def broken():
         calls["n"] += 1
-        time.sleep(0.2)
+        all_joined()
         raise KeyError("gone")
 
-    out = run_threads(lambda: flight.do("k", broken), 40, timeout=10)
+    out = run_threads(lambda: flight.do("k", broken), 40, timeout=30)
     assert len(out.errors) == 40 and calls["n"] == 2
     assert all(error.startswith("KeyError: 'gone'") for error in out.errors), out.errors[:3]
     assert flight.in_flight() == 0
@@ -60,11 +66,11 @@ def test_single_flight_shares_result_and_exception():
 @pytest.mark.timeout(10)
 def test_single_flight_waiter_timeout():
     flight: SingleFlight = SingleFlight(timeout=0.2)
-    started = threading.Event()
+    started, finish = threading.Event(), threading.Event()
 
     def slow():
         started.set()
-        time.sleep(1)
+        finish.wait(10)  # the leader's call lasts until the waiter timed out
         return 1
 
     leader = threading.Thread(target=lambda: flight.do("k", slow))
@@ -72,6 +78,7 @@ def test_single_flight_waiter_timeout():
     started.wait()
     with pytest.raises(TimeoutError):
         flight.do("k", slow)
+    finish.set()
     leader.join()
 
 

@@ -7,9 +7,13 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+import redis as redis_lib
 import redis.asyncio as aredis
+from ordering import async_until, flight_waiters, until
 
 from course_lib import services
 from course_lib.caching import AsyncCacheAside, CacheAside, LoaderError
@@ -23,11 +27,14 @@ class Counting:
         self.delay = delay
         self.fail = fail
         self.calls = 0
+        self.before: Callable[[], None] | None = None  # runs inside each load, first
         self._lock = threading.Lock()
 
     def __call__(self, key: object) -> object:
         with self._lock:
             self.calls += 1
+        if self.before is not None:
+            self.before()
         time.sleep(self.delay)
         if self.fail:
             raise ConnectionError("database unavailable")
@@ -152,7 +159,9 @@ def test_asyncio_tasks_one_load(ns):
     calls = run_tasks(get, 100, timeout=20)
     assert calls.errors == []
     assert calls.values == [{"key": "hot"}] * 100
-    assert loads["n"] == 1
+    # once seen as 2 with both cores busy (not reproduced since): the counters say which
+    # path loaded again (fail_open/redis_errors, lock_timeouts, ...)
+    assert loads["n"] == 1, holder["cache"].stats
     assert holder["cache"].stats["loads"] == 1
 
 
@@ -179,38 +188,70 @@ def test_asyncio_naive_loads_per_task(ns):
 
 @pytest.mark.timeout(30)
 def test_loader_error_reaches_every_thread_and_next_call_retries(redis, ns):
-    loader = Counting(delay=0.2, fail=True)
+    loader = Counting(fail=True)
     cache = CacheAside(redis, loader, ttl=60, namespace=ns)
+    # A failed load is not cached: it must fail while the 29 others wait on it (a polled
+    # state), or a late thread would load again.
+    flight, key = cache._flight, cache._c.value_key("k")
+    loader.before = lambda: until(lambda: flight_waiters(flight, key) == 29, "29 waiters")
     start = time.monotonic()
-    calls = run_threads(lambda: cache.get("k"), 30, timeout=10)
-    assert time.monotonic() - start < 5
+    calls = run_threads(lambda: cache.get("k"), 30, timeout=30)
+    assert time.monotonic() - start < 25
     assert len(calls.errors) == 30
     assert all("database unavailable" in e for e in calls.errors)
     assert loader.calls == 1
     assert redis.get(f"{ns}#lock:k") is None  # released
-    loader.fail = False
+    loader.fail, loader.before = False, None
     assert cache.get("k") == {"key": "k"}
     assert loader.calls == 2
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_loader_error_reaches_every_process_in_bounded_time(redis, ns):
-    counter = f"{ns}:loads"
+    counter, ready = f"{ns}:loads", f"{ns}:ready"
 
     def body() -> list[str]:
-        client = services.redis_client()
+        polled = threading.Event()
+
+        class Watching(redis_lib.Redis):
+            # A process waiting on another's load polls with MGET; after its first poll it
+            # knows the holder, so it will see the holder's error (a state the test waits
+            # for: a process that arrived after the failure would load again, as it must).
+            def mget(self, *args: Any, **kwargs: Any) -> Any:
+                found = super().mget(*args, **kwargs)
+                polled.set()
+                return found
+
+        client = Watching.from_url(services.redis_url())
+        loading = threading.Event()
 
         def loader(key):
+            loading.set()
             client.incr(counter)
-            time.sleep(0.2)
+            # fail only once the 24 other threads here and the 3 other processes wait
+            until(lambda: flight_waiters(cache._flight, flight_key) == 24, "24 local waiters")
+            until(lambda: int(client.get(ready) or 0) == 3, "the 3 other processes wait")
             raise ConnectionError("database unavailable")
 
+        def report_ready() -> None:
+            until(
+                lambda: (
+                    loading.is_set()
+                    or (polled.is_set() and flight_waiters(cache._flight, flight_key) == 24)
+                ),
+                "this process waits on the load",
+            )
+            if not loading.is_set():
+                client.incr(ready)
+
         cache = CacheAside(client, loader, ttl=60, namespace=ns)
-        return run_threads(lambda: cache.get("k"), 25, timeout=20).errors
+        flight_key = cache._c.value_key("k")
+        threading.Thread(target=report_ready, daemon=True).start()
+        return run_threads(lambda: cache.get("k"), 25, timeout=60).errors
 
     start = time.monotonic()
-    errors = [e for chunk in run_processes(body, 4, timeout=60).values for e in chunk]
-    assert time.monotonic() - start < 20
+    errors = [e for chunk in run_processes(body, 4, timeout=80).values for e in chunk]
+    assert time.monotonic() - start < 60
     assert len(errors) == 100
     assert int(redis.get(counter)) == 1
     assert sum("LoaderError" in e for e in errors) == 75  # the 3 processes that did not load
@@ -226,7 +267,9 @@ def test_async_loader_error_reaches_every_task(ns):
 
         async def loader(key):
             loads["n"] += 1
-            await asyncio.sleep(0.1)
+            # fail only once the 19 others joined the load: a miss is counted right before
+            # the flight is joined, with no await between
+            await async_until(lambda: cache.stats["misses"] == 20, "the 20 misses")
             raise ConnectionError("database unavailable")
 
         cache = AsyncCacheAside(client, loader, ttl=60, namespace=ns)

@@ -9,8 +9,8 @@ import time
 import pytest
 import redis as redis_lib
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from course_lib.caching import AsyncCacheAside, CacheAside, UserStore, WriteThrough, seed_users
 from course_lib.measure import run_threads
@@ -77,7 +77,7 @@ def test_async_cache_serves_while_redis_is_stopped_and_resumes(embedded_dir, ns,
         return {"key": key}
 
     async def scenario():
-        client = aredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_timeout=1)
+        client = aredis.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), socket_timeout=1)
         cache = AsyncCacheAside(client, loader, ttl=60, namespace=ns, retry_after=0.2)
         before = [await cache.get(k) for k in (1, 2, 1, 2)]
         server.stop()

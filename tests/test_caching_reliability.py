@@ -9,6 +9,7 @@ import time
 
 import pytest
 import redis.asyncio as aredis
+from ordering import async_until, flight_waiters, until
 
 from course_lib import services
 from course_lib.caching import AsyncCacheAside, CacheAside
@@ -61,18 +62,21 @@ def test_a_plain_cache_never_returns_an_xfetch_envelope(redis, ns, reader_mode) 
 
 
 def test_python_equal_keys_do_not_share_a_load(redis, ns) -> None:
-    started = threading.Event()
+    started, true_loaded = threading.Event(), threading.Event()
 
     def loader(key: object) -> str:
-        started.set()
-        time.sleep(0.3)
+        if key is True:
+            true_loaded.set()
+        else:  # key 1's load lasts until True's load ran: were they shared, it never would
+            started.set()
+            true_loaded.wait(10)
         return f"value of {key!r}"
 
     cache = CacheAside(redis, loader, ttl=60, namespace=ns, stampede="local")
     out: dict[str, object] = {}
     first = threading.Thread(target=lambda: out.__setitem__("1", cache.get(1)))
     first.start()
-    started.wait(5)
+    assert started.wait(10)
     out["True"] = cache.get(True)
     first.join()
     assert out == {"1": "value of 1", "True": "value of True"}
@@ -87,7 +91,12 @@ def test_same_process_waiters_load_themselves_after_their_wait(redis, ns, mode) 
     def slow(key: object) -> str:
         with lock:
             calls.append(time.monotonic())
-        time.sleep(2.0)
+            first = len(calls) == 1
+        # The first load outlasts the waiters' wait: it ends only once one of them gave up
+        # and loaded itself (a state polled for, not a sleep long enough "usually").
+        deadline = time.monotonic() + 20
+        while first and len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         return "v"
 
     cache = CacheAside(
@@ -96,7 +105,7 @@ def test_same_process_waiters_load_themselves_after_their_wait(redis, ns, mode) 
     result = run_threads(lambda: cache.get("k"), 4, timeout=30)
     assert result.errors == []
     assert result.values == ["v"] * 4
-    assert len(calls) >= 2  # waiters gave up on the 2 s leader and loaded themselves
+    assert len(calls) >= 2  # waiters gave up on the slow leader and loaded themselves
     assert cache.stats["lock_timeouts"] >= 1
 
 
@@ -122,7 +131,7 @@ def test_thread_flight_timeout_is_not_the_leaders_timeout_error() -> None:
         time.sleep(0.001)
     follow = threading.Thread(target=follower)
     follow.start()
-    time.sleep(0.05)
+    until(lambda: flight_waiters(flight, "k") == 1, "the follower waits for the leader")
     gate.set()
     lead.join()
     follow.join()
@@ -142,17 +151,30 @@ def test_async_waiters_take_over_when_the_leader_is_cancelled() -> None:
     async def scenario() -> tuple[list[object], int]:
         flight: AsyncSingleFlight[str] = AsyncSingleFlight(timeout=5)
         runs = 0
+        leading = asyncio.Event()
+        joined = 0
 
         async def work() -> str:
             nonlocal runs
             runs += 1
-            await asyncio.sleep(0.2)
+            if runs == 1:  # the leader's run: it lasts until it is cancelled
+                leading.set()
+                await asyncio.Event().wait()
+            # The take-over run yields once: the other waiters, woken by the cancellation in
+            # the same loop iteration, run first and join its flight (asyncio runs ready
+            # tasks in order; no wall-clock time is involved).
+            await asyncio.sleep(0)
             return "v"
 
+        async def join() -> str:
+            nonlocal joined
+            joined += 1  # do() registers a waiter before its first await
+            return await flight.do("k", work)
+
         leader = asyncio.create_task(flight.do("k", work))
-        await asyncio.sleep(0.01)
-        waiters = [asyncio.create_task(flight.do("k", work)) for _ in range(5)]
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(leading.wait(), 10)
+        waiters = [asyncio.create_task(join()) for _ in range(5)]
+        await async_until(lambda: joined == 5, "the 5 waiters joined the flight")
         leader.cancel()
         results = await asyncio.gather(*waiters, return_exceptions=True)
         assert leader.cancelled()
@@ -168,19 +190,23 @@ def test_async_cache_survives_a_cancelled_leading_request(ns, mode) -> None:
     async def scenario() -> tuple[list[object], dict[str, int]]:
         client = aredis.Redis.from_url(services.redis_url())
         loads = 0
+        loading = asyncio.Event()
 
         async def loader(key: object) -> str:
             nonlocal loads
             loads += 1
-            await asyncio.sleep(0.2)
+            if loads == 1:  # the leader's load: it lasts until the leader is cancelled
+                loading.set()
+                await asyncio.Event().wait()
             return "v"
 
         cache = AsyncCacheAside(client, loader, ttl=60, namespace=ns, stampede=mode)
         try:
             leader = asyncio.create_task(cache.get("k"))
-            await asyncio.sleep(0.02)
+            await asyncio.wait_for(loading.wait(), 10)  # the leader is inside its load
             waiters = [asyncio.create_task(cache.get("k")) for _ in range(10)]
-            await asyncio.sleep(0.02)
+            # a miss is counted right before the flight is joined, with no await between
+            await async_until(lambda: cache.stats["misses"] == 11, "the 10 waiters joined")
             leader.cancel()
             results = await asyncio.gather(*waiters, return_exceptions=True)
             return results, {"loads": loads}

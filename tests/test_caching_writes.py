@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from ordering import until
 from sqlalchemy import create_engine
 
 from course_lib.caching import UserStore, WriteBehind, WriteThrough, seed_users
@@ -204,7 +205,11 @@ def test_worker_survives_postgres_restart(redis, ns, embedded_dir, caplog):
             postgres.stop()
             for key in range(2, 12):
                 wb.write(key, {"score": key * 100})
-            time.sleep(0.5)  # the worker fails against the stopped database meanwhile
+            # the worker fails against the stopped database and says it retries
+            until(
+                lambda: any("retrying" in r.message for r in caplog.records),
+                "the worker failed against the stopped database",
+            )
             assert worker.is_alive() and wb.backlog() == 10
             postgres.start()
             deadline = time.monotonic() + 30

@@ -158,3 +158,21 @@ def test_index_keeps_the_rows_of_notebooks_built_earlier(tmp_path: Path) -> None
     index = (tmp_path / "out" / "index.html").read_text()
     assert "01_good.html" in index and "02_broken.html" in index
     assert index.count("class='ok'") == 1 and index.count("class='fail'") == 1
+
+
+# Each form of issue 18 (finding 6) that `course doctor` once printed in part or in clear.
+@pytest.mark.parametrize(
+    ("variable", "value", "secrets"),
+    [
+        ("DATABASE_URL", "host=127.0.0.1 port=1 password=Hunter2secret dbname=course", ["Hunter2"]),
+        ("DATABASE_URL", "password=Hunter2secret host=127.0.0.1 port=1", ["Hunter2"]),
+        ("DATABASE_URL", "host=127.0.0.1 port=1 password='two words' dbname=c", ["two", "words"]),
+        ("DATABASE_URL", "postgresql://u:p@ssWORDtail@127.0.0.1:1/course", ["ssWORD", "p@"]),
+        ("REDIS_URL", "redis://u:p@ssWORDtail@127.0.0.1:1/0", ["ssWORD", "p@"]),
+    ],
+)
+def test_doctor_never_prints_a_password(variable: str, value: str, secrets: list[str]) -> None:
+    done = course("doctor", env={variable: value, "COURSE_SERVICES": "auto"})
+    assert done.returncode != 0 and "***" in done.stderr, done.stderr
+    for secret in secrets:
+        assert secret not in done.stdout + done.stderr, done.stderr

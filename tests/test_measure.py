@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from course_lib import services
 from course_lib.measure import (
+    QueryCounter,
     RoundTripCounter,
     percentiles,
     run_processes,
@@ -195,3 +196,67 @@ def test_tasks_blocking_the_loop_time_out() -> None:
     with pytest.raises(TimeoutError):
         run_tasks(blocking, 1, timeout=0.3)
     assert time.monotonic() - start < 2.5
+
+
+def test_round_trip_counter_does_not_count_the_connection_handshake(ns: str) -> None:
+    # redis-py 8 opens a connection with HELLO, CLIENT MAINT_NOTIFICATIONS and two CLIENT
+    # SETINFO: one GET on a fresh connection once counted 5, 20 GETs from 4 threads 32.
+    counter = RoundTripCounter(services.redis_url())
+    pool = counter.client.connection_pool
+    pool.disconnect()  # every connection reconnects, handshake included
+    counter.client.get(f"{ns}:k")
+    assert counter.count == 1
+    pool.disconnect()
+    counter.reset()
+    start = threading.Barrier(4)
+    holding = threading.Barrier(4)
+
+    def worker() -> None:
+        start.wait()
+        held = pool.get_connection()  # 4 connections at once: 4 handshakes
+        holding.wait()
+        pool.release(held)
+        for _ in range(5):
+            counter.client.get(f"{ns}:k")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counter.count == 20
+    counter.client.close()
+
+
+def test_query_counter_entered_twice_keeps_counting_until_the_outer_exit(pg_engine) -> None:
+    from sqlalchemy import text
+
+    def select(value: int) -> None:
+        with pg_engine.connect() as conn:
+            conn.execute(text("SELECT :v"), {"v": value})
+
+    counter = QueryCounter(pg_engine)
+    with counter:
+        select(1)
+        with counter:  # re-entered: the inner exit once removed the only listener
+            select(2)
+        select(3)
+    select(4)  # after the outer exit: not counted
+    assert counter.count == 3
+    # and from two threads at once: each exit ends only its own entry
+    counter = QueryCounter(pg_engine)
+    entered, leave = threading.Barrier(2), threading.Event()
+
+    def inner() -> None:
+        with counter:
+            entered.wait()
+            leave.wait(10)
+
+    thread = threading.Thread(target=inner)
+    thread.start()
+    with counter:
+        entered.wait()
+        leave.set()
+        thread.join()
+        select(5)  # the thread's exit came first
+    assert counter.count == 1

@@ -29,6 +29,7 @@ from course_lib.rate_limiting import (
     api_key_or_ip,
     polite_get,
     rate_limit_headers,
+    retry_after_seconds,
 )
 from course_lib.rate_limiting.decision import Decision
 from course_lib.rate_limiting.lesson.http_demo import demo_app
@@ -235,3 +236,30 @@ def test_keyed_bucket_is_exact_under_threads_and_bounded_in_memory() -> None:
         limiter.hit(1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tokens"):
         limiter.hit("k", 101)
+
+
+@pytest.mark.timeout(60)
+def test_polite_client_never_waits_longer_than_max_wait() -> None:
+    # Once, Retry-After: 86400 meant sleeping a day, an HTTP-date crashed float(), and a
+    # negative value reached time.sleep. Each reply here is a 429 with that header.
+    asked: list[str] = []
+
+    async def refuse(request: object) -> PlainTextResponse:
+        return PlainTextResponse("slow down", 429, headers={"Retry-After": asked[-1]})
+
+    app = Starlette(routes=[Route("/", refuse)])
+    slept: list[float] = []
+    soon = "Wed, 21 Oct 2015 07:28:00 GMT"  # long past: wait 0
+    with serve(app) as url, httpx.Client(base_url=url, timeout=5) as client:
+        for header, attempts in [("86400", 1), ("-5", 1), ("1.5e308", 1), ("soon", 1)]:
+            asked.append(header)
+            got = polite_get(client, "/", max_attempts=3, max_wait=10, sleep=slept.append)
+            assert [a.status for a in got] == [429] * attempts, header
+        assert slept == []  # none of them was waited for
+        asked.append(soon)
+        got = polite_get(client, "/", max_attempts=3, jitter=0, sleep=slept.append)
+        assert [a.status for a in got] == [429] * 3 and slept == [0.0, 0.0]
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    assert retry_after_seconds(None) == 1.0 and retry_after_seconds(" 7 ") == 7.0
+    with pytest.raises(ValueError, match="max_wait"):
+        polite_get(client, "/", max_wait=0)

@@ -4,17 +4,21 @@ filled up to ``maxmemory`` under ``noeviction``."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis as redis_lib
+import redis.asyncio as aredis
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -28,6 +32,7 @@ from course_lib.rate_limiting import (
     RedisTokenBucket,
     SlidingWindowCounter,
     SlidingWindowLog,
+    aio,
 )
 from course_lib.services.embedded import find_redis_server
 
@@ -114,8 +119,6 @@ def test_limiters_and_caches_fail_open_when_redis_is_out_of_memory(binary: str) 
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
                 return (await http.get("/")).status_code
 
-        import asyncio
-
         assert asyncio.run(call()) == 200
 
 
@@ -146,3 +149,203 @@ def test_unavailable_replies_are_recognised_and_command_errors_are_not() -> None
 
 def test_a_full_client_pool_is_not_an_outage() -> None:
     assert not services.redis_unavailable(redis_lib.exceptions.MaxConnectionsError("Too many"))
+
+
+def test_a_blocking_pool_whose_wait_timed_out_is_not_an_outage() -> None:
+    # What redis-py's BlockingConnectionPool (sync and asyncio) raises when its wait ends.
+    timed_out = redis_lib.ConnectionError("No connection available.")
+    ours = services.PoolExhaustedError("no connection of this Redis client's pool ...")
+    for exc in (timed_out, ours, redis_lib.exceptions.MaxConnectionsError("Too many")):
+        assert services.pool_exhausted(exc) and not services.redis_unavailable(exc), exc
+    refused = redis_lib.ConnectionError("Error 111 connecting to 127.0.0.1:1. Refused.")
+    assert services.redis_unavailable(refused) and not services.pool_exhausted(refused)
+
+
+# The issue's scenario: Redis healthy, a bounded blocking pool whose wait times out. Before
+# the fix every timed-out wait was read as an outage and admitted (async: 200 of 200 with a
+# quota of 5; sync: ~300 of 320).
+QUOTA = 5
+
+
+def _sync_pools(url: str) -> list[tuple[str, redis_lib.Redis]]:
+    plain = redis_lib.BlockingConnectionPool.from_url(url, max_connections=1, timeout=0.0001)
+    return [
+        ("redis-py", redis_lib.Redis(connection_pool=plain)),
+        # timeout=10: only the pool may time out here, never a reply on a saturated machine
+        (
+            "services",
+            services.fail_fast_redis(url, timeout=10, max_connections=1, pool_timeout=1e-4),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("which", ["redis-py", "services"])
+def test_a_held_sync_pool_raises_a_clear_error_never_fails_open(ns: str, which: str) -> None:
+    client = dict(_sync_pools(services.redis_url()))[which]
+    limiter = FixedWindow(client, QUOTA, 3600, prefix=f"{ns}:held")
+    held = client.connection_pool.get_connection()  # the pool's only connection
+    try:
+        with pytest.raises(services.PoolExhaustedError, match="pool"):
+            limiter.hit("k")
+        with pytest.raises(services.PoolExhaustedError):
+            limiter.hit_many(["k", "k"])
+    finally:
+        client.connection_pool.release(held)
+    assert limiter.hit("k").remaining == QUOTA - 1  # nothing was counted meanwhile
+    client.close()
+
+
+@pytest.mark.parametrize("which", ["redis-py", "services"])
+def test_sync_threads_on_a_full_pool_never_exceed_the_quota(ns: str, which: str) -> None:
+    client = dict(_sync_pools(services.redis_url()))[which]
+    limiter = FixedWindow(client, QUOTA, 3600, prefix=f"{ns}:threads")
+    results: list[object] = []
+    lock = threading.Lock()
+    start = threading.Barrier(16)
+
+    def worker() -> None:
+        start.wait()
+        for _ in range(20):
+            try:
+                outcome: object = limiter.hit("k")
+            except redis_lib.RedisError as exc:
+                outcome = exc
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 320
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert all(isinstance(e, services.PoolExhaustedError) for e in errors), errors[:3]
+    decisions = [r for r in results if not isinstance(r, Exception)]
+    assert not any(d.degraded for d in decisions)  # type: ignore[attr-defined]
+    assert sum(bool(d) for d in decisions) <= QUOTA
+    # Redis counted every hit that reached it, and only those.
+    assert limiter.hit("k", 0).remaining == max(0, QUOTA - len(decisions))
+    client.close()
+
+
+def test_the_services_clients_admit_exactly_the_quota_under_load(ns: str) -> None:
+    # 16 threads on a pool of 2, 300 tasks on redis.asyncio (whose default pool would raise
+    # MaxConnectionsError at 100): everyone waits its turn, nobody is degraded.
+    # Generous timeouts: this test is about waiting for the pool, and a reply slower than
+    # 0.5 s on a saturated machine is a (correctly degraded) timeout, not what it checks.
+    client = services.fail_fast_client(max_connections=2, timeout=10, pool_timeout=60)
+    limiter = FixedWindow(client, QUOTA, 3600, prefix=f"{ns}:sync")
+    results: list[Any] = []
+    lock = threading.Lock()
+    start = threading.Barrier(16)
+
+    def worker() -> None:
+        start.wait()
+        for _ in range(20):
+            decision = limiter.hit("k")
+            with lock:
+                results.append(decision)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    client.close()
+    assert len(results) == 320 and not any(d.degraded for d in results)
+    assert sum(bool(d) for d in results) == QUOTA
+
+    async def main() -> list[Any]:
+        aclient = services.fail_fast_async_client(timeout=10, pool_timeout=60)
+        try:
+            alimiter = aio.FixedWindow(aclient, QUOTA, 3600, prefix=f"{ns}:async")
+            return await asyncio.gather(*(alimiter.hit("k") for _ in range(300)))
+        finally:
+            await aclient.aclose()
+
+    decisions = asyncio.run(main())
+    assert not any(d.degraded for d in decisions)
+    assert sum(bool(d) for d in decisions) == QUOTA
+
+
+@pytest.mark.parametrize("which", ["redis-py", "services"])
+def test_async_tasks_on_a_full_pool_never_exceed_the_quota(ns: str, which: str) -> None:
+    url = services.redis_url()
+
+    async def main() -> tuple[list[Any], Any]:
+        if which == "services":
+            client = services.fail_fast_async_redis(
+                url, timeout=10, max_connections=2, pool_timeout=0.001
+            )
+        else:
+            pool = aredis.BlockingConnectionPool.from_url(url, max_connections=2, timeout=0.001)
+            client = aredis.Redis(connection_pool=pool)
+        try:
+            limiter = aio.FixedWindow(client, QUOTA, 3600, prefix=f"{ns}:tasks")
+            # Both connections held: every hit must wait, time out and raise.
+            held = [await client.connection_pool.get_connection() for _ in range(2)]
+            with pytest.raises(services.PoolExhaustedError, match="pool"):
+                await limiter.hit("k")
+            for connection in held:
+                await client.connection_pool.release(connection)
+            results = await asyncio.gather(
+                *(limiter.hit("k") for _ in range(200)), return_exceptions=True
+            )
+            return results, await limiter.hit("k", 0)
+        finally:
+            await client.aclose()
+
+    results, after = asyncio.run(main())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(e, services.PoolExhaustedError) for e in errors), errors[:3]
+    decisions = [r for r in results if not isinstance(r, BaseException)]
+    assert not any(d.degraded for d in decisions)
+    assert sum(bool(d) for d in decisions) <= QUOTA
+    assert after.remaining == max(0, QUOTA - len(decisions))
+
+
+@pytest.mark.parametrize("which", ["redis-py", "services"])
+def test_a_cache_on_a_full_pool_serves_that_call_and_declares_no_outage(
+    ns: str, which: str
+) -> None:
+    client = dict(_sync_pools(services.redis_url()))[which]
+    loads: list[str] = []
+    cache = CacheAside(client, lambda k: loads.append(k) or f"v{k}", ttl=60, namespace=ns)
+    held = client.connection_pool.get_connection()
+    try:
+        assert cache.get("a") == "va"  # from the loader: Redis could not be asked
+    finally:
+        client.connection_pool.release(held)
+    assert cache.stats["redis_errors"] == 1
+    assert cache._c.health.down_until == 0.0  # no outage: Redis is used again at once
+    assert cache.get("a") == "va" and cache.get("a") == "va"
+    assert loads == ["a", "a"] and cache.stats["hits"] == 1
+    client.close()
+
+
+@pytest.mark.parametrize("which", ["redis-py", "services"])
+def test_the_middleware_on_a_full_pool_answers_500_never_admits(ns: str, which: str) -> None:
+    client = dict(_sync_pools(services.redis_url()))[which]
+    reached: list[str] = []
+
+    async def home(request: object) -> PlainTextResponse:
+        reached.append("app")
+        return PlainTextResponse("ok")
+
+    limiter = GCRA(client, 1, 5, prefix=f"{ns}:mw")
+    app = RateLimitMiddleware(Starlette(routes=[Route("/", home)]), limiter)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+
+    async def call() -> int:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return (await http.get("/")).status_code
+
+    held = client.connection_pool.get_connection()
+    try:
+        assert asyncio.run(call()) == 500
+    finally:
+        client.connection_pool.release(held)
+    assert reached == []
+    assert asyncio.run(call()) == 200 and reached == ["app"]
+    client.close()

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis as redis_lib
+from ordering import until
 
 from course_lib import services
 from course_lib.services import embedded, resolve
@@ -324,7 +326,18 @@ def test_a_busy_embedded_redis_is_waited_for_not_replaced(embedded_dir: Path) ->
     busy = "local i = 0 while i < 150000000 do i = i + 1 end return i"
     worker = threading.Thread(target=lambda: redis_lib.Redis.from_url(server.url).eval(busy, 0))
     worker.start()
-    time.sleep(0.3)  # the script now holds the server; a 1 s PING would time out
+
+    def held() -> bool:  # the script holds the server: a PING goes unanswered
+        probe = redis_lib.Redis.from_url(server.url, socket_timeout=0.2)
+        try:
+            probe.ping()
+            return False
+        except (redis_lib.TimeoutError, redis_lib.ResponseError):  # BUSY after 5 s
+            return True
+        finally:
+            probe.close()
+
+    until(held, "the script holds the server")
     assert services.EmbeddedRedis(embedded_dir / "redis").start() == server.url
     worker.join()
     assert client.info("server")["run_id"] == run_id
@@ -378,3 +391,98 @@ def test_default_state_dir(monkeypatch) -> None:
     assert embedded.state_dir() == Path.home() / ".local" / "state" / "perf-course"
     monkeypatch.setenv("XDG_STATE_HOME", "/tmp/xdg")
     assert embedded.state_dir() == Path("/tmp/xdg/perf-course")
+
+
+def test_fail_fast_clients_have_a_bounded_pool_a_bounded_wait_and_no_retries() -> None:
+    import redis.asyncio as aredis
+    import redis.asyncio.retry
+
+    url = services.redis_url()
+    sync = services.fail_fast_redis(url, timeout=0.25, max_connections=7, pool_timeout=1.5)
+    assert isinstance(sync.connection_pool, redis_lib.BlockingConnectionPool)
+    assert (sync.connection_pool.max_connections, sync.connection_pool.timeout) == (7, 1.5)
+    assert sync.connection_pool.connection_kwargs["socket_timeout"] == 0.25
+    assert sync.get_retry().get_retries() == 0 and sync.ping()
+    sync.close()
+    asynchronous = services.fail_fast_async_client(max_connections=3, pool_timeout=0.5)
+    pool = asynchronous.connection_pool
+    assert isinstance(pool, aredis.BlockingConnectionPool)
+    assert (pool.max_connections, pool.timeout) == (3, 0.5)
+    # the asyncio Retry: a synchronous one makes redis.asyncio warn and sleep on the loop
+    assert isinstance(pool.connection_kwargs["retry"], redis.asyncio.retry.Retry)
+    assert pool.connection_kwargs["retry"].get_retries() == 0
+    for bad in ({"max_connections": 0}, {"pool_timeout": 0}, {"pool_timeout": float("inf")}):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=name):
+            services.fail_fast_redis(url, **bad)
+        with pytest.raises(ValueError, match=name):
+            services.fail_fast_async_redis(url, **bad)
+    with pytest.raises(TypeError, match="max_connections"):
+        services.fail_fast_client(max_connections="8")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("password=Hunter2 host=h", "password=*** host=h"),
+        ("DATABASE_URL=password=Hunter2 host=h", "DATABASE_URL=password=*** host=h"),
+        ("host=h password='two words' dbname=c", "host=h password=*** dbname=c"),
+        ("host=h PASSWORD = 'it\\'s two' dbname=c", "host=h PASSWORD = *** dbname=c"),
+        ("host=h password='never closed", "host=h password=***"),
+        ("host=h sslpassword=key", "host=h sslpassword=***"),
+        ("redis://h/0?password=pw&db=1", "redis://h/0?password=***&db=1"),
+        ("redis://:a@b@c@h:1/0", "redis://:***@h:1/0"),
+        (
+            "postgresql://u:p@ss@h:1/db (failed to resolve host 'ss@h')",
+            "postgresql://u:***@h:1/db (failed to resolve host '***@h')",
+        ),
+        ("postgresql://u@h/db?sslmode=require", "postgresql://u@h/db?sslmode=require"),
+        ("mypassword=kept host=h", "mypassword=kept host=h"),  # not a libpq keyword
+    ],
+)
+def test_mask_hides_every_password_form(text: str, masked: str) -> None:
+    assert resolve.mask(text) == masked
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["command", "apostrophe"])
+def test_state_dir_with_shell_characters_works_and_runs_nothing(kind: str, monkeypatch) -> None:
+    # Issue 18, finding 7: the folder once went into `pg_ctl -o '...'`, which /bin/sh runs.
+    # The payload names an absolute marker, so a command run as the server user is seen.
+    base = Path(tempfile.mkdtemp(prefix="pc-q", dir="/tmp"))
+    base.chmod(0o777)
+    marker = base / "M"
+    name = f"o'$(touch {marker})'x" if kind == "command" else "o'brien"
+    folder = base / name / "st"
+    monkeypatch.setenv("COURSE_STATE_DIR", str(folder))
+    monkeypatch.setenv("COURSE_SERVICES", "embedded")
+    try:
+        assert services.redis_client().ping()
+        url = services.database_url()
+        assert _pg_scalar(url, "SELECT current_database()") == "course"
+        assert _pg_scalar(url, "SHOW unix_socket_directories") == str(folder / "postgres")
+    finally:
+        services.stop_embedded()
+        assert not marker.exists(), "a shell ran the command hidden in the folder name"
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_status_of_a_redis_that_never_answers_is_bounded(monkeypatch) -> None:
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never replies
+    port = silent.getsockname()[1]
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    # REDIS_URL is explicit, so resolution refuses it; status() then reports it, bounded.
+    services._cache["redis"] = services.Resolution(
+        "redis", f"redis://127.0.0.1:{port}/0", "environment", "REDIS_URL is set"
+    )
+    try:
+        start = time.monotonic()
+        report = {item.service: item for item in services.status()}
+        elapsed = time.monotonic() - start
+    finally:
+        silent.close()
+    assert not report["redis"].ok and "Timeout" in report["redis"].error
+    assert elapsed < 15  # 5 s of socket timeout; redis-py's default retries took over 20 s

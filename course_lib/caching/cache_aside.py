@@ -34,8 +34,11 @@ Guarantees:
   ``stats["fail_open"]``, logs one warning per outage, and skips Redis for ``retry_after``
   seconds before trying it again.
   Any other Redis error (a wrong type, a script error) fails open for that call only and is
-  counted in ``stats["redis_errors"]``; it starts no outage. Give the client a short
-  ``socket_timeout`` and few retries, or each failing call waits out redis-py's retry policy.
+  counted in ``stats["redis_errors"]``; it starts no outage. Neither does a full client
+  pool (:func:`course_lib.services.pool_exhausted`): Redis itself was not asked. Give the
+  client a short ``socket_timeout`` and few retries
+  (:func:`course_lib.services.fail_fast_client`), or each failing call waits out redis-py's
+  retry policy.
   ``invalidate`` does raise: a write that could not invalidate must know it.
 - A cached value that cannot be decoded (bad bytes, or another stampede mode's format under
   the same namespace) is a miss, counted in ``stats["decode_errors"]``, and gets overwritten.

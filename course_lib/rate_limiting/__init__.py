@@ -23,7 +23,7 @@ from . import aio
 from .decision import Decision
 from .keyed_bucket import KeyedTokenBucket
 from .middleware import RateLimitMiddleware, api_key_or_ip, client_ip, rate_limit_headers
-from .polite_client import Attempt, polite_get
+from .polite_client import Attempt, polite_get, retry_after_seconds
 from .redis_base import FAIL_CLOSED_RETRY_AFTER, RedisLimiter
 from .redis_limiters import (
     GCRA,
@@ -52,4 +52,5 @@ __all__ = [
     "client_ip",
     "polite_get",
     "rate_limit_headers",
+    "retry_after_seconds",
 ]

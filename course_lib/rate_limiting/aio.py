@@ -9,11 +9,13 @@ loop: no worker thread per request, as the synchronous limiters need in an ASGI 
 Guarantees are those of :class:`~course_lib.rate_limiting.redis_base.RedisLimiter`: one
 atomic round trip per decision (one per batch for ``hit_many``), Redis server time, and the
 ``fail_open`` answer, never an exception, when Redis cannot count now. Give them
-:func:`course_lib.services.fail_fast_async_redis` so a dead server is noticed in a known time.
-Many concurrent tasks share the client's connection pool: a bounded pool should be a
-``redis.asyncio.BlockingConnectionPool`` (tasks wait for a connection). A plain bounded pool
-raises ``MaxConnectionsError`` when full, and the limiter lets that error through rather than
-answering ``fail_open``: a full pool is a client setting, not a server outage.
+:func:`course_lib.services.fail_fast_async_client` (``fail_fast_async_redis`` for
+another URL): no retries, so a dead server is noticed in a known
+time, and a bounded ``BlockingConnectionPool`` that many concurrent tasks wait on for at most
+``pool_timeout`` seconds. redis-py's default asyncio pool instead raises
+``MaxConnectionsError`` as soon as 100 tasks hold a connection. Either way a full pool is a
+client setting, not a server outage: the limiter raises
+:class:`~course_lib.services.PoolExhaustedError` rather than answering ``fail_open``.
 """
 
 from __future__ import annotations

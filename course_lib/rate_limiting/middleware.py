@@ -21,7 +21,11 @@ runs in a worker thread (``anyio.to_thread``) instead of stalling the event loop
 round trip; that thread hop costs every request, which is what the asyncio family saves.
 That client decides how long a request waits when Redis is gone before ``fail_open``
 answers: with redis-py 8's default retries, seconds per request. Build the limiter on
-:func:`~course_lib.services.fail_fast_redis` (short timeouts, no retries). Without Redis,
+:func:`~course_lib.services.fail_fast_client` (short timeouts, no retries, a bounded pool
+with a bounded wait), an asyncio limiter on
+:func:`~course_lib.services.fail_fast_async_client`. A full client pool is not an outage:
+the limiter raises :class:`~course_lib.services.PoolExhaustedError` (the request gets a 500)
+instead of admitting everyone at peak load. Without Redis,
 :class:`~course_lib.rate_limiting.KeyedTokenBucket` limits each process on its own.
 """
 

@@ -28,7 +28,12 @@
   is then refused with ``retry_after`` = :data:`FAIL_CLOSED_RETRY_AFTER`. How long a dead
   server takes to be noticed is the client's business: a default redis-py 8 client retries
   with backoff and takes seconds per call; give the limiter
-  :func:`~course_lib.services.fail_fast_redis` (short timeouts, no retries).
+  :func:`~course_lib.services.fail_fast_client` (short timeouts, no retries, a bounded
+  pool with a bounded wait).
+- A full client pool is not an outage (:func:`course_lib.services.pool_exhausted`): the
+  server could count, so answering ``fail_open`` would admit everyone exactly at peak load.
+  The limiter raises :class:`~course_lib.services.PoolExhaustedError` instead, after the
+  pool's own bounded wait (``pool_timeout`` of the fail-fast clients).
 - The client is a ``redis.Redis`` or a ``redis.cluster.RedisCluster``: each decision touches
   one key, so ``EVALSHA`` routes to that key's node, and ``hit_many`` uses a cluster
   pipeline (one round trip per node involved). Tested on a local 3-node cluster.
@@ -43,7 +48,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from course_lib import lua
-from course_lib.services import redis_unavailable
+from course_lib.services import PoolExhaustedError, pool_exhausted, redis_unavailable
 from course_lib.validation import cost_within
 
 from .decision import Decision
@@ -179,9 +184,18 @@ class RedisLimiter:
         return calls
 
     def _unavailable(self, exc: redis.RedisError) -> Decision:
-        """The ``fail_open`` answer when Redis cannot count now; re-raises anything else."""
+        """The ``fail_open`` answer when Redis cannot count now; raises anything else, a full
+        client pool as :class:`PoolExhaustedError`."""
         if redis_unavailable(exc):
             return self._fallback()
+        if pool_exhausted(exc) and not isinstance(exc, PoolExhaustedError):
+            # redis-py's own pools say only "No connection available." or "Too many
+            # connections", which read like an outage.
+            raise PoolExhaustedError(
+                f"the Redis client's connection pool is full ({exc}); Redis itself was not "
+                "asked, so the limiter does not fail open. Give it a bounded blocking pool "
+                "(course_lib.services.fail_fast_client) or lower the concurrency"
+            ) from exc
         raise exc
 
     def _decisions(self, replies: list[Any]) -> list[Decision]:

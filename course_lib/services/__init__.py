@@ -20,9 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio
 from sqlalchemy import Engine, create_engine
 
-from .clients import fail_fast_async_redis, fail_fast_redis, redis_unavailable
+from .clients import (
+    PoolExhaustedError,
+    fail_fast_async_redis,
+    fail_fast_redis,
+    pool_exhausted,
+    redis_unavailable,
+)
 from .database import connect
 from .embedded import EmbeddedPostgres, EmbeddedRedis, state_dir
 from .errors import ServiceError
@@ -32,6 +39,7 @@ from .schema import drop_schema, schema_engine, unique_schema
 __all__ = [
     "EmbeddedPostgres",
     "EmbeddedRedis",
+    "PoolExhaustedError",
     "Resolution",
     "ServiceError",
     "ServiceStatus",
@@ -39,8 +47,11 @@ __all__ = [
     "database_url",
     "drop_schema",
     "engine",
+    "fail_fast_async_client",
     "fail_fast_async_redis",
+    "fail_fast_client",
     "fail_fast_redis",
+    "pool_exhausted",
     "redis_client",
     "redis_unavailable",
     "redis_url",
@@ -88,6 +99,28 @@ def redis_client(**kwargs: Any) -> redis.Redis:
     return redis.Redis.from_url(redis_url(), **kwargs)
 
 
+def fail_fast_client(
+    *, timeout: float = 0.5, max_connections: int = 50, pool_timeout: float = 5.0
+) -> redis.Redis:
+    """:func:`fail_fast_redis` on the course's Redis: the client to give a rate limiter or
+    a cache (no retries, ``timeout`` per reply, a bounded pool whose full-pool wait ends
+    after ``pool_timeout`` s in :class:`PoolExhaustedError`, never read as an outage)."""
+    return fail_fast_redis(
+        redis_url(), timeout=timeout, max_connections=max_connections, pool_timeout=pool_timeout
+    )
+
+
+def fail_fast_async_client(
+    *, timeout: float = 0.5, max_connections: int = 50, pool_timeout: float = 5.0
+) -> redis.asyncio.Redis:
+    """:func:`fail_fast_async_redis` on the course's Redis: the ``redis.asyncio`` client to
+    give the asyncio limiters (:mod:`course_lib.rate_limiting.aio`) and caches, with the
+    guarantees of :func:`fail_fast_client`."""
+    return fail_fast_async_redis(
+        redis_url(), timeout=timeout, max_connections=max_connections, pool_timeout=pool_timeout
+    )
+
+
 def database_url() -> str:
     """SQLAlchemy URL (``postgresql+psycopg://...``) of the course's PostgreSQL database."""
     return resolution("postgres").url
@@ -117,6 +150,9 @@ class ServiceStatus:
     error: str = ""
 
 
+_STATUS_TIMEOUT = 5.0
+
+
 def _rtt_ms(call: Callable[[], object], rounds: int = 7) -> float:
     call()
     samples = []
@@ -129,7 +165,9 @@ def _rtt_ms(call: Callable[[], object], rounds: int = 7) -> float:
 
 def _redis_status() -> ServiceStatus:
     chosen = resolution("redis")
-    client = redis.Redis.from_url(chosen.url, socket_timeout=5)
+    # Bounded: a server that accepts the connection and never answers costs 5 s, not
+    # redis-py's default retries with backoff (or no connect timeout at all).
+    client = fail_fast_redis(chosen.url, timeout=_STATUS_TIMEOUT)
     try:
         version = str(client.info("server")["redis_version"])
         latency = _rtt_ms(client.ping)
@@ -142,7 +180,7 @@ def _redis_status() -> ServiceStatus:
 
 def _postgres_status() -> ServiceStatus:
     chosen = resolution("postgres")
-    with connect(chosen.url, connect_timeout=5) as conn:
+    with connect(chosen.url, connect_timeout=int(_STATUS_TIMEOUT)) as conn:
         version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         latency = _rtt_ms(lambda: conn.execute("SELECT 1").fetchone())
     return ServiceStatus(
@@ -154,6 +192,7 @@ def status() -> list[ServiceStatus]:
     """Per service: the source chosen and why, server version, median round trip in ms.
 
     Never raises for an unreachable service: it is reported with ``ok=False`` and the error.
+    A Redis that accepts connections but never answers is reported after 5 s.
     """
     report = []
     for service, probe in (("redis", _redis_status), ("postgres", _postgres_status)):

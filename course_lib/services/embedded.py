@@ -28,6 +28,7 @@ import glob
 import importlib.util
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import subprocess
@@ -329,12 +330,17 @@ class EmbeddedPostgres:
     def _binaries(self) -> Path:
         return self.bin_dir or find_postgres_bin_dir()
 
-    def _command(self, what: str, *args: str, timeout: float = 60.0) -> str:
+    @staticmethod
+    def _as_server(**kwargs: object) -> dict[str, object]:
+        """``subprocess`` arguments that run a command in ``/`` as :func:`server_user`."""
         user = server_user()
-        kwargs: dict[str, object] = {"cwd": "/"}
         if user is not None:
             kwargs |= {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        return _run([str(self._binaries() / args[0]), *args[1:]], what, timeout, **kwargs)
+        return {"cwd": "/", **kwargs}
+
+    def _command(self, what: str, *args: str, timeout: float = 60.0) -> str:
+        binary = str(self._binaries() / args[0])
+        return _run([binary, *args[1:]], what, timeout, **self._as_server())
 
     def _pid(self) -> int | None:
         pid = _read_pid(self.data / "postmaster.pid")
@@ -371,23 +377,47 @@ class EmbeddedPostgres:
                 # would take its lock files as a live server's and refuse to start.
                 for stale in (self.data / "postmaster.pid", self.root / ".s.PGSQL.5432.lock"):
                     stale.unlink(missing_ok=True)
-                options = f"-h '' -k '{self.root}' -c unix_socket_permissions=0700 -c fsync=off"
-                try:
-                    self._command(
-                        "starting embedded PostgreSQL",
-                        "pg_ctl", "start", "-w", "-t", str(int(timeout)), "-D", str(self.data),
-                        "-l", str(self.log), "-o", options,
-                        timeout=timeout + 5,
-                    )  # fmt: skip
-                except ServiceError as exc:
-                    tail = self.log.read_text(errors="replace")[-1500:] if self.log.exists() else ""
-                    raise ServiceError(f"{exc}; log {self.log}: {tail}") from None
+                self._pg_ctl_start(timeout)
             try:
                 ensure_database(self.url("postgres"), "course")
             except psycopg.Error as exc:
                 message = f"embedded PostgreSQL in {self.root} is not usable: {exc}"
                 raise ServiceError(message) from None
         return self.url()
+
+    def _pg_ctl_start(self, timeout: float) -> None:
+        # pg_ctl runs the postmaster through /bin/sh -c, pasting -D and -l inside double
+        # quotes (where $(...) still runs) and -o as is. So no path of ours goes there
+        # unquoted: the data folder goes in PGDATA, the log is our own open file, and the
+        # socket folder is quoted with /bin/sh's rules (shlex.quote). The binaries' path is
+        # pasted in double quotes too: refuse the characters special there.
+        binaries = self._binaries()
+        if set(str(binaries)) & set('"$`\\'):
+            raise ServiceError(f'PostgreSQL binaries folder {binaries} holds one of " $ ` \\')
+        options = [
+            "-h", "", "-k", str(self.root), "-c", "unix_socket_permissions=0700", "-c", "fsync=off",
+        ]  # fmt: skip
+        command = [
+            str(binaries / "pg_ctl"), "start", "-w", "-t", str(int(timeout)),
+            "-o", shlex.join(options),
+        ]  # fmt: skip
+        kwargs = self._as_server(env={**os.environ, "PGDATA": str(self.data)})
+        with open(self.log, "ab") as log:
+            if (user := server_user()) is not None:
+                os.fchown(log.fileno(), user.pw_uid, user.pw_gid)
+            try:
+                done = subprocess.run(
+                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    timeout=timeout + 5, check=False, **kwargs,
+                )  # type: ignore[call-overload]  # fmt: skip
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise ServiceError(f"starting embedded PostgreSQL failed: {exc}") from None
+        if done.returncode != 0:
+            tail = self.log.read_text(errors="replace")[-1500:]
+            raise ServiceError(
+                f"starting embedded PostgreSQL failed (exit {done.returncode}); "
+                f"log {self.log}: {tail}"
+            )
 
     def stop(self, timeout: float = 60.0) -> bool:
         """Stop the cluster (fast shutdown); return whether it was running."""

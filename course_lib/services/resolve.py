@@ -55,17 +55,31 @@ class Resolution:
     reason: str
 
 
-_SECRETS = (
-    re.compile(r"(?P<keep>://[^/@:\s]*:)[^@\s]*(?=@)"),  # scheme://user:PASSWORD@host
-    re.compile(r"(?P<keep>[?&\s]password=)[^&\s]*", re.IGNORECASE),  # ?password=... / DSN
+# scheme://user:PASSWORD@host, up to the token's last "@" as urllib (and so redis-py) reads
+# it: a password may itself hold an "@".
+_URL_PASSWORD = re.compile(r"(?P<keep>://[^/@:\s]*:)(?P<secret>\S*)(?=@)")
+# password=... (libpq DSN keyword, also sslpassword; URL query parameter): a bare value, or
+# a single-quoted one with spaces and backslash escapes as libpq allows, even unterminated.
+_KEYWORD_PASSWORD = re.compile(
+    r"(?P<keep>(?<![\w.-])(?:ssl)?password\s*=\s*)(?:'(?:[^'\\]|\\.?)*'?|[^&\s]*)",
+    re.IGNORECASE,
 )
 
 
 def mask(text: str) -> str:
-    """``text`` (a URL, a libpq DSN or an error message quoting one) with passwords as ``***``."""
-    for pattern in _SECRETS:
-        text = pattern.sub(lambda m: m.group("keep") + "***", text)
-    return text
+    """``text`` (a URL, a libpq DSN or an error message quoting one) with passwords as ``***``.
+
+    Masked: ``user:PASSWORD@`` in a URL, up to its last ``@`` (a password may hold ``@``;
+    the part after one is masked too where a parser that split at the first ``@`` quotes it
+    as a host, ``'TAIL@127.0.0.1'``), and the value of ``password=`` / ``sslpassword=`` in a
+    DSN or a URL query, quoted values with spaces included.
+    """
+    for match in _URL_PASSWORD.finditer(text):
+        tails = match.group("secret").split("@")[1:]
+        for i in range(len(tails)):
+            text = re.sub(re.escape("@".join(tails[i:])) + "(?=@)", "***", text)
+    text = _URL_PASSWORD.sub(lambda m: m.group("keep") + "***", text)
+    return _KEYWORD_PASSWORD.sub(lambda m: m.group("keep") + "***", text)
 
 
 def mode() -> str:
@@ -101,9 +115,12 @@ def resolve_redis() -> Resolution:
     if explicit:
         error = _redis_error(explicit, timeout=3.0)
         if error is not None:
+            # Masked whole: the URL tells which parts of the driver's error are secret.
             raise ServiceError(
-                f"REDIS_URL={mask(explicit)} is set but unreachable ({error}); start that "
-                "server, correct the URL, or unset REDIS_URL to let the course choose"
+                mask(
+                    f"REDIS_URL={explicit} is set but unreachable ({error}); start that "
+                    "server, correct the URL, or unset REDIS_URL to let the course choose"
+                )
             )
         return Resolution("redis", explicit, "environment", "REDIS_URL is set")
     if _redis_error(LOCAL_REDIS, timeout=_PROBE_TIMEOUT) is None:
@@ -157,9 +174,12 @@ def resolve_postgres() -> Resolution:
         parsed = sqlalchemy_url(explicit)
         error = _postgres_error(parsed, timeout=5.0)
         if error is not None:
+            # Masked whole: the URL tells which parts of the driver's error are secret.
             raise ServiceError(
-                f"DATABASE_URL={mask(explicit)} is set but unreachable ({error}); start that "
-                "server, correct the URL, or unset DATABASE_URL to let the course choose"
+                mask(
+                    f"DATABASE_URL={explicit} is set but unreachable ({error}); start that "
+                    "server, correct the URL, or unset DATABASE_URL to let the course choose"
+                )
             )
         return Resolution(
             "postgres",
