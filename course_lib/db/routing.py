@@ -38,9 +38,12 @@ A :class:`Router` holds a primary engine and one or more replica engines;
 Replay lag, per replica, as the router measures it (:meth:`Router.replica_status`): in bytes,
 the WAL the replica has received, or the primary was seen to write (the router's own commits
 and :meth:`Router.primary_lsn`), that it has not replayed; in seconds, 0 when nothing is
-pending, else the time since the replica last replayed a commit
-(``now() - pg_last_xact_replay_timestamp()``, what GitLab measures too), an upper bound on
-how late the oldest pending commit is. An unknown lag counts as over the limit.
+pending, else how long ago the router saw the oldest primary position the replica has not
+replayed (exact for the router's own commits, to the time their position was read), and
+when the pending WAL is none the router saw (another process wrote it), the time since the
+replica last replayed a commit (``now() - pg_last_xact_replay_timestamp()``, what GitLab
+measures), an upper bound. An unknown lag counts as over the limit. The router remembers the
+positions of its last 4096 commits that some replica has not replayed.
 
 A commit that wrote reads the primary's WAL position on the connection the session already
 holds (right after its ``COMMIT``), so pinning never needs a second connection: a session
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -221,7 +225,8 @@ class Router:
         self._replicas = [_Replica(engine) for engine in replicas]
         self._lock = threading.Lock()
         self._next = 0  # round robin: the first replica the next read tries
-        self._primary_seen = 0  # the highest primary LSN this router has seen
+        # (LSN, when seen) of the primary positions some replica has not replayed, in order
+        self._seen: deque[tuple[int, float]] = deque(maxlen=4096)
         self.routed = {"primary": 0, "replica": 0}
         self.routed_replicas = [0] * len(replicas)
 
@@ -245,7 +250,8 @@ class Router:
         """Record a primary WAL position (a commit's): the byte lag is measured against the
         highest one seen."""
         with self._lock:
-            self._primary_seen = max(self._primary_seen, lsn)
+            if not self._seen or lsn > self._seen[-1][0]:
+                self._seen.append((lsn, time.monotonic()))
 
     def primary_lsn(self) -> int:
         """The primary's current WAL write position (a connection from the primary's pool)."""
@@ -273,6 +279,8 @@ class Router:
             replica.probed_at = time.monotonic()
             replica.probe_done = None
             everywhere = self._replayed_everywhere()
+            while everywhere is not None and self._seen and self._seen[0][0] <= everywhere:
+                self._seen.popleft()  # replayed everywhere: no lag left to measure from it
         if everywhere is not None:
             self.pins.expire(everywhere)
         done.set()
@@ -315,10 +323,13 @@ class Router:
         replica = self._replicas[index]
         lag_bytes = lag_seconds = None
         if replica.up and replica.replayed is not None:
-            written = max(self._primary_seen, replica.received or 0)
-            lag_bytes = max(0, written - replica.replayed)
+            seen = self._seen[-1][0] if self._seen else 0
+            lag_bytes = max(0, max(seen, replica.received or 0) - replica.replayed)
+            oldest = next((at for lsn, at in self._seen if lsn > replica.replayed), None)
             if lag_bytes == 0:
                 lag_seconds = 0.0
+            elif oldest is not None:
+                lag_seconds = now - oldest
             elif replica.since_replay is not None:
                 lag_seconds = max(0.0, replica.since_replay) + (now - replica.probed_at)
         usable = replica.up and not (
