@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from course_lib import db
+from course_lib.db.lesson.several_replicas import two_replicas_demo
 from course_lib.db.replicas import ReplicaSet
 
 DELAY = 1.5
@@ -239,3 +240,25 @@ def test_bad_arguments_are_refused(rs: ReplicaSet) -> None:
         ReplicaSet.start(replicas=2, apply_delay="1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="index"):
         rs.stop_replica(index=2)
+
+
+def test_the_lesson_demo_shows_each_rule_on_its_own_replica_set() -> None:
+    reads = two_replicas_demo(apply_delay=1.0, max_lag=0.5, every_s=0.05)
+    phase = {name: rows for name, rows in reads.groupby("phase", sort=False)}
+    assert list(phase["caught up"].went_to) == ["replica0", "replica1"] * 3
+    wrote = phase["alice wrote"]
+    alice, bob = wrote[wrote.client == "alice"], wrote[wrote.client == "bob"]
+    assert list(alice.went_to) == ["replica0"] * 4 and set(alice.saw) == {"Alice v2"}
+    assert "primary" not in set(bob.went_to) and "replica1" in set(bob.went_to)
+    assert set(bob[bob.went_to == "replica1"].saw) - {"Alice v2"}  # stale for bob only
+    assert (wrote.lag_bytes_replica1 > 0).all()
+    capped = phase["max_lag"]
+    over = capped[capped.lag_ms_replica1 > 500]
+    assert len(over) >= 1 and "primary" not in set(capped.went_to)
+    # over max_lag before the read: left out, unless it replayed the write in between
+    assert ((over.went_to == "replica0") | (over.saw == "Carol v2")).all()
+    # replica1 has replayed it: both take turns again, and both return the write
+    assert sorted(capped.went_to[-2:]) == ["replica0", "replica1"]
+    assert set(capped.saw[-2:]) == {"Carol v2"}
+    assert list(phase["no replica has it"].went_to) == ["primary", "replica1"]
+    assert set(phase["no replica has it"].saw) == {"Alice v3"}
