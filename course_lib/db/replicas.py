@@ -299,8 +299,7 @@ class ReplicaSet:
         self._engines.clear()
         try:
             for replica in self.replicas:
-                with contextlib.suppress(ServiceError, OSError):  # the others still stop
-                    replica.stop()
+                replica.stop()  # a server that does not stop in time is killed
         finally:
             try:
                 self.primary.stop()

@@ -293,9 +293,10 @@ class Router:
 
     def _refresh(self, max_age: float) -> None:
         """Make every replica's state at most ``max_age`` seconds old: start the probes that
-        are due (one at a time per replica) and wait for them together, until the earliest
-        deadline among them at the latest, so never more than ``probe_timeout`` in all; a
-        replica whose probe is still out then is down until a probe answers."""
+        are due (one at a time per replica) and wait for them together, each until its own
+        deadline, at most ``probe_timeout`` after its probe started, so never more than
+        ``probe_timeout`` in all; a replica whose probe is still out then is down until a
+        probe answers."""
         waits = []
         with self._lock:
             now = time.monotonic()

@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 from course_lib.db.models import User
 from course_lib.db.populate import populate
 from course_lib.db.replicas import ReplicaSet
-from course_lib.db.routing import Router
+from course_lib.db.routing import Router, parse_lsn
 from course_lib.validation import positive_number
 
 __all__ = ["two_replicas_demo"]
@@ -52,7 +52,7 @@ def _write(router: Router, client: Hashable, name: str) -> int:
         session.commit()
         if session.write_lsn is None:
             raise RuntimeError("the write's position could not be read: nothing is pinned")
-        return router.primary_lsn()
+        return parse_lsn(session.write_lsn)
 
 
 def _until(predicate: Any, what: str, timeout: float = 30.0) -> None:
