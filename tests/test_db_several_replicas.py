@@ -7,9 +7,13 @@ applies each commit ``DELAY`` seconds late (``recovery_min_apply_delay``).
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -19,6 +23,7 @@ from sqlalchemy import func, select, update
 from course_lib import db
 from course_lib.db.lesson.several_replicas import two_replicas_demo
 from course_lib.db.replicas import ReplicaSet
+from course_lib.services.embedded import find_postgres_bin_dir
 
 DELAY = 1.5
 
@@ -202,6 +207,41 @@ def test_a_hung_replica_is_skipped_within_the_probe_timeout(
     assert outcome["seconds"] < 1 + 5
     assert _wait_for(lambda: router.replica_available(1))
     assert sorted(_read(router)[0] for _ in range(2)) == ["replica0", "replica1"]
+
+
+ORPHAN_SCRIPT = """
+import json, time
+from course_lib.db.replicas import ReplicaSet
+from course_lib.services.embedded import find_postgres_bin_dir
+rs = ReplicaSet.start(replicas=2)
+print(json.dumps({"pids": rs.pids(), "root": str(rs.root)}), flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_reaper_stops_every_replica_of_a_program_killed_outright() -> None:
+    program = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True
+    )
+    seen: dict[str, Any] = {}
+    try:
+        seen = json.loads(program.stdout.readline())  # type: ignore[union-attr]
+        assert len(seen["pids"]) >= 6 and all(_running(pid) for pid in seen["pids"])
+        program.kill()  # no atexit, no context manager
+        program.wait(10)
+        assert _wait_for(lambda: not any(_running(pid) for pid in seen["pids"]), timeout=60)
+        assert _wait_for(lambda: not Path(seen["root"]).exists(), timeout=10)
+    finally:
+        program.kill()
+        if seen and Path(seen["root"]).exists():  # the test failed: stop what it left
+            ReplicaSet(Path(seen["root"]), find_postgres_bin_dir()).stop()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_bad_arguments_are_refused(rs: ReplicaSet) -> None:
