@@ -72,8 +72,9 @@ def two_replicas_demo(
 
     1. ``caught up``: 6 unpinned reads take turns over the two replicas;
     2. ``alice wrote``: alice renames the user; once replica0 has replayed it (replica1 has
-       not), alice and bob read 4 times each: alice only from replica0 (never the primary),
-       and sees her write; bob, not pinned, takes turns and sees the old name on replica1;
+       not), alice and bob read 4 times each, in turn: alice only from replica0 (never the
+       primary), and sees her write; bob, not pinned, gets the next replica of the round
+       robin, replica1 here (alice's read took replica0), and sees the old name;
     3. ``max_lag``: a router with ``max_lag`` seconds; after a write, an unpinned client reads
        every ``every_s`` s until replica1 has replayed it: replica1 is left out while its lag
        is over ``max_lag`` and used again once it catches up;
