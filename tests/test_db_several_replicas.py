@@ -280,10 +280,19 @@ def test_bad_arguments_are_refused(rs: ReplicaSet) -> None:
         ReplicaSet.start(replicas=2, apply_delay="1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="index"):
         rs.stop_replica(index=2)
+    with pytest.raises(ValueError, match="max_lag"):
+        two_replicas_demo(rs, max_lag=DELAY)
+    with pytest.raises(TypeError, match="rs"):
+        two_replicas_demo("rs")  # type: ignore[arg-type]
 
 
-def test_the_lesson_demo_shows_each_rule_on_its_own_replica_set() -> None:
-    reads = two_replicas_demo(apply_delay=1.0, max_lag=0.5, every_s=0.05)
+@pytest.mark.parametrize("own_set", [False, True], ids=["module set", "own set"])
+def test_the_lesson_demo_shows_each_rule(rs: ReplicaSet, own_set: bool) -> None:
+    if own_set:
+        reads = two_replicas_demo(apply_delay=1.0, max_lag=0.5, every_s=0.05)
+    else:
+        reads = two_replicas_demo(rs, max_lag=0.5, every_s=0.05)
+        assert _wait_for(lambda: rs.streaming_replicas() == 2)  # replica0 started again
     phase = {name: rows for name, rows in reads.groupby("phase", sort=False)}
     assert list(phase["caught up"].went_to) == ["replica0", "replica1"] * 3
     wrote = phase["alice wrote"]
