@@ -350,7 +350,7 @@ def test_a_hung_replica_is_skipped_within_the_probe_timeout(rs: ReplicaSet) -> N
                 with router.session() as session:
                     outcome.setdefault("names", []).append(session.scalar(query))
             outcome["seconds"] = time.monotonic() - start
-            probe = f"replica-probe-{id(router):x}"  # the router's probe threads
+            probe = f"replica-probe-{id(router):x}-0"  # the probe threads of replica 0
             outcome["probes"] = [t.name for t in threading.enumerate()].count(probe)
             with pytest.raises(ServiceError, match="did not answer"):
                 rs.lag_bytes()

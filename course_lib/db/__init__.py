@@ -4,9 +4,10 @@
 - :func:`populate`: deterministic ``COPY``-based seeding; :func:`add_post_user_index`.
 - :class:`QueryCounter`: the shared statement counter (:mod:`course_lib.measure`).
 - :func:`keyset_page`, :func:`offset_page`, :func:`iter_keyset`: pagination without OFFSET.
-- :class:`Router`, :class:`RoutingSession`, :class:`Pins`: writes to the primary, reads to a
-  replica, read-your-writes pinned by client until the replica has replayed the write's LSN.
-- :class:`ReplicaSet`: a real primary + streaming replica (``pg_basebackup -R``) for one
+- :class:`Router`, :class:`RoutingSession`, :class:`Pins`, :class:`ReplicaStatus`: writes to
+  the primary, reads spread over the replicas within ``max_lag``, read-your-writes from any
+  replica that has replayed the client's last write (the primary when none has).
+- :class:`ReplicaSet`: a real primary + N streaming replicas (``pg_basebackup -R``) for one
   ``with`` block.
 - :mod:`.lesson`: what stages notebook 04 (the module's code as written, measurements);
   not meant to be copied into a service.
@@ -18,7 +19,7 @@ from .models import Base, Post, User
 from .pagination import iter_keyset, keyset_page, offset_page
 from .populate import POST_USER_INDEX, Populated, add_post_user_index, populate
 from .replicas import ReplicaSet
-from .routing import Pins, Router, RoutingSession, format_lsn, parse_lsn
+from .routing import Pins, ReplicaStatus, Router, RoutingSession, format_lsn, parse_lsn
 
 __all__ = [
     "POST_USER_INDEX",
@@ -28,6 +29,7 @@ __all__ = [
     "Post",
     "QueryCounter",
     "ReplicaSet",
+    "ReplicaStatus",
     "Router",
     "RoutingSession",
     "User",

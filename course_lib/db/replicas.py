@@ -1,13 +1,16 @@
-"""A real PostgreSQL primary with a streaming replica, owned by the course for one block.
+"""A real PostgreSQL primary with streaming replicas, owned by the course for one block.
 
 ``with ReplicaSet.start() as rs:`` runs ``initdb`` for a primary, takes a base backup of it
 with ``pg_basebackup -R`` (which also writes ``standby.signal`` and ``primary_conninfo``)
 into a second data directory, starts that as a hot standby streaming from the primary, and
-waits until the primary reports the replica as ``streaming``.
+waits until the primary reports the replica as ``streaming``. ``replicas=N`` does that N
+times: N replicas of the one primary, each with its own data directory and socket, replica
+``i`` named ``replica{i}`` (its ``cluster_name``, which ``current_setting('cluster_name')``
+returns, and the primary's is ``primary``).
 
 Guarantees:
 
-- Both servers listen on Unix sockets only (mode 0700), each in its own folder (mode 0700)
+- Every server listens on Unix sockets only (mode 0700), each in its own folder (mode 0700)
   under a private temporary directory (``/tmp/pc-rs-*``, mode 0700; started by root it
   belongs to the server user and others may pass through it, never list or write it);
   nothing is reachable from the network.
@@ -15,20 +18,22 @@ Guarantees:
   as :func:`course_lib.services.embedded.find_postgres_bin_dir` finds them. Started by root,
   the servers run as the unprivileged ``postgres`` (or ``perfcourse``) user, as the embedded
   server does.
-- Leaving the block stops both servers, also when the block raises; a server that does not
+- Leaving the block stops every server, also when the block raises; a server that does not
   stop in time is killed with its children; the directory is removed. A ReplicaSet that the
   program forgets to stop is stopped at interpreter exit. The servers are daemons, so a
   program killed outright (SIGKILL, a kernel restart) could not stop them: a small reaper
   process started with them waits for that program to die and then stops them and removes
   the directory (:func:`course_lib.orphans.watch_parent`).
-- ``apply_delay`` (seconds) sets ``recovery_min_apply_delay`` on the replica: it receives the
-  WAL at once but applies each commit that much later, the way to stage replication lag.
+- ``apply_delay`` (seconds; one number for every replica or one per replica, 0 or ``None``
+  for none) sets ``recovery_min_apply_delay`` on the replica: it receives the WAL at once
+  but applies each commit that much later, the way to stage replication lag.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import numbers
 import os
 import shlex
 import shutil
@@ -38,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -53,7 +58,7 @@ from course_lib.services.embedded import (
     server_user,
 )
 from course_lib.services.errors import ServiceError
-from course_lib.validation import optional_positive_number, positive_number
+from course_lib.validation import non_negative_number, positive_int, positive_number
 
 from .routing import Router, RoutingSession
 
@@ -61,8 +66,9 @@ __all__ = ["ReplicaSet"]
 
 _SERVER_OPTIONS = (
     "-c fsync=off -c full_page_writes=off -c shared_buffers=32MB -c max_connections=60"
-    " -c unix_socket_permissions=0700 -c wal_level=replica -c max_wal_senders=4"
+    " -c unix_socket_permissions=0700 -c wal_level=replica"
 )
+_MAX_REPLICAS = 8  # each costs a server process tree and a base backup
 
 
 def _url(socket_dir: Path) -> str:
@@ -96,13 +102,13 @@ def _run_tool(bin_dir: Path, what: str, *args: str, timeout: float = 60.0) -> st
 class _Server:
     """One cluster: its data directory, socket folder and log, driven by ``pg_ctl``."""
 
-    def __init__(self, root: Path, bin_dir: Path, name: str, extra: str = "") -> None:
+    def __init__(self, root: Path, bin_dir: Path, name: str, sockets: str, extra: str) -> None:
         self.bin_dir = bin_dir
         self.name = name
         self.data = root / name
-        self.socket_dir = root / f"{name[0]}s"
+        self.socket_dir = root / sockets
         self.log = root / f"{name}.log"
-        self.extra = extra
+        self.extra = f"-c cluster_name={name} {extra}"
 
     def pid(self) -> int | None:
         try:
@@ -156,19 +162,56 @@ def _kill_tree(pid: int) -> None:
 
 
 class ReplicaSet:
-    """A running primary and streaming replica; build it with :meth:`start`."""
+    """A running primary and its streaming replicas; build it with :meth:`start`.
 
-    def __init__(self, root: Path, bin_dir: Path, apply_delay: float | None) -> None:
+    ``replicas`` holds the replica servers (``replica`` is the first); ``apply_delays`` the
+    delay of each (``None``: none). Built directly, ``ReplicaSet(root, bin_dir)`` only stops
+    the servers a set left in ``root`` (the reaper's and a test's clean-up): with
+    ``replicas=None`` it finds them from the data directories there.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        bin_dir: Path,
+        apply_delay: float | Sequence[float | None] | None = None,
+        *,
+        replicas: int | None = None,
+    ) -> None:
+        if replicas is None:  # clean-up of a set left in root: as many as it created
+            replicas = max(1, sum(path.is_dir() for path in root.glob("replica[0-9]*")))
+        delays = _apply_delays(apply_delay, replicas)
         self.root = root
         self.bin_dir = bin_dir
-        self.apply_delay = apply_delay
-        delay = f"-c recovery_min_apply_delay={int(apply_delay * 1000)}ms" if apply_delay else ""
-        self.primary = _Server(root, bin_dir, "primary")
-        self.replica = _Server(root, bin_dir, "replica", delay)
-        self._engines: dict[str, Engine] = {}
+        self.apply_delays = delays
+        senders = f"-c max_wal_senders={replicas + 3}"  # a standby needs >= its primary's
+        self.primary = _Server(root, bin_dir, "primary", "ps", senders)
+        self.replicas = [
+            _Server(
+                root,
+                bin_dir,
+                f"replica{index}",
+                f"r{index}s",
+                f"{senders} -c recovery_min_apply_delay={int(delay * 1000)}ms"
+                if delay
+                else senders,
+            )
+            for index, delay in enumerate(delays)
+        ]
+        self._engines: dict[tuple[str, int], Engine] = {}
         self._router: Router | None = None
         self._stopped = False
         self._reaper: subprocess.Popen[bytes] | None = None
+
+    @property
+    def replica(self) -> _Server:
+        """The first replica server."""
+        return self.replicas[0]
+
+    @property
+    def apply_delay(self) -> float | None:
+        """The first replica's apply delay (seconds, ``None``: none)."""
+        return self.apply_delays[0]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -176,18 +219,24 @@ class ReplicaSet:
     def start(
         cls,
         *,
-        apply_delay: float | None = None,
+        replicas: int = 1,
+        apply_delay: float | Sequence[float | None] | None = None,
         bin_dir: str | Path | None = None,
         timeout: float = 60.0,
     ) -> ReplicaSet:
-        """Create, start and connect a primary and its streaming replica (see the module)."""
-        apply_delay = optional_positive_number("apply_delay", apply_delay)
+        """Create, start and connect a primary and ``replicas`` streaming replicas (1 to 8),
+        ``apply_delay`` one number for all or one per replica (see the module); returns once
+        the primary streams to all of them (``ServiceError`` after ``timeout`` seconds)."""
+        positive_int("replicas", replicas)
+        if replicas > _MAX_REPLICAS:
+            raise ValueError(f"replicas must be <= {_MAX_REPLICAS}, got {replicas}")
+        _apply_delays(apply_delay, replicas)
         positive_number("timeout", timeout)
         binaries = Path(bin_dir) if bin_dir is not None else find_postgres_bin_dir()
         if not (binaries / "pg_basebackup").is_file():
             raise ServiceError(f"no pg_basebackup in {binaries}: a replica cannot be created")
         root = Path(tempfile.mkdtemp(prefix="pc-rs-", dir="/tmp"))
-        rs = cls(root, binaries, apply_delay)
+        rs = cls(root, binaries, apply_delay, replicas=replicas)
         atexit.register(rs.stop)
         rs._reaper = subprocess.Popen(
             [sys.executable, "-c", _REAPER, str(root), str(binaries), str(os.getpid())],
@@ -205,12 +254,13 @@ class ReplicaSet:
 
     def _create(self, timeout: float) -> None:
         user = server_user()
-        for server in (self.primary, self.replica):
+        servers = (self.primary, *self.replicas)
+        for server in servers:
             server.socket_dir.mkdir(mode=0o700)
         if user is not None:
             make_traversable(self.root)
             make_traversable(self.bin_dir)
-            for path in (self.root, self.primary.socket_dir, self.replica.socket_dir):
+            for path in (self.root, *(server.socket_dir for server in servers)):
                 os.chown(path, user.pw_uid, user.pw_gid)
         _run_tool(
             self.bin_dir,
@@ -219,22 +269,25 @@ class ReplicaSet:
             "--encoding=UTF8", "--locale=C", "--no-sync",
         )  # fmt: skip
         self.primary.start(timeout)
-        _run_tool(
-            self.bin_dir,
-            "pg_basebackup of the replica",
-            "pg_basebackup", "-D", str(self.replica.data), "-R", "-X", "stream",
-            "-c", "fast", "--no-sync", "-h", str(self.primary.socket_dir), "-U", "postgres",
-            timeout=timeout,
-        )  # fmt: skip
-        self.replica.start(timeout)
         deadline = time.monotonic() + timeout
-        while self.streaming_replicas() < 1:
+        for replica in self.replicas:
+            _run_tool(
+                self.bin_dir,
+                f"pg_basebackup of {replica.name}",
+                "pg_basebackup", "-D", str(replica.data), "-R", "-X", "stream",
+                "-c", "fast", "--no-sync", "-h", str(self.primary.socket_dir), "-U", "postgres",
+                timeout=timeout,
+            )  # fmt: skip
+            replica.start(timeout)
+        while self.streaming_replicas() < len(self.replicas):
             if time.monotonic() > deadline:
-                raise ServiceError(f"the replica did not start streaming within {timeout:.0f} s")
+                raise ServiceError(
+                    f"the replicas did not all start streaming within {timeout:.0f} s"
+                )
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """Stop both servers (replica first) and remove their directory; idempotent."""
+        """Stop every server (replicas first) and remove their directory; idempotent."""
         if self._stopped:
             return
         self._stopped = True
@@ -245,7 +298,8 @@ class ReplicaSet:
             engine.dispose()
         self._engines.clear()
         try:
-            self.replica.stop()
+            for replica in self.replicas:
+                replica.stop()  # a server that does not stop in time is killed
         finally:
             try:
                 self.primary.stop()
@@ -266,13 +320,13 @@ class ReplicaSet:
     ) -> None:
         self.stop()
 
-    def stop_replica(self) -> None:
-        """Stop the replica only (reads then fall back to the primary)."""
-        self.replica.stop()
+    def stop_replica(self, *, index: int = 0) -> None:
+        """Stop replica ``index`` only (its reads then go to the others, or the primary)."""
+        self.replicas[self._index(index)].stop()
 
-    def start_replica(self, timeout: float = 60.0) -> None:
-        """Start the replica again after :meth:`stop_replica`."""
-        self.replica.start(timeout)
+    def start_replica(self, timeout: float = 60.0, *, index: int = 0) -> None:
+        """Start replica ``index`` again after :meth:`stop_replica`."""
+        self.replicas[self._index(index)].start(positive_number("timeout", timeout))
 
     def restart_primary(self, timeout: float = 60.0) -> None:
         """Stop and start the primary: every connection open to it is broken."""
@@ -281,13 +335,20 @@ class ReplicaSet:
     def pids(self) -> list[int]:
         """Process ids of every server process running now (postmasters and children)."""
         found: list[int] = []
-        for server in (self.primary, self.replica):
+        for server in (self.primary, *self.replicas):
             pid = server.pid()
             if pid is None:
                 continue
             with contextlib.suppress(psutil.Error):
                 found += [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
         return found
+
+    def _index(self, index: int) -> int:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"index must be an integer, got {type(index).__name__}")
+        if not 0 <= index < len(self.replicas):
+            raise ValueError(f"index must be in [0, {len(self.replicas)}), got {index}")
+        return index
 
     # -- connections -------------------------------------------------------------------------
 
@@ -297,25 +358,36 @@ class ReplicaSet:
 
     @property
     def replica_url(self) -> str:
+        """The first replica's URL (:meth:`replica_urls` has them all)."""
         return _url(self.replica.socket_dir)
 
-    def engine(self, which: str) -> Engine:
-        """The set's own pooled engine on ``"primary"`` or ``"replica"`` (``pool_pre_ping``)."""
+    def replica_urls(self) -> list[str]:
+        return [_url(replica.socket_dir) for replica in self.replicas]
+
+    def engine(self, which: str, index: int = 0) -> Engine:
+        """The set's own pooled engine (``pool_pre_ping``) on ``"primary"`` or on replica
+        ``index`` (``"replica"``)."""
         if which not in ("primary", "replica"):
             raise ValueError(f"which must be 'primary' or 'replica', got {which!r}")
-        if which not in self._engines:
-            url = self.primary_url if which == "primary" else self.replica_url
-            self._engines[which] = create_engine(
-                url, pool_pre_ping=True, connect_args={"connect_timeout": 5}
+        key = (which, 0 if which == "primary" else self._index(index))
+        if key not in self._engines:
+            server = self.primary if which == "primary" else self.replicas[key[1]]
+            self._engines[key] = create_engine(
+                _url(server.socket_dir), pool_pre_ping=True, connect_args={"connect_timeout": 5}
             )
-        return self._engines[which]
+        return self._engines[key]
+
+    def replica_engines(self) -> list[Engine]:
+        """The set's engine on each replica, in order."""
+        return [self.engine("replica", index) for index in range(len(self.replicas))]
 
     @property
     def router(self) -> Router:
-        """The router behind :meth:`session`: probes the replica at most every 0.2 s."""
+        """The router behind :meth:`session`, over every replica: probes each at most every
+        0.2 s."""
         if self._router is None:
             self._router = Router(
-                self.engine("primary"), self.engine("replica"), probe_interval=0.2
+                self.engine("primary"), *self.replica_engines(), probe_interval=0.2
             )
         return self._router
 
@@ -331,26 +403,53 @@ class ReplicaSet:
             query = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
             return int(conn.execute(text(query)).scalar_one())
 
-    def lag_bytes(self) -> int:
-        """WAL bytes written on the primary and not yet replayed on the replica
-        (``ServiceError`` if the replica does not answer within the router's probe_timeout)."""
+    def lag_bytes(self, index: int = 0) -> int:
+        """WAL bytes written on the primary and not yet replayed on replica ``index``
+        (``ServiceError`` if it does not answer within the router's probe_timeout)."""
+        index = self._index(index)
         written = self.router.primary_lsn()
-        replayed = self.router.replayed_lsn()
+        replayed = self.router.replayed_lsn(index)
         if replayed is None:
-            raise ServiceError("the replica did not answer its probe: no replay position")
+            raise ServiceError(f"replica{index} did not answer its probe: no replay position")
         return max(0, written - replayed)
 
-    def wait_for_replay(self, timeout: float = 30.0) -> float:
-        """Block until the replica has replayed everything the primary has written so far;
-        return the seconds waited (``TimeoutError`` after ``timeout``)."""
+    def wait_for_replay(self, timeout: float = 30.0, *, index: int | None = None) -> float:
+        """Block until replica ``index`` (default: every replica) has replayed everything the
+        primary has written so far; return the seconds waited (``TimeoutError`` after
+        ``timeout``)."""
         positive_number("timeout", timeout)
+        indexes = range(len(self.replicas)) if index is None else [self._index(index)]
         target = self.router.primary_lsn()
         start = time.monotonic()
-        while (replayed := self.router.replayed_lsn()) is None or replayed < target:
-            if time.monotonic() - start > timeout:
-                raise TimeoutError(f"the replica did not replay the primary's WAL in {timeout} s")
-            time.sleep(0.01)
+        for one in indexes:
+            while (replayed := self.router.replayed_lsn(one)) is None or replayed < target:
+                if time.monotonic() - start > timeout:
+                    raise TimeoutError(
+                        f"replica{one} did not replay the primary's WAL in {timeout} s"
+                    )
+                time.sleep(0.01)
         return time.monotonic() - start
+
+
+def _apply_delays(
+    apply_delay: float | Sequence[float | None] | None, replicas: int
+) -> list[float | None]:
+    """One apply delay per replica (``None`` for none), checked: ``apply_delay`` is ``None``,
+    a number >= 0 for all, or a sequence of one such per replica."""
+    if apply_delay is None or isinstance(apply_delay, numbers.Real):
+        apply_delay = [apply_delay] * replicas
+    elif not isinstance(apply_delay, Sequence) or isinstance(apply_delay, str):
+        kind = type(apply_delay).__name__
+        raise TypeError(f"apply_delay must be a number or a sequence of numbers, got {kind}")
+    elif len(apply_delay) != replicas:
+        raise ValueError(
+            f"apply_delay must give one delay per replica ({replicas}), got {len(apply_delay)}"
+        )
+    delays = []
+    for delay in apply_delay:
+        seconds = None if delay is None else non_negative_number("apply_delay", delay)
+        delays.append(seconds or None)
+    return delays
 
 
 _REAPER = "from course_lib.db.replicas import _reap_when_orphaned; _reap_when_orphaned()"
@@ -364,5 +463,5 @@ def _reap_when_orphaned() -> None:
     watch_parent(orphaned.set, parent=parent)
     while root.exists():  # the program's own stop removes it
         if orphaned.wait(0.5):
-            ReplicaSet(root, bin_dir, None).stop()
+            ReplicaSet(root, bin_dir).stop()
             return
