@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from course_lib.exercises.caching import (
+    SlowKey,
     check_cache_aside,
     check_safe_release,
     check_single_flight,
@@ -106,6 +107,48 @@ def hangs_on_error(key, fn):
     return flight["value"]
 
 
+_unlocked: dict = {}
+
+
+def check_then_insert(key, fn):
+    """The same flight table with no lock: right whenever no thread switch falls between the
+    lookup and the insert, which on CPython with the GIL is most runs."""
+    flight = _unlocked.get(key)
+    leader = flight is None
+    if leader:
+        flight = _unlocked[key] = {"done": threading.Event()}
+    if not leader:
+        flight["done"].wait()
+        if "error" in flight:
+            raise flight["error"]
+        return flight["value"]
+    try:
+        flight["value"] = fn()
+        return flight["value"]
+    except Exception as exc:
+        flight["error"] = exc
+        raise
+    finally:
+        _unlocked.pop(key, None)
+        flight["done"].set()
+
+
+def membership_then_insert(key, fn):
+    """``if key not in flights`` then insert, no lock: the check-then-insert written another way."""
+    if key not in _unlocked:
+        _unlocked[key] = {"done": threading.Event()}
+        flight, leader = _unlocked[key], True
+    else:
+        flight, leader = _unlocked[key], False
+    if not leader:
+        flight["done"].wait()
+        return flight["value"]
+    flight["value"] = fn()
+    _unlocked.pop(key, None)
+    flight["done"].set()
+    return flight["value"]
+
+
 _memo: dict = {}
 
 
@@ -131,6 +174,8 @@ def not_attempted(*args):
         (check_safe_release, good_release, get_then_del, "one atomic step"),
         (check_single_flight, good_get_once, hangs_on_error, "still waiting after 5 s"),
         (check_single_flight, good_get_once, memoises_forever, "without running fn again"),
+        (check_single_flight, good_get_once, check_then_insert, "under a lock"),
+        (check_single_flight, good_get_once, membership_then_insert, "under a lock"),
     ],
 )
 @pytest.mark.timeout(60)
@@ -146,3 +191,17 @@ def test_checker_passes_reference_and_fails_planted_bug(checker, good, bad, why,
 def test_checker_reports_not_attempted(checker):
     result = checker(not_attempted)
     assert not result and "not attempted yet" in result.message
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bad", [check_then_insert, membership_then_insert])
+def test_single_flight_refuses_a_lock_free_answer_every_time(bad):
+    """Not by luck: the keys yield while hashed, so each of several runs catches the race."""
+    results = [check_single_flight(bad) for _ in range(5)]
+    assert [bool(r) for r in results] == [False] * 5, [r.message for r in results]
+    assert all("under a lock" in r.message for r in results)
+
+
+def test_slow_key_is_a_proper_key():
+    a, b = SlowKey("k", pause=0), SlowKey("k", pause=0)
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1 and a != SlowKey("j", pause=0)

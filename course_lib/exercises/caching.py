@@ -7,7 +7,9 @@
   ``DEL`` is staged on purpose, so a two-step release fails.
 - :func:`check_single_flight`: ``get_once(key, fn)`` — concurrent calls for one key share one
   ``fn()`` call, its result or its exception, and the next call after a flight finished (a
-  success or a failure) runs ``fn`` again: single flight is not a cache.
+  success or a failure) runs ``fn`` again: single flight is not a cache. The keys it passes
+  hash slowly (:class:`SlowKey`), so a check-then-insert with no lock around it fails every
+  time, not only when the interpreter happens to switch threads in between.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from course_lib.measure import run_threads
 
 from .result import CheckResult, failed, not_attempted, passed
 
-__all__ = ["check_cache_aside", "check_safe_release", "check_single_flight"]
+__all__ = ["SlowKey", "check_cache_aside", "check_safe_release", "check_single_flight"]
 
 
 def _namespace(exercise: str) -> str:
@@ -170,13 +172,41 @@ def check_safe_release(release: Callable[[Any, str, str], bool]) -> CheckResult:
     )
 
 
-def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> CheckResult:
+class SlowKey:
+    """A dictionary key whose hashing gives the other threads the CPU for ``pause`` seconds.
+
+    CPython switches threads only between bytecodes, when the running thread blocks or its
+    5 ms switch interval ends, so the gap between a dictionary lookup (``key in flights``)
+    and the insert that follows it (``flights[key] = ...``) is rarely hit by luck: an unlocked
+    check-then-insert passes most runs. Every lookup and insert hashes the key, so a key that
+    sleeps while being hashed opens that gap every time, the way any I/O between a check and
+    the write that depends on it would. Equal keys have equal hashes, as a key must.
+    """
+
+    def __init__(self, name: str, pause: float = 0.002) -> None:
+        self.name = name
+        self.pause = pause
+
+    def __hash__(self) -> int:
+        time.sleep(self.pause)
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SlowKey) and other.name == self.name
+
+    def __repr__(self) -> str:
+        return f"SlowKey({self.name!r})"
+
+
+def check_single_flight(get_once: Callable[[Any, Callable[[], Any]], Any]) -> CheckResult:
     """50 threads call ``get_once(key, fn)`` together: 1 call of ``fn``, all get its result;
     with a failing ``fn``: 1 call, all 50 raise within 5 s (``fn`` takes 0.2 s). Once a
     flight has finished, the next call for its key calls ``fn`` again, after a success as
-    after a failure."""
+    after a failure. The keys are :class:`SlowKey`: an unlocked check-then-insert lets
+    several threads lead, every run."""
     name = "check_single_flight"
-    key = f"ex01:flight:{uuid.uuid4().hex[:8]}"
+    run = uuid.uuid4().hex[:8]
+    key, bad_key = SlowKey(f"ex01:flight:{run}"), SlowKey(f"ex01:flight:{run}:bad")
     calls = {"ok": 0, "bad": 0}
     lock = threading.Lock()
 
@@ -193,12 +223,12 @@ def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> Ch
         raise ConnectionError("database unavailable")
 
     try:
-        get_once(key + ":probe", lambda: "probe")
+        get_once(SlowKey(f"ex01:flight:{run}:probe"), lambda: "probe")
     except NotImplementedError:
         return not_attempted(name, "write get_once")
     try:
         good = run_threads(lambda: get_once(key, slow), 50, timeout=5)
-        bad = run_threads(lambda: get_once(key + ":bad", broken), 50, timeout=5)
+        bad = run_threads(lambda: get_once(bad_key, broken), 50, timeout=5)
     except TimeoutError:
         return failed(
             name, "some callers were still waiting after 5 s (a waiter that never wakes?)"
@@ -207,7 +237,13 @@ def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> Ch
         return failed(
             name,
             f"50 concurrent calls: fn ran {calls['ok']} times, "
-            f"{good.values.count('value')} callers got its value; expected 1 and 50",
+            f"{good.values.count('value')} callers got its value; expected 1 and 50"
+            + (
+                " (several callers found no flight and each started one: the check and the "
+                "insert must be one step, under a lock)"
+                if calls["ok"] > 1
+                else ""
+            ),
         )
     raised = sum("ConnectionError" in e for e in bad.errors)
     if calls["bad"] != 1 or raised != 50:
@@ -217,7 +253,7 @@ def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> Ch
             "expected 1 and 50",
         )
     with contextlib.suppress(ConnectionError):
-        get_once(key + ":bad", broken)
+        get_once(bad_key, broken)
     if calls["bad"] != 2:
         return failed(name, "the call after a failure did not run fn again (the key stayed stuck)")
     again = get_once(key, slow)
@@ -230,6 +266,6 @@ def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> Ch
         )
     return passed(
         name,
-        "50 callers -> 1 call; failure shared by 50/50 callers in bounded time; "
-        "the next call runs fn again, after a failure and after a success",
+        "50 callers -> 1 call (keys that yield while hashed); failure shared by 50/50 callers "
+        "in bounded time; the next call runs fn again, after a failure and after a success",
     )

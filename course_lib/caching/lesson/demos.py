@@ -41,16 +41,26 @@ __all__ = [
     "replay",
     "seed_hang_demo",
     "stampede",
+    "stampede_failures",
     "write_behind_crash",
     "write_latencies",
 ]
 
 
-def replay(cache: CacheAside, keys: Iterable[Any]) -> pd.DataFrame:
-    """Call ``cache.get`` for each key in order; one row per call: t, key, hit, latency (s)."""
+def replay(cache: CacheAside, keys: Iterable[Any], *, interval: float = 0.0) -> pd.DataFrame:
+    """Call ``cache.get`` for each key in order; one row per call: t, key, hit, latency (s).
+
+    With ``interval`` > 0 the calls follow a schedule, call ``i`` at ``i * interval`` s (a
+    late call starts at once), so how long the replay lasts, and with it how often a TTL
+    expires during it, does not depend on how fast the machine answers.
+    """
+    if interval < 0:
+        raise ValueError(f"interval must be >= 0, got {interval!r}")
     rows = []
     origin = time.perf_counter()
-    for key in keys:
+    for index, key in enumerate(keys):
+        if interval:
+            time.sleep(max(0.0, origin + index * interval - time.perf_counter()))
         before = cache.stats["hits"]
         start = time.perf_counter()
         cache.get(key)
@@ -60,9 +70,16 @@ def replay(cache: CacheAside, keys: Iterable[Any]) -> pd.DataFrame:
 
 
 def hit_ratio_series(frame: pd.DataFrame, bucket: float = 0.1) -> tuple[list[float], list[float]]:
-    """Hit ratio per ``bucket`` seconds of a :func:`replay` frame: ``(times, ratios)``."""
+    """Hit ratio per ``bucket`` seconds of a :func:`replay` frame: ``(times, ratios)``.
+
+    The last bucket is left out when the replay ended early in it (fewer than half the
+    median calls per bucket): a ratio of a handful of calls would spike on noise.
+    """
     slot = (frame["t"] // bucket) * bucket
-    ratio = frame.groupby(slot)["hit"].mean()
+    grouped = frame.groupby(slot)["hit"]
+    ratio, counts = grouped.mean(), grouped.size()
+    if len(counts) > 2 and counts.iloc[-1] < counts.median() / 2:
+        ratio = ratio.iloc[:-1]
     return [float(t) for t in ratio.index], [float(v) for v in ratio.values]
 
 
@@ -254,6 +271,76 @@ def seed_hang_demo(namespace: str, *, waiters: int = 10, timeout: float = 0.5) -
         as_written.locks.clear()
         client.close()
         engine.dispose()
+
+
+def stampede_failures(
+    strategy: str, callers: int, *, namespace: str, timeout: float = 0.3
+) -> dict[str, int]:
+    """What ``callers`` concurrent asyncio misses of one key get back, beyond the load count.
+
+    ``strategy`` is ``"seed"`` (the seed's ``get_with_lock``) or ``"course_lib"``
+    (:class:`AsyncCacheAside`, ``stampede="lock"``). Two runs: a loader that returns the
+    string ``"value"``, counting callers whose answer is not a ``str`` (``other_type``); and
+    a loader that raises after 50 ms, counting callers still waiting after ``timeout`` s
+    (``hung``; each call runs under ``asyncio.wait_for``, or the seed's would never end)
+    and callers that got the exception (``raised``).
+    """
+    if strategy not in ("seed", "course_lib"):
+        raise ValueError(f"strategy must be seed or course_lib, got {strategy!r}")
+    if callers < 1:
+        raise ValueError(f"callers must be >= 1, got {callers!r}")
+    key = f"{namespace}:failures:{strategy}:{callers}"
+
+    async def answer(key: str) -> str:
+        await asyncio.sleep(0.05)
+        return "value"
+
+    async def fail(key: str) -> str:
+        await asyncio.sleep(0.05)
+        raise ConnectionError("database unavailable")
+
+    async def outcome(call: Any) -> str:
+        try:
+            value = await asyncio.wait_for(call, timeout)
+        except TimeoutError:
+            return "hung"
+        except Exception:
+            return "raised"
+        return "str" if isinstance(value, str) else "other_type"
+
+    async def scenario(get: Callable[[str], Any], name: str) -> list[str]:
+        return list(await asyncio.gather(*(outcome(get(f"{key}:{name}")) for _ in range(callers))))
+
+    results: dict[str, list[str]] = {}
+    if strategy == "seed":
+        client, engine = services.redis_client(), services.engine()
+        try:
+            for name, loader in (("answers", answer), ("failing", fail)):
+                as_written.locks.clear()
+                with as_written.bound(client, engine, fetch=loader):
+                    results[name] = run_async(scenario(as_written.get_with_lock, name))
+        finally:
+            as_written.locks.clear()
+            client.delete(f"{key}:answers", f"{key}:failing")
+            client.close()
+            engine.dispose()
+    else:
+
+        async def course_lib(loader: Callable[[str], Any], name: str) -> list[str]:
+            client = aredis.Redis.from_url(services.redis_url())
+            try:
+                cache = AsyncCacheAside(client, loader, ttl=60, namespace=namespace)
+                return await scenario(cache.get, name)
+            finally:
+                await client.aclose()
+
+        for name, loader in (("answers", answer), ("failing", fail)):
+            results[name] = run_async(course_lib(loader, name))
+    return {
+        "other_type": results["answers"].count("other_type"),
+        "hung": results["failing"].count("hung"),
+        "raised": results["failing"].count("raised"),
+    }
 
 
 def hot_key_run(
