@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
 import pytest
+import redis
 
 from course_lib.exercises.caching import (
     SlowKey,
@@ -21,11 +23,15 @@ return 0
 
 
 def good_get_user(r, key, load):
-    raw = r.get(key)
+    try:
+        raw = r.get(key)
+    except redis.RedisError:
+        return load(key)
     if raw is not None:
         return json.loads(raw)
     value = load(key)
-    r.set(key, json.dumps(value), ex=60)
+    with contextlib.suppress(redis.RedisError):
+        r.set(key, json.dumps(value), ex=60 if value is not None else 5)
     return value
 
 
@@ -40,11 +46,37 @@ def no_negative_caching(r, key, load):
 
 
 def wrong_ttl(r, key, load):
+    try:
+        raw = r.get(key)
+    except redis.RedisError:
+        return load(key)
+    if raw is not None:
+        return json.loads(raw)
+    value = load(key)
+    r.set(key, json.dumps(value), ex=3600 if value is not None else 5)
+    return value
+
+
+def one_ttl_for_both(r, key, load):
+    """The seed's get_user with the loader swapped in: a missing user is cached as long as a row."""
+    try:
+        cached = r.get(key)
+    except redis.RedisError:
+        return load(key)
+    if cached:
+        return json.loads(cached)
+    value = load(key)
+    r.setex(key, 60, json.dumps(value))
+    return value
+
+
+def fails_closed(r, key, load):
+    """Right while Redis answers; raises when it does not."""
     raw = r.get(key)
     if raw is not None:
         return json.loads(raw)
     value = load(key)
-    r.set(key, json.dumps(value), ex=3600)
+    r.set(key, json.dumps(value), ex=60 if value is not None else 5)
     return value
 
 
@@ -142,11 +174,18 @@ def membership_then_insert(key, fn):
         flight, leader = _unlocked[key], False
     if not leader:
         flight["done"].wait()
+        if "error" in flight:
+            raise flight["error"]
         return flight["value"]
-    flight["value"] = fn()
-    _unlocked.pop(key, None)
-    flight["done"].set()
-    return flight["value"]
+    try:
+        flight["value"] = fn()
+        return flight["value"]
+    except Exception as exc:
+        flight["error"] = exc
+        raise
+    finally:
+        _unlocked.pop(key, None)
+        flight["done"].set()
 
 
 _memo: dict = {}
@@ -170,6 +209,8 @@ def not_attempted(*args):
     [
         (check_cache_aside, good_get_user, no_negative_caching, "missing user called load 5"),
         (check_cache_aside, good_get_user, wrong_ttl, "expected 60 s"),
+        (check_cache_aside, good_get_user, one_ttl_for_both, "missing user (None) was cached"),
+        (check_cache_aside, good_get_user, fails_closed, "must cost latency, not availability"),
         (check_safe_release, good_release, plain_delete, "released a lock held by another"),
         (check_safe_release, good_release, get_then_del, "one atomic step"),
         (check_single_flight, good_get_once, hangs_on_error, "still waiting after 5 s"),

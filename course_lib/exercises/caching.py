@@ -1,7 +1,9 @@
 """Exercises of the caching notebook (01), checked against the real Redis.
 
 - :func:`check_cache_aside`: ``get_user(r, key, load)`` — cache-aside with JSON and negative
-  caching: one load per key, however many calls, also when the row does not exist; a 60 s TTL.
+  caching: one load per key, however many calls, also when the row does not exist; a 60 s TTL
+  for a row, 5 s for ``None`` (a user created meanwhile shows up soon); and fail-open: with
+  Redis unreachable it answers from ``load`` instead of raising.
 - :func:`check_safe_release`: ``release(r, lock_key, token) -> bool`` — delete the lock only if
   it still holds ``token``, atomically: another client taking the lock between a ``GET`` and a
   ``DEL`` is staged on purpose, so a two-step release fails.
@@ -42,13 +44,22 @@ def _cleanup(r: Any, namespace: str) -> None:
         r.delete(*keys)
 
 
+class _RedisDown(redis.Redis):
+    """A client whose every command fails as if the server were unreachable."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
 def check_cache_aside(get_user: Callable[[Any, str, Callable[[str], Any]], Any]) -> CheckResult:
     """``get_user(r, key, load)`` must return ``load(key)``'s value, calling ``load`` once per
-    key for 5 calls, cache ``None`` too, and store JSON with a 60 s TTL."""
+    key for 5 calls; store JSON, a found row for 60 s and a missing one (``None``) for 5 s;
+    and answer from ``load`` when Redis is unreachable (fail open) instead of raising."""
     name = "check_cache_aside"
     r = services.redis_client()
     ns = _namespace("cache_aside")
     rows = {f"{ns}:user:1": {"id": 1, "name": "Ana"}, f"{ns}:user:2": None}
+    ttls_expected = {f"{ns}:user:1": 60_000, f"{ns}:user:2": 5_000}
     loads: dict[str, int] = dict.fromkeys(rows, 0)
 
     def load(key: str) -> Any:
@@ -65,12 +76,19 @@ def check_cache_aside(get_user: Callable[[Any, str, Callable[[str], Any]], Any])
                     )
         raw = {key: r.get(key) for key in rows}
         ttls = {key: r.pttl(key) for key in rows}
+        loads_before_outage = dict(loads)
+        down = _RedisDown(connection_pool=r.connection_pool)
+        outage_error: redis.RedisError | None = None
+        try:
+            during = [get_user(down, key, load) for key in rows]
+        except redis.RedisError as exc:  # reported after the checks of the normal case
+            outage_error, during = exc, []
     except NotImplementedError:
         return not_attempted(name, "write get_user")
     finally:
         _cleanup(r, ns)
         r.close()
-    existing, missing = loads.values()
+    existing, missing = (loads_before_outage[key] for key in rows)
     if existing != 1:
         return failed(
             name, f"5 calls for an existing user called load {existing} times, expected 1"
@@ -89,12 +107,28 @@ def check_cache_aside(get_user: Callable[[Any, str, Callable[[str], Any]], Any])
         except ValueError:
             return failed(name, f"Redis holds {value!r} under {key!r}: not JSON")
     for key, pttl in ttls.items():
-        if not 50_000 < pttl <= 60_000:
+        want = ttls_expected[key]
+        lowest = want - 10_000 if want > 10_000 else 1  # the calls above took some time
+        if not lowest <= pttl <= want:
             shown = "no TTL" if pttl < 0 else f"a TTL of {pttl / 1000:.1f} s"
-            return failed(name, f"{key!r} was cached with {shown}, expected 60 s")
+            what = "a found user" if rows[key] is not None else "a missing user (None)"
+            return failed(name, f"{what} was cached with {shown}, expected {want // 1000} s")
+    if outage_error is not None:
+        return failed(
+            name,
+            f"with Redis unreachable get_user raised {type(outage_error).__name__}: a cache "
+            "outage must cost latency, not availability (catch redis.RedisError, call load)",
+        )
+    if during != list(rows.values()) or sum(loads.values()) != 2 + len(rows):
+        return failed(
+            name,
+            f"with Redis unreachable get_user returned {during!r}, "
+            f"expected {list(rows.values())!r} from load",
+        )
     return passed(
         name,
-        "5 calls per key: 1 load for an existing user, 1 for a missing one; JSON, 60 s TTL",
+        "5 calls per key: 1 load for an existing user, 1 for a missing one; JSON; 60 s for a "
+        "row, 5 s for None; answers from load while Redis is unreachable",
     )
 
 
@@ -226,13 +260,11 @@ def check_single_flight(get_once: Callable[[Any, Callable[[], Any]], Any]) -> Ch
         get_once(SlowKey(f"ex01:flight:{run}:probe"), lambda: "probe")
     except NotImplementedError:
         return not_attempted(name, "write get_once")
+    stuck = "some callers were still waiting after 5 s (a waiter that never wakes?)"
     try:
         good = run_threads(lambda: get_once(key, slow), 50, timeout=5)
-        bad = run_threads(lambda: get_once(bad_key, broken), 50, timeout=5)
     except TimeoutError:
-        return failed(
-            name, "some callers were still waiting after 5 s (a waiter that never wakes?)"
-        )
+        return failed(name, stuck)
     if calls["ok"] != 1 or good.values.count("value") != 50:
         return failed(
             name,
@@ -245,6 +277,10 @@ def check_single_flight(get_once: Callable[[Any, Callable[[], Any]], Any]) -> Ch
                 else ""
             ),
         )
+    try:
+        bad = run_threads(lambda: get_once(bad_key, broken), 50, timeout=5)
+    except TimeoutError:
+        return failed(name, stuck)
     raised = sum("ConnectionError" in e for e in bad.errors)
     if calls["bad"] != 1 or raised != 50:
         return failed(

@@ -13,7 +13,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,22 +274,23 @@ def seed_hang_demo(namespace: str, *, waiters: int = 10, timeout: float = 0.5) -
 
 
 def stampede_failures(
-    strategy: str, callers: int, *, namespace: str, timeout: float = 0.3
-) -> dict[str, int]:
-    """What ``callers`` concurrent asyncio misses of one key get back, beyond the load count.
+    strategy: str, levels: Sequence[int], *, namespace: str, timeout: float = 2.0
+) -> list[dict[str, int]]:
+    """What concurrent asyncio misses of one key get back, beyond the load count, for each
+    number of callers in ``levels`` (one key per level, all levels at once in one loop).
 
     ``strategy`` is ``"seed"`` (the seed's ``get_with_lock``) or ``"course_lib"``
     (:class:`AsyncCacheAside`, ``stampede="lock"``). Two runs: a loader that returns the
     string ``"value"``, counting callers whose answer is not a ``str`` (``other_type``); and
     a loader that raises after 50 ms, counting callers still waiting after ``timeout`` s
     (``hung``; each call runs under ``asyncio.wait_for``, or the seed's would never end)
-    and callers that got the exception (``raised``).
+    and callers that got the exception (``raised``). One dict per level, in order.
     """
     if strategy not in ("seed", "course_lib"):
         raise ValueError(f"strategy must be seed or course_lib, got {strategy!r}")
-    if callers < 1:
-        raise ValueError(f"callers must be >= 1, got {callers!r}")
-    key = f"{namespace}:failures:{strategy}:{callers}"
+    if not levels or any(n < 1 for n in levels):
+        raise ValueError(f"levels must be caller counts >= 1, got {levels!r}")
+    base = f"{namespace}:failures:{strategy}"
 
     async def answer(key: str) -> str:
         await asyncio.sleep(0.05)
@@ -308,39 +309,48 @@ def stampede_failures(
             return "raised"
         return "str" if isinstance(value, str) else "other_type"
 
-    async def scenario(get: Callable[[str], Any], name: str) -> list[str]:
-        return list(await asyncio.gather(*(outcome(get(f"{key}:{name}")) for _ in range(callers))))
+    async def scenario(get: Callable[[str], Any], name: str) -> list[list[str]]:
+        async def level(index: int, callers: int) -> list[str]:
+            key = f"{base}:{name}:{index}"
+            return list(await asyncio.gather(*(outcome(get(key)) for _ in range(callers))))
 
-    results: dict[str, list[str]] = {}
+        return list(await asyncio.gather(*(level(i, n) for i, n in enumerate(levels))))
+
+    results: dict[str, list[list[str]]] = {}
+    loaders = (("answers", answer), ("failing", fail))
     if strategy == "seed":
         client, engine = services.redis_client(), services.engine()
         try:
-            for name, loader in (("answers", answer), ("failing", fail)):
+            for name, loader in loaders:
                 as_written.locks.clear()
                 with as_written.bound(client, engine, fetch=loader):
                     results[name] = run_async(scenario(as_written.get_with_lock, name))
         finally:
             as_written.locks.clear()
-            client.delete(f"{key}:answers", f"{key}:failing")
+            client.delete(*(f"{base}:answers:{i}" for i in range(len(levels))))
             client.close()
             engine.dispose()
     else:
 
-        async def course_lib(loader: Callable[[str], Any], name: str) -> list[str]:
-            client = aredis.Redis.from_url(services.redis_url())
+        async def course_lib(loader: Callable[[str], Any], name: str) -> list[list[str]]:
+            # One connection per caller at most: the pool's default cap is 100.
+            client = aredis.Redis.from_url(services.redis_url(), max_connections=sum(levels))
             try:
                 cache = AsyncCacheAside(client, loader, ttl=60, namespace=namespace)
                 return await scenario(cache.get, name)
             finally:
                 await client.aclose()
 
-        for name, loader in (("answers", answer), ("failing", fail)):
+        for name, loader in loaders:
             results[name] = run_async(course_lib(loader, name))
-    return {
-        "other_type": results["answers"].count("other_type"),
-        "hung": results["failing"].count("hung"),
-        "raised": results["failing"].count("raised"),
-    }
+    return [
+        {
+            "other_type": answers.count("other_type"),
+            "hung": failing.count("hung"),
+            "raised": failing.count("raised"),
+        }
+        for answers, failing in zip(results["answers"], results["failing"], strict=True)
+    ]
 
 
 def hot_key_run(
