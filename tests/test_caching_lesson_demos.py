@@ -23,17 +23,17 @@ def test_replay_refuses_a_negative_interval(redis, ns):
         demos.replay(CacheAside(redis, lambda k: k, ttl=60, namespace=ns), [1], interval=-1)
 
 
-def test_hit_ratio_series_leaves_out_a_sparse_last_bucket():
-    # 10 calls in each of three 0.1 s buckets, then 1 call (a miss) in a fourth
-    times = [b * 0.1 + i * 0.009 for b in range(3) for i in range(10)] + [0.301]
-    frame = pd.DataFrame({"t": times, "hit": [i % 2 == 0 for i in range(30)] + [False]})
-    x, y = demos.hit_ratio_series(frame, bucket=0.1)
-    assert len(x) == 3 and y == [0.5, 0.5, 0.5]
-    # a last bucket as full as the others stays
-    full = pd.concat(
-        [frame, pd.DataFrame({"t": [0.31 + i * 0.009 for i in range(9)], "hit": True})]
-    )
-    assert len(demos.hit_ratio_series(full, bucket=0.1)[0]) == 4
+def test_hit_ratio_series_is_a_ratio_of_equal_runs_of_calls():
+    # 30 calls alternating hit/miss, then 2 misses: runs of 10 calls, the short last run left out
+    times = [i * 0.01 for i in range(32)]
+    frame = pd.DataFrame({"t": times, "hit": [i % 2 == 0 for i in range(30)] + [False, False]})
+    x, y = demos.hit_ratio_series(frame, calls=10)
+    assert y == [0.5, 0.5, 0.5]
+    assert x == pytest.approx([0.045, 0.145, 0.245])  # each run's median time
+    # a last run of at least half the size stays
+    assert len(demos.hit_ratio_series(frame.iloc[:25], calls=10)[0]) == 3
+    with pytest.raises(ValueError, match="calls"):
+        demos.hit_ratio_series(frame, calls=0)
 
 
 @pytest.mark.timeout(60)

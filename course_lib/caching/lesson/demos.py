@@ -69,18 +69,23 @@ def replay(cache: CacheAside, keys: Iterable[Any], *, interval: float = 0.0) -> 
     return pd.DataFrame(rows, columns=["t", "key", "hit", "latency"])
 
 
-def hit_ratio_series(frame: pd.DataFrame, bucket: float = 0.1) -> tuple[list[float], list[float]]:
-    """Hit ratio per ``bucket`` seconds of a :func:`replay` frame: ``(times, ratios)``.
+def hit_ratio_series(frame: pd.DataFrame, calls: int = 50) -> tuple[list[float], list[float]]:
+    """Hit ratio of each run of ``calls`` consecutive calls of a :func:`replay` frame, at the
+    median time of the run: ``(times, ratios)``.
 
-    The last bucket is left out when the replay ended early in it (fewer than half the
-    median calls per bucket): a ratio of a handful of calls would spike on noise.
+    Runs of a fixed number of calls, not fixed time buckets, so every point is a ratio of
+    the same number of calls however fast the machine replays (a 100 ms bucket holds 60
+    calls on idle cores and 5 on busy ones, and a ratio of 5 calls jumps between 0 and 1).
+    A last run shorter than half of ``calls`` is left out, for the same reason.
     """
-    slot = (frame["t"] // bucket) * bucket
-    grouped = frame.groupby(slot)["hit"]
-    ratio, counts = grouped.mean(), grouped.size()
-    if len(counts) > 2 and counts.iloc[-1] < counts.median() / 2:
-        ratio = ratio.iloc[:-1]
-    return [float(t) for t in ratio.index], [float(v) for v in ratio.values]
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls!r}")
+    run = pd.Series(range(len(frame)), index=frame.index) // calls
+    grouped = frame.groupby(run)
+    ratio, times, sizes = grouped["hit"].mean(), grouped["t"].median(), grouped.size()
+    if len(sizes) > 1 and sizes.iloc[-1] < calls / 2:
+        ratio, times = ratio.iloc[:-1], times.iloc[:-1]
+    return [float(t) for t in times], [float(v) for v in ratio]
 
 
 @dataclass(frozen=True)
