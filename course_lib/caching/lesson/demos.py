@@ -135,16 +135,34 @@ def stampede(
     client = services.redis_client()
     counter = f"{namespace}:{strategy}:loads"
     key = f"{namespace}:{strategy}:hot"
-    client.delete(counter, key)
+    ready_key = f"{namespace}:{strategy}:ready"
+    client.delete(counter, key, ready_key)
     per_process = callers // processes
+
+    def all_ready(own: Any) -> Callable[[], None]:
+        """Wait until every process has set up (clients, connections, event loop): processes
+        start a varying time apart, and one that starts late would find the value cached."""
+
+        def wait() -> None:
+            own.incr(ready_key)
+            deadline = time.monotonic() + 60
+            while int(own.get(ready_key) or 0) < processes:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not all {processes} processes got ready within 60 s")
+                time.sleep(0.001)
+
+        return wait
 
     def in_one_process() -> list[tuple[float, bool]]:
         with contextlib.closing(services.redis_client()) as own:
             loader = _counting_loader(own, counter, delay)
+            ready = all_ready(own)
             if strategy == "seed":
-                calls: Calls = _seed_stampede(own, loader, key, per_process)
+                calls: Calls = _seed_stampede(own, loader, key, per_process, ready)
             elif model == "asyncio":
-                return _async_stampede(strategy, loader, f"{namespace}:{strategy}", per_process)
+                return _async_stampede(
+                    strategy, loader, f"{namespace}:{strategy}", per_process, ready
+                )
             else:
                 cache = CacheAside(
                     own,
@@ -155,6 +173,7 @@ def stampede(
                 )
                 # A running service has its connection pool open: open one per thread first.
                 run_threads(lambda: cache.redis.ping(), per_process)
+                ready()
                 calls = run_threads(lambda: cache.get("hot"), per_process)
         return [(c.latency, c.ok) for c in calls]
 
@@ -165,7 +184,7 @@ def stampede(
             chunks = run_processes(in_one_process, processes).values
             samples = [s for chunk in chunks for s in chunk]
         loads = int(client.get(counter) or 0)
-        client.delete(counter)
+        client.delete(counter, ready_key)
     finally:
         client.close()
     latencies = [lat for lat, _ in samples]
@@ -179,10 +198,14 @@ def stampede(
 
 
 def _async_stampede(
-    strategy: str, loader: Callable[[Any], Any], namespace: str, tasks: int
+    strategy: str,
+    loader: Callable[[Any], Any],
+    namespace: str,
+    tasks: int,
+    ready: Callable[[], None],
 ) -> list[tuple[float, bool]]:
-    """``tasks`` asyncio tasks of one loop call ``AsyncCacheAside.get("hot")`` together;
-    ``(latency, ok)`` per call."""
+    """``tasks`` asyncio tasks of one loop call ``AsyncCacheAside.get("hot")`` together, once
+    ``ready()`` returns; ``(latency, ok)`` per call."""
 
     async def scenario() -> list[tuple[float, bool]]:
         client = aredis.Redis.from_url(services.redis_url())
@@ -209,6 +232,7 @@ def _async_stampede(
             await asyncio.gather(*(client.ping() for _ in range(tasks)))
             running = [asyncio.create_task(one()) for _ in range(tasks)]
             await asyncio.sleep(0)  # every task is waiting at the gate
+            await asyncio.to_thread(ready)  # and so is every other process
             gate.set()
             return list(await asyncio.gather(*running))
         finally:
@@ -217,8 +241,11 @@ def _async_stampede(
     return run_async(scenario(), timeout=120)
 
 
-def _seed_stampede(client: Any, loader: Callable[[Any], Any], key: str, tasks: int) -> Calls:
-    """``tasks`` asyncio tasks call the seed's ``get_with_lock(key)`` together."""
+def _seed_stampede(
+    client: Any, loader: Callable[[Any], Any], key: str, tasks: int, ready: Callable[[], None]
+) -> Calls:
+    """``tasks`` asyncio tasks call the seed's ``get_with_lock(key)`` together, once
+    ``ready()`` returns."""
 
     async def fetch(k: str) -> str:
         await asyncio.to_thread(loader, k)
@@ -228,6 +255,7 @@ def _seed_stampede(client: Any, loader: Callable[[Any], Any], key: str, tasks: i
     try:
         with as_written.bound(client, engine, fetch=fetch):
             as_written.locks.clear()
+            ready()
             return run_tasks(lambda: as_written.get_with_lock(key), tasks)
     finally:
         engine.dispose()
