@@ -1,13 +1,17 @@
 """Exercises of the caching notebook (01), checked against the real Redis.
 
 - :func:`check_cache_aside`: ``get_user(r, key, load)`` — cache-aside with JSON and negative
-  caching: one load per key, however many calls, also when the row does not exist; a 60 s TTL.
+  caching: one load per key, however many calls, also when the row does not exist; a 60 s TTL
+  for a row, 5 s for ``None`` (a user created meanwhile shows up soon); and fail-open: with
+  Redis unreachable it answers from ``load`` instead of raising.
 - :func:`check_safe_release`: ``release(r, lock_key, token) -> bool`` — delete the lock only if
   it still holds ``token``, atomically: another client taking the lock between a ``GET`` and a
   ``DEL`` is staged on purpose, so a two-step release fails.
 - :func:`check_single_flight`: ``get_once(key, fn)`` — concurrent calls for one key share one
   ``fn()`` call, its result or its exception, and the next call after a flight finished (a
-  success or a failure) runs ``fn`` again: single flight is not a cache.
+  success or a failure) runs ``fn`` again: single flight is not a cache. The keys it passes
+  hash slowly (:class:`SlowKey`), so a check-then-insert with no lock around it fails every
+  time, not only when the interpreter happens to switch threads in between.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from course_lib.measure import run_threads
 
 from .result import CheckResult, failed, not_attempted, passed
 
-__all__ = ["check_cache_aside", "check_safe_release", "check_single_flight"]
+__all__ = ["SlowKey", "check_cache_aside", "check_safe_release", "check_single_flight"]
 
 
 def _namespace(exercise: str) -> str:
@@ -40,13 +44,22 @@ def _cleanup(r: Any, namespace: str) -> None:
         r.delete(*keys)
 
 
+class _RedisDown(redis.Redis):
+    """A client whose every command fails as if the server were unreachable."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
 def check_cache_aside(get_user: Callable[[Any, str, Callable[[str], Any]], Any]) -> CheckResult:
     """``get_user(r, key, load)`` must return ``load(key)``'s value, calling ``load`` once per
-    key for 5 calls, cache ``None`` too, and store JSON with a 60 s TTL."""
+    key for 5 calls; store JSON, a found row for 60 s and a missing one (``None``) for 5 s;
+    and answer from ``load`` when Redis is unreachable (fail open) instead of raising."""
     name = "check_cache_aside"
     r = services.redis_client()
     ns = _namespace("cache_aside")
     rows = {f"{ns}:user:1": {"id": 1, "name": "Ana"}, f"{ns}:user:2": None}
+    ttls_expected = {f"{ns}:user:1": 60_000, f"{ns}:user:2": 5_000}
     loads: dict[str, int] = dict.fromkeys(rows, 0)
 
     def load(key: str) -> Any:
@@ -63,12 +76,19 @@ def check_cache_aside(get_user: Callable[[Any, str, Callable[[str], Any]], Any])
                     )
         raw = {key: r.get(key) for key in rows}
         ttls = {key: r.pttl(key) for key in rows}
+        loads_before_outage = dict(loads)
+        down = _RedisDown(connection_pool=r.connection_pool)
+        outage_error: redis.RedisError | None = None
+        try:
+            during = [get_user(down, key, load) for key in rows]
+        except redis.RedisError as exc:  # reported after the checks of the normal case
+            outage_error, during = exc, []
     except NotImplementedError:
         return not_attempted(name, "write get_user")
     finally:
         _cleanup(r, ns)
         r.close()
-    existing, missing = loads.values()
+    existing, missing = (loads_before_outage[key] for key in rows)
     if existing != 1:
         return failed(
             name, f"5 calls for an existing user called load {existing} times, expected 1"
@@ -87,12 +107,28 @@ def check_cache_aside(get_user: Callable[[Any, str, Callable[[str], Any]], Any])
         except ValueError:
             return failed(name, f"Redis holds {value!r} under {key!r}: not JSON")
     for key, pttl in ttls.items():
-        if not 50_000 < pttl <= 60_000:
+        want = ttls_expected[key]
+        lowest = want - 10_000 if want > 10_000 else 1  # the calls above took some time
+        if not lowest <= pttl <= want:
             shown = "no TTL" if pttl < 0 else f"a TTL of {pttl / 1000:.1f} s"
-            return failed(name, f"{key!r} was cached with {shown}, expected 60 s")
+            what = "a found user" if rows[key] is not None else "a missing user (None)"
+            return failed(name, f"{what} was cached with {shown}, expected {want // 1000} s")
+    if outage_error is not None:
+        return failed(
+            name,
+            f"with Redis unreachable get_user raised {type(outage_error).__name__}: a cache "
+            "outage must cost latency, not availability (catch redis.RedisError, call load)",
+        )
+    if during != list(rows.values()) or sum(loads.values()) != 2 + len(rows):
+        return failed(
+            name,
+            f"with Redis unreachable get_user returned {during!r}, "
+            f"expected {list(rows.values())!r} from load",
+        )
     return passed(
         name,
-        "5 calls per key: 1 load for an existing user, 1 for a missing one; JSON, 60 s TTL",
+        "5 calls per key: 1 load for an existing user, 1 for a missing one; JSON; 60 s for a "
+        "row, 5 s for None; answers from load while Redis is unreachable",
     )
 
 
@@ -170,13 +206,41 @@ def check_safe_release(release: Callable[[Any, str, str], bool]) -> CheckResult:
     )
 
 
-def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> CheckResult:
+class SlowKey:
+    """A dictionary key whose hashing gives the other threads the CPU for ``pause`` seconds.
+
+    CPython switches threads only between bytecodes, when the running thread blocks or its
+    5 ms switch interval ends, so the gap between a dictionary lookup (``key in flights``)
+    and the insert that follows it (``flights[key] = ...``) is rarely hit by luck: an unlocked
+    check-then-insert passes most runs. Every lookup and insert hashes the key, so a key that
+    sleeps while being hashed opens that gap every time, the way any I/O between a check and
+    the write that depends on it would. Equal keys have equal hashes, as a key must.
+    """
+
+    def __init__(self, name: str, pause: float = 0.002) -> None:
+        self.name = name
+        self.pause = pause
+
+    def __hash__(self) -> int:
+        time.sleep(self.pause)
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SlowKey) and other.name == self.name
+
+    def __repr__(self) -> str:
+        return f"SlowKey({self.name!r})"
+
+
+def check_single_flight(get_once: Callable[[Any, Callable[[], Any]], Any]) -> CheckResult:
     """50 threads call ``get_once(key, fn)`` together: 1 call of ``fn``, all get its result;
     with a failing ``fn``: 1 call, all 50 raise within 5 s (``fn`` takes 0.2 s). Once a
     flight has finished, the next call for its key calls ``fn`` again, after a success as
-    after a failure."""
+    after a failure. The keys are :class:`SlowKey`: an unlocked check-then-insert lets
+    several threads lead, every run."""
     name = "check_single_flight"
-    key = f"ex01:flight:{uuid.uuid4().hex[:8]}"
+    run = uuid.uuid4().hex[:8]
+    key, bad_key = SlowKey(f"ex01:flight:{run}"), SlowKey(f"ex01:flight:{run}:bad")
     calls = {"ok": 0, "bad": 0}
     lock = threading.Lock()
 
@@ -193,22 +257,30 @@ def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> Ch
         raise ConnectionError("database unavailable")
 
     try:
-        get_once(key + ":probe", lambda: "probe")
+        get_once(SlowKey(f"ex01:flight:{run}:probe"), lambda: "probe")
     except NotImplementedError:
         return not_attempted(name, "write get_once")
+    stuck = "some callers were still waiting after 5 s (a waiter that never wakes?)"
     try:
         good = run_threads(lambda: get_once(key, slow), 50, timeout=5)
-        bad = run_threads(lambda: get_once(key + ":bad", broken), 50, timeout=5)
     except TimeoutError:
-        return failed(
-            name, "some callers were still waiting after 5 s (a waiter that never wakes?)"
-        )
+        return failed(name, stuck)
     if calls["ok"] != 1 or good.values.count("value") != 50:
         return failed(
             name,
             f"50 concurrent calls: fn ran {calls['ok']} times, "
-            f"{good.values.count('value')} callers got its value; expected 1 and 50",
+            f"{good.values.count('value')} callers got its value; expected 1 and 50"
+            + (
+                " (several callers found no flight and each started one: the check and the "
+                "insert must be one step, under a lock)"
+                if calls["ok"] > 1
+                else ""
+            ),
         )
+    try:
+        bad = run_threads(lambda: get_once(bad_key, broken), 50, timeout=5)
+    except TimeoutError:
+        return failed(name, stuck)
     raised = sum("ConnectionError" in e for e in bad.errors)
     if calls["bad"] != 1 or raised != 50:
         return failed(
@@ -217,7 +289,7 @@ def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> Ch
             "expected 1 and 50",
         )
     with contextlib.suppress(ConnectionError):
-        get_once(key + ":bad", broken)
+        get_once(bad_key, broken)
     if calls["bad"] != 2:
         return failed(name, "the call after a failure did not run fn again (the key stayed stuck)")
     again = get_once(key, slow)
@@ -230,6 +302,6 @@ def check_single_flight(get_once: Callable[[str, Callable[[], Any]], Any]) -> Ch
         )
     return passed(
         name,
-        "50 callers -> 1 call; failure shared by 50/50 callers in bounded time; "
-        "the next call runs fn again, after a failure and after a success",
+        "50 callers -> 1 call (keys that yield while hashed); failure shared by 50/50 callers "
+        "in bounded time; the next call runs fn again, after a failure and after a success",
     )

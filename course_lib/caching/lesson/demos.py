@@ -13,7 +13,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,16 +41,26 @@ __all__ = [
     "replay",
     "seed_hang_demo",
     "stampede",
+    "stampede_failures",
     "write_behind_crash",
     "write_latencies",
 ]
 
 
-def replay(cache: CacheAside, keys: Iterable[Any]) -> pd.DataFrame:
-    """Call ``cache.get`` for each key in order; one row per call: t, key, hit, latency (s)."""
+def replay(cache: CacheAside, keys: Iterable[Any], *, interval: float = 0.0) -> pd.DataFrame:
+    """Call ``cache.get`` for each key in order; one row per call: t, key, hit, latency (s).
+
+    With ``interval`` > 0 the calls follow a schedule, call ``i`` at ``i * interval`` s (a
+    late call starts at once), so how long the replay lasts, and with it how often a TTL
+    expires during it, does not depend on how fast the machine answers.
+    """
+    if interval < 0:
+        raise ValueError(f"interval must be >= 0, got {interval!r}")
     rows = []
     origin = time.perf_counter()
-    for key in keys:
+    for index, key in enumerate(keys):
+        if interval:
+            time.sleep(max(0.0, origin + index * interval - time.perf_counter()))
         before = cache.stats["hits"]
         start = time.perf_counter()
         cache.get(key)
@@ -59,11 +69,23 @@ def replay(cache: CacheAside, keys: Iterable[Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["t", "key", "hit", "latency"])
 
 
-def hit_ratio_series(frame: pd.DataFrame, bucket: float = 0.1) -> tuple[list[float], list[float]]:
-    """Hit ratio per ``bucket`` seconds of a :func:`replay` frame: ``(times, ratios)``."""
-    slot = (frame["t"] // bucket) * bucket
-    ratio = frame.groupby(slot)["hit"].mean()
-    return [float(t) for t in ratio.index], [float(v) for v in ratio.values]
+def hit_ratio_series(frame: pd.DataFrame, calls: int = 50) -> tuple[list[float], list[float]]:
+    """Hit ratio of each run of ``calls`` consecutive calls of a :func:`replay` frame, at the
+    median time of the run: ``(times, ratios)``.
+
+    Runs of a fixed number of calls, not fixed time buckets, so every point is a ratio of
+    the same number of calls however fast the machine replays (a 100 ms bucket holds 60
+    calls on idle cores and 5 on busy ones, and a ratio of 5 calls jumps between 0 and 1).
+    A last run shorter than half of ``calls`` is left out, for the same reason.
+    """
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls!r}")
+    run = pd.Series(range(len(frame)), index=frame.index) // calls
+    grouped = frame.groupby(run)
+    ratio, times, sizes = grouped["hit"].mean(), grouped["t"].median(), grouped.size()
+    if len(sizes) > 1 and sizes.iloc[-1] < calls / 2:
+        ratio, times = ratio.iloc[:-1], times.iloc[:-1]
+    return [float(t) for t in times], [float(v) for v in ratio]
 
 
 @dataclass(frozen=True)
@@ -113,16 +135,34 @@ def stampede(
     client = services.redis_client()
     counter = f"{namespace}:{strategy}:loads"
     key = f"{namespace}:{strategy}:hot"
-    client.delete(counter, key)
+    ready_key = f"{namespace}:{strategy}:ready"
+    client.delete(counter, key, ready_key)
     per_process = callers // processes
+
+    def all_ready(own: Any) -> Callable[[], None]:
+        """Wait until every process has set up (clients, connections, event loop): processes
+        start a varying time apart, and one that starts late would find the value cached."""
+
+        def wait() -> None:
+            own.incr(ready_key)
+            deadline = time.monotonic() + 60
+            while int(own.get(ready_key) or 0) < processes:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not all {processes} processes got ready within 60 s")
+                time.sleep(0.001)
+
+        return wait
 
     def in_one_process() -> list[tuple[float, bool]]:
         with contextlib.closing(services.redis_client()) as own:
             loader = _counting_loader(own, counter, delay)
+            ready = all_ready(own)
             if strategy == "seed":
-                calls: Calls = _seed_stampede(own, loader, key, per_process)
+                calls: Calls = _seed_stampede(own, loader, key, per_process, ready)
             elif model == "asyncio":
-                return _async_stampede(strategy, loader, f"{namespace}:{strategy}", per_process)
+                return _async_stampede(
+                    strategy, loader, f"{namespace}:{strategy}", per_process, ready
+                )
             else:
                 cache = CacheAside(
                     own,
@@ -133,6 +173,7 @@ def stampede(
                 )
                 # A running service has its connection pool open: open one per thread first.
                 run_threads(lambda: cache.redis.ping(), per_process)
+                ready()
                 calls = run_threads(lambda: cache.get("hot"), per_process)
         return [(c.latency, c.ok) for c in calls]
 
@@ -143,7 +184,7 @@ def stampede(
             chunks = run_processes(in_one_process, processes).values
             samples = [s for chunk in chunks for s in chunk]
         loads = int(client.get(counter) or 0)
-        client.delete(counter)
+        client.delete(counter, ready_key)
     finally:
         client.close()
     latencies = [lat for lat, _ in samples]
@@ -157,10 +198,14 @@ def stampede(
 
 
 def _async_stampede(
-    strategy: str, loader: Callable[[Any], Any], namespace: str, tasks: int
+    strategy: str,
+    loader: Callable[[Any], Any],
+    namespace: str,
+    tasks: int,
+    ready: Callable[[], None],
 ) -> list[tuple[float, bool]]:
-    """``tasks`` asyncio tasks of one loop call ``AsyncCacheAside.get("hot")`` together;
-    ``(latency, ok)`` per call."""
+    """``tasks`` asyncio tasks of one loop call ``AsyncCacheAside.get("hot")`` together, once
+    ``ready()`` returns; ``(latency, ok)`` per call."""
 
     async def scenario() -> list[tuple[float, bool]]:
         client = aredis.Redis.from_url(services.redis_url())
@@ -187,6 +232,7 @@ def _async_stampede(
             await asyncio.gather(*(client.ping() for _ in range(tasks)))
             running = [asyncio.create_task(one()) for _ in range(tasks)]
             await asyncio.sleep(0)  # every task is waiting at the gate
+            await asyncio.to_thread(ready)  # and so is every other process
             gate.set()
             return list(await asyncio.gather(*running))
         finally:
@@ -195,8 +241,11 @@ def _async_stampede(
     return run_async(scenario(), timeout=120)
 
 
-def _seed_stampede(client: Any, loader: Callable[[Any], Any], key: str, tasks: int) -> Calls:
-    """``tasks`` asyncio tasks call the seed's ``get_with_lock(key)`` together."""
+def _seed_stampede(
+    client: Any, loader: Callable[[Any], Any], key: str, tasks: int, ready: Callable[[], None]
+) -> Calls:
+    """``tasks`` asyncio tasks call the seed's ``get_with_lock(key)`` together, once
+    ``ready()`` returns."""
 
     async def fetch(k: str) -> str:
         await asyncio.to_thread(loader, k)
@@ -206,6 +255,7 @@ def _seed_stampede(client: Any, loader: Callable[[Any], Any], key: str, tasks: i
     try:
         with as_written.bound(client, engine, fetch=fetch):
             as_written.locks.clear()
+            ready()
             return run_tasks(lambda: as_written.get_with_lock(key), tasks)
     finally:
         engine.dispose()
@@ -254,6 +304,86 @@ def seed_hang_demo(namespace: str, *, waiters: int = 10, timeout: float = 0.5) -
         as_written.locks.clear()
         client.close()
         engine.dispose()
+
+
+def stampede_failures(
+    strategy: str, levels: Sequence[int], *, namespace: str, timeout: float = 2.0
+) -> list[dict[str, int]]:
+    """What concurrent asyncio misses of one key get back, beyond the load count, for each
+    number of callers in ``levels`` (one key per level, all levels at once in one loop).
+
+    ``strategy`` is ``"seed"`` (the seed's ``get_with_lock``) or ``"course_lib"``
+    (:class:`AsyncCacheAside`, ``stampede="lock"``). Two runs: a loader that returns the
+    string ``"value"``, counting callers whose answer is not a ``str`` (``other_type``); and
+    a loader that raises after 50 ms, counting callers still waiting after ``timeout`` s
+    (``hung``; each call runs under ``asyncio.wait_for``, or the seed's would never end)
+    and callers that got the exception (``raised``). One dict per level, in order.
+    """
+    if strategy not in ("seed", "course_lib"):
+        raise ValueError(f"strategy must be seed or course_lib, got {strategy!r}")
+    if not levels or any(n < 1 for n in levels):
+        raise ValueError(f"levels must be caller counts >= 1, got {levels!r}")
+    base = f"{namespace}:failures:{strategy}"
+
+    async def answer(key: str) -> str:
+        await asyncio.sleep(0.05)
+        return "value"
+
+    async def fail(key: str) -> str:
+        await asyncio.sleep(0.05)
+        raise ConnectionError("database unavailable")
+
+    async def outcome(call: Any) -> str:
+        try:
+            value = await asyncio.wait_for(call, timeout)
+        except TimeoutError:
+            return "hung"
+        except Exception:
+            return "raised"
+        return "str" if isinstance(value, str) else "other_type"
+
+    async def scenario(get: Callable[[str], Any], name: str) -> list[list[str]]:
+        async def level(index: int, callers: int) -> list[str]:
+            key = f"{base}:{name}:{index}"
+            return list(await asyncio.gather(*(outcome(get(key)) for _ in range(callers))))
+
+        return list(await asyncio.gather(*(level(i, n) for i, n in enumerate(levels))))
+
+    results: dict[str, list[list[str]]] = {}
+    loaders = (("answers", answer), ("failing", fail))
+    if strategy == "seed":
+        client, engine = services.redis_client(), services.engine()
+        try:
+            for name, loader in loaders:
+                as_written.locks.clear()
+                with as_written.bound(client, engine, fetch=loader):
+                    results[name] = run_async(scenario(as_written.get_with_lock, name))
+        finally:
+            as_written.locks.clear()
+            client.delete(*(f"{base}:answers:{i}" for i in range(len(levels))))
+            client.close()
+            engine.dispose()
+    else:
+
+        async def course_lib(loader: Callable[[str], Any], name: str) -> list[list[str]]:
+            # One connection per caller at most: the pool's default cap is 100.
+            client = aredis.Redis.from_url(services.redis_url(), max_connections=sum(levels))
+            try:
+                cache = AsyncCacheAside(client, loader, ttl=60, namespace=namespace)
+                return await scenario(cache.get, name)
+            finally:
+                await client.aclose()
+
+        for name, loader in loaders:
+            results[name] = run_async(course_lib(loader, name))
+    return [
+        {
+            "other_type": answers.count("other_type"),
+            "hung": failing.count("hung"),
+            "raised": failing.count("raised"),
+        }
+        for answers, failing in zip(results["answers"], results["failing"], strict=True)
+    ]
 
 
 def hot_key_run(
