@@ -187,7 +187,7 @@ def test_loader_error_reaches_every_thread_and_next_call_retries(redis, ns):
     assert len(calls.errors) == 30
     assert all("database unavailable" in e for e in calls.errors)
     assert loader.calls == 1
-    assert redis.get(f"{ns}#lock:k") is None  # released
+    assert redis.get(f"{ns}#lock:{{k}}") is None  # released
     loader.fail = False
     assert cache.get("k") == {"key": "k"}
     assert loader.calls == 2
@@ -242,7 +242,7 @@ def test_async_loader_error_reaches_every_task(ns):
 @pytest.mark.timeout(30)
 def test_dead_lock_holder_bounded_wait(redis, ns):
     """A lock left by a crashed holder expires; waiters load within lock_ttl, not forever."""
-    redis.set(f"{ns}#lock:k", "dead-holder", px=500)
+    redis.set(f"{ns}#lock:{{k}}", "dead-holder", px=500)
     loader = Counting()
     cache = CacheAside(redis, loader, ttl=60, namespace=ns, lock_ttl=0.5, wait_timeout=5)
     start = time.monotonic()
@@ -253,7 +253,7 @@ def test_dead_lock_holder_bounded_wait(redis, ns):
 
 @pytest.mark.timeout(30)
 def test_wait_timeout_loads_without_the_lock(redis, ns):
-    redis.set(f"{ns}#lock:k", "slow-holder", px=20_000)
+    redis.set(f"{ns}#lock:{{k}}", "slow-holder", px=20_000)
     loader = Counting()
     cache = CacheAside(redis, loader, ttl=60, namespace=ns, wait_timeout=0.3)
     assert cache.get("k") == {"key": "k"}
