@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.cluster import RedisCluster
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -215,12 +215,21 @@ class WriteBehind:
         if not self.replicas:
             return self._write(keys=keys, args=args)
         client = self.redis
-        if isinstance(client, RedisCluster):  # WAIT counts this connection's writes: same node
+        cluster = isinstance(client, RedisCluster)
+        if cluster:
+            # WAIT counts the writes of its own connection, and redis-py's cluster client
+            # sends WAIT to every primary: so both go to the slot's node on one connection.
             client = client.get_redis_connection(client.get_node_from_key(self.stream))
         pipe = client.pipeline(transaction=False)
         self._script.queue(pipe, keys, args)
         pipe.execute_command("WAIT", self.replicas, int(self.replica_timeout * 1000))
-        entry, acked = pipe.execute()
+        try:
+            entry, acked = pipe.execute()
+        except RedisError:
+            if cluster:  # the node died or lost the slot: refresh the map this path bypassed
+                with contextlib.suppress(RedisError):
+                    self.redis.nodes_manager.initialize()
+            raise
         if entry is not None and int(acked) < self.replicas:
             raise NotReplicated(_text(entry), int(acked), self.replicas)
         return entry

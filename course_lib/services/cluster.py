@@ -66,7 +66,9 @@ class LocalCluster:
 
     def __init__(self, primaries: int = 3, replicas: int = 0, *, node_timeout: float = 2.0) -> None:
         if isinstance(primaries, bool) or not isinstance(primaries, int) or primaries < 3:
-            raise ValueError(f"primaries must be an int >= 3 (Redis Cluster's minimum), got {primaries!r}")
+            raise ValueError(
+                f"primaries must be an int >= 3 (Redis Cluster's minimum), got {primaries!r}"
+            )
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
             raise ValueError(f"replicas must be an int >= 0, got {replicas!r}")
         if not node_timeout > 0:
@@ -144,6 +146,7 @@ class LocalCluster:
         return synced >= wanted
 
     def alive(self) -> list[int]:
+        """The ports of the nodes still running (ask in the process that started them)."""
         return [p for p in self.ports if self._processes[p].poll() is None]
 
     def roles(self) -> dict[int, str]:
@@ -172,6 +175,14 @@ class LocalCluster:
                 if info["role"] == "slave" and int(info["master_port"]) == primary:
                     return port
         raise ServiceError(f"no live replica of 127.0.0.1:{primary}")
+
+    def in_sync(self, primary: int) -> bool:
+        """Whether every replica of ``primary`` has acknowledged all it was sent (a state to
+        poll for; replication is asynchronous)."""
+        with self.node(primary) as r:
+            info = r.info("replication")
+        offsets = [v["offset"] for k, v in info.items() if k.startswith("slave")]
+        return bool(offsets) and all(o >= info["master_repl_offset"] for o in offsets)
 
     def client(self, **kwargs: Any) -> RedisCluster:
         """A ``redis.cluster.RedisCluster`` on the live nodes."""
