@@ -54,7 +54,9 @@ fails open (``stats["fail_open"]``) for ``retry_after`` s at a time, then follow
 topology (redis-py follows ``MOVED``); ``invalidate`` raises. Replication is asynchronous:
 an invalidation record the old primary acknowledged but had not yet sent to its replica is
 lost with it, so a load that began before it can fill a stale value (until the TTL); call
-``WAIT`` on the client if that window matters.
+``WAIT`` on the client if that window matters. Give a cluster client
+``retry=Retry(NoBackoff(), 1)``: redis-py's default retries a dead node with a backoff of
+seconds, during which ``get`` waits instead of failing open.
 """
 
 from __future__ import annotations

@@ -49,8 +49,11 @@ record, and the write is lost although acknowledged: at most the writes of the l
 moments before the crash (the replica's lag). ``replicas=N`` closes that window for a
 primary that dies after acknowledging: ``write`` then sends ``WAIT N`` on the same
 connection and raises :class:`NotReplicated` (the write may or may not survive a failover)
-unless ``N`` replicas have it within ``replica_timeout``. Redis is still not a consensus
-store: a replica that had the write and is not the one promoted can still lose it.
+unless ``N`` replicas have it within ``replica_timeout`` (keep it below the client's
+``socket_timeout``, or the client gives up on the reply first). So a primary left without
+replicas (after its replica was promoted) refuses to confirm: ``write`` raises until a
+replica is attached again. Redis is still not a consensus store: a replica that had the
+write and is not the one promoted can still lose it.
 """
 
 from __future__ import annotations
