@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from conftest import start_cluster
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import NoBackoff
@@ -286,6 +287,12 @@ def test_failover_caches_and_limiters_fail_open_then_follow_the_new_primary(
         # And the cache writes to the new primary: invalidate, reload, cached there.
         assert cache.invalidate(key) == 1 and cache.get(key) == {"key": key}
         assert replicated.port_of(cache.key(key)) == replica
+        # A node that does not own the slot redirects to the promoted replica; the cluster
+        # client above followed that map.
+        other = next(p for p in replicated.alive() if p != replica)
+        with replicated.node(other) as plain, pytest.raises(redis.exceptions.MovedError) as moved:
+            plain.get(cache.key(key))
+        assert str(moved.value).endswith(f"127.0.0.1:{replica}")  # "MOVED <slot> <node>"
         timings["fail_open"] = cache.stats["fail_open"]
         timings["degraded"] = sum(d.degraded for d in [outage, *after])
         for name, value in timings.items():
@@ -296,12 +303,18 @@ def test_failover_caches_and_limiters_fail_open_then_follow_the_new_primary(
 
 
 def _write_until_killed(
-    replicated: LocalCluster, wb: WriteBehind, primary: int, *, keys: int
+    replicated: LocalCluster,
+    wb: WriteBehind,
+    primary: int,
+    *,
+    keys: int,
+    lag: dict[str, tuple[int, int]],
 ) -> tuple[list[tuple[int, int]], list[Any]]:
     """Write ``(key, score)`` as fast as possible to keys ``1..keys``, SIGKILL the stream's
     primary after the first 200 acknowledged writes (while the writer runs), then write to
     keys ``keys+1..2*keys`` (so no later write masks a lost one), promote the replica, and
-    write until 20 more reach it. The acknowledged writes before the kill, in order, and
+    write until 10 more reach it. ``lag`` gets how many bytes the replica trailed by
+    just before the kill. The acknowledged writes before the kill, in order, and
     what the writes after the promotion got (rows, or :class:`NotReplicated`)."""
     before: list[tuple[int, int]] = []
     after: list[Any] = []  # acknowledged writes after the kill, or NotReplicated refusals
@@ -327,10 +340,18 @@ def _write_until_killed(
     thread.start()
     try:
         _wait_for(lambda: len(before) >= 200, what="200 writes")
+        # How far the replica trails, writes running: its own offset (the primary's view of
+        # it is refreshed only once a second) between two reads of the primary's, so the
+        # lag at that instant lies between the two differences.
+        with replicated.node(primary) as p, replicated.node(replicated.replica_of(primary)) as r:
+            first = p.info("replication")["master_repl_offset"]
+            applied = r.info("replication")["slave_repl_offset"]
+            last = p.info("replication")["master_repl_offset"]
+        lag["bytes_behind"] = (first - applied, last - applied)
         replicated.kill(primary)
         killed.set()
         replicated.promote(replicated.replica_of(primary))
-        _wait_for(lambda: len(after) >= 20, what="writes after the promotion")
+        _wait_for(lambda: len(after) >= 10, what="writes after the promotion")
     finally:
         stop.set()
         thread.join()
@@ -367,14 +388,19 @@ def test_failover_write_behind_loses_only_what_replication_had_not_carried(
             store.save(key, {"score": 0})
         worker = wb.start_worker("w1")
         try:
-            acked, after = _write_until_killed(replicated, wb, primary, keys=10)
+            lag: dict[str, tuple[int, int]] = {}
+            acked, after = _write_until_killed(replicated, wb, primary, keys=10, lag=lag)
         finally:
             worker.stop()
         wb.drain("after", timeout=30)
         lost = _lost(store, acked)
         record_property("acked_before_kill", len(acked))
         record_property("lost", len(lost))
-        print(f"replicas={replicas}: {len(acked)} acknowledged before the kill, lost {lost}")
+        record_property("replica_bytes_behind_at_kill", lag["bytes_behind"])
+        print(
+            f"replicas={replicas}: {len(acked)} acknowledged before the kill, lost {lost}, "
+            f"replica between {lag['bytes_behind']} bytes behind just before the kill"
+        )
         if replicas:
             assert lost == []  # WAIT 1: every acknowledged write was on the promoted replica
             # ...and the promoted primary, with no replica of its own, cannot confirm more.
