@@ -32,6 +32,7 @@ from course_lib.caching import (
     WriteThrough,
     seed_users,
 )
+from course_lib.caching.lesson.cluster import cluster_demo
 from course_lib.caching.lesson.demos import write_behind_crash
 from course_lib.caching.write_behind import NotReplicated
 from course_lib.measure import run_processes, run_threads
@@ -204,6 +205,16 @@ def test_write_behind_on_a_cluster_survives_a_killed_worker(cluster, pg_engine, 
     assert {"killed", "restarted"} <= events.keys()
     assert (result.issued, result.lost, result.keys_stale) == (600, 0, 0)
     assert wb.worker_stats()["reclaimed"] > 0 and wb.backlog() == 0
+
+
+def test_cluster_demo_spreads_keys_over_the_three_primaries(local_cluster):
+    frame = cluster_demo(300, cluster=local_cluster)
+    assert len(frame) == 3 and frame["keys"].sum() == 300 and frame["slots"].sum() == 16384
+    assert (frame["keys"] > 50).all()  # ~100 each: hashing spreads them
+    stats = frame.attrs["stats"]
+    assert (stats["misses"], stats["hits"], stats["loads"]) == (301, 300, 301)
+    with pytest.raises(ValueError, match="keys"):
+        cluster_demo(0, cluster=local_cluster)
 
 
 # --- Failover: 3 primaries + 3 replicas, one primary SIGKILLed, its replica promoted ------
