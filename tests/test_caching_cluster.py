@@ -2,7 +2,8 @@
 
 The clusters run on 127.0.0.1 (``course_lib.services.cluster.LocalCluster``, through the
 ``local_cluster`` fixture and ``start_cluster`` of conftest.py). Every ordering is a polled
-state (a node's role, a replica's offset, a counter), never a fixed sleep.
+state (a node's role, a replica's offset, a counter), never a fixed sleep. The clusters are
+the tests' own, the same in both passes of ``make test``: one pass runs them.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from course_lib.caching.write_behind import NotReplicated
 from course_lib.measure import run_processes, run_threads
 from course_lib.rate_limiting import FixedWindow
 from course_lib.services.cluster import LocalCluster
+
+pytestmark = pytest.mark.one_pass
 
 
 def _ns() -> str:
@@ -222,9 +225,10 @@ def test_cluster_demo_spreads_keys_over_the_three_primaries(local_cluster):
 
 @pytest.fixture(scope="module")
 def replicated() -> Iterator[LocalCluster]:
-    # A long node timeout: a busy machine must not fail nodes over by itself; the tests
-    # promote the replica themselves (CLUSTER FAILOVER TAKEOVER) right after the kill.
-    with start_cluster(3, 1, node_timeout=5.0) as cluster:
+    # A long node timeout: a busy machine must not fail nodes over by itself (the outage
+    # the tests observe would end early); they promote the replica themselves (CLUSTER
+    # FAILOVER TAKEOVER) right after the kill.
+    with start_cluster(3, 1, node_timeout=15.0) as cluster:
         yield cluster
 
 
