@@ -13,6 +13,7 @@ import redis.asyncio as aredis
 
 from course_lib import services
 from course_lib.caching import AsyncCacheAside, CacheAside, LoaderError
+from course_lib.caching.lesson import demos
 from course_lib.measure import run_processes, run_tasks, run_threads
 
 
@@ -293,3 +294,14 @@ def test_other_redis_errors_fail_open_for_one_call_only(redis, ns, caplog):
     assert stats["hits"] == 1  # key 2 came from Redis: no outage mode started
     assert sum("WRONGTYPE" in r.message for r in caplog.records) == 1
     assert not any("unreachable" in r.message for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("strategy", ["course_lib", "naive", "seed"])
+def test_stampede_demo_starts_cold_on_every_run_of_one_namespace(ns, strategy):
+    """Notebook 01 sweeps levels under one namespace: each run must miss again."""
+    runs = [demos.stampede(strategy, 4, namespace=ns, delay=0.01, model=m) for m in MODELS]
+    assert [r.loader_calls for r in runs] == [1 if strategy != "naive" else 4] * len(MODELS)
+
+
+MODELS = ("threads", "asyncio", "threads", "asyncio")
