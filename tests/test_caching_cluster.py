@@ -318,59 +318,68 @@ def test_failover_caches_and_limiters_fail_open_then_follow_the_new_primary(
 
 
 def _write_until_killed(
-    replicated: LocalCluster,
-    wb: WriteBehind,
-    primary: int,
-    *,
-    keys: int,
-    lag: dict[str, tuple[int, int]],
-) -> tuple[list[tuple[int, int]], list[Any]]:
-    """Write ``(key, score)`` as fast as possible to keys ``1..keys``, SIGKILL the stream's
-    primary after the first 200 acknowledged writes (while the writer runs), then write to
-    keys ``keys+1..2*keys`` (so no later write masks a lost one), promote the replica, and
-    write until 10 more reach it. ``lag`` gets how many bytes the replica trailed by
-    just before the kill. The acknowledged writes before the kill, in order, and
-    what the writes after the promotion got (rows, or :class:`NotReplicated`)."""
+    replicated: LocalCluster, wb: WriteBehind, primary: int, *, keys: int
+) -> tuple[list[tuple[int, int]], int, list[Any]]:
+    """Write ``(key, score)`` as fast as possible to keys ``1..keys``. After 200
+    acknowledged writes, with the writer held between two writes, cut replication: the
+    replica is frozen (SIGSTOP) and the primary drops its link (``CLIENT KILL TYPE replica``;
+    what it had sent is in the replica's socket and survives). The writer resumes until 20
+    more writes are acknowledged (or 3 refused, with ``replicas``); then the primary is
+    SIGKILLed, the replica resumed and promoted, and the writer goes on with keys
+    ``keys+1..2*keys`` (so no later write masks a lost one) until 10 writes reach the new
+    primary. Returns the writes acknowledged before the kill, in order, the index of the
+    first one written after the cut, and what the writes after the promotion got."""
     before: list[tuple[int, int]] = []
+    refused: list[NotReplicated] = []
     after: list[Any] = []  # acknowledged writes after the kill, or NotReplicated refusals
-    killed, stop = threading.Event(), threading.Event()
+    killed, stop, running = threading.Event(), threading.Event(), threading.Event()
+    between_writes = threading.Lock()  # held by the writer during each write
+    running.set()
 
     def writer() -> None:
         score = 0
         while not stop.is_set():
-            score += 1
-            late = killed.is_set()  # read before the write: a late write starts after the kill
-            key = 1 + score % keys + (keys if late else 0)
-            try:
-                wb.write(key, {"score": score})
-            except NotReplicated as exc:
-                if late:  # the promoted primary has no replica left to confirm it
-                    after.append(exc)
-                continue
-            except Exception:
-                continue  # not acknowledged: not counted, the caller would retry
-            (after if late else before).append((key, score))
+            running.wait()
+            with between_writes:
+                score += 1
+                late = killed.is_set()  # a late write starts after the kill
+                key = 1 + score % keys + (keys if late else 0)
+                try:
+                    wb.write(key, {"score": score})
+                except NotReplicated as exc:
+                    (after if late else refused).append(exc)
+                    continue
+                except Exception:
+                    continue  # not acknowledged: not counted, the caller would retry
+                (after if late else before).append((key, score))
 
     thread = threading.Thread(target=writer)
     thread.start()
+    replica = replicated.replica_of(primary)
     try:
         _wait_for(lambda: len(before) >= 200, what="200 writes")
-        # How far the replica trails, writes running: its own offset (the primary's view of
-        # it is refreshed only once a second) between two reads of the primary's, so the
-        # lag at that instant lies between the two differences.
-        with replicated.node(primary) as p, replicated.node(replicated.replica_of(primary)) as r:
-            first = p.info("replication")["master_repl_offset"]
-            applied = r.info("replication")["slave_repl_offset"]
-            last = p.info("replication")["master_repl_offset"]
-        lag["bytes_behind"] = (first - applied, last - applied)
-        replicated.kill(primary)
-        killed.set()
-        replicated.promote(replicated.replica_of(primary))
+        running.clear()
+        with between_writes:  # no write in flight: the cut is exact
+            replicated.pause(replica)
+            with replicated.node(primary) as p:
+                p.client_kill_filter(_type="replica")
+            cut = len(before)
+        running.set()
+        _wait_for(lambda: len(before) >= cut + 20 or len(refused) >= 3, what="writes after cut")
+        running.clear()
+        with between_writes:
+            replicated.kill(primary)
+            killed.set()
+        running.set()
+        replicated.resume(replica)
+        replicated.promote(replica)
         _wait_for(lambda: len(after) >= 10, what="writes after the promotion")
     finally:
+        running.set()
         stop.set()
         thread.join()
-    return before, after
+        replicated.resume(replica)
+    return before, cut, after
 
 
 def _lost(store: UserStore, acked: list[tuple[int, int]]) -> list[int]:
@@ -382,7 +391,7 @@ def _lost(store: UserStore, acked: list[tuple[int, int]]) -> list[int]:
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("replicas", [0, 1])
-def test_failover_write_behind_loses_only_what_replication_had_not_carried(
+def test_failover_write_behind_loses_exactly_what_replication_had_not_carried(
     replicated, store, replicas, record_property
 ):
     client = _fail_fast(replicated)
@@ -403,26 +412,28 @@ def test_failover_write_behind_loses_only_what_replication_had_not_carried(
             store.save(key, {"score": 0})
         worker = wb.start_worker("w1")
         try:
-            lag: dict[str, tuple[int, int]] = {}
-            acked, after = _write_until_killed(replicated, wb, primary, keys=10, lag=lag)
+            acked, cut, after = _write_until_killed(replicated, wb, primary, keys=10)
         finally:
             worker.stop()
         wb.drain("after", timeout=30)
         lost = _lost(store, acked)
-        record_property("acked_before_kill", len(acked))
+        record_property("acked_before_cut", cut)
+        record_property("acked_after_cut", len(acked) - cut)
         record_property("lost", len(lost))
-        record_property("replica_bytes_behind_at_kill", lag["bytes_behind"])
         print(
-            f"replicas={replicas}: {len(acked)} acknowledged before the kill, lost {lost}, "
-            f"replica between {lag['bytes_behind']} bytes behind just before the kill"
+            f"replicas={replicas}: acknowledged {cut} before the cut, {len(acked) - cut} after;"
+            f" lost {len(lost)} (indexes {lost[:1]}..{lost[-1:]})"
         )
         if replicas:
-            assert lost == []  # WAIT 1: every acknowledged write was on the promoted replica
+            # WAIT 1: nothing was acknowledged once the replica stopped confirming, and
+            # nothing acknowledged was lost.
+            assert len(acked) == cut and lost == []
             # ...and the promoted primary, with no replica of its own, cannot confirm more.
             assert after and all(isinstance(a, NotReplicated) for a in after)
         else:
-            # Asynchronous replication loses at most the last writes before the crash:
-            # the replica's stream is a prefix of the primary's, so what it lacks is a tail.
-            assert lost == list(range(len(acked) - len(lost), len(acked)))
+            # Asynchronous replication loses exactly what the replica had not received:
+            # every write acknowledged after the cut, and none before.
+            assert len(acked) - cut >= 20
+            assert lost == list(range(cut, len(acked)))
     finally:
         client.close()

@@ -195,6 +195,14 @@ class LocalCluster:
             process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
 
+    def pause(self, port: int) -> None:
+        """SIGSTOP one node: it keeps its connections but reads and answers nothing."""
+        self._processes[port].send_signal(signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        """SIGCONT a paused node."""
+        self._processes[port].send_signal(signal.SIGCONT)
+
     def promote(self, replica: int, timeout: float = 30.0) -> None:
         """Make ``replica`` a primary now (``CLUSTER FAILOVER TAKEOVER``: no agreement of
         the dead primary needed) and wait until every live node agrees on the new layout."""
