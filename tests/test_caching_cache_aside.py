@@ -305,3 +305,10 @@ def test_stampede_demo_starts_cold_on_every_run_of_one_namespace(ns, strategy):
 
 
 MODELS = ("threads", "asyncio", "threads", "asyncio")
+
+
+def test_namespace_with_hash_tag_braces_is_refused(redis):
+    for namespace in ("user{", "user}", "{user}"):
+        with pytest.raises(ValueError, match="namespace"):
+            CacheAside(redis, str, ttl=1, namespace=namespace)
+    assert CacheAside(redis, str, ttl=1, namespace="user").key(7) == "user:{7}"

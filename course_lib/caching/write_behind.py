@@ -43,8 +43,8 @@ the stream ``<stream>``, the dead letters ``{<stream>}:dead``, the counters
 name or namespace).
 
 Failover: replication is asynchronous. ``write`` returns once the primary ran the script;
-if that primary dies before its replica received it (usually within a millisecond, a
-replication stream's flush), the promoted replica has neither the entry nor the merged
+if that primary dies before its replica received it (on loopback the replica trails by a
+write or two), the promoted replica has neither the entry nor the merged
 record, and the write is lost although acknowledged: at most the writes of the last
 moments before the crash (the replica's lag). ``replicas=N`` closes that window for a
 primary that dies after acknowledging: ``write`` then sends ``WAIT N`` on the same
