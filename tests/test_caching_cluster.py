@@ -214,6 +214,8 @@ def test_cluster_demo_spreads_keys_over_the_three_primaries(local_cluster):
     frame = cluster_demo(300, cluster=local_cluster)
     assert len(frame) == 3 and frame["keys"].sum() == 300 and frame["slots"].sum() == 16384
     assert (frame["keys"] > 50).all()  # ~100 each: hashing spreads them
+    assert list(frame["primary"]) == [1, 2, 3]
+    assert list(frame["slots"]) == [5461, 5462, 5461]  # redis-cli's split, in slot order
     stats = frame.attrs["stats"]
     assert (stats["misses"], stats["hits"], stats["loads"]) == (301, 300, 301)
     with pytest.raises(ValueError, match="keys"):

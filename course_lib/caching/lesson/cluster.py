@@ -20,11 +20,13 @@ __all__ = ["cluster_demo"]
 
 def cluster_demo(keys: int = 300, *, cluster: LocalCluster | None = None) -> pd.DataFrame:
     """Cache ``keys`` user ids through a ``CacheAside`` on a 3-primary cluster (one started
-    here, unless ``cluster`` is given), read each twice and invalidate one; a frame with one
-    row per primary: its address, the keys whose values it holds and the hash slots it
-    owns. Every key of one user key (value, invalidation record, lock) has the same slot, so
-    each row also counts their records. ``frame.attrs["stats"]`` holds the cache's counters
-    (``keys`` misses, then ``keys`` hits, then one reload)."""
+    here, unless ``cluster`` is given), read each twice and invalidate one.
+
+    A frame with one row per primary, in slot order (``primary`` 1 to 3 is stable across
+    runs; ``node``, a random port, is not): the keys whose values it holds and the hash
+    slots it owns. Every key of one user key (value, invalidation record, lock) has the same
+    slot, so each row also counts their records. ``frame.attrs["stats"]`` holds the cache's
+    counters (``keys`` misses, then ``keys`` hits, then one reload)."""
     if isinstance(keys, bool) or not isinstance(keys, int) or keys <= 0:
         raise ValueError(f"keys must be a positive int, got {keys!r}")
     own = cluster is None
@@ -56,12 +58,20 @@ def _run(cluster: LocalCluster, client: Any, keys: int) -> pd.DataFrame:
         port = int(client.get_node_from_key(cache.key(key)).port)
         per_port[port] = per_port.get(port, 0) + 1
     slots: dict[int, int] = {}
+    first: dict[int, int] = {}  # each primary's lowest slot: a stable order across runs
     with cluster.node(cluster.alive()[0]) as node:
         for start, end, primary, *_ in node.execute_command("CLUSTER SLOTS"):
-            slots[int(primary[1])] = slots.get(int(primary[1]), 0) + end - start + 1
+            port = int(primary[1])
+            slots[port] = slots.get(port, 0) + end - start + 1
+            first[port] = min(first.get(port, start), start)
     rows = [
-        {"node": f"127.0.0.1:{port}", "keys": per_port.get(port, 0), "slots": slots[port]}
-        for port in sorted(slots)
+        {
+            "primary": rank,
+            "keys": per_port.get(port, 0),
+            "slots": slots[port],
+            "node": f"127.0.0.1:{port}",
+        }
+        for rank, port in enumerate(sorted(slots, key=first.__getitem__), start=1)
     ]
     frame = pd.DataFrame(rows)
     frame.attrs["stats"] = cache.stats
