@@ -6,6 +6,9 @@
   dropped afterwards.
 - ``embedded_dir`` : a fresh, short state folder for tests that start and stop embedded
   servers themselves; whatever they started there is stopped afterwards.
+- ``local_cluster`` : a Redis Cluster of three primaries on loopback, shared by the tests of
+  a module (creating one takes about 2 s; each test uses its own key names);
+  :func:`start_cluster` starts others (with replicas, for failover).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import redis as redis_lib
 from sqlalchemy import Engine
 
 from course_lib import services
+from course_lib.services.cluster import LocalCluster
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -63,3 +67,19 @@ def embedded_dir() -> Iterator[Path]:
         yield root
         services.EmbeddedRedis(root / "redis").stop()
         services.EmbeddedPostgres(root / "postgres").stop()
+
+
+def start_cluster(primaries: int = 3, replicas: int = 0, **kwargs: float) -> LocalCluster:
+    """A started :class:`LocalCluster`, or the test skipped if no ``redis-server`` exists."""
+    try:
+        return LocalCluster(primaries, replicas, **kwargs).start()
+    except services.ServiceError as exc:
+        if "no Redis available" in str(exc) or "no redis-cli" in str(exc):
+            pytest.skip(f"cannot start a Redis Cluster: {exc}")
+        raise
+
+
+@pytest.fixture(scope="module")
+def local_cluster() -> Iterator[LocalCluster]:
+    with start_cluster() as cluster:
+        yield cluster

@@ -17,6 +17,7 @@ from ordering import async_until, flight_waiters, until
 
 from course_lib import services
 from course_lib.caching import AsyncCacheAside, CacheAside, LoaderError
+from course_lib.caching.lesson import demos
 from course_lib.measure import run_processes, run_tasks, run_threads
 
 
@@ -200,7 +201,7 @@ def test_loader_error_reaches_every_thread_and_next_call_retries(redis, ns):
     assert len(calls.errors) == 30
     assert all("database unavailable" in e for e in calls.errors)
     assert loader.calls == 1
-    assert redis.get(f"{ns}#lock:k") is None  # released
+    assert redis.get(f"{ns}#lock:{{k}}") is None  # released
     loader.fail, loader.before = False, None
     assert cache.get("k") == {"key": "k"}
     assert loader.calls == 2
@@ -285,7 +286,7 @@ def test_async_loader_error_reaches_every_task(ns):
 @pytest.mark.timeout(30)
 def test_dead_lock_holder_bounded_wait(redis, ns):
     """A lock left by a crashed holder expires; waiters load within lock_ttl, not forever."""
-    redis.set(f"{ns}#lock:k", "dead-holder", px=500)
+    redis.set(f"{ns}#lock:{{k}}", "dead-holder", px=500)
     loader = Counting()
     cache = CacheAside(redis, loader, ttl=60, namespace=ns, lock_ttl=0.5, wait_timeout=5)
     start = time.monotonic()
@@ -296,7 +297,7 @@ def test_dead_lock_holder_bounded_wait(redis, ns):
 
 @pytest.mark.timeout(30)
 def test_wait_timeout_loads_without_the_lock(redis, ns):
-    redis.set(f"{ns}#lock:k", "slow-holder", px=20_000)
+    redis.set(f"{ns}#lock:{{k}}", "slow-holder", px=20_000)
     loader = Counting()
     cache = CacheAside(redis, loader, ttl=60, namespace=ns, wait_timeout=0.3)
     assert cache.get("k") == {"key": "k"}
@@ -336,3 +337,21 @@ def test_other_redis_errors_fail_open_for_one_call_only(redis, ns, caplog):
     assert stats["hits"] == 1  # key 2 came from Redis: no outage mode started
     assert sum("WRONGTYPE" in r.message for r in caplog.records) == 1
     assert not any("unreachable" in r.message for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("strategy", ["course_lib", "naive", "seed"])
+def test_stampede_demo_starts_cold_on_every_run_of_one_namespace(ns, strategy):
+    """Notebook 01 sweeps levels under one namespace: each run must miss again."""
+    runs = [demos.stampede(strategy, 4, namespace=ns, delay=0.01, model=m) for m in MODELS]
+    assert [r.loader_calls for r in runs] == [1 if strategy != "naive" else 4] * len(MODELS)
+
+
+MODELS = ("threads", "asyncio", "threads", "asyncio")
+
+
+def test_namespace_with_hash_tag_braces_is_refused(redis):
+    for namespace in ("user{", "user}", "{user}"):
+        with pytest.raises(ValueError, match="namespace"):
+            CacheAside(redis, str, ttl=1, namespace=namespace)
+    assert CacheAside(redis, str, ttl=1, namespace="user").key(7) == "user:{7}"

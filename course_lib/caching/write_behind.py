@@ -32,6 +32,28 @@ Guarantees:
 Not guaranteed: the database lags the cache (:meth:`WriteBehind.lag`), and a write is lost if
 Redis itself loses it (no persistence, failover before replication, or eviction under an
 ``allkeys-*`` policy).
+
+Redis Cluster: ``redis`` may be a ``redis.cluster.RedisCluster``. The write script touches
+the record and the stream at once, and the worker's batch touches the stream, the records
+it settles, the dead-letter stream and the counters in one transaction, so all of one
+``WriteBehind``'s keys carry the stream's name as hash tag and live in one slot (so on one
+primary: to spread write-behind over a cluster, run one ``WriteBehind`` per stream). Keys:
+the stream ``<stream>``, the dead letters ``{<stream>}:dead``, the counters
+``{<stream>}#stats``, the records ``<namespace>:{<stream>}:<key>`` (no braces in the stream
+name or namespace).
+
+Failover: replication is asynchronous. ``write`` returns once the primary ran the script;
+if that primary dies before its replica received it (on loopback the replica trails by a
+write or two), the promoted replica has neither the entry nor the merged
+record, and the write is lost although acknowledged: at most the writes of the last
+moments before the crash (the replica's lag). ``replicas=N`` closes that window for a
+primary that dies after acknowledging: ``write`` then sends ``WAIT N`` on the same
+connection and raises :class:`NotReplicated` (the write may or may not survive a failover)
+unless ``N`` replicas have it within ``replica_timeout`` (keep it below the client's
+``socket_timeout``, or the client gives up on the reply first). So a primary left without
+replicas (after its replica was promoted) refuses to confirm: ``write`` raises until a
+replica is attached again. Redis is still not a consensus store: a replica that had the
+write and is not the one promoted can still lose it.
 """
 
 from __future__ import annotations
@@ -47,7 +69,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -55,11 +78,11 @@ from course_lib import lua
 from course_lib.orphans import watch_parent
 from course_lib.validation import positive_number
 
-from ._base import _milliseconds, describe
+from ._base import _milliseconds, check_namespace, describe
 from .serialization import dumps, loads
 from .store import Store
 
-__all__ = ["BatchResult", "Worker", "WriteBehind", "entry_version"]
+__all__ = ["BatchResult", "NotReplicated", "Worker", "WriteBehind", "entry_version"]
 
 log = logging.getLogger("course_lib.caching")
 
@@ -87,6 +110,15 @@ def entry_version(entry_id: bytes | str) -> int:
     """
     ms, seq = _text(entry_id).split("-")
     return (int(ms) << 20) + int(seq)
+
+
+class NotReplicated(RuntimeError):
+    """A write the primary queued but fewer than ``replicas`` replicas confirmed in time:
+    a failover now may lose it. ``entry`` is its stream id."""
+
+    def __init__(self, entry: str, acked: int, wanted: int) -> None:
+        super().__init__(f"write {entry} reached {acked} of {wanted} replicas in time")
+        self.entry = entry
 
 
 @dataclass(frozen=True)
@@ -132,12 +164,19 @@ class WriteBehind:
         batch: int = 100,
         claim_idle: float = 5.0,
         max_deliveries: int = 5,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         for name, value in (("stream", stream), ("group", group)):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        check_namespace("stream", stream)
         if namespace is not None and (not isinstance(namespace, str) or not namespace.strip()):
             raise ValueError(f"namespace must be a non-empty string or None, got {namespace!r}")
+        if namespace is not None:
+            check_namespace("namespace", namespace)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ValueError(f"replicas must be an int >= 0, got {replicas!r}")
         if not isinstance(store, Store):
             raise TypeError(f"store must have load(key) and save(key, value), got {store!r}")
         for name, count in (("batch", batch), ("max_deliveries", max_deliveries)):
@@ -152,9 +191,13 @@ class WriteBehind:
         self.claim_idle = positive_number("claim_idle", claim_idle)
         self.batch = batch
         self.max_deliveries = max_deliveries
-        self.dead_letter = f"{stream}:dead"
-        self.stats_key = f"{stream}#stats"
-        self._write = lua.load(__package__, "write_behind").bind(redis)
+        self.replicas = replicas
+        self.replica_timeout = positive_number("replica_timeout", replica_timeout)
+        # The stream's name is the hash tag of every key: one slot (see the module docstring).
+        self.dead_letter = f"{{{stream}}}:dead"
+        self.stats_key = f"{{{stream}}}#stats"
+        self._script = lua.load(__package__, "write_behind")
+        self._write = self._script.bind(redis)
         self._settle = lua.load(__package__, "settle")
         self.ensure_group()
 
@@ -167,7 +210,32 @@ class WriteBehind:
                 raise
 
     def key(self, key: Any) -> str:
-        return f"{self.namespace}:{key}"
+        """The Redis key of ``key``'s cached record (in the stream's slot)."""
+        return f"{self.namespace}:{{{self.stream}}}:{key}"
+
+    def _queue(self, keys: list[str], args: list[Any]) -> Any:
+        """Run the write script; with ``replicas``, ``WAIT`` for them on the same connection."""
+        if not self.replicas:
+            return self._write(keys=keys, args=args)
+        client = self.redis
+        cluster = isinstance(client, RedisCluster)
+        if cluster:
+            # WAIT counts the writes of its own connection, and redis-py's cluster client
+            # sends WAIT to every primary: so both go to the slot's node on one connection.
+            client = client.get_redis_connection(client.get_node_from_key(self.stream))
+        pipe = client.pipeline(transaction=False)
+        self._script.queue(pipe, keys, args)
+        pipe.execute_command("WAIT", self.replicas, int(self.replica_timeout * 1000))
+        try:
+            entry, acked = pipe.execute()
+        except RedisError:
+            if cluster:  # the node died or lost the slot: refresh the map this path bypassed
+                with contextlib.suppress(RedisError):
+                    self.redis.nodes_manager.initialize()
+            raise
+        if entry is not None and int(acked) < self.replicas:
+            raise NotReplicated(_text(entry), int(acked), self.replicas)
+        return entry
 
     def _columns(self, value: Any) -> dict[str, Any]:
         validate = getattr(self.store, "validate", None)
@@ -188,18 +256,19 @@ class WriteBehind:
         record for the store; the entry id. Unknown columns raise ``ValueError`` here.
 
         A row not cached yet is read from the store first (so that the record is whole):
-        that one read needs the database, and raises if it is unavailable.
+        that one read needs the database, and raises if it is unavailable. With
+        ``replicas``, raises :class:`NotReplicated` if fewer confirmed it in time.
         """
         fields = self._columns(value)
         changed = [part for name, v in fields.items() for part in (name, dumps(v))]
         keys = [self.key(key), self.stream]
-        entry = self._write(keys=keys, args=[str(key), len(fields), "0", *changed])
+        entry = self._queue(keys, [str(key), len(fields), "0", *changed])
         if entry is None:  # not cached: start the record from the stored row
             row = self.store.load(key) or {}
             loaded = [
                 part for name, v in row.items() if name != "version" for part in (name, dumps(v))
             ]
-            entry = self._write(keys=keys, args=[str(key), len(fields), "1", *changed, *loaded])
+            entry = self._queue(keys, [str(key), len(fields), "1", *changed, *loaded])
         return _text(entry)
 
     def read(self, key: Any) -> dict[str, Any] | None:

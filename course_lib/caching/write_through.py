@@ -10,6 +10,13 @@ Guarantees:
   not the older one until the TTL.
 - Redis being unreachable does not fail a write (the database is the source of truth): it is
   counted in ``stats["redis_errors"]``; ``read`` then serves from the store.
+
+Redis Cluster: ``redis`` may be a ``redis.cluster.RedisCluster``. The row ``<namespace>:{<key>}``
+and its version ``<namespace>#v:{<key>}`` share the user's key as hash tag, so
+``set_if_newer.lua`` touches one slot (a namespace must not contain braces). A failover
+loses what the old primary had not replicated; the database still has every write, so the
+cache is at worst missing a row (read again from the store), never going backwards past a
+row it still holds.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from redis.exceptions import RedisError
 
 from course_lib import lua
 
-from ._base import _milliseconds
+from ._base import _milliseconds, check_namespace
 from .serialization import dumps, loads
 from .store import Store
 
@@ -39,6 +46,7 @@ class WriteThrough:
         self.ttl = _milliseconds("ttl", ttl)
         if not isinstance(namespace, str) or not namespace.strip():
             raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
+        check_namespace("namespace", namespace)
         if not isinstance(store, Store):
             raise TypeError(f"store must have load(key) and save(key, value), got {store!r}")
         self.redis = redis
@@ -60,11 +68,12 @@ class WriteThrough:
             self._stats[name] += 1
 
     def key(self, key: Any) -> str:
-        return f"{self.namespace}:{key}"
+        """The Redis key of ``key``'s cached row (the user's key is its hash tag)."""
+        return f"{self.namespace}:{{{key}}}"
 
     def version_key(self, key: Any) -> str:
-        """Where the version of the cached row is kept, beside it, with the same TTL."""
-        return f"{self.namespace}#v:{key}"
+        """Where the version of the cached row is kept, beside it (same slot), same TTL."""
+        return f"{self.namespace}#v:{{{key}}}"
 
     def write(self, key: Any, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Save ``fields`` in the store, then cache the committed row; return that row."""
