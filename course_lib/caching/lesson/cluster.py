@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from course_lib.services.cluster import LocalCluster
+from course_lib.validation import positive_int
 
 from ..cache_aside import CacheAside
 
@@ -27,8 +28,7 @@ def cluster_demo(keys: int = 300, *, cluster: LocalCluster | None = None) -> pd.
     slots it owns. Every key of one user key (value, invalidation record, lock) has the same
     slot, so each row also counts their records. ``frame.attrs["stats"]`` holds the cache's
     counters (``keys`` misses, then ``keys`` hits, then one reload)."""
-    if isinstance(keys, bool) or not isinstance(keys, int) or keys <= 0:
-        raise ValueError(f"keys must be a positive int, got {keys!r}")
+    keys = positive_int("keys", keys)
     own = cluster is None
     if cluster is None:
         cluster = LocalCluster(primaries=3).start()
