@@ -7,9 +7,14 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+from conftest import start_cluster
+from ordering import until
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.retry import Retry
 
+from course_lib.caching import CacheAside
 from course_lib.clocks import ManualClock
 from course_lib.concurrency import hammer_threads
 from course_lib.rate_limiting import (
@@ -106,3 +111,30 @@ ASYNC_LIMITERS = {
     "token_bucket": lambda r: aio.RedisTokenBucket(r, 3, 3 / 3600, prefix="atb"),
     "gcra": lambda r: aio.GCRA(r, 3 / 3600, 3, prefix="agcra"),
 }
+
+
+def test_a_cluster_that_is_down_fails_open_flagged() -> None:
+    """A primary without a replica dies: once the others mark it failed (node_timeout), the
+    whole cluster answers CLUSTERDOWN (full slot coverage is required by default), also for
+    keys whose node is alive. That is the cluster unable to count, not a bad command: the
+    limiter and the cache answer their fail-open policy, flagged, instead of raising."""
+    with start_cluster(node_timeout=0.5) as local:
+        client = local.client(retry=Retry(NoBackoff(), 0))
+        try:
+            limiter = FixedWindow(client, 3, 3600, prefix="down")
+            cache = CacheAside(client, lambda key: {"id": key}, ttl=60, namespace="down")
+            alive_key = "k1"
+            victim = next(p for p in local.alive() if p != local.port_of(limiter.key(alive_key)))
+            assert limiter.hit(alive_key).allowed and not limiter.hit(alive_key).degraded
+            local.kill(victim)
+            survivor = local.node(local.port_of(limiter.key(alive_key)))
+
+            def cluster_down() -> bool:
+                return survivor.execute_command("CLUSTER INFO").get("cluster_state") == "fail"
+
+            until(cluster_down, "the cluster reports cluster_state:fail", timeout=20)
+            decision = limiter.hit(alive_key)
+            assert decision.allowed and decision.degraded
+            assert cache.get(7) == {"id": 7} and cache.stats["fail_open"] >= 1
+        finally:
+            client.close()

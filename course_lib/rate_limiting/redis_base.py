@@ -19,7 +19,8 @@
 - When Redis cannot be reached (connection refused or lost, timeout) or cannot count now
   (any reply of :data:`course_lib.services.clients.UNAVAILABLE_REPLIES`: ``OOM`` under
   ``noeviction``, ``MISCONF``, ``READONLY`` from a replica after a failover, ``LOADING``
-  after a restart, ``BUSY``, ``NOREPLICAS``, ``MASTERDOWN``), the limiter
+  after a restart, ``BUSY``, ``NOREPLICAS``, ``MASTERDOWN``, and on a cluster ``CLUSTERDOWN``
+  and ``TRYAGAIN``), the limiter
   does not raise: it answers with its ``fail_open`` policy and marks the decision ``degraded``.
   The default, ``fail_open=True``, admits the request, because a rate limiter usually
   protects availability and should not take the whole API down with its store (Envoy's

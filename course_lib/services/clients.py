@@ -130,13 +130,28 @@ def fail_fast_async_redis(
 # out of memory under noeviction, a failed background save, a replica after a failover,
 # loading its data after a restart, busy in a long script, too few replicas, master down.
 UNAVAILABLE_REPLIES = frozenset(
-    {"OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "NOREPLICAS", "MASTERDOWN"}
+    {
+        "OOM",
+        "MISCONF",
+        "READONLY",
+        "LOADING",
+        "BUSY",
+        "NOREPLICAS",
+        "MASTERDOWN",
+        # Redis Cluster: a slot has no live primary (the whole cluster refuses while full
+        # coverage is required), or a slot is being moved between nodes right now.
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+    }
 )
 _UNAVAILABLE_TYPES = (
     redis.ConnectionError,  # includes LOADING (BusyLoadingError)
     redis.TimeoutError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.OutOfMemoryError,
+    # redis-py strips the reply code from these two, so their text cannot tell
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
 )
 
 
