@@ -7,9 +7,10 @@ take a ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster`` client and run 
 loop: no worker thread per request, as the synchronous limiters need in an ASGI app.
 
 Guarantees are those of :class:`~course_lib.rate_limiting.redis_base.RedisLimiter`: one
-atomic round trip per decision (one per batch for ``hit_many``), Redis server time, and the
-``fail_open`` answer, never an exception, when Redis cannot count now. Give them
-:func:`course_lib.services.fail_fast_async_redis` so a dead server is noticed in a known time.
+atomic round trip per decision (one per batch for ``hit_many``, with one script call per
+cluster slot), Redis server time, and the ``fail_open`` answer, never an exception, when
+Redis cannot count now. Give them :func:`course_lib.services.fail_fast_async_redis` so a
+dead server is noticed in a known time.
 Many concurrent tasks share the client's connection pool: a bounded pool should be a
 ``redis.asyncio.BlockingConnectionPool`` (tasks wait for a connection). A plain bounded pool
 raises ``MaxConnectionsError`` when full, and the limiter lets that error through rather than
@@ -48,18 +49,19 @@ class _Awaited:
             reply = await self._script(self.redis, keys, args)
         except redis.RedisError as exc:
             return self._unavailable(exc)
-        return _to_decision(reply)
+        return _to_decision(reply[0])
 
     async def hit_many(self: Any, keys_or_pairs: Iterable[str | tuple[str, int]]) -> list[Decision]:
-        """Decide a batch in one pipelined round trip; decisions in input order."""
-        calls = self._batch(keys_or_pairs)
+        """Decide a batch in one pipelined round trip, one script call per cluster slot;
+        decisions in input order."""
+        calls, positions = self._batch(keys_or_pairs)
         if not calls:
             return []
         try:
             replies = await self._script.pipeline(self.redis, calls)
         except redis.RedisError as exc:
-            return [self._unavailable(exc) for _ in calls]
-        return self._decisions(replies)
+            replies = [exc] * len(calls)
+        return self._decisions(replies, positions)
 
 
 class FixedWindow(_Awaited, redis_limiters.FixedWindow):  # type: ignore[misc]
