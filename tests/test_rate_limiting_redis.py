@@ -520,7 +520,8 @@ def test_noscript_is_recovered_for_hit_and_hit_many(embedded_dir) -> None:
     for name, make in LIMITERS.items():
         client.script_flush()
         batch = make(client, "n", 5, 60).hit_many(["u", "v", "u"])
-        assert [(d.remaining, d.degraded) for d in batch] == [(4, False), (4, False), (3, False)]
+        expected = [(4, False), (4, False), (3, False)]
+        assert [(d.remaining, d.degraded) for d in batch] == expected, name
     client.close()
     server.stop()
 
