@@ -49,7 +49,7 @@ class _Awaited:
             reply = await self._script(self.redis, keys, args)
         except redis.RedisError as exc:
             return self._unavailable(exc)
-        return _to_decision(reply[0])
+        return _to_decision(reply)
 
     async def hit_many(self: Any, keys_or_pairs: Iterable[str | tuple[str, int]]) -> list[Decision]:
         """Decide a batch in one pipelined round trip, one script call per cluster slot;

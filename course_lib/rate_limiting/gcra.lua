@@ -4,7 +4,7 @@
 -- key      string: TAT in us
 -- ARGV     now_us ('' = Redis server TIME), nonce (unused), interval_us (1 / rate), burst,
 --          then the costs (see _batch.lua, which calls `decide` once per key)
--- decide   {allowed 0/1, remaining, retry_after_us, reset_after_us}
+-- decide   allowed 0/1, remaining, retry_after_us, reset_after_us
 local interval = tonumber(ARGV[3])
 local burst = tonumber(ARGV[4])
 local span = burst * interval
@@ -38,11 +38,11 @@ local function decide(key, cost)
       save(key, tat)
     end
     local remaining = math.max(0, math.floor((now - (tat - span)) / interval))
-    return {0, remaining, allow_at - now, tat - now}
+    return 0, remaining, allow_at - now, tat - now
   end
 
   if new_tat > now then
     save(key, new_tat)
   end
-  return {1, math.max(0, math.floor((now - allow_at) / interval)), 0, new_tat - now}
+  return 1, math.max(0, math.floor((now - allow_at) / interval)), 0, new_tat - now
 end

@@ -81,6 +81,17 @@ def _to_decision(reply: Sequence[int]) -> Decision:
     return _new(Decision, (allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, False))
 
 
+def _flat_decisions(reply: Sequence[int]) -> list[Decision]:
+    """The decisions of a script call's reply: four integers per key, in order."""
+    values = iter(reply)
+    return [
+        _new(Decision, (allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, False))
+        for allowed, remaining, retry_us, reset_us in zip(
+            values, values, values, values, strict=True
+        )
+    ]
+
+
 class RedisLimiter:
     """Base class: subclasses set :attr:`script`, :attr:`quota`, :attr:`window` and the
     script's parameters (:attr:`_params`); see the module docstring for the guarantees."""
@@ -93,7 +104,8 @@ class RedisLimiter:
     """Units admissible at once (the ``q`` of the ``RateLimit-Policy`` header)."""
     window: float
     """Seconds over which :attr:`quota` applies (the ``w`` of ``RateLimit-Policy``)."""
-    _params: tuple[Any, ...]
+    _params: tuple[Any, Any]
+    """The script's two parameters (ARGV[3] and ARGV[4], see ``_batch.lua``)."""
 
     def __init__(
         self,
@@ -152,7 +164,7 @@ class RedisLimiter:
             reply = self._script(self.redis, keys, args)
         except redis.RedisError as exc:
             return self._unavailable(exc)
-        return _to_decision(reply[0])
+        return _to_decision(reply)
 
     def hit_many(self, keys_or_pairs: Iterable[str | tuple[str, int]]) -> list[Decision]:
         """Decide a batch in one pipelined round trip, one script call per cluster slot;
@@ -178,7 +190,9 @@ class RedisLimiter:
             raise TypeError(f"key must be a str, got {type(key).__name__}")
         if cost != 1 or cost.__class__ is not int:
             cost = self._check_cost(cost)
-        return (self.key(key),), (self._now(), self._nonce(), *self._params, cost)
+            return (self.key(key),), (self._now(), self._nonce(), *self._params, cost)
+        # no cost argument: the script counts 1 (one argument less to pack and read)
+        return (self.key(key),), (self._now(), self._nonce(), *self._params)
 
     def _batch(
         self, keys_or_pairs: Iterable[str | tuple[str, int]]
@@ -186,6 +200,7 @@ class RedisLimiter:
         """The script calls of a batch, and for each call the input positions of its keys."""
         names: list[str] = []
         costs: list[int] = []
+        ones = True  # every cost is 1: the script is sent no costs (see _batch.lua)
         for item in keys_or_pairs:
             if isinstance(item, str):
                 # cost 1 always fits: every quota is a positive int
@@ -193,6 +208,7 @@ class RedisLimiter:
             elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
                 key, cost = item
                 cost = self._check_cost(cost)
+                ones = ones and cost == 1
             else:
                 raise TypeError(
                     f"keys_or_pairs items must be str keys or (str key, int cost) pairs, "
@@ -217,7 +233,9 @@ class RedisLimiter:
             for start in range(0, len(group), MAX_KEYS_PER_CALL):
                 part = group[start : start + MAX_KEYS_PER_CALL]
                 keys = [names[i] for i in part]
-                args = (now, self._nonce(), *self._params, *[costs[i] for i in part])
+                args: tuple[Any, ...] = (now, self._nonce(), *self._params)
+                if not ones:
+                    args += tuple(costs[i] for i in part)
                 calls.append((keys, args))
                 positions.append(part)
         return calls, positions
@@ -231,7 +249,7 @@ class RedisLimiter:
     def _decisions(self, replies: list[Any], positions: list[Sequence[int]]) -> list[Decision]:
         """One decision per input item, in input order, from one reply per script call."""
         if len(replies) == 1 and not isinstance(replies[0], Exception):
-            return [_to_decision(reply) for reply in replies[0]]  # one call, in order
+            return _flat_decisions(replies[0])  # one call, in input order
         decisions: list[Decision] = [None] * sum(map(len, positions))  # type: ignore[list-item]
         for reply, part in zip(replies, positions, strict=True):
             if isinstance(reply, Exception):
@@ -239,8 +257,8 @@ class RedisLimiter:
                 for i in part:
                     decisions[i] = fallback
             else:
-                for i, one in zip(part, reply, strict=True):
-                    decisions[i] = _to_decision(one)
+                for i, decision in zip(part, _flat_decisions(reply), strict=True):
+                    decisions[i] = decision
         return decisions
 
     def __repr__(self) -> str:

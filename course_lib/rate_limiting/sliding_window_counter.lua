@@ -4,7 +4,7 @@
 -- key      string '<current window start us>:<current count>:<previous count>'
 -- ARGV     now_us ('' = Redis server TIME), nonce (unused), limit, window_us, then the
 --          costs (see _batch.lua, which calls `decide` once per key)
--- decide   {allowed 0/1, remaining, retry_after_us, reset_after_us}
+-- decide   allowed 0/1, remaining, retry_after_us, reset_after_us
 local limit = tonumber(ARGV[3])
 local window = tonumber(ARGV[4])
 -- `now` is read once per call: every key of a batch shares the window
@@ -65,14 +65,14 @@ local function decide(key, cost)
     if rebased then
       save(key, current, previous)
     end
-    return {0, math.max(0, math.floor(limit - estimate)), math.ceil(retry),
-            reset_after(current, previous)}
+    return 0, math.max(0, math.floor(limit - estimate)), math.ceil(retry),
+           reset_after(current, previous)
   end
 
   if cost > 0 or rebased then
     current = current + cost
     save(key, current, previous)
   end
-  return {1, math.max(0, math.floor(limit - estimate - cost)), 0,
-          reset_after(current, previous)}
+  return 1, math.max(0, math.floor(limit - estimate - cost)), 0,
+         reset_after(current, previous)
 end

@@ -4,7 +4,7 @@
 --          in the same microsecond, or one batch repeats a key
 -- ARGV     now_us ('' = Redis server TIME), nonce (unique per call), limit, window_us, then
 --          the costs (see _batch.lua, which calls `decide` once per key)
--- decide   {allowed 0/1, remaining, retry_after_us, reset_after_us}
+-- decide   allowed 0/1, remaining, retry_after_us, reset_after_us
 local limit = tonumber(ARGV[3])
 local window = tonumber(ARGV[4])
 local stamp = string.format('%.0f', now)
@@ -44,8 +44,8 @@ local function decide(key, cost, i)
     local index = count + cost - limit - 1
     local entry = redis.call('ZRANGE', key, index, index, 'WITHSCORES')
     local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-    return {0, math.max(0, limit - count), tonumber(entry[2]) + window - now,
-            tonumber(newest[2]) + window - now}
+    return 0, math.max(0, limit - count), tonumber(entry[2]) + window - now,
+           tonumber(newest[2]) + window - now
   end
 
   if cost > 0 or ahead > 0 then
@@ -53,7 +53,7 @@ local function decide(key, cost, i)
     redis.call('PEXPIRE', key, ttl)
   end
   if cost > 0 then
-    return {1, math.max(0, limit - count - cost), 0, window}
+    return 1, math.max(0, limit - count - cost), 0, window
   end
 
   local reset = 0
@@ -61,5 +61,5 @@ local function decide(key, cost, i)
     local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
     reset = tonumber(newest[2]) + window - now
   end
-  return {1, math.max(0, limit - count), 0, reset}
+  return 1, math.max(0, limit - count), 0, reset
 end

@@ -3,7 +3,7 @@
 -- key      string '<micro-tokens left>:<time of that reading, us>'
 -- ARGV     now_us ('' = Redis server TIME), nonce (unused), capacity, rate (tokens/s =
 --          micro-tokens/us), then the costs (see _batch.lua, which calls `decide` per key)
--- decide   {allowed 0/1, remaining, retry_after_us, reset_after_us}
+-- decide   allowed 0/1, remaining, retry_after_us, reset_after_us
 local capacity = tonumber(ARGV[3]) * 1000000
 local rate = tonumber(ARGV[4])
 
@@ -38,7 +38,7 @@ local function decide(key, cost)
     if rebased then
       save(key, tokens, reset)
     end
-    return {0, math.floor(tokens / 1000000), math.ceil((cost - tokens) / rate), reset}
+    return 0, math.floor(tokens / 1000000), math.ceil((cost - tokens) / rate), reset
   end
 
   tokens = math.floor(tokens - cost)
@@ -49,5 +49,5 @@ local function decide(key, cost)
     -- a full bucket is the same as no bucket: free the memory
     redis.call('DEL', key)
   end
-  return {1, math.floor(tokens / 1000000), 0, reset}
+  return 1, math.floor(tokens / 1000000), 0, reset
 end
