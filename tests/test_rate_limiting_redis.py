@@ -533,10 +533,19 @@ def _raw_redis(binary: str, folder: Path) -> subprocess.Popen:
         [binary, "--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", str(folder)],
         stdout=subprocess.DEVNULL,
     )
-    for _ in range(200):
-        if sock.exists():
-            break
+    # ready when it answers PING: the socket file appears before the server serves (a first
+    # command could meet a refused connection or LOADING, and count as Redis being away)
+    probe = redis_lib.Redis(unix_socket_path=str(sock), socket_timeout=1)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if sock.exists() and probe.ping():
+                break
+        except redis_lib.RedisError:
+            pass
+        assert time.monotonic() < deadline, "the test's Redis did not start"
         time.sleep(0.025)
+    probe.close()
     return process
 
 
