@@ -147,17 +147,22 @@ def _missing(replies: list[Any]) -> list[int]:
 
 
 @functools.cache
-def load(package: str, name: str, *, prelude: str | None = None) -> Script:
+def load(
+    package: str, name: str, *, prelude: str | None = None, epilogue: str | None = None
+) -> Script:
     """The script ``<name>.lua`` of ``package`` (a dotted package name), read once.
 
-    ``prelude`` names another ``.lua`` file of the same package whose text is put before
-    the script (shared definitions, such as the rate limiters' server clock).
+    ``prelude`` and ``epilogue`` name other ``.lua`` files of the same package whose text
+    is put before and after the script: shared definitions (such as the rate limiters'
+    server clock) and a shared main part (such as the rate limiters' loop over a batch).
     """
     folder = resources.files(package)
     try:
         text = (folder / f"{name}.lua").read_text()
         if prelude is not None:
             text = (folder / f"{prelude}.lua").read_text() + text
+        if epilogue is not None:
+            text += (folder / f"{epilogue}.lua").read_text()
     except FileNotFoundError as exc:
         raise ValueError(f"no Lua script {exc.filename!r} in package {package!r}") from None
     return Script(f"{package}/{name}", text)

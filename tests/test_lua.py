@@ -26,7 +26,7 @@ def test_every_lua_file_of_the_package_loads() -> None:
     assert len(names) >= 12
     for package, name in names:
         script = lua.load(package, name)
-        assert "redis.call" in script.source or name == "_now", name
+        assert "redis.call" in script.source or name in ("_now", "_batch"), name
         assert lua.load(package, name) is script  # read once
 
 
@@ -37,10 +37,12 @@ def test_unknown_script_and_empty_source_are_refused() -> None:
         lua.Script("empty", "  ")
 
 
-def test_prelude_comes_first() -> None:
-    script = lua.load("course_lib.rate_limiting", "gcra", prelude="_now")
+def test_prelude_comes_first_and_epilogue_last() -> None:
+    script = lua.load("course_lib.rate_limiting", "gcra", prelude="_now", epilogue="_batch")
     now = lua.load("course_lib.rate_limiting", "_now").source
-    assert script.source.startswith(now) and len(script.source) > len(now)
+    gcra = lua.load("course_lib.rate_limiting", "gcra").source
+    loop = lua.load("course_lib.rate_limiting", "_batch").source
+    assert script.source == now + gcra + loop
 
 
 def test_call_reloads_after_script_flush_in_one_extra_round_trip(ns) -> None:

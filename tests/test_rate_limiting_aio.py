@@ -17,6 +17,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from course_lib import services
+from course_lib.clocks import ManualClock
 from course_lib.measure import run_processes
 from course_lib.rate_limiting import FAIL_CLOSED_RETRY_AFTER, RateLimitMiddleware, aio
 from course_lib.rate_limiting import redis_limiters as sync
@@ -111,6 +112,40 @@ def test_one_family_with_the_sync_limiters(redis: redis_lib.Redis, ns: str, name
     assert (again.allowed, again.remaining) == (True, 0)
     assert (other.allowed, other.remaining) == (True, 1)
     assert not counted_sync.hit("k").allowed
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_async_batches_decide_as_the_sync_hit_one_by_one(
+    redis: redis_lib.Redis, ns: str, name: str
+) -> None:
+    _, sync_cls, make = FAMILIES[name]
+    clock = ManualClock(7200.0)
+    one_by_one = make(sync_cls, redis, f"{ns}:one", 5, 60, clock=clock)
+    items = ["a", ("b", 2), "a", ("a", 0), ("c", 5), ("a", 3), "b", ("c", 1), "a", "a"]
+
+    async def main() -> list[list[Any]]:
+        client = aredis.Redis.from_url(services.redis_url())
+        try:
+            limiter = _async_limiter(name, client, f"{ns}:many", 5, 60, clock=clock)
+            rounds = [await limiter.hit_many(["u"] * 15)]
+            for step in (0.0, 13.0, 50.0):
+                clock.advance(step)
+                rounds.append(await limiter.hit_many(items))
+            return rounds
+        finally:
+            await client.aclose()
+
+    rounds = asyncio.run(main())
+    assert [d.allowed for d in rounds[0]] == [True] * 5 + [False] * 10
+    assert [d.remaining for d in rounds[0]] == [4, 3, 2, 1, 0] + [0] * 10
+    clock.set(7200.0)  # replay the same times one by one
+    for step, got in zip((0.0, 13.0, 50.0), rounds[1:], strict=True):
+        clock.advance(step)
+        expected = [
+            one_by_one.hit(item) if isinstance(item, str) else one_by_one.hit(*item)
+            for item in items
+        ]
+        assert got == expected, step
 
 
 def test_a_full_non_blocking_pool_is_an_error_not_a_free_pass(ns: str) -> None:

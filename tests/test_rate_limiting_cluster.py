@@ -138,3 +138,109 @@ def test_a_cluster_that_is_down_fails_open_flagged() -> None:
             assert cache.get(7) == {"id": 7} and cache.stats["fail_open"] >= 1
         finally:
             client.close()
+
+
+def _evalsha_calls(cluster: RedisCluster) -> int:
+    """EVALSHA calls the primaries have run (each node counts its own)."""
+    total = 0
+    for node in cluster.get_primaries():
+        stats = cluster.get_redis_connection(node).info("commandstats")
+        total += stats.get("cmdstat_evalsha", {}).get("calls", 0)
+    return total
+
+
+def _batch_items(prefix: str) -> list[str | tuple[str, int]]:
+    """A batch over 12 keys spread on the three nodes, with keys repeated across the slots
+    of others, a cost of 2 and a question (cost 0)."""
+    keys = [f"{prefix}{i}" for i in range(12)]
+    k0, k1, k2 = keys[:3]
+    return [k0, k1, k0, (k2, 2), k0, *keys[3:], k1, (k2, 0), k0, k2, k2, k0]
+
+
+def _one_by_one(limiter: object, items: list[str | tuple[str, int]]) -> list[object]:
+    return [limiter.hit(i) if isinstance(i, str) else limiter.hit(*i) for i in items]  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(90)
+def test_a_batch_on_a_cluster_is_one_call_per_slot_and_decides_as_hit(
+    cluster: RedisCluster,
+) -> None:
+    for name, make in LIMITERS.items():
+        clock = ManualClock(2000.0)
+        limiter = make(cluster, clock=clock)
+        batch, single = _batch_items(f"batch-{name}-"), _batch_items(f"single-{name}-")
+        slots = {cluster.keyslot(limiter.key(i if isinstance(i, str) else i[0])) for i in batch}
+        nodes = {
+            cluster.get_node_from_key(limiter.key(f"batch-{name}-{i}")).name for i in range(12)
+        }
+        assert len(nodes) == 3, name
+        limiter.hit_many([f"warm-{name}-{i}" for i in range(12)])  # scripts loaded everywhere
+        before = _evalsha_calls(cluster)
+        got = limiter.hit_many(batch)
+        assert _evalsha_calls(cluster) - before == len(slots) == 12, name
+        first = [d.allowed for d, item in zip(got, batch, strict=True) if item == batch[0]]
+        assert first == [True, True, True, False, False], name  # limit 3, counted in order
+        assert got == _one_by_one(limiter, single), name
+        assert not any(d.degraded for d in got), name
+
+
+@pytest.mark.timeout(90)
+def test_one_failing_slot_group_answers_fail_open_for_its_keys_only(cluster: RedisCluster) -> None:
+    target = cluster.get_primaries()[0]
+    node = cluster.get_redis_connection(target)
+    for fail_open in (True, False):
+        for name, make in LIMITERS.items():
+            limiter = make(cluster, fail_open=fail_open, clock=ManualClock(3000.0))
+            keys = [f"oom-{fail_open}-{name}-{i}" for i in range(12)]
+            failing = {k for k in keys if cluster.get_node_from_key(limiter.key(k)) == target}
+            assert 0 < len(failing) < len(keys), name
+            limiter.hit_many([f"warm-{name}-{i}" for i in range(12)])  # scripts loaded
+            # A primary told to write only with a replica (it has none) answers NOREPLICAS
+            # to a script's first write (OOM would do, but Redis lets a script that has
+            # written once, such as the log's ZREMRANGEBYSCORE, write on under OOM).
+            node.config_set("min-replicas-to-write", "1")
+            try:
+                got = limiter.hit_many(keys + keys)
+            finally:
+                node.config_set("min-replicas-to-write", "0")
+            for position, (key, decision) in enumerate(zip(keys + keys, got, strict=True)):
+                if key in failing:
+                    assert decision.degraded and decision.allowed == fail_open, (name, key)
+                else:
+                    remaining = 2 if position < len(keys) else 1
+                    assert not decision.degraded and decision.allowed, (name, key)
+                    assert decision.remaining == remaining, (name, key)
+
+
+@pytest.mark.timeout(90)
+def test_asyncio_batches_on_a_cluster_decide_as_the_sync_hit(cluster: RedisCluster) -> None:
+    node = cluster.get_primaries()[0]
+    clock = ManualClock(4000.0)
+    ASYNC = {
+        "fixed_window": lambda r: aio.FixedWindow(r, 3, 3600, prefix="bfw", clock=clock),
+        "sliding_window_log": lambda r: aio.SlidingWindowLog(
+            r, 3, 3600, prefix="bswl", clock=clock
+        ),
+        "sliding_window_counter": lambda r: aio.SlidingWindowCounter(
+            r, 3, 3600, prefix="bswc", clock=clock
+        ),
+        "token_bucket": lambda r: aio.RedisTokenBucket(r, 3, 3 / 3600, prefix="btb", clock=clock),
+        "gcra": lambda r: aio.GCRA(r, 3 / 3600, 3, prefix="bgcra", clock=clock),
+    }
+
+    async def main() -> dict[str, list[object]]:
+        client = AsyncRedisCluster(host=node.host, port=node.port)
+        try:
+            flush_scripts(cluster)
+            return {
+                name: await make(client).hit_many(_batch_items(f"abatch-{name}-"))
+                for name, make in ASYNC.items()
+            }
+        finally:
+            await client.aclose()
+
+    got = asyncio.run(main())
+    for name, make in LIMITERS.items():
+        expected = _one_by_one(make(cluster, clock=clock), _batch_items(f"asingle-{name}-"))
+        assert got[name] == expected, name
+        assert [d.allowed for d in got[name]][:3] == [True, True, True], name

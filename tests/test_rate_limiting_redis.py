@@ -30,6 +30,7 @@ from course_lib.rate_limiting import (
     TokenBucket,
 )
 from course_lib.rate_limiting.lesson import as_written
+from course_lib.rate_limiting.redis_base import MAX_KEYS_PER_CALL
 
 Factory = Callable[..., RedisLimiter]
 
@@ -296,6 +297,70 @@ def test_hit_many_is_one_round_trip_in_order(ns: str, name: str) -> None:
     client.close()
 
 
+@pytest.mark.parametrize("injected", [False, True])
+@pytest.mark.parametrize("name", list(LIMITERS))
+def test_a_batch_of_one_key_admits_exactly_the_quota_in_order(
+    redis: redis_lib.Redis, ns: str, name: str, injected: bool
+) -> None:
+    # One script call decides the whole batch with one "now": every unit of the sliding log
+    # gets the same timestamp and must still be its own entry.
+    clock = ManualClock(5000.0) if injected else None
+    limiter = LIMITERS[name](redis, ns, 7, 3600, clock=clock)
+    decisions = limiter.hit_many(["u"] * 21)
+    assert [d.allowed for d in decisions] == [True] * 7 + [False] * 14
+    assert [d.remaining for d in decisions] == [6, 5, 4, 3, 2, 1, 0] + [0] * 14
+    assert not any(d.degraded for d in decisions)
+    assert not limiter.hit("u")
+
+
+# (key, cost) items with repeats, zero costs (a question), costs that do not fit any more
+# and one that never fits a fresh window
+MIXED = ["a", ("b", 2), "a", ("a", 0), ("c", 5), ("a", 3), "b", ("b", 0), ("c", 1), "a",
+         ("b", 5), "a", "c"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(LIMITERS))
+def test_hit_many_decides_exactly_as_hit_one_by_one(
+    redis: redis_lib.Redis, ns: str, name: str
+) -> None:
+    clock = ManualClock(7200.0)
+    one_by_one = LIMITERS[name](redis, f"{ns}:one", 5, 60, clock=clock)
+    batched = LIMITERS[name](redis, f"{ns}:many", 5, 60, clock=clock)
+    # rounds at several points of a window: refills, the previous window's weight, expiry
+    for step in (0.0, 7.0, 0.0, 25.0, 31.0, 61.0):
+        clock.advance(step)
+        expected = [
+            one_by_one.hit(item) if isinstance(item, str) else one_by_one.hit(*item)
+            for item in MIXED
+        ]
+        got = batched.hit_many(MIXED)
+        assert got == expected, step
+        assert any(d.allowed for d in got) and not all(d.allowed for d in got)
+
+
+def test_a_huge_batch_is_cut_into_calls_in_one_round_trip(embedded_dir) -> None:
+    server = services.EmbeddedRedis(embedded_dir / "redis")
+    client = _private_client(server.start())
+    size = 2 * MAX_KEYS_PER_CALL + 500
+    try:
+        for limiter in (
+            SlidingWindowLog(client, size - 700, 60, prefix="swl", clock=ManualClock(0.0)),
+            FixedWindow(client, size - 700, 60, prefix="fw"),
+        ):
+            limiter.hit("warm")  # the script is loaded now
+            client.config_resetstat()
+            counter = CountingSends(client)
+            decisions = limiter.hit_many(["u"] * size)
+            assert counter.sends == 1
+            assert client.info("commandstats")["cmdstat_evalsha"]["calls"] == 3
+            # the same key over three calls: each call sees the ones before it, and the
+            # log's entries stay unique across calls of the same microsecond
+            assert [d.allowed for d in decisions] == [True] * (size - 700) + [False] * 700
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_hit_many_validates_before_sending(redis: redis_lib.Redis, ns: str) -> None:
     limiter = FixedWindow(redis, 3, 60, prefix=f"{ns}:fw")
     with pytest.raises(ValueError, match="cost"):
@@ -452,6 +517,11 @@ def test_noscript_is_recovered_for_hit_and_hit_many(embedded_dir) -> None:
     assert limiter.hit("u").remaining == 3
     client.script_flush()
     assert [d.remaining for d in limiter.hit_many(["u", "u"])] == [2, 1]
+    for name, make in LIMITERS.items():
+        client.script_flush()
+        batch = make(client, "n", 5, 60).hit_many(["u", "v", "u"])
+        expected = [(4, False), (4, False), (3, False)]
+        assert [(d.remaining, d.degraded) for d in batch] == expected, name
     client.close()
     server.stop()
 
@@ -463,10 +533,19 @@ def _raw_redis(binary: str, folder: Path) -> subprocess.Popen:
         [binary, "--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", str(folder)],
         stdout=subprocess.DEVNULL,
     )
-    for _ in range(200):
-        if sock.exists():
-            break
+    # ready when it answers PING: the socket file appears before the server serves (a first
+    # command could meet a refused connection or LOADING, and count as Redis being away)
+    probe = redis_lib.Redis(unix_socket_path=str(sock), socket_timeout=1)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if sock.exists() and probe.ping():
+                break
+        except redis_lib.RedisError:
+            pass
+        assert time.monotonic() < deadline, "the test's Redis did not start"
         time.sleep(0.025)
+    probe.close()
     return process
 
 

@@ -7,12 +7,12 @@ take a ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster`` client and run 
 loop: no worker thread per request, as the synchronous limiters need in an ASGI app.
 
 Guarantees are those of :class:`~course_lib.rate_limiting.redis_base.RedisLimiter`: one
-atomic round trip per decision (one per batch for ``hit_many``), Redis server time, and the
-``fail_open`` answer, never an exception, when Redis cannot count now. Give them
-:func:`course_lib.services.fail_fast_async_client` (``fail_fast_async_redis`` for
-another URL): no retries, so a dead server is noticed in a known
-time, and a bounded ``BlockingConnectionPool`` that many concurrent tasks wait on for at most
-``pool_timeout`` seconds. redis-py's default asyncio pool instead raises
+atomic round trip per decision (one per batch for ``hit_many``, with one script call per
+cluster slot), Redis server time, and the ``fail_open`` answer, never an exception, when
+Redis cannot count now. Give them :func:`course_lib.services.fail_fast_async_client`
+(``fail_fast_async_redis`` for another URL): no retries, so a dead server is noticed in a
+known time, and a bounded ``BlockingConnectionPool`` that many concurrent tasks wait on for at
+most ``pool_timeout`` seconds. redis-py's default asyncio pool instead raises
 ``MaxConnectionsError`` as soon as 100 tasks hold a connection. Either way a full pool is a
 client setting, not a server outage: the limiter raises
 :class:`~course_lib.services.PoolExhaustedError` rather than answering ``fail_open``.
@@ -53,15 +53,16 @@ class _Awaited:
         return _to_decision(reply)
 
     async def hit_many(self: Any, keys_or_pairs: Iterable[str | tuple[str, int]]) -> list[Decision]:
-        """Decide a batch in one pipelined round trip; decisions in input order."""
-        calls = self._batch(keys_or_pairs)
+        """Decide a batch in one pipelined round trip, one script call per cluster slot;
+        decisions in input order."""
+        calls, positions = self._batch(keys_or_pairs)
         if not calls:
             return []
         try:
             replies = await self._script.pipeline(self.redis, calls)
         except redis.RedisError as exc:
-            return [self._unavailable(exc) for _ in calls]
-        return self._decisions(replies)
+            replies = [exc] * len(calls)
+        return self._decisions(replies, positions)
 
 
 class FixedWindow(_Awaited, redis_limiters.FixedWindow):  # type: ignore[misc]

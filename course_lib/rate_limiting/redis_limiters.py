@@ -117,15 +117,15 @@ os.register_at_fork(after_in_child=_NONCES.reseed)
 class SlidingWindowLog(_WindowLimiter):
     """Exactly at most ``limit`` units in any ``window`` seconds: every admitted unit is a
     sorted-set entry scored by its time. Exact, at the price of memory proportional to the
-    limit. Members are unique (time, per-process nonce, index), so requests arriving in the
-    same microsecond are all counted."""
+    limit. Members are unique (time, per-call nonce, index in the call, unit), so requests
+    arriving in the same microsecond, or repeated in one batch, are all counted."""
 
     script = "sliding_window_log"
 
     default_prefix = "rl:swl"
 
-    def _extra(self) -> tuple[str]:
-        return (_NONCES.next(),)
+    def _nonce(self) -> str:
+        return _NONCES.next()
 
 
 class SlidingWindowCounter(_WindowLimiter):
