@@ -8,7 +8,7 @@
   servers themselves; whatever they started there is stopped afterwards.
 - ``local_cluster`` : a Redis Cluster of three primaries on loopback, shared by the tests of
   a module (creating one takes about 2 s; each test uses its own key names);
-  :func:`start_cluster` starts others (with replicas, for failover).
+  ``clusters.start_cluster`` starts others (with replicas, for failover).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from clusters import start_cluster
 from sqlalchemy import Engine
 
 from course_lib import services
@@ -67,16 +68,6 @@ def embedded_dir() -> Iterator[Path]:
         yield root
         services.EmbeddedRedis(root / "redis").stop()
         services.EmbeddedPostgres(root / "postgres").stop()
-
-
-def start_cluster(primaries: int = 3, replicas: int = 0, **kwargs: float) -> LocalCluster:
-    """A started :class:`LocalCluster`, or the test skipped if no ``redis-server`` exists."""
-    try:
-        return LocalCluster(primaries, replicas, **kwargs).start()
-    except services.ServiceError as exc:
-        if "no Redis available" in str(exc) or "no redis-cli" in str(exc):
-            pytest.skip(f"cannot start a Redis Cluster: {exc}")
-        raise
 
 
 @pytest.fixture(scope="module")

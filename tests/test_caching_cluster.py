@@ -1,7 +1,7 @@
 """The caches, write paths and locks on a real Redis Cluster, and a failover under load.
 
 The clusters run on 127.0.0.1 (``course_lib.services.cluster.LocalCluster``, through the
-``local_cluster`` fixture and ``start_cluster`` of conftest.py). Every ordering is a polled
+``local_cluster`` fixture and ``start_cluster`` of clusters.py). Every ordering is a polled
 state (a node's role, a replica's offset, a counter), never a fixed sleep. The clusters are
 the tests' own, the same in both passes of ``make test``: one pass runs them.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import start_cluster
+from clusters import start_cluster
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
@@ -320,7 +320,7 @@ def test_failover_caches_and_limiters_fail_open_then_follow_the_new_primary(
 
 
 def _write_until_killed(
-    replicated: LocalCluster, wb: WriteBehind, primary: int, *, keys: int
+    replicated: LocalCluster, wb: WriteBehind, primary: int, *, keys: int, on_cut: Any
 ) -> tuple[list[tuple[int, int]], int, list[Any]]:
     """Write ``(key, score)`` as fast as possible to keys ``1..keys``. After 200
     acknowledged writes, with the writer held between two writes, cut replication: the
@@ -330,7 +330,9 @@ def _write_until_killed(
     SIGKILLed, the replica resumed and promoted, and the writer goes on with keys
     ``keys+1..2*keys`` (so no later write masks a lost one) until 10 writes reach the new
     primary. Returns the writes acknowledged before the kill, in order, the index of the
-    first one written after the cut, and what the writes after the promotion got."""
+    first one written after the cut, and what the writes after the promotion got.
+    ``on_cut()`` runs at the cut (the caller stops its worker there: a write the worker
+    applied to the database before the kill is not lost, whatever replication did)."""
     before: list[tuple[int, int]] = []
     refused: list[NotReplicated] = []
     after: list[Any] = []  # acknowledged writes after the kill, or NotReplicated refusals
@@ -362,6 +364,7 @@ def _write_until_killed(
         _wait_for(lambda: len(before) >= 200, what="200 writes")
         running.clear()
         with between_writes:  # no write in flight: the cut is exact
+            on_cut()
             replicated.pause(replica)
             with replicated.node(primary) as p:
                 p.client_kill_filter(_type="replica")
@@ -414,7 +417,9 @@ def test_failover_write_behind_loses_exactly_what_replication_had_not_carried(
             store.save(key, {"score": 0})
         worker = wb.start_worker("w1")
         try:
-            acked, cut, after = _write_until_killed(replicated, wb, primary, keys=10)
+            acked, cut, after = _write_until_killed(
+                replicated, wb, primary, keys=10, on_cut=worker.stop
+            )
         finally:
             worker.stop()
         wb.drain("after", timeout=30)
