@@ -32,10 +32,12 @@ def watch_parent(
     the parent, before forking): then a parent that died before this call is noticed too.
     Without it, the parent is this process's parent at the time of the call.
     ``on_orphaned`` runs in that thread, so it should signal the main thread
-    (``os.kill(os.getpid(), signal.SIGTERM)``, an ``Event.set()``) rather than tear things
-    down itself. A child forked from this process later does not inherit the thread
-    (``fork`` copies only the calling thread), so an RQ work-horse is not stopped by its
-    worker's watch. Raises ``ValueError`` if ``interval`` is not a positive number.
+    (``signal.pthread_kill(main_thread_id, signal.SIGTERM)``, an ``Event.set()``) rather than
+    tear things down itself; ``os.kill(os.getpid(), ...)`` may be taken by this thread and
+    leave a main thread blocked in a system call uninterrupted. A child forked from this
+    process later does not inherit the thread (``fork`` copies only the calling thread), so
+    an RQ work-horse is not stopped by its worker's watch. Raises ``ValueError`` if
+    ``interval`` is not a positive number.
     """
     interval = positive_number("interval", interval)
     expected = os.getppid() if parent is None else parent

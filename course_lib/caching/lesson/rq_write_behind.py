@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -76,7 +77,11 @@ class Worker(rq.Worker):
     inherit the watching thread."""
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
-        watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
+        main = threading.main_thread().ident
+        # To the main thread itself: a signal sent to the process may be taken by the
+        # watching thread, and then the main thread stays blocked in its BLMOVE until the
+        # dequeue timeout (minutes) instead of being interrupted at once.
+        watch_parent(lambda: signal.pthread_kill(main, signal.SIGTERM))
         return super().work(*args, **kwargs)
 
 
