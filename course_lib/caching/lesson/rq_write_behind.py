@@ -51,6 +51,7 @@ from ..users import users_table
 from . import as_written
 
 __all__ = [
+    "ORPHAN_GRACE",
     "SERIALIZER",
     "KillResult",
     "OutOfOrder",
@@ -70,18 +71,30 @@ __all__ = [
 ]
 
 
+#: Seconds an orphaned worker gets for its warm shutdown before it kills itself.
+ORPHAN_GRACE = 5.0
+
+
 class Worker(rq.Worker):
     """The worker class ``rq worker`` runs (see :class:`RqWorker`): RQ's forking ``Worker``,
     which also asks itself for a warm shutdown (``SIGTERM``) if the process that started it
-    dies without stopping it. Its work-horses are not watched: a forked child does not
+    dies without stopping it, and kills itself :data:`ORPHAN_GRACE` seconds later if it is
+    still running. Its work-horses are not watched: a forked child does not
     inherit the watching thread."""
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         main = threading.main_thread().ident
-        # To the main thread itself: a signal sent to the process may be taken by the
-        # watching thread, and then the main thread stays blocked in its BLMOVE until the
-        # dequeue timeout (minutes) instead of being interrupted at once.
-        watch_parent(lambda: signal.pthread_kill(main, signal.SIGTERM))
+
+        def orphaned() -> None:
+            # To the main thread itself: a signal sent to the process may be taken by the
+            # watching thread, leaving the main thread blocked in its BLMOVE. A warm
+            # shutdown first; if the worker is still here after ORPHAN_GRACE seconds (seen
+            # once on a busy machine), it is killed: an orphan must never outlive that.
+            signal.pthread_kill(main, signal.SIGTERM)
+            time.sleep(ORPHAN_GRACE)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        watch_parent(orphaned)
         return super().work(*args, **kwargs)
 
 
