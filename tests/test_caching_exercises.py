@@ -213,7 +213,7 @@ def not_attempted(*args):
         (check_cache_aside, good_get_user, fails_closed, "must cost latency, not availability"),
         (check_safe_release, good_release, plain_delete, "released a lock held by another"),
         (check_safe_release, good_release, get_then_del, "one atomic step"),
-        (check_single_flight, good_get_once, hangs_on_error, "still waiting after 5 s"),
+        (check_single_flight, good_get_once, hangs_on_error, "still waiting after 6 s"),
         (check_single_flight, good_get_once, memoises_forever, "without running fn again"),
         (check_single_flight, good_get_once, check_then_insert, "under a lock"),
         (check_single_flight, good_get_once, membership_then_insert, "under a lock"),

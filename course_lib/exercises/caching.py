@@ -234,7 +234,8 @@ class SlowKey:
 
 def check_single_flight(get_once: Callable[[Any, Callable[[], Any]], Any]) -> CheckResult:
     """50 threads call ``get_once(key, fn)`` together: 1 call of ``fn``, all get its result;
-    with a failing ``fn``: 1 call, all 50 raise within 5 s (``fn`` takes 0.2 s). Once a
+    with a failing ``fn``: 1 call, all 50 raise within 6 s (``fn`` lasts until every caller
+    has started, then 0.2 s). Once a
     flight has finished, the next call for its key calls ``fn`` again, after a success as
     after a failure. The keys are :class:`SlowKey`: an unlocked check-then-insert lets
     several threads lead, every run."""
@@ -242,17 +243,33 @@ def check_single_flight(get_once: Callable[[Any, Callable[[], Any]], Any]) -> Ch
     run = uuid.uuid4().hex[:8]
     key, bad_key = SlowKey(f"ex01:flight:{run}"), SlowKey(f"ex01:flight:{run}:bad")
     calls = {"ok": 0, "bad": 0}
+    entered = {"ok": 0, "bad": 0}
+    everyone = {"ok": threading.Event(), "bad": threading.Event()}
     lock = threading.Lock()
 
+    def caller(which: str, flight_key: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            with lock:
+                entered[which] += 1
+                if entered[which] == 50:
+                    everyone[which].set()
+            return get_once(flight_key, fn)
+
+        return call
+
+    # fn holds its flight until all 50 callers have started their call (then 0.2 s more), so
+    # on a busy machine a caller that starts late still finds the flight, not its result.
     def slow() -> str:
         with lock:
             calls["ok"] += 1
+        everyone["ok"].wait(4)
         time.sleep(0.2)
         return "value"
 
     def broken() -> str:
         with lock:
             calls["bad"] += 1
+        everyone["bad"].wait(4)
         time.sleep(0.2)
         raise ConnectionError("database unavailable")
 
@@ -260,9 +277,9 @@ def check_single_flight(get_once: Callable[[Any, Callable[[], Any]], Any]) -> Ch
         get_once(SlowKey(f"ex01:flight:{run}:probe"), lambda: "probe")
     except NotImplementedError:
         return not_attempted(name, "write get_once")
-    stuck = "some callers were still waiting after 5 s (a waiter that never wakes?)"
+    stuck = "some callers were still waiting after 6 s (a waiter that never wakes?)"
     try:
-        good = run_threads(lambda: get_once(key, slow), 50, timeout=5)
+        good = run_threads(caller("ok", key, slow), 50, timeout=6)
     except TimeoutError:
         return failed(name, stuck)
     if calls["ok"] != 1 or good.values.count("value") != 50:
@@ -278,7 +295,7 @@ def check_single_flight(get_once: Callable[[Any, Callable[[], Any]], Any]) -> Ch
             ),
         )
     try:
-        bad = run_threads(lambda: get_once(bad_key, broken), 50, timeout=5)
+        bad = run_threads(caller("bad", bad_key, broken), 50, timeout=6)
     except TimeoutError:
         return failed(name, stuck)
     raised = sum("ConnectionError" in e for e in bad.errors)
