@@ -126,7 +126,9 @@ def test_slowdown_and_random_profiles() -> None:
     with serve_processes(FACTORY, kwargs) as procs:
         runs = [run_load(p.url, requests=4, concurrency=1, progress=False) for p in procs]
     assert all(set(r.status) == {200} for r in runs)
-    assert (runs[0].latency_ms >= 100).all()  # 20 ms x 5 from the start: a lower bound
+    # 20 ms x 5 from the start: a lower bound, less the 1 ms an event loop's timer may fire
+    # early (uvicorn runs on uvloop where installed; its timers have millisecond resolution)
+    assert (runs[0].latency_ms >= 99).all()
     assert runs[2].backend.tolist() == ["random"] * 4
 
 
