@@ -21,6 +21,8 @@ from typing import Any
 
 import nbformat
 
+from .progress import in_kernel
+
 __all__ = ["METADATA_KEY", "Figure", "figures_of", "record", "say"]
 
 # Key of the output metadata that carries a cell's recorded figures.
@@ -95,7 +97,7 @@ def say(template: str, /, **figures: Any) -> None:
         raise ValueError(f"figures not quoted by the template: {', '.join(unused)}")
     text = template.format(**figures)
     records = _records(figures, specs)
-    if _in_kernel():
+    if in_kernel():
         _display({"text/markdown": text, "text/plain": text}, records)
     else:
         print(text)
@@ -107,17 +109,8 @@ def record(spec: str = "", /, **figures: Any) -> None:
     if not figures:
         raise ValueError("record: give at least one figure")
     records = _records(figures, dict.fromkeys(figures, spec))
-    if _in_kernel():
+    if in_kernel():
         _display({"text/plain": ""}, records)
-
-
-def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython ships with the course
-        return False
-    shell = get_ipython()
-    return shell is not None and hasattr(shell, "kernel")
 
 
 def figures_of(nb: nbformat.NotebookNode) -> dict[str, Figure]:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-__all__ = ["progress"]
+__all__ = ["in_kernel", "progress"]
 
 T = TypeVar("T")
 
@@ -49,7 +49,8 @@ class _DisplayLine(io.TextIOBase):
         super().close()
 
 
-def _in_kernel() -> bool:
+def in_kernel() -> bool:
+    """Whether this code runs in a Jupyter kernel (where outputs are saved in a notebook)."""
     try:
         from IPython import get_ipython
     except ImportError:  # pragma: no cover - IPython ships with the course
@@ -74,7 +75,7 @@ def progress(iterable: Iterable[T] | None = None, /, **options: Any) -> tqdm:
     """A tqdm bar (same arguments) that leaves no frames in a notebook's saved output."""
     if "file" in options:
         raise TypeError("progress: the bar picks its own output; do not pass file=")
-    if _in_kernel() and not options.get("disable", False):
+    if in_kernel() and not options.get("disable", False):
         file: Any = _DisplayLine()
     else:
         file = sys.stderr
