@@ -10,9 +10,13 @@ source itself. redis-py's ``register_script`` instead checks
 ``SCRIPT EXISTS`` before every pipeline: an extra round trip each time.
 
 The same :class:`Script` works with ``redis.Redis``, ``redis.cluster.RedisCluster`` and
-their ``redis.asyncio`` twins: with an asyncio client, :meth:`Script.__call__` and
-:meth:`Script.pipeline` return awaitables. On a cluster, a call goes to the node that owns
-its first key; ``SCRIPT LOAD`` is sent to every primary.
+their ``redis.asyncio`` twins, with one method per kind of client, as redis-py itself
+splits ``redis`` from ``redis.asyncio``: :meth:`Script.__call__`, :meth:`Script.pipeline`
+and :meth:`Script.bind` for a sync client; :meth:`Script.acall`, :meth:`Script.apipeline`
+and :meth:`Script.abind` (coroutines) for an asyncio client. Handing an asyncio client to a
+sync method (or the reverse) raises ``TypeError`` instead of returning an un-awaited
+coroutine. On a cluster, a call goes to the node that owns its first key; ``SCRIPT LOAD``
+is sent to every primary.
 """
 
 from __future__ import annotations
@@ -37,12 +41,17 @@ _ASYNC = (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)
 _CLUSTER = (RedisCluster, redis.asyncio.cluster.RedisCluster)
 
 
-@functools.cache
-def _is_async(kind: type) -> bool:
-    # redis-py's client classes have a typing.Protocol metaclass: an isinstance() against
-    # them costs about a microsecond per class, on every call. The answer depends only on
-    # the client's type, so it is computed once per type.
-    return issubclass(kind, _ASYNC)
+def _require(client: Any, *, asyncio: bool) -> None:
+    # A sync method given an asyncio client would hand back an un-awaited coroutine.
+    if isinstance(client, _ASYNC) != asyncio:
+        if asyncio:
+            wanted, use = "an asyncio", "__call__/pipeline/bind"
+        else:
+            wanted, use = "a sync", "acall/apipeline/abind"
+        raise TypeError(
+            f"this method takes {wanted} Redis client, got {type(client).__name__}; "
+            f"use {use} for it"
+        )
 
 
 class Script:
@@ -67,12 +76,9 @@ class Script:
         command, source, options = self._load_args(client)
         return client.execute_command(command, source, **options)
 
-    def __call__(
-        self, client: Any, keys: Sequence[Any] = (), args: Sequence[Any] = ()
-    ) -> Any | Awaitable[Any]:
-        """Run the script on ``client``: its reply (awaitable for an asyncio client)."""
-        if _is_async(client.__class__):
-            return self._acall(client, keys, args)
+    def __call__(self, client: Any, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        """Run the script on a sync ``client``: its reply."""
+        _require(client, asyncio=False)
         evalsha = ("EVALSHA", self.sha, len(keys), *keys, *args)
         try:
             return client.execute_command(*evalsha)
@@ -80,7 +86,9 @@ class Script:
             self._send_load(client)
             return client.execute_command(*evalsha)
 
-    async def _acall(self, client: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def acall(self, client: Any, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        """Run the script on an asyncio ``client``: its reply."""
+        _require(client, asyncio=True)
         evalsha = ("EVALSHA", self.sha, len(keys), *keys, *args)
         try:
             return await client.execute_command(*evalsha)
@@ -99,30 +107,36 @@ class Script:
         transaction.execute_command("EVAL", self.source, len(keys), *keys, *args)
 
     def bind(self, client: Any) -> Callable[..., Any]:
-        """``script.bind(client)(keys=..., args=...)``: the script with its client fixed."""
+        """``script.bind(client)(keys=..., args=...)``: the script with its sync client fixed."""
+        _require(client, asyncio=False)
         return functools.partial(self, client)
 
-    def pipeline(self, client: Any, calls: Sequence[Call]) -> list[Any] | Awaitable[list[Any]]:
-        """Run every call in one pipelined round trip; replies in order.
+    def abind(self, client: Any) -> Callable[..., Awaitable[Any]]:
+        """``await script.abind(client)(keys=..., args=...)``: the same for an asyncio client."""
+        _require(client, asyncio=True)
+        return functools.partial(self.acall, client)
+
+    def pipeline(self, client: Any, calls: Sequence[Call]) -> list[Any]:
+        """Run every call in one pipelined round trip on a sync ``client``; replies in order.
 
         A reply is the script's result or the ``redis.RedisError`` that call got (errors
         are returned, not raised, so one refused call does not hide the others). Calls that
         found the script missing are sent again once after ``SCRIPT LOAD``. A connection
         failure of the whole pipeline raises.
         """
-        if _is_async(client.__class__):
-            return self._apipeline(client, calls)
+        _require(client, asyncio=False)
         replies = self._send(client, calls)
         missing = _missing(replies)
         if missing:
             self._send_load(client)
-            for i, reply in zip(
-                missing, self._send(client, [calls[i] for i in missing]), strict=True
-            ):
+            again = self._send(client, [calls[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _apipeline(self, client: Any, calls: Sequence[Call]) -> list[Any]:
+    async def apipeline(self, client: Any, calls: Sequence[Call]) -> list[Any]:
+        """:meth:`pipeline` for an asyncio ``client``."""
+        _require(client, asyncio=True)
         replies = await self._send(client, calls)
         missing = _missing(replies)
         if missing:

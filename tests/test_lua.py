@@ -83,9 +83,9 @@ def test_asyncio_client_call_and_pipeline(ns) -> None:
         client = redis.asyncio.Redis.from_url(services.redis_url())
         try:
             await client.script_flush()
-            one = await ECHO(client, [f"{ns}:a"], ["1"])
+            one = await ECHO.acall(client, [f"{ns}:a"], ["1"])
             await client.script_flush()
-            many = await ECHO.pipeline(client, [([f"{ns}:b"], ["2"]), ([f"{ns}:c"], ["3"])])
+            many = await ECHO.apipeline(client, [([f"{ns}:b"], ["2"]), ([f"{ns}:c"], ["3"])])
             return one, many
         finally:
             await client.aclose()
@@ -93,3 +93,24 @@ def test_asyncio_client_call_and_pipeline(ns) -> None:
     one, many = asyncio.run(scenario())
     assert one == [f"{ns}:a".encode(), b"1"]
     assert many == [[f"{ns}:b".encode(), b"2"], [f"{ns}:c".encode(), b"3"]]
+
+
+def test_a_client_of_the_wrong_kind_is_refused_not_handed_a_coroutine() -> None:
+    sync = redis.Redis.from_url(services.redis_url())
+    aio = redis.asyncio.Redis.from_url(services.redis_url())
+    try:
+        for call in (
+            lambda: ECHO(aio, ["k"], ["v"]),
+            lambda: ECHO.pipeline(aio, [(["k"], ["v"])]),
+            lambda: ECHO.bind(aio),
+            lambda: ECHO.abind(sync),
+        ):
+            with pytest.raises(TypeError, match="Redis client"):
+                call()
+        with pytest.raises(TypeError, match="acall/apipeline/abind"):
+            ECHO(aio)
+        with pytest.raises(TypeError, match="__call__/pipeline/bind"):
+            asyncio.run(ECHO.acall(sync))
+    finally:
+        sync.close()
+        asyncio.run(aio.aclose())

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from course_lib.services import redis_unavailable
+from course_lib.redis_errors import redis_unavailable
 from course_lib.validation import positive_number
 
 from .serialization import dumps, loads
@@ -237,7 +237,7 @@ class RedisHealth:
         """Count a Redis error. A connection error or timeout starts an outage (Redis is
         skipped for ``retry_after`` s, logged once), and so does any reply saying the server
         cannot serve now (out of memory, read-only replica, loading, ...; see
-        :func:`course_lib.services.redis_unavailable`); any other error concerns one command."""
+        :func:`course_lib.redis_errors.redis_unavailable`); any other error concerns one command."""
         self.stats.incr("redis_errors")
         if not redis_unavailable(exc):
             with self._log_lock:

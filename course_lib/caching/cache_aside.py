@@ -29,7 +29,7 @@ Guarantees:
   forgotten. Tickets are times, so they never repeat (a counter restarted after its key
   expired would hand a late reader a ticket equal to the new generation).
 - Fail-open: if Redis is unreachable (connection error or timeout) or cannot serve now
-  (out of memory, read-only, loading, ...: :func:`course_lib.services.redis_unavailable`),
+  (out of memory, read-only, loading, ...: :func:`course_lib.redis_errors.redis_unavailable`),
   ``get`` returns ``loader(key)`` (through the local single-flight), counts it in
   ``stats["fail_open"]``, logs one warning per outage, and skips Redis for ``retry_after``
   seconds before trying it again.
@@ -106,6 +106,7 @@ class _CacheAsideBase:
     """Construction, settings and the script arguments both front ends share."""
 
     _flight_type: type[SingleFlight[Any]] | type[AsyncSingleFlight[Any]]
+    _bind_script: Callable[[lua.Script, Any], Callable[..., Any]]
 
     def __init__(
         self,
@@ -135,7 +136,7 @@ class _CacheAsideBase:
             rng=rng,
         )
         self.redis = redis
-        self._scripts = {n: lua.load(__package__, n).bind(redis) for n in _SCRIPTS}
+        self._scripts = {n: self._bind_script(lua.load(__package__, n), redis) for n in _SCRIPTS}
         # A waiter of the local flight may sit behind a leader waiting for the Redis lock.
         timeout = self._c.wait_timeout + (self._c.lock_ttl if self._c.distributed else 0)
         self._flight = self._flight_type(timeout=timeout) if stampede is not None else None
@@ -203,6 +204,7 @@ class CacheAside(_CacheAsideBase):
     """Cache-aside over a synchronous ``redis.Redis``; safe to share between threads."""
 
     _flight_type = SingleFlight
+    _bind_script = staticmethod(lua.Script.bind)
 
     def get(self, key: Any) -> Any:
         """The value for ``key``: from Redis, else from the loader (then cached)."""
@@ -359,6 +361,7 @@ class AsyncCacheAside(_CacheAsideBase):
     """
 
     _flight_type = AsyncSingleFlight
+    _bind_script = staticmethod(lua.Script.abind)
 
     @property
     def namespace(self) -> str:

@@ -169,8 +169,8 @@ class AsyncRedisLock:
         self.ttl = float(ttl)
         self.wait = float(wait)
         self._tokens: dict[asyncio.Task[Any] | None, str] = {}
-        self._release = lua.load(__package__, "release").bind(redis)
-        self._extend = lua.load(__package__, "extend").bind(redis)
+        self._release = lua.load(__package__, "release").abind(redis)
+        self._extend = lua.load(__package__, "extend").abind(redis)
 
     @property
     def token(self) -> str | None:

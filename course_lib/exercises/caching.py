@@ -281,6 +281,16 @@ def check_single_flight(get_once: Callable[[Any, Callable[[], Any]], Any]) -> Ch
     try:
         good = run_threads(caller("ok", key, slow), 50, timeout=6)
     except TimeoutError:
+        if calls["ok"] > 1:
+            # Two leaders raced to insert: a waiter that read the flight which lost the
+            # race waits on an event no leader will ever set.
+            return failed(
+                name,
+                f"fn ran {calls['ok']} times and some callers were still waiting after 6 s: "
+                "several callers found no flight and each started one, and a caller left "
+                "waiting on a flight nobody runs never wakes; the check and the insert must "
+                "be one step, under a lock",
+            )
         return failed(name, stuck)
     if calls["ok"] != 1 or good.values.count("value") != 50:
         return failed(

@@ -47,7 +47,7 @@ class _Awaited:
         """Count ``cost`` units against ``key`` if they fit; one atomic round trip."""
         keys, args = self._call(key, cost)
         try:
-            reply = await self._script(self.redis, keys, args)
+            reply = await self._script.acall(self.redis, keys, args)
         except redis.RedisError as exc:
             return self._unavailable(exc)
         return _to_decision(reply)
@@ -59,7 +59,7 @@ class _Awaited:
         if not calls:
             return []
         try:
-            replies = await self._script.pipeline(self.redis, calls)
+            replies = await self._script.apipeline(self.redis, calls)
         except redis.RedisError as exc:
             replies = [exc] * len(calls)
         return self._decisions(replies, positions)

@@ -59,7 +59,7 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from course_lib import lua
-from course_lib.services import PoolExhaustedError, pool_exhausted, redis_unavailable
+from course_lib.redis_errors import PoolExhaustedError, pool_exhausted, redis_unavailable
 from course_lib.validation import cost_within
 
 from .decision import Decision
