@@ -1,0 +1,97 @@
+"""The five Redis limiters on an asyncio client (``redis.asyncio.Redis`` or
+``redis.asyncio.RedisCluster``): :mod:`course_lib.rate_limiting.redis_limiters` with its
+I/O awaited.
+
+Each class is its algorithm's sans-I/O core (:mod:`..algorithms`) with
+:class:`AsyncRedisLimiter`'s ``hit`` and ``hit_many``, which only send the core's script
+calls and hand the replies back to it. The guarantees are those of :mod:`..redis_base`.
+A full client pool raises :class:`~course_lib.redis_errors.PoolExhaustedError` rather than
+answering ``fail_open``: redis-py's default asyncio pool raises ``MaxConnectionsError`` as
+soon as 100 tasks hold a connection, so give many concurrent tasks a bounded
+``BlockingConnectionPool`` (:func:`course_lib.services.fail_fast_async_client`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+
+from ..algorithms import (
+    FixedWindowCore,
+    GCRACore,
+    RedisTokenBucketCore,
+    SlidingWindowCounterCore,
+    SlidingWindowLogCore,
+)
+from ..decision import Decision
+from ..redis_base import LimiterCore
+
+__all__ = [
+    "GCRA",
+    "AsyncRedisLimiter",
+    "FixedWindow",
+    "RedisTokenBucket",
+    "SlidingWindowCounter",
+    "SlidingWindowLog",
+]
+
+
+class AsyncRedisLimiter(LimiterCore):
+    """The asyncio shell of a limiter: ``await hit(...)``, ``await hit_many(...)``, one
+    round trip each."""
+
+    client_types: ClassVar[tuple[type, ...]] = (
+        redis.asyncio.Redis,
+        redis.asyncio.cluster.RedisCluster,
+    )
+    client_names: ClassVar[str] = "redis.asyncio.Redis or redis.asyncio.RedisCluster"
+
+    async def hit(self, key: str, cost: int = 1) -> Decision:
+        """Count ``cost`` units against ``key`` if they fit; one atomic round trip.
+
+        ``cost=0`` asks without spending. Raises ``ValueError`` for a negative cost or one
+        above :attr:`quota`; never raises because Redis is unreachable (see ``fail_open``).
+        """
+        keys, args = self.script_call(key, cost)
+        try:
+            reply = await self.script.acall(self.redis, keys, args)
+        except redis.RedisError as exc:
+            return self.decision_on_error(exc)
+        return self.decision(reply)
+
+    async def hit_many(self, keys_or_pairs: Iterable[str | tuple[str, int]]) -> list[Decision]:
+        """Decide a batch in one pipelined round trip, one script call per cluster slot;
+        decisions in input order (see the blocking ``RedisLimiter.hit_many``)."""
+        batch = self.batch(keys_or_pairs)
+        if not batch.calls:
+            return []
+        try:
+            replies = await self.script.apipeline(self.redis, batch.calls)
+        except redis.RedisError as exc:
+            replies = [exc] * len(batch.calls)
+        return self.batch_decisions(batch, replies)
+
+
+# The algorithm's core first: its constructor, docstring and script.
+class FixedWindow(FixedWindowCore, AsyncRedisLimiter):
+    __doc__ = FixedWindowCore.__doc__
+
+
+class SlidingWindowLog(SlidingWindowLogCore, AsyncRedisLimiter):
+    __doc__ = SlidingWindowLogCore.__doc__
+
+
+class SlidingWindowCounter(SlidingWindowCounterCore, AsyncRedisLimiter):
+    __doc__ = SlidingWindowCounterCore.__doc__
+
+
+class RedisTokenBucket(RedisTokenBucketCore, AsyncRedisLimiter):
+    __doc__ = RedisTokenBucketCore.__doc__
+
+
+class GCRA(GCRACore, AsyncRedisLimiter):
+    __doc__ = GCRACore.__doc__
