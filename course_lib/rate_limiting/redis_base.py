@@ -189,10 +189,12 @@ class LimiterCore:
         """
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, got {type(key).__name__}")
-        cost = cost_within(cost, self.quota, self.quota_name)
         args = (self._now(), self._nonce(), *self._params)
-        # A cost of 1 is the script's default: one argument less to pack and read.
-        return (self.key(key),), args if cost == 1 else (*args, cost)
+        if type(cost) is int and cost == 1:
+            # The default, and most calls: nothing to check (every quota is at least 1), and
+            # the script counts 1 when it is sent no cost (one argument less to pack and read).
+            return (self.key(key),), args
+        return (self.key(key),), (*args, cost_within(cost, self.quota, self.quota_name))
 
     def batch(self, keys_or_pairs: Iterable[str | tuple[str, int]]) -> Batch:
         """The script calls that decide a batch: one per cluster slot (one in all on a plain
