@@ -155,8 +155,10 @@ class LimiterCore:
             raise TypeError(
                 f"redis must be a {self.client_names} client, got {type(client).__name__}"
             )
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        if not prefix:
+            raise ValueError("prefix must be a non-empty string, got ''")
         if not isinstance(fail_open, bool):
             raise TypeError(f"fail_open must be a bool, got {type(fail_open).__name__}")
         if clock is not None and not callable(clock):
