@@ -1,14 +1,21 @@
-"""The five Redis limiters on an asyncio client (``redis.asyncio.Redis`` or
-``redis.asyncio.RedisCluster``): :mod:`course_lib.rate_limiting.redis_limiters` with its
-I/O awaited.
+"""The five Redis limiters for asyncio servers: ``await limiter.hit(key)``.
 
-Each class is its algorithm's sans-I/O core (:mod:`..algorithms`) with
-:class:`AsyncRedisLimiter`'s ``hit`` and ``hit_many``, which only send the core's script
-calls and hand the replies back to it. The guarantees are those of :mod:`..redis_base`.
-A full client pool raises :class:`~course_lib.redis_errors.PoolExhaustedError` rather than
-answering ``fail_open``: redis-py's default asyncio pool raises ``MaxConnectionsError`` as
-soon as 100 tasks hold a connection, so give many concurrent tasks a bounded
-``BlockingConnectionPool`` (:func:`course_lib.services.fail_fast_async_client`).
+Same algorithms, Lua scripts, constructor arguments, keys and :class:`Decision` as the
+blocking limiters of :mod:`course_lib.rate_limiting` (:mod:`.redis_limiters`): each class
+here is its algorithm's sans-I/O core (:mod:`.algorithms`) with :class:`AsyncRedisLimiter`'s
+``hit`` and ``hit_many``, which only await the core's script calls and hand the replies back
+to it. So a key counted by one family is counted by the other, and the guarantees are those
+of :mod:`.redis_base`. They take a ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster``
+client and run on the event loop: no worker thread per request, as the blocking limiters
+need in an ASGI app.
+
+Give them :func:`course_lib.services.fail_fast_async_client` (``fail_fast_async_redis`` for
+another URL): no retries, so a dead server is noticed in a known time, and a bounded
+``BlockingConnectionPool`` that many concurrent tasks wait on for at most ``pool_timeout``
+seconds. redis-py's default asyncio pool instead raises ``MaxConnectionsError`` as soon as
+100 tasks hold a connection; either way a full pool is a client setting, not a server
+outage: the limiter raises :class:`~course_lib.redis_errors.PoolExhaustedError` rather than
+answering ``fail_open``.
 """
 
 from __future__ import annotations
@@ -20,15 +27,15 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 
-from ..algorithms import (
+from .algorithms import (
     FixedWindowCore,
     GCRACore,
     RedisTokenBucketCore,
     SlidingWindowCounterCore,
     SlidingWindowLogCore,
 )
-from ..decision import Decision
-from ..redis_base import LimiterCore
+from .decision import Decision
+from .redis_base import LimiterCore
 
 __all__ = [
     "GCRA",
