@@ -246,6 +246,8 @@ class LimiterCore:
     def batch_decisions(self, batch: Batch, replies: Sequence[Any]) -> list[Decision]:
         """One decision per input item of ``batch``, in input order, from the reply (or the
         ``redis.RedisError``) of each of its calls; see :meth:`decision_on_error`."""
+        if len(replies) == 1 and not isinstance(replies[0], redis.RedisError):
+            return decisions_of(replies[0])  # one call holds every item, in input order
         decisions: list[Decision | None] = [None] * batch.size
         for reply, part in zip(replies, batch.positions, strict=True):
             if isinstance(reply, redis.RedisError):
