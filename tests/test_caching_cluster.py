@@ -583,7 +583,7 @@ def _kill_under_writers(local: LocalCluster, client: RedisCluster, store: UserSt
     for thread in threads:
         thread.start()
     try:
-        _wait_for(lambda: min(map(len, acked.values())) >= 300, what="writes")
+        _wait_for(lambda: min(map(len, acked.values())) >= 300, timeout=60, what="writes")
         replica = local.replica_of(primary)
         local.kill(primary)
         local.promote(replica)
