@@ -17,10 +17,9 @@ import pandas as pd
 from redis.cluster import RedisCluster
 
 from course_lib.measure import run_processes, run_threads
+from course_lib.rate_limiting import SlidingWindowLog
 from course_lib.services.cluster import LocalCluster
 from course_lib.validation import positive_int
-
-from ..redis_limiters import SlidingWindowLog
 
 __all__ = ["cluster_demo"]
 
