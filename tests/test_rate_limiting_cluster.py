@@ -28,6 +28,7 @@ from course_lib.rate_limiting import (
     SlidingWindowLog,
     aio,
 )
+from course_lib.rate_limiting.lesson.cluster import cluster_demo
 from course_lib.services.cluster import LocalCluster
 
 
@@ -309,3 +310,22 @@ def test_asyncio_batches_on_a_cluster_decide_as_the_sync_hit(cluster: RedisClust
         expected = _one_by_one(make(cluster, clock=clock), _batch_items(f"asingle-{name}-"))
         assert got[name] == expected, name
         assert [d.allowed for d in got[name]][:3] == [True, True, True], name
+
+
+@pytest.mark.timeout(90)
+def test_cluster_demo_admits_exactly_the_limit_per_client_on_every_primary(
+    local_cluster: LocalCluster,
+) -> None:
+    frame = cluster_demo(
+        30, 4, processes=2, threads=3, rounds=1, prefix="demo", cluster=local_cluster
+    )
+    assert list(frame["primary"]) == [1, 2, 3] and frame["slots"].sum() == 16384
+    assert frame["clients"].sum() == 30 and (frame["clients"] > 0).all()
+    assert frame.attrs["admitted"] == {f"client{i:03d}": 4 for i in range(30)}
+    assert list(frame["admitted"]) == [4 * n for n in frame["clients"]]
+    assert list(frame["attempts"]) == [6 * n for n in frame["clients"]]  # 2 x 3 x 1 each
+    assert frame.attrs["degraded"] == 0
+    with pytest.raises(ValueError, match="rounds"):  # 1 x 1 x 1 attempts cannot test limit 4
+        cluster_demo(5, 4, processes=1, threads=1, rounds=1, cluster=local_cluster)
+    with pytest.raises(ValueError, match="clients"):
+        cluster_demo(0, cluster=local_cluster)
