@@ -6,8 +6,10 @@ services of :mod:`course_lib.services`; every notebook is attempted even after o
 result names the failing notebook and cell. ``jobs`` kernels run side by side (2 by default,
 one per core of the machine the course is built for): each notebook keeps its state apart
 (Redis keys and a PostgreSQL schema named from a random run id, servers on ports the system
-picks or on Unix sockets in folders of their own), so no two meet. The longest start first
-(by the cell times of the committed outputs), so the last to finish are short ones; the
+picks or on Unix sockets in folders of their own), so no two meet. A notebook whose claims
+compare CPU timings round by round can ask to run alone (:func:`runs_alone`): those run
+first, one at a time. The others start longest first (by the cell times of the committed
+outputs), so the last to finish are short ones; the
 results, ``runs.json`` and the pages are in reading order whatever order the notebooks
 finished in. ``runs.json`` keeps each notebook's run time and the time of each of its code
 cells (from the execution timestamps nbclient records in the cells' metadata).
@@ -71,6 +73,7 @@ __all__ = [
     "notebook_goals",
     "notebook_title",
     "render_markdown_page",
+    "runs_alone",
     "servers_used",
     "session_length",
     "set_default_slides",
@@ -140,6 +143,14 @@ def cell_seconds(nb: nbformat.NotebookNode) -> dict[int, float]:
             elapsed = datetime.fromisoformat(end) - datetime.fromisoformat(start)
             seconds[index] = round(elapsed.total_seconds(), 3)
     return seconds
+
+
+def runs_alone(nb: nbformat.NotebookNode) -> bool:
+    """Whether the notebook ``nb`` asks to run with no other kernel beside it: its metadata
+    holds ``"course": {"run_alone": true}``. A notebook whose claims compare timings of
+    CPU-bound runs (the cost of a profiler, round by round) asks for it: a kernel on the other
+    core makes some rounds slower than others for reasons the claim is not about."""
+    return bool(nb.metadata.get("course", {}).get("run_alone", False))
 
 
 def longest_first(notebooks: Mapping[Path, nbformat.NotebookNode]) -> list[Path]:
@@ -739,8 +750,9 @@ def build(
 ) -> list[NotebookRun]:
     """Execute ``notebooks`` (default: :func:`discover`) and write the results; see module doc.
 
-    ``jobs`` notebooks run at a time, the longest first (:func:`longest_first`); ``jobs=1``
-    runs them one by one in the given order. The runs come back in the given order.
+    ``jobs`` notebooks run at a time, the longest first (:func:`longest_first`), after those
+    that ask to run alone (:func:`runs_alone`), one by one; ``jobs=1`` runs them all one by
+    one in the given order. The runs come back in the given order.
     ``services_used`` describes the servers the notebooks run against (``course build``
     passes each service's kind and version); each card shows those its notebook used.
     ``screenshot``: save ``landing.png`` where a Chromium is installed.
@@ -761,7 +773,8 @@ def build(
         (out / ".write-test").touch()
         (out / ".write-test").unlink()
     sources = {path: nbformat.read(path, as_version=4) for path in paths}
-    order = paths if jobs == 1 else longest_first(sources)
+    alone = [path for path in paths if jobs > 1 and runs_alone(sources[path])]
+    shared = longest_first({p: sources[p] for p in paths if p not in alone}) if jobs > 1 else paths
     total = sum(sum(c.cell_type == "code" for c in nb.cells) for nb in sources.values())
     with tqdm(total=total, unit="cell", desc="notebooks") as bar:
         progress = _RunningBar(bar)
@@ -775,11 +788,12 @@ def build(
                 built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
                 return result, _publish(nb, path, root, out, services_used, built)
 
+        results = {path: run(path) for path in alone}
         # A thread per kernel: nbclient drives each kernel from an event loop of the thread
         # that runs it. The pool starts the notebooks in the order they are submitted.
         with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="notebook") as pool:
-            futures = {path: pool.submit(run, path) for path in order}
-            results = {path: futures[path].result() for path in paths}
+            futures = {path: pool.submit(run, path) for path in shared}
+            results |= {path: future.result() for path, future in futures.items()}
     runs = [results[path][0] for path in paths]
     if not inplace:
         details = {path: results[path][1] for path in paths}

@@ -21,6 +21,7 @@ from course_lib.build import (
     key_chart,
     longest_first,
     notebook_goals,
+    runs_alone,
     servers_used,
     session_length,
     set_default_slides,
@@ -457,3 +458,44 @@ def test_build_refuses_a_pool_of_no_kernels(course: Path) -> None:
         build(course, jobs=0)
     with pytest.raises(ValueError, match="timeout"):
         build(course, timeout=0)
+
+
+ALONE = """\
+import pathlib
+here = pathlib.Path({folder!r})
+(here / "alone.began").touch()
+x = sum(range(10**6))
+(here / "alone.ended").touch()"""
+
+
+@pytest.mark.timeout(240)
+def test_a_notebook_that_asks_to_run_alone_runs_first_with_no_kernel_beside_it(
+    tmp_path: Path,
+) -> None:
+    notebooks = tmp_path / "notebooks"
+    for me, other in (("01_a", "03_b"), ("03_b", "01_a")):
+        _write(
+            notebooks / f"{me}.ipynb",
+            new_markdown_cell(f"# {me}"),
+            new_code_cell(MEET.format(folder=str(tmp_path), me=me, other=other)),
+        )
+    alone = _write(
+        notebooks / "02_alone.ipynb",
+        new_markdown_cell("# 02 · Timing claims"),
+        new_code_cell(ALONE.format(folder=str(tmp_path))),
+    )
+    nb = nbformat.read(alone, as_version=4)
+    nb.metadata["course"] = {"run_alone": True}
+    nbformat.write(nb, alone)
+    assert runs_alone(nb) and not runs_alone(nbformat.read(notebooks / "01_a.ipynb", 4))
+
+    runs = build(tmp_path, out=tmp_path / "build", jobs=2, screenshot=False)
+    assert [(run.path.stem, run.ok, run.error) for run in runs] == [
+        ("01_a", True, ""),
+        ("02_alone", True, ""),
+        ("03_b", True, ""),
+    ]
+    # it ran first, and no other notebook began before it ended
+    ended = (tmp_path / "alone.ended").stat().st_mtime_ns
+    began = sorted(p.stat().st_mtime_ns for p in tmp_path.glob("*.started"))
+    assert len(began) == 2 and ended <= began[0]
