@@ -9,27 +9,27 @@ one per core of the machine the course is built for): each notebook keeps its st
 picks or on Unix sockets in folders of their own), so no two meet. A notebook whose claims
 compare CPU timings round by round can ask to run alone (:func:`runs_alone`): those run
 first, one at a time. The others start longest first (by the cell times of the committed
-outputs), so the last to finish are short ones; the
-results, ``runs.json`` and the pages are in reading order whatever order the notebooks
-finished in. ``runs.json`` keeps each notebook's run time and the time of each of its code
-cells (from the execution timestamps nbclient records in the cells' metadata).
+outputs), so the last to finish are short ones. The results, ``runs.json`` and the pages are
+in reading order whatever order the notebooks finished in. ``runs.json`` keeps each
+notebook's run time and the time of each of its code cells (from the execution timestamps
+nbclient records in the cells' metadata).
 
-Output under ``build/``: the executed ``.ipynb`` and one
-``.html`` per notebook; for each course notebook (not the solutions) reveal.js slides
-(``NN_topic.slides.html``, slide types from the cells' ``slideshow`` metadata, or defaults, see
-:func:`with_default_slides`) and the PNG of its cell tagged ``key-chart`` (``thumbs/``); the
-instructor pages ``notebooks/instructor/NN_topic.md`` as ``instructor/NN_topic.html``; and the
-landing page ``index.html`` (the Jinja template ``templates/landing/index.html.j2``): per
-notebook its title, goals (its first cell's bullets), status,
-run time, date, session length (its instructor page's ``**Session length:**`` line), the
-servers it used (:func:`servers_used`) with their versions, its key chart (a click opens it
-full size), and links to its page, slides, instructor page and solutions (of each notebook's
-latest build, kept in ``build/runs.json``, so building one notebook keeps the others' cards);
-and ``landing.png``, a screenshot of it, where a Chromium is installed. The landing page is
-static HTML with inline CSS and no external assets; the slides load reveal.js from
-``build/reveal.js/`` (copied from the ``sphinx-revealjs`` package), so they work offline.
-With ``inplace`` the executed notebooks are written back over the sources instead, which is
-how the committed outputs are regenerated.
+Output under ``build/``: the executed ``.ipynb`` and one ``.html`` per notebook; for each
+course notebook (not the solutions) reveal.js slides (``NN_topic.slides.html``, slide types
+from the cells' ``slideshow`` metadata, or defaults, see :func:`with_default_slides`) and the
+PNG of its cell tagged ``key-chart`` (``thumbs/``); the instructor pages
+``notebooks/instructor/NN_topic.md`` as ``instructor/NN_topic.html``; and the landing page
+``index.html`` (the Jinja template ``templates/landing/index.html.j2``): per notebook its
+title, goals (its first cell's bullets), status, run time, date, session length (its
+instructor page's ``**Session length:**`` line), the servers it used (:func:`servers_used`)
+with their versions, its key chart (a click opens it full size), and links to its page,
+slides, instructor page and solutions (of each notebook's latest build, kept in
+``build/runs.json``, so building one notebook keeps the others' cards); and ``landing.png``,
+a screenshot of it, where a Chromium is installed. The landing page is static HTML with
+inline CSS and no external assets; the slides load reveal.js from ``build/reveal.js/``
+(copied from the ``sphinx-revealjs`` package), so they work offline. With ``inplace`` the
+executed notebooks are written back over the sources instead, which is how the committed
+outputs are regenerated.
 """
 
 from __future__ import annotations
@@ -120,6 +120,8 @@ def notebook_title(nb: nbformat.NotebookNode, fallback: str) -> str:
 
 
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+# the landing page's template and the offline slides' nbconvert template
+_TEMPLATES = Path(__file__).parent / "templates"
 
 
 def _failed_cell(nb: nbformat.NotebookNode) -> tuple[int | None, str]:
@@ -331,7 +333,7 @@ def _slides(nb: nbformat.NotebookNode) -> str:
     from nbconvert import SlidesExporter
 
     exporter = SlidesExporter(
-        extra_template_basedirs=[str(Path(__file__).parent / "templates")],
+        extra_template_basedirs=[str(_TEMPLATES)],
         template_name="reveal_offline",
         reveal_url_prefix="reveal.js",
         reveal_theme=_REVEAL_THEME,
@@ -483,9 +485,6 @@ def _record(
     return ordered
 
 
-TEMPLATES = Path(__file__).parent / "templates"
-
-
 def _markdown_list(items: Sequence[str]) -> Markup:
     """``items`` (Markdown, as the notebook's author wrote them) as an HTML bullet list,
     rendered by nbconvert's Markdown renderer, the one the notebook pages use."""
@@ -496,7 +495,7 @@ def _markdown_list(items: Sequence[str]) -> Markup:
 
 def _landing_template() -> Template:
     environment = Environment(
-        loader=FileSystemLoader(TEMPLATES / "landing"),
+        loader=FileSystemLoader(_TEMPLATES / "landing"),
         autoescape=True,
         undefined=StrictUndefined,
         keep_trailing_newline=True,
@@ -505,7 +504,7 @@ def _landing_template() -> Template:
     return environment.get_template("index.html.j2")
 
 
-def _run(entry: Mapping[str, object]) -> dict[str, object]:
+def _last_run(entry: Mapping[str, object]) -> dict[str, object]:
     """What a card shows of a ledger entry's last run."""
     return {key: entry.get(key) for key in ("ok", "seconds", "failed_cell", "error")}
 
@@ -522,11 +521,13 @@ def _card(
     entry: Mapping[str, object], solutions: Mapping[str, object] | None, length: str | None
 ) -> dict[str, object]:
     """What the landing page's card of one notebook (a ledger entry) shows."""
-    answers = None if solutions is None else {"page": solutions["page"], "run": _run(solutions)}
+    answers = None
+    if solutions is not None:
+        answers = {"page": solutions["page"], "run": _last_run(solutions)}
     return {
         "title": entry["title"],
         "page": entry["page"],
-        "run": _run(entry),
+        "run": _last_run(entry),
         "built": entry.get("built", "?"),
         "length": length,
         "servers": _servers(entry),
@@ -773,8 +774,11 @@ def build(
         (out / ".write-test").touch()
         (out / ".write-test").unlink()
     sources = {path: nbformat.read(path, as_version=4) for path in paths}
-    alone = [path for path in paths if jobs > 1 and runs_alone(sources[path])]
-    shared = longest_first({p: sources[p] for p in paths if p not in alone}) if jobs > 1 else paths
+    if jobs == 1:  # one at a time anyway: in reading order
+        alone, shared = [], paths
+    else:
+        alone = [path for path in paths if runs_alone(sources[path])]
+        shared = longest_first({p: sources[p] for p in paths if p not in alone})
     total = sum(sum(c.cell_type == "code" for c in nb.cells) for nb in sources.values())
     with tqdm(total=total, unit="cell", desc="notebooks") as bar:
         progress = _RunningBar(bar)
