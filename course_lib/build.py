@@ -1,60 +1,79 @@
 """Execute the course's notebooks and publish them as HTML (``course build``).
 
-Guarantees: notebooks run in order (``notebooks/NN_*.ipynb``, then ``notebooks/solutions``),
-each in a fresh kernel of the current Python, against the services of
-:mod:`course_lib.services`; every notebook is attempted even after one fails; the result
-names the failing notebook and cell. Output under ``build/``: the executed ``.ipynb`` and one
-``.html`` per notebook; for each course notebook (not the solutions) reveal.js slides
-(``NN_topic.slides.html``, slide types from the cells' ``slideshow`` metadata, or defaults, see
-:func:`with_default_slides`) and the PNG of its cell tagged ``key-chart`` (``thumbs/``); the
-instructor pages ``notebooks/instructor/NN_topic.md`` as ``instructor/NN_topic.html``; and the
-landing page ``index.html``: per notebook its title, goals (its first cell's bullets), status,
-run time, date, session length (its instructor page's ``**Session length:**`` line), the
-servers it used (:func:`servers_used`) with their versions, its key chart (a click opens it
-full size), and links to its page, slides, instructor page and solutions (of each notebook's
-latest build, kept in ``build/runs.json``, so building one notebook keeps the others' cards);
-and ``landing.png``, a screenshot of it, where a Chromium is installed. The landing page is
-static HTML with inline CSS and no external assets; the slides load reveal.js from
-``build/reveal.js/`` (copied from the ``sphinx-revealjs`` package), so they work offline.
-With ``inplace`` the executed notebooks are written back over the sources instead, which is
-how the committed outputs are regenerated.
+Guarantees: every notebook found runs (``notebooks/NN_*.ipynb``, then ``notebooks/solutions``:
+a new notebook needs no edit here), each in a fresh kernel of the current Python, against the
+services of :mod:`course_lib.services`; every notebook is attempted even after one fails; the
+result names the failing notebook and cell. ``jobs`` kernels run side by side (2 by default,
+one per core of the machine the course is built for): each notebook keeps its state apart
+(Redis keys and a PostgreSQL schema named from a random run id, servers on ports the system
+picks or on Unix sockets in folders of their own), so no two meet. A notebook whose claims
+compare CPU timings round by round can ask to run alone (:func:`runs_alone`): those run
+first, one at a time. The others start longest first (by the cell times of the committed
+outputs), so the last to finish are short ones. The results, ``runs.json`` and the pages are
+in reading order whatever order the notebooks finished in. ``runs.json`` keeps each
+notebook's run time and the time of each of its code cells (from the execution timestamps
+nbclient records in the cells' metadata).
+
+Output under ``build/``: the executed ``.ipynb`` and one ``.html`` per notebook; for each
+course notebook (not the solutions) reveal.js slides (``NN_topic.slides.html``, slide types
+from the cells' ``slideshow`` metadata, or defaults, see :func:`with_default_slides`) and the
+PNG of its cell tagged ``key-chart`` (``thumbs/``); the instructor pages
+``notebooks/instructor/NN_topic.md`` as ``instructor/NN_topic.html``; and the landing page
+``index.html`` (the Jinja template ``templates/landing/index.html.j2``): per notebook its
+title, goals (its first cell's bullets), status, run time, date, session length (its
+instructor page's ``**Session length:**`` line), the servers it used (:func:`servers_used`)
+with their versions, its key chart (a click opens it full size), and links to its page,
+slides, instructor page and solutions (of each notebook's latest build, kept in
+``build/runs.json``, so building one notebook keeps the others' cards); and ``landing.png``,
+a screenshot of it, where a Chromium is installed. The landing page is static HTML with
+inline CSS and no external assets; the slides load reveal.js from ``build/reveal.js/``
+(copied from the ``sphinx-revealjs`` package), so they work offline. With ``inplace`` the
+executed notebooks are written back over the sources instead, which is how the committed
+outputs are regenerated.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import html
 import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import nbformat
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
+from markupsafe import Markup
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from tqdm import tqdm
 
 from .narrate import Figure, figures_of
+from .validation import positive_int
 
 __all__ = [
     "NotebookRun",
     "build",
+    "cell_seconds",
     "chromium_binary",
     "chromium_flags",
     "discover",
     "fill_instructor_page",
     "key_chart",
+    "longest_first",
     "notebook_goals",
     "notebook_title",
     "render_markdown_page",
+    "runs_alone",
     "servers_used",
     "session_length",
     "set_default_slides",
@@ -73,6 +92,8 @@ class NotebookRun:
     seconds: float
     failed_cell: int | None = None
     error: str = ""
+    # each code cell's run time in seconds, by cell index (see :func:`cell_seconds`)
+    cells: Mapping[int, float] | None = None
 
     def describe(self) -> str:
         if self.ok:
@@ -99,6 +120,8 @@ def notebook_title(nb: nbformat.NotebookNode, fallback: str) -> str:
 
 
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+# the landing page's template and the offline slides' nbconvert template
+_TEMPLATES = Path(__file__).parent / "templates"
 
 
 def _failed_cell(nb: nbformat.NotebookNode) -> tuple[int | None, str]:
@@ -109,9 +132,65 @@ def _failed_cell(nb: nbformat.NotebookNode) -> tuple[int | None, str]:
     return None, ""
 
 
-def _execute(path: Path, timeout: int, bar: tqdm) -> tuple[nbformat.NotebookNode, NotebookRun]:
-    nb = nbformat.read(path, as_version=4)
+def cell_seconds(nb: nbformat.NotebookNode) -> dict[int, float]:
+    """How long each code cell of the executed notebook ``nb`` ran, in seconds, by cell index:
+    from the kernel's ``execute_input`` to its ``execute_reply``, the timestamps nbclient
+    records in each cell's ``execution`` metadata (also in the committed notebooks, which
+    ``course build --inplace`` wrote). Cells without them (never run) are left out."""
+    seconds = {}
+    for index, cell in enumerate(nb.cells):
+        stamps = cell.get("metadata", {}).get("execution", {})
+        start, end = stamps.get("iopub.execute_input"), stamps.get("shell.execute_reply")
+        if cell.cell_type == "code" and start and end:
+            elapsed = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+            seconds[index] = round(elapsed.total_seconds(), 3)
+    return seconds
+
+
+def runs_alone(nb: nbformat.NotebookNode) -> bool:
+    """Whether the notebook ``nb`` asks to run with no other kernel beside it: its metadata
+    holds ``"course": {"run_alone": true}``. A notebook whose claims compare timings of
+    CPU-bound runs (the cost of a profiler, round by round) asks for it: a kernel on the other
+    core makes some rounds slower than others for reasons the claim is not about."""
+    return bool(nb.metadata.get("course", {}).get("run_alone", False))
+
+
+def longest_first(notebooks: Mapping[Path, nbformat.NotebookNode]) -> list[Path]:
+    """The order in which a pool of kernels starts ``notebooks``: the longest first, by the
+    cell times recorded in each (:func:`cell_seconds`; a notebook never run counts as 0 s),
+    ties in the given order. Started that way, the notebooks that finish last are short
+    ones, so the pool's kernels finish close together (the classic LPT rule)."""
+    order = list(notebooks)
+    return sorted(order, key=lambda p: (-sum(cell_seconds(notebooks[p]).values()), order.index(p)))
+
+
+class _RunningBar:
+    """Shows on a progress bar the names of the notebooks being executed right now."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self._bar = bar
+        self._names: list[str] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def running(self, name: str) -> Iterator[None]:
+        with self._lock:
+            self._names.append(name)
+            self._bar.set_postfix_str(", ".join(self._names))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._names.remove(name)
+                self._bar.set_postfix_str(", ".join(self._names))
+
+
+def _execute(
+    path: Path, nb: nbformat.NotebookNode, timeout: int, bar: tqdm
+) -> tuple[nbformat.NotebookNode, NotebookRun]:
     title = notebook_title(nb, path.stem)
+    for cell in nb.cells:  # a cell the run does not reach must not keep an older run's times
+        cell.metadata.pop("execution", None)
     client = NotebookClient(
         nb,
         timeout=timeout,
@@ -126,12 +205,14 @@ def _execute(path: Path, timeout: int, bar: tqdm) -> tuple[nbformat.NotebookNode
         # Charts are the point of a build: the kernel draws inline even where the caller's
         # environment picked a non-interactive backend (MPLBACKEND=Agg, common on CI).
         client.execute(env={**os.environ, "MPLBACKEND": INLINE_BACKEND})
-        return nb, NotebookRun(path, title, True, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        return nb, NotebookRun(path, title, True, elapsed, cells=cell_seconds(nb))
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as exc:
         index, error = _failed_cell(nb)
         if index is None:
             error = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        return nb, NotebookRun(path, title, False, time.perf_counter() - start, index, error)
+        elapsed = time.perf_counter() - start
+        return nb, NotebookRun(path, title, False, elapsed, index, error, cell_seconds(nb))
 
 
 def _html(nb: nbformat.NotebookNode) -> str:
@@ -252,7 +333,7 @@ def _slides(nb: nbformat.NotebookNode) -> str:
     from nbconvert import SlidesExporter
 
     exporter = SlidesExporter(
-        extra_template_basedirs=[str(Path(__file__).parent / "templates")],
+        extra_template_basedirs=[str(_TEMPLATES)],
         template_name="reveal_offline",
         reveal_url_prefix="reveal.js",
         reveal_theme=_REVEAL_THEME,
@@ -395,6 +476,8 @@ def _record(
             "seconds": round(run.seconds, 1),
             "failed_cell": run.failed_cell,
             "error": run.error,
+            # each code cell's run time, by cell index: where a notebook's time goes
+            "cells": {str(index): seconds for index, seconds in (run.cells or {}).items()},
             **details.get(run.path, {}),
         }
     ordered = sorted(entries.values(), key=lambda e: (str(e["page"]).count("/"), e["page"]))
@@ -402,88 +485,56 @@ def _record(
     return ordered
 
 
-_CSS = (
-    "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:75em;color:#222}"
-    "h1{margin-bottom:.2em}.meta{color:#555}.card{border:1px solid #ddd;border-radius:6px;"
-    "padding:1em 1.2em;margin:1.2em 0;display:flex;gap:1.5em}.card .text{flex:1}"
-    ".card h2{margin:0 0 .4em}.thumb{width:30em;text-align:center}"
-    ".thumb img{width:100%;border:1px solid #eee}.thumb .meta{font-size:.85em}"
-    ".start{background:#f3f7fc;border-left:4px solid #1f77b4;padding:.6em 1.2em}"
-    ".ok{color:#2ca02c}.fail{color:#d62728}.links a{margin-right:1em}"
-    "code{background:#f4f4f4;padding:0 .2em}ul{margin:.3em 0}"
-)
+def _markdown_list(items: Sequence[str]) -> Markup:
+    """``items`` (Markdown, as the notebook's author wrote them) as an HTML bullet list,
+    rendered by nbconvert's Markdown renderer, the one the notebook pages use."""
+    from nbconvert.filters import markdown2html
+
+    return Markup(markdown2html("\n".join(f"- {item}" for item in items)))
 
 
-def _inline(text: str) -> str:
-    """Escape ``text`` and render its inline Markdown: ``code``, **bold**, *italics*,
-    [links](url)."""
-    out = html.escape(text, quote=False)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
-    out = re.sub(r"\*([^*\s][^*]*)\*", r"<em>\1</em>", out)
-    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"<a href='\2'>\1</a>", out)
+def _landing_template() -> Template:
+    environment = Environment(
+        loader=FileSystemLoader(_TEMPLATES / "landing"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    environment.filters["markdown_list"] = _markdown_list
+    return environment.get_template("index.html.j2")
 
 
-def _status(entry: dict[str, object]) -> str:
-    if entry["ok"]:
-        return f"<span class='ok'>ok</span>, ran in {entry['seconds']} s"
-    failure = f"FAILED at cell {entry['failed_cell']}: {entry['error']}"
-    return f"<span class='fail'>{html.escape(failure)}</span> after {entry['seconds']} s"
+def _last_run(entry: Mapping[str, object]) -> dict[str, object]:
+    """What a card shows of a ledger entry's last run."""
+    return {key: entry.get(key) for key in ("ok", "seconds", "failed_cell", "error")}
 
 
-def _servers(entry: dict[str, object]) -> str:
-    """The card's line of servers: those the notebook used (:func:`servers_used`)."""
+def _servers(entry: Mapping[str, object]) -> str:
+    """The card's servers: those the notebook used (:func:`servers_used`)."""
     if "servers" not in entry:  # a ledger entry from before servers were detected
-        return "servers used: not recorded (build it again)"
+        return "not recorded (build it again)"
     servers = ", ".join(str(s) for s in entry["servers"])  # type: ignore[attr-defined]
-    return f"servers used: {servers or 'none of Redis, PostgreSQL or nginx'}"
+    return servers or "none of Redis, PostgreSQL or nginx"
 
 
-def _card(entry: dict[str, object], solutions: dict[str, object] | None, length: str | None) -> str:
-    page = str(entry["page"])
-    links = [f"<a href='{html.escape(page)}'>notebook</a>"]
-    for key, label in (("slides", "slides"), ("instructor", "instructor page")):
-        if entry.get(key):
-            links.append(f"<a href='{html.escape(str(entry[key]))}'>{label}</a>")
+def _card(
+    entry: Mapping[str, object], solutions: Mapping[str, object] | None, length: str | None
+) -> dict[str, object]:
+    """What the landing page's card of one notebook (a ledger entry) shows."""
+    answers = None
     if solutions is not None:
-        links.append(
-            f"<a href='{html.escape(str(solutions['page']))}'>solutions</a> ({_status(solutions)})"
-        )
-    goals = "".join(f"<li>{_inline(goal)}</li>" for goal in entry.get("goals", []))  # type: ignore[attr-defined]
-    thumb = ""
-    if entry.get("thumb"):
-        src = html.escape(str(entry["thumb"]))
-        thumb = (
-            f"<div class='thumb'><a href='{src}' title='open the chart full size'>"
-            f"<img src='{src}' alt='key chart of {html.escape(str(entry['title']))}'></a>"
-            "<div class='meta'>key chart: click for full size</div></div>"
-        )
-    teaching = f"; session length {html.escape(length)}" if length else ""
-    return (
-        f"<div class='card'><div class='text'><h2>{html.escape(str(entry['title']))}</h2>"
-        f"<div>{_status(entry)}; built {html.escape(str(entry.get('built', '?')))}"
-        f"{teaching}</div>"
-        f"<div class='meta'>{html.escape(_servers(entry))}</div>"
-        + (f"<ul>{goals}</ul>" if goals else "")
-        + f"<div class='links'>{' '.join(links)}</div></div>{thumb}</div>"
-    )
-
-
-def _start_here(notebooks: list[dict[str, object]]) -> str:
-    """The pointer at the top of the landing page: set up, then the first notebook."""
-    first = notebooks[0] if notebooks else None
-    then = (
-        f"then open <a href='{html.escape(str(first['page']))}'>"
-        f"{html.escape(str(first['title']))}</a> (or run it live: <code>make lab</code>)"
-        if first
-        else "then build and open the first notebook"
-    )
-    return (
-        "<div class='start'><strong>Start here.</strong> Set up once with <code>make course"
-        "</code> (Python 3.11 or 3.12 and <code>make</code>; it starts its own Redis and "
-        "PostgreSQL where none runs) and check the servers with <code>course doctor</code>; "
-        f"{then}. The notebooks build on each other in order.</div>"
-    )
+        answers = {"page": solutions["page"], "run": _last_run(solutions)}
+    return {
+        "title": entry["title"],
+        "page": entry["page"],
+        "run": _last_run(entry),
+        "built": entry.get("built", "?"),
+        "length": length,
+        "servers": _servers(entry),
+        "goals": entry.get("goals", []),
+        **{key: entry.get(key) for key in ("slides", "instructor", "thumb")},
+        "solutions": answers,
+    }
 
 
 def _index(
@@ -492,9 +543,9 @@ def _index(
     today: str,
     lengths: Mapping[str, str] | None = None,
 ) -> str:
-    """The landing page: a pointer to where to start, one card per notebook (its solutions on
-    the same card), then the instructor pages of notebooks without a card. Static, with no
-    external assets."""
+    """The landing page (the template ``templates/landing/index.html.j2``): a pointer to
+    where to start, one card per notebook (its solutions on the same card), then the
+    instructor pages of notebooks without a card. Static, with no external assets."""
     notebooks = [e for e in entries if "/" not in str(e["page"])]
     solutions = {str(e["page"]): e for e in entries if "/" in str(e["page"])}
     cards = []
@@ -503,25 +554,8 @@ def _index(
         answer = solutions.pop(f"solutions/{stem}_solutions.html", None)
         cards.append(_card(entry, answer, (lengths or {}).get(stem)))
     cards += [_card(entry, None, None) for entry in solutions.values()]
-    upcoming = "".join(
-        f"<li><a href='{html.escape(link)}'>{html.escape(title)}</a></li>"
-        for title, link in unlisted
-    )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>perf-course</title>"
-        f"<style>{_CSS}</style></head><body>"
-        "<h1>perf-course: backend performance and concurrency in Python</h1>"
-        f"<p class='meta'>Course page built {html.escape(today)}. Each notebook: its goals, "
-        "its last build, the servers it used, how long teaching it takes, its key chart; the "
-        "slides and the instructor page are for teaching it live.</p>"
-        + _start_here(notebooks)
-        + "".join(cards)
-        + (
-            f"<h2>Instructor pages of notebooks not built here yet</h2><ul>{upcoming}</ul>"
-            if upcoming
-            else ""
-        )
-        + "</body></html>"
+    return _landing_template().render(
+        today=today, first=notebooks[0] if notebooks else None, cards=cards, unlisted=unlisted
     )
 
 
@@ -580,8 +614,6 @@ def fill_instructor_page(template: str, figures: Mapping[str, Figure]) -> str:
     its notebook recorded (:mod:`course_lib.narrate`): ``{{ name }}`` is the text the
     notebook showed, ``{{ name.value }}`` the value. A field the run did not record raises
     ``jinja2.UndefinedError`` naming it: a page cannot quote a figure the run did not make."""
-    from jinja2 import Environment, StrictUndefined
-
     environment = Environment(undefined=StrictUndefined, keep_trailing_newline=True)
     return environment.from_string(template).render(**figures)
 
@@ -713,19 +745,23 @@ def build(
     out: Path | None = None,
     inplace: bool = False,
     timeout: int = 600,
+    jobs: int = 2,
     services_used: Sequence[str] = (),
     screenshot: bool = True,
 ) -> list[NotebookRun]:
     """Execute ``notebooks`` (default: :func:`discover`) and write the results; see module doc.
 
+    ``jobs`` notebooks run at a time, the longest first (:func:`longest_first`), after those
+    that ask to run alone (:func:`runs_alone`), one by one; ``jobs=1`` runs them all one by
+    one in the given order. The runs come back in the given order.
     ``services_used`` describes the servers the notebooks run against (``course build``
     passes each service's kind and version); each card shows those its notebook used.
     ``screenshot``: save ``landing.png`` where a Chromium is installed.
-    Raises ``ValueError`` before running anything if a notebook is missing or ``timeout`` is
-    not positive, and ``OSError`` if the output folder cannot be written.
+    Raises ``ValueError`` before running anything if a notebook is missing, or ``timeout`` or
+    ``jobs`` is not positive, and ``OSError`` if the output folder cannot be written.
     """
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
+    timeout = positive_int("timeout", timeout)
+    jobs = positive_int("jobs", jobs)
     paths = [p.resolve() for p in (notebooks or discover(root))]
     if not paths:
         raise ValueError(f"no notebooks found under {root / 'notebooks'}")
@@ -737,27 +773,39 @@ def build(
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").touch()
         (out / ".write-test").unlink()
-    total = sum(
-        sum(c.cell_type == "code" for c in nbformat.read(p, as_version=4).cells) for p in paths
-    )
-    runs = []
-    details: dict[Path, dict[str, object]] = {}
+    sources = {path: nbformat.read(path, as_version=4) for path in paths}
+    if jobs == 1:  # one at a time anyway: in reading order
+        alone, shared = [], paths
+    else:
+        alone = [path for path in paths if runs_alone(sources[path])]
+        shared = longest_first({p: sources[p] for p in paths if p not in alone})
+    total = sum(sum(c.cell_type == "code" for c in nb.cells) for nb in sources.values())
     with tqdm(total=total, unit="cell", desc="notebooks") as bar:
-        for path in paths:
-            bar.set_postfix_str(path.name)
-            nb, run = _execute(path, timeout, bar)
-            runs.append(run)
-            if inplace:
-                nbformat.write(nb, path)
-                continue
-            built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-            details[path] = _publish(nb, path, root, out, services_used, built)
+        progress = _RunningBar(bar)
+
+        def run(path: Path) -> tuple[NotebookRun, dict[str, object]]:
+            with progress.running(path.name):
+                nb, result = _execute(path, sources[path], timeout, bar)
+                if inplace:
+                    nbformat.write(nb, path)
+                    return result, {}
+                built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+                return result, _publish(nb, path, root, out, services_used, built)
+
+        results = {path: run(path) for path in alone}
+        # A thread per kernel: nbclient drives each kernel from an event loop of the thread
+        # that runs it. The pool starts the notebooks in the order they are submitted.
+        with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="notebook") as pool:
+            futures = {path: pool.submit(run, path) for path in shared}
+            results |= {path: future.result() for path, future in futures.items()}
+    runs = [results[path][0] for path in paths]
     if not inplace:
+        details = {path: results[path][1] for path in paths}
         if any("slides" in d for d in details.values()):
             _copy_reveal(out)
         entries = _record(runs, details, root, out)
-        built = {str(e["page"]).removesuffix(".html") for e in entries}
-        unlisted = _instructor_pages(root, out, built)
+        done = {str(e["page"]).removesuffix(".html") for e in entries}
+        unlisted = _instructor_pages(root, out, done)
         today = datetime.now(UTC).strftime("%Y-%m-%d")
         page = _index(entries, unlisted, today, _session_lengths(root))
         (out / "index.html").write_text(page, encoding="utf-8")

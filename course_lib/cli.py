@@ -69,6 +69,7 @@ def _build(args: argparse.Namespace) -> int:
         out=out,
         inplace=args.inplace,
         timeout=args.timeout,
+        jobs=args.jobs,
         services_used=[f"{item.service} {item.version} ({item.source})" for item in report],
     )
     for run in runs:
@@ -226,7 +227,7 @@ def _services(args: argparse.Namespace) -> int:
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return value
 
 
@@ -246,6 +247,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "--timeout", type=_positive_int, default=600, help="seconds allowed per cell"
+    )
+    build.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=2,
+        help="notebooks run side by side, the longest first (default: 2; 1 runs them in order)",
     )
     build.set_defaults(func=_build)
     lab = sub.add_parser(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 import re
 import socket
 from collections.abc import Iterator
@@ -16,8 +17,11 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from course_lib.build import (
     build,
+    cell_seconds,
     key_chart,
+    longest_first,
     notebook_goals,
+    runs_alone,
     servers_used,
     session_length,
     set_default_slides,
@@ -377,3 +381,121 @@ def test_nginx_is_shown_with_its_version_or_as_not_installed() -> None:
         assert line[1] == "nginx not installed (its comparison was skipped)"
     else:
         assert re.fullmatch(r"nginx \d+\.\d+\.\d+ \(compared with the course proxy\)", line[1])
+
+
+# A notebook that says it started, then waits (polling, with a deadline) until its partner
+# notebook has started too: both finish only if the build runs them side by side.
+MEET = """\
+import pathlib, time
+here = pathlib.Path({folder!r})
+(here / "{me}.started").touch()
+deadline = time.monotonic() + 60
+while not (here / "{other}.started").exists():
+    assert time.monotonic() < deadline, "{other} never ran alongside {me}"
+    time.sleep(0.01)"""
+
+
+@pytest.mark.timeout(240)
+def test_two_kernels_run_side_by_side_and_the_results_keep_reading_order(
+    tmp_path: Path,
+) -> None:
+    notebooks = tmp_path / "notebooks"
+    for me, other in (("01_a", "02_b"), ("02_b", "01_a")):
+        _write(
+            notebooks / f"{me}.ipynb",
+            new_markdown_cell(f"# {me}"),
+            new_code_cell(MEET.format(folder=str(tmp_path), me=me, other=other)),
+            new_code_cell(f"print('{me} done')"),
+        )
+    out = tmp_path / "build"
+    runs = build(tmp_path, out=out, jobs=2, screenshot=False)
+    assert [(run.path.name, run.ok) for run in runs] == [("01_a.ipynb", True), ("02_b.ipynb", True)]
+    # each notebook's cell times are recorded, code cells only (cell 0 is Markdown)
+    for run in runs:
+        assert run.cells is not None and sorted(run.cells) == [1, 2]
+    ledger = json.loads((out / "runs.json").read_text())
+    assert [entry["page"] for entry in ledger] == ["01_a.html", "02_b.html"]
+    assert [sorted(entry["cells"]) for entry in ledger] == [["1", "2"], ["1", "2"]]
+    assert all(entry["cells"]["1"] >= 0 for entry in ledger)
+    index = (out / "index.html").read_text()
+    assert index.index("<h2>01_a</h2>") < index.index("<h2>02_b</h2>")
+
+
+def _timed(*seconds: float) -> nbformat.NotebookNode:
+    """A notebook whose code cells recorded these run times (as nbclient records them)."""
+    cells = [new_markdown_cell("# timed")]
+    for elapsed in seconds:
+        cell = new_code_cell("pass")
+        cell.metadata["execution"] = {
+            "iopub.execute_input": "2026-01-02T10:00:00.000000Z",
+            "shell.execute_reply": f"2026-01-02T10:00:{elapsed:09.6f}Z",
+        }
+        cells.append(cell)
+    cells.append(new_code_cell("never ran"))  # no timestamps: left out
+    return new_notebook(cells=cells)
+
+
+def test_cell_times_come_from_the_recorded_timestamps() -> None:
+    assert cell_seconds(_timed(1.5, 0.25)) == {1: 1.5, 2: 0.25}
+    assert cell_seconds(new_notebook(cells=[new_code_cell("x = 1")])) == {}
+
+
+def test_the_longest_notebooks_start_first_ties_in_reading_order() -> None:
+    notebooks = {
+        Path("00_short.ipynb"): _timed(2.0),
+        Path("01_long.ipynb"): _timed(30.0, 10.0),
+        Path("02_never_run.ipynb"): new_notebook(cells=[new_code_cell("x = 1")]),
+        Path("03_middle.ipynb"): _timed(5.0, 4.0),
+        Path("04_short_too.ipynb"): _timed(1.0, 1.0),
+    }
+    assert [path.stem for path in longest_first(notebooks)] == [
+        "01_long", "03_middle", "00_short", "04_short_too", "02_never_run"
+    ]  # fmt: skip
+
+
+def test_build_refuses_a_pool_of_no_kernels(course: Path) -> None:
+    with pytest.raises(ValueError, match="jobs"):
+        build(course, jobs=0)
+    with pytest.raises(ValueError, match="timeout"):
+        build(course, timeout=0)
+
+
+ALONE = """\
+import pathlib
+here = pathlib.Path({folder!r})
+(here / "alone.began").touch()
+x = sum(range(10**6))
+(here / "alone.ended").touch()"""
+
+
+@pytest.mark.timeout(240)
+def test_a_notebook_that_asks_to_run_alone_runs_first_with_no_kernel_beside_it(
+    tmp_path: Path,
+) -> None:
+    notebooks = tmp_path / "notebooks"
+    for me, other in (("01_a", "03_b"), ("03_b", "01_a")):
+        _write(
+            notebooks / f"{me}.ipynb",
+            new_markdown_cell(f"# {me}"),
+            new_code_cell(MEET.format(folder=str(tmp_path), me=me, other=other)),
+        )
+    alone = _write(
+        notebooks / "02_alone.ipynb",
+        new_markdown_cell("# 02 · Timing claims"),
+        new_code_cell(ALONE.format(folder=str(tmp_path))),
+    )
+    nb = nbformat.read(alone, as_version=4)
+    nb.metadata["course"] = {"run_alone": True}
+    nbformat.write(nb, alone)
+    assert runs_alone(nb) and not runs_alone(nbformat.read(notebooks / "01_a.ipynb", 4))
+
+    runs = build(tmp_path, out=tmp_path / "build", jobs=2, screenshot=False)
+    assert [(run.path.stem, run.ok, run.error) for run in runs] == [
+        ("01_a", True, ""),
+        ("02_alone", True, ""),
+        ("03_b", True, ""),
+    ]
+    # it ran first, and no other notebook began before it ended
+    ended = (tmp_path / "alone.ended").stat().st_mtime_ns
+    began = sorted(p.stat().st_mtime_ns for p in tmp_path.glob("*.started"))
+    assert len(began) == 2 and ended <= began[0]

@@ -176,3 +176,11 @@ def test_doctor_never_prints_a_password(variable: str, value: str, secrets: list
     assert done.returncode != 0 and "***" in done.stderr, done.stderr
     for secret in secrets:
         assert secret not in done.stdout + done.stderr, done.stderr
+
+
+@pytest.mark.one_pass
+def test_build_refuses_a_pool_of_no_kernels_before_running_anything(tmp_path: Path) -> None:
+    done = course("build", "--jobs", "0", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--jobs: must be a positive number, got 0" in done.stderr
+    assert not (tmp_path / "out").exists()
