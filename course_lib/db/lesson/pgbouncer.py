@@ -26,7 +26,7 @@ import psycopg
 from course_lib.services.database import connect_kwargs
 from course_lib.services.embedded import server_user
 from course_lib.services.errors import ServiceError
-from course_lib.validation import positive_int
+from course_lib.validation import one_of, positive_int
 
 __all__ = ["Bouncer", "find_pgbouncer", "pgbouncer"]
 
@@ -81,8 +81,7 @@ def pgbouncer(
     upstream_url: str, *, pool_mode: str = "transaction", pool_size: int = 1, timeout: float = 20
 ) -> Iterator[Bouncer]:
     """Run PgBouncer in front of ``upstream_url`` (a SQLAlchemy URL) for the block."""
-    if pool_mode not in ("session", "transaction", "statement"):
-        raise ValueError(f"pool_mode must be session, transaction or statement, got {pool_mode!r}")
+    one_of("pool_mode", pool_mode, ("session", "transaction", "statement"))
     positive_int("pool_size", pool_size)
     binary = find_pgbouncer()
     if binary is None:
