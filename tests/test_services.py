@@ -373,6 +373,24 @@ def test_servers_killed_with_sigkill_are_started_again(embedded_dir: Path) -> No
 
 
 @pytest.mark.timeout(120)
+def test_a_postgres_that_does_not_stop_in_time_is_killed_and_starts_again(
+    embedded_dir: Path,
+) -> None:
+    database = services.EmbeddedPostgres(embedded_dir / "postgres")
+    url = database.start()
+    postmaster = database.server.pid()
+    assert postmaster is not None
+    with suspended(postmaster) as frozen:  # a hung server: pg_ctl's fast shutdown never ends
+        start = time.monotonic()
+        assert database.stop(timeout=1) is True
+        waited = time.monotonic() - start
+        assert not any(running(process.pid) for process in frozen)  # before: ServiceError
+    assert waited < 1 + 20
+    assert not database.is_running()
+    assert database.start() == url and _pg_scalar(url, "SELECT 1") == 1
+
+
+@pytest.mark.timeout(120)
 def test_state_dir_with_spaces(monkeypatch) -> None:
     folder = Path(f"/tmp/pc sp {os.getpid()}")
     monkeypatch.setenv("COURSE_STATE_DIR", str(folder))

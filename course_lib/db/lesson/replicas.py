@@ -256,8 +256,9 @@ class ReplicaSet:
 
     def restart_primary(self, timeout: float = 60.0) -> None:
         """Stop and start the primary: every connection open to it is broken."""
+        timeout = positive_number("timeout", timeout)
         self.primary.stop()
-        self.primary.start(positive_number("timeout", timeout))
+        self.primary.start(timeout)
 
     def pids(self) -> list[int]:
         """Process ids of every server process running now (postmasters and children)."""
