@@ -309,6 +309,11 @@ def make_traversable(path: Path) -> None:
             parent.chmod(mode | 0o001)
 
 
+def _whole_seconds(timeout: float) -> str:
+    """``timeout`` as pg_ctl's ``-t``, which takes whole seconds: rounded, at least 1."""
+    return str(max(1, round(timeout)))
+
+
 def _kill_tree(pid: int) -> None:
     """SIGKILL process ``pid`` and its children; wait (at most 10 s) for ``pid`` to go."""
     with contextlib.suppress(psutil.Error):
@@ -391,7 +396,7 @@ class PostgresServer:
         for setting, value in settings:
             options += ["-c", f"{setting}={value}"]
         command = [
-            str(binaries / "pg_ctl"), "start", "-w", "-t", str(int(timeout)),
+            str(binaries / "pg_ctl"), "start", "-w", "-t", _whole_seconds(timeout),
             "-o", shlex.join(options),
         ]  # fmt: skip
         kwargs = self._as_server(env={**os.environ, "PGDATA": str(self.data)})
@@ -421,7 +426,8 @@ class PostgresServer:
         try:
             self.run(
                 f"stopping the {self.name}",
-                "pg_ctl", "stop", "-w", "-m", "fast", "-t", str(int(timeout)), "-D", str(self.data),
+                "pg_ctl", "stop", "-w", "-m", "fast", "-t", _whole_seconds(timeout),
+                "-D", str(self.data),
                 timeout=timeout + 5,
             )  # fmt: skip
         except ServiceError:
