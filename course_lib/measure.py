@@ -29,6 +29,8 @@ from typing import Any
 
 import pandas as pd
 
+from course_lib.validation import non_negative_int, optional_positive_number, positive_int
+
 __all__ = [
     "Call",
     "Calls",
@@ -76,10 +78,8 @@ def summarize(samples: Iterable[float], *, scale: float = 1.0) -> dict[str, floa
 
 def time_calls(fn: Callable[[], Any], n: int, *, warmup: int = 0) -> list[float]:
     """Call ``fn`` ``warmup`` times untimed, then ``n`` times; return each call's seconds."""
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    positive_int("n", n)
+    non_negative_int("warmup", warmup)
     for _ in range(warmup):
         fn()
     samples = []
@@ -159,13 +159,9 @@ def _describe(exc: BaseException) -> str:
 
 
 def _check_counts(workers: int, calls: int, timeout: float | None) -> None:
-    for name, value in (("workers", workers), ("calls", calls)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
-    if timeout is not None and timeout <= 0:
-        raise ValueError(f"timeout must be positive or None, got {timeout}")
+    positive_int("workers", workers)
+    positive_int("calls", calls)
+    optional_positive_number("timeout", timeout)
 
 
 def _worker_loop(fn: Callable[..., Any], worker: int, calls: int, pass_worker: bool) -> list[Call]:

@@ -16,8 +16,11 @@ import numbers
 __all__ = [
     "cost_within",
     "finite_number",
+    "int_in_range",
+    "integer",
     "non_negative_int",
     "non_negative_number",
+    "one_of",
     "optional_positive_number",
     "positive_int",
     "positive_number",
@@ -33,7 +36,8 @@ def finite_number(name: str, value: object) -> float:
     return float(value)
 
 
-def _integer(name: str, value: object) -> int:
+def integer(name: str, value: object) -> int:
+    """``value`` if it is an integer (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     return int(value)
@@ -63,18 +67,32 @@ def optional_positive_number(name: str, value: object) -> float | None:
     return None if value is None else positive_number(name, value)
 
 
+def int_in_range(name: str, value: object, low: int, high: int | None = None) -> int:
+    """``value`` if it is an integer >= ``low`` and, unless ``high`` is ``None``, <= ``high``."""
+    number = integer(name, value)
+    if high is None:
+        _at_least(name, number, low, strict=False, what=f">= {low}")
+    elif not low <= number <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {number}")
+    return number
+
+
 def positive_int(name: str, value: object) -> int:
     """``value`` if it is an integer >= 1."""
-    number = _integer(name, value)
-    _at_least(name, number, 1, strict=False, what=">= 1")
-    return number
+    return int_in_range(name, value, 1)
 
 
 def non_negative_int(name: str, value: object) -> int:
     """``value`` if it is an integer >= 0."""
-    number = _integer(name, value)
-    _at_least(name, number, 0, strict=False, what=">= 0")
-    return number
+    return int_in_range(name, value, 0)
+
+
+def one_of(name: str, value: object, choices: tuple[object, ...]) -> object:
+    """``value`` if it is one of ``choices`` (``ValueError`` listing them otherwise)."""
+    if value not in choices:
+        listed = ", ".join(repr(choice) for choice in choices)
+        raise ValueError(f"{name} must be one of {listed}, got {value!r}")
+    return value
 
 
 def cost_within(cost: object, ceiling: int, what: str) -> int:

@@ -4,6 +4,8 @@ it)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -58,4 +60,22 @@ def test_session_mode_keeps_state_per_client_and_bad_arguments() -> None:
     with pytest.raises(ValueError, match="pool_mode"), pgbouncer("x", pool_mode="nope"):
         pass
     with pytest.raises(ValueError, match="pool_size"), pgbouncer("x", pool_size=0):
+        pass
+
+
+@pytest.mark.timeout(180)
+def test_an_upstream_socket_folder_with_a_space_and_a_quote_reaches_pgbouncer_intact() -> None:
+    # Before: the folder went into pgbouncer.ini unquoted, and the space cut it in two.
+    base = Path(tempfile.mkdtemp(prefix="pc-b", dir="/tmp"))
+    base.chmod(0o755)  # the server user walks down to its folder
+    server = services.EmbeddedPostgres(base / "o'brien db")
+    try:
+        server.start()
+        with pgbouncer(server.url(), pool_size=1) as bouncer, bouncer.connect() as conn:
+            shown = conn.execute("SHOW unix_socket_directories").fetchone()
+            assert shown == (str(server.root),)
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    with pytest.raises(ValueError, match="upstream_url"), pgbouncer(f"{server.url()}%0A"):
         pass

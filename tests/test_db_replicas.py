@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import stat
 import subprocess
@@ -17,19 +16,12 @@ import psutil
 import pytest
 from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.exc import InternalError, OperationalError
+from suspend import running, suspended
 
 from course_lib import db
-from course_lib.db.replicas import ReplicaSet
+from course_lib.db.lesson.replicas import ReplicaSet
 from course_lib.services.embedded import find_postgres_bin_dir
 from course_lib.services.errors import ServiceError
-
-
-def _running(pid: int) -> bool:
-    # A postmaster that exited may linger as a zombie until its parent reaps it: not running.
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _wait_for(predicate, timeout: float = 30.0) -> bool:
@@ -158,13 +150,13 @@ def test_nothing_is_left_running_after_the_block_even_when_it_raises() -> None:
         raise RuntimeError("boom")
     pids = seen["pids"]
     assert len(pids) >= 4  # type: ignore[arg-type]
-    assert not [pid for pid in pids if _running(pid)]  # type: ignore[attr-defined]
+    assert not [pid for pid in pids if running(pid)]  # type: ignore[attr-defined]
     assert not Path(seen["root"]).exists()  # type: ignore[arg-type]
 
 
 ORPHAN_SCRIPT = """
 import json, time
-from course_lib.db.replicas import ReplicaSet
+from course_lib.db.lesson.replicas import ReplicaSet
 rs = ReplicaSet.start()
 print(json.dumps({"pids": rs.pids(), "root": str(rs.root)}), flush=True)
 time.sleep(120)
@@ -178,10 +170,10 @@ def test_servers_whose_program_is_killed_outright_are_stopped_by_the_reaper() ->
     seen: dict[str, Any] = {}
     try:
         seen = json.loads(program.stdout.readline())  # type: ignore[union-attr]
-        assert len(seen["pids"]) >= 4 and all(_running(pid) for pid in seen["pids"])
+        assert len(seen["pids"]) >= 4 and all(running(pid) for pid in seen["pids"])
         program.kill()  # no atexit, no context manager: a kernel killed with SIGKILL
         program.wait(10)
-        assert _wait_for(lambda: not any(_running(pid) for pid in seen["pids"]), timeout=60)
+        assert _wait_for(lambda: not any(running(pid) for pid in seen["pids"]), timeout=60)
         assert _wait_for(lambda: not Path(seen["root"]).exists(), timeout=10)
     finally:
         program.kill()
@@ -333,11 +325,6 @@ def test_a_connection_lost_after_commit_does_not_fail_the_commit(rs: ReplicaSet)
         router.dispose()
 
 
-def _replica_processes(rs: ReplicaSet) -> list[psutil.Process]:
-    postmaster = psutil.Process(rs.replica.pid())
-    return [postmaster, *postmaster.children(recursive=True)]
-
-
 def test_a_hung_replica_is_skipped_within_the_probe_timeout(rs: ReplicaSet) -> None:
     router = db.Router(rs.engine("primary"), rs.engine("replica"), probe_interval=0)
     query = select(db.User.name).where(db.User.id == 7)
@@ -361,18 +348,11 @@ def test_a_hung_replica_is_skipped_within_the_probe_timeout(rs: ReplicaSet) -> N
         with router.session() as session:
             assert session.scalar(query) is not None
         assert router.routed == {"primary": 0, "replica": 1}
-        frozen = _replica_processes(rs)
-        try:
-            for process in frozen:
-                process.suspend()  # SIGSTOP: connections stay open, nothing answers
+        with suspended(rs.replica.pid()):
             reader = threading.Thread(target=reads_while_hung)
             reader.start()
             reader.join(30)  # before: blocked in the probe's pre-ping until SIGCONT
             assert not reader.is_alive(), "a routed read hung with the replica"
-        finally:
-            for process in frozen:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.resume()  # SIGCONT, always
         reader.join(60)
         assert "error" not in outcome, outcome
         assert len(outcome["names"]) == 3 and None not in outcome["names"]
@@ -401,7 +381,7 @@ def test_servers_listen_on_private_unix_sockets_only(rs: ReplicaSet) -> None:
 ATEXIT_SCRIPT = """
 import json
 import stat
-from course_lib.db.replicas import ReplicaSet
+from course_lib.db.lesson.replicas import ReplicaSet
 rs = ReplicaSet.start()
 rs._reaper.kill()  # only the interpreter's exit can stop the servers now
 rs._reaper.wait()
@@ -418,7 +398,7 @@ def test_a_replica_set_the_program_forgets_to_stop_is_stopped_at_exit() -> None:
         assert program.returncode == 0, program.stderr
         assert len(seen["pids"]) >= 4
         # stopped before the interpreter exited: no reaper could have done it
-        assert not [pid for pid in seen["pids"] if _running(pid)]
+        assert not [pid for pid in seen["pids"] if running(pid)]
         assert not Path(seen["root"]).exists()
     finally:
         if Path(seen["root"]).exists():  # the test failed: stop what it left

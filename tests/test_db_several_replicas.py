@@ -6,7 +6,6 @@ applies each commit ``DELAY`` seconds late (``recovery_min_apply_delay``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -16,13 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from sqlalchemy import func, select, update
+from suspend import running, suspended
 
 from course_lib import db
+from course_lib.db.lesson.replicas import ReplicaSet
 from course_lib.db.lesson.several_replicas import two_replicas_demo
-from course_lib.db.replicas import ReplicaSet
 from course_lib.services.embedded import find_postgres_bin_dir
 
 DELAY = 1.5
@@ -173,8 +172,6 @@ def test_a_hung_replica_is_skipped_within_the_probe_timeout(
     rs: ReplicaSet, router: db.Router
 ) -> None:
     assert [_read(router)[0] for _ in range(2)] == ["replica0", "replica1"]
-    postmaster = psutil.Process(rs.replicas[1].pid())
-    frozen = [postmaster, *postmaster.children(recursive=True)]
     outcome: dict[str, Any] = {}
 
     def reads_while_hung() -> None:
@@ -187,17 +184,11 @@ def test_a_hung_replica_is_skipped_within_the_probe_timeout(
         except BaseException as exc:
             outcome["error"] = exc
 
-    try:
-        for process in frozen:
-            process.suspend()  # SIGSTOP: connections stay open, nothing answers
+    with suspended(rs.replicas[1].pid()):
         reader = threading.Thread(target=reads_while_hung)
         reader.start()
         reader.join(30)
         assert not reader.is_alive(), "a routed read hung with the replica"
-    finally:
-        for process in frozen:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.resume()  # SIGCONT, always
     reader.join(60)
     assert "error" not in outcome, outcome
     assert outcome["servers"] == ["replica0"] * 4
@@ -211,7 +202,7 @@ def test_a_hung_replica_is_skipped_within_the_probe_timeout(
 
 ORPHAN_SCRIPT = """
 import json, time
-from course_lib.db.replicas import ReplicaSet
+from course_lib.db.lesson.replicas import ReplicaSet
 from course_lib.services.embedded import find_postgres_bin_dir
 rs = ReplicaSet.start(replicas=2)
 print(json.dumps({"pids": rs.pids(), "root": str(rs.root)}), flush=True)
@@ -226,22 +217,15 @@ def test_the_reaper_stops_every_replica_of_a_program_killed_outright() -> None:
     seen: dict[str, Any] = {}
     try:
         seen = json.loads(program.stdout.readline())  # type: ignore[union-attr]
-        assert len(seen["pids"]) >= 6 and all(_running(pid) for pid in seen["pids"])
+        assert len(seen["pids"]) >= 6 and all(running(pid) for pid in seen["pids"])
         program.kill()  # no atexit, no context manager
         program.wait(10)
-        assert _wait_for(lambda: not any(_running(pid) for pid in seen["pids"]), timeout=60)
+        assert _wait_for(lambda: not any(running(pid) for pid in seen["pids"]), timeout=60)
         assert _wait_for(lambda: not Path(seen["root"]).exists(), timeout=10)
     finally:
         program.kill()
         if seen and Path(seen["root"]).exists():  # the test failed: stop what it left
             ReplicaSet(Path(seen["root"]), find_postgres_bin_dir()).stop()
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_bad_arguments_are_refused(rs: ReplicaSet) -> None:

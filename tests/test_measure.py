@@ -53,9 +53,11 @@ def test_time_calls_counts_calls() -> None:
     calls = []
     samples = time_calls(lambda: calls.append(1), 5, warmup=2)
     assert len(samples) == 5 and len(calls) == 7 and all(s >= 0 for s in samples)
-    with pytest.raises(ValueError, match="n must be positive"):
+    with pytest.raises(ValueError, match=r"^n must be >= 1"):
         time_calls(lambda: None, 0)
-    with pytest.raises(ValueError, match="warmup"):
+    with pytest.raises(TypeError, match=r"^n must be an integer"):
+        time_calls(lambda: None, 2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^warmup must be >= 0"):
         time_calls(lambda: None, 1, warmup=-1)
 
 
@@ -97,6 +99,8 @@ def test_bad_counts_are_rejected(runner) -> None:
         runner(lambda: None, True)
     with pytest.raises(ValueError, match="timeout"):
         runner(lambda: None, 1, timeout=0)
+    with pytest.raises(TypeError, match=r"^timeout must be a number"):
+        runner(lambda: None, 1, timeout="1")
 
 
 def _pid() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,9 +18,11 @@ import psutil
 import pytest
 import redis as redis_lib
 from ordering import until
+from suspend import running, suspended
 
 from course_lib import services
 from course_lib.services import embedded, resolve
+from course_lib.services.cluster import LocalCluster
 
 # These tests set up their own servers and environment: one pass of `make test` covers them.
 pytestmark = pytest.mark.one_pass
@@ -370,6 +373,24 @@ def test_servers_killed_with_sigkill_are_started_again(embedded_dir: Path) -> No
 
 
 @pytest.mark.timeout(120)
+def test_a_postgres_that_does_not_stop_in_time_is_killed_and_starts_again(
+    embedded_dir: Path,
+) -> None:
+    database = services.EmbeddedPostgres(embedded_dir / "postgres")
+    url = database.start()
+    postmaster = database.server.pid()
+    assert postmaster is not None
+    with suspended(postmaster) as frozen:  # a hung server: pg_ctl's fast shutdown never ends
+        start = time.monotonic()
+        assert database.stop(timeout=1) is True
+        waited = time.monotonic() - start
+        assert not any(running(process.pid) for process in frozen)  # before: ServiceError
+    assert waited < 1 + 20
+    assert not database.is_running()
+    assert database.start() == url and _pg_scalar(url, "SELECT 1") == 1
+
+
+@pytest.mark.timeout(120)
 def test_state_dir_with_spaces(monkeypatch) -> None:
     folder = Path(f"/tmp/pc sp {os.getpid()}")
     monkeypatch.setenv("COURSE_STATE_DIR", str(folder))
@@ -486,3 +507,40 @@ def test_status_of_a_redis_that_never_answers_is_bounded(monkeypatch) -> None:
         silent.close()
     assert not report["redis"].ok and "Timeout" in report["redis"].error
     assert elapsed < 15  # 5 s of socket timeout; redis-py's default retries took over 20 s
+
+
+@pytest.mark.timeout(60)
+def test_status_reports_a_postgres_that_hangs_after_connecting(monkeypatch) -> None:
+    # A real server whose backend is stopped (SIGSTOP) as soon as it accepted the status
+    # probe's connection: connected, and then no reply ever. Before: status() hung there.
+    frozen = contextlib.ExitStack()
+    stopped: list[int] = []
+    connect = services.connect
+
+    def connect_then_stop(url, **kwargs):
+        conn = connect(url, **kwargs)
+        frozen.enter_context(suspended(conn.info.backend_pid))
+        stopped.append(conn.info.backend_pid)
+        return conn
+
+    monkeypatch.setattr(services, "connect", connect_then_stop)
+    with frozen:
+        start = time.monotonic()
+        report = {item.service: item for item in services.status(timeout=1)}
+        waited = time.monotonic() - start
+        assert len(stopped) == 1 and psutil.Process(stopped[0]).status() == psutil.STATUS_STOPPED
+    assert not report["postgres"].ok and "did not answer within 1 s" in report["postgres"].error
+    assert report["redis"].ok
+    assert 1 <= waited < 1 + 10  # the deadline, with room for a busy machine
+    until(lambda: not running(stopped[0]), "the resumed backend saw its client gone")
+    with pytest.raises(ValueError, match="timeout"):
+        services.status(timeout=0)
+
+
+def test_local_cluster_arguments_follow_the_shared_rules() -> None:
+    with pytest.raises(ValueError, match=r"^primaries must be >= 3"):
+        LocalCluster(primaries=2)
+    with pytest.raises(TypeError, match=r"^replicas must be an integer"):
+        LocalCluster(replicas=1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^node_timeout"):
+        LocalCluster(node_timeout=0)

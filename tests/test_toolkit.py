@@ -164,6 +164,36 @@ def test_validation_names_the_parameter_and_refuses_bools() -> None:
         validation.cost_within(11, 10, "limit")
 
 
+def test_validation_ranges_and_choices() -> None:
+    assert validation.int_in_range("index", 2, 0, 2) == 2
+    assert validation.int_in_range("primaries", 7, 3) == 7
+    assert validation.integer("seed", -5) == -5
+    assert validation.one_of("mode", "session", ("session", "transaction")) == "session"
+    cases = [
+        (
+            lambda: validation.int_in_range("index", 3, 0, 2),
+            ValueError,
+            r"index must be in \[0, 2\]",
+        ),
+        (lambda: validation.int_in_range("index", -1, 0, 2), ValueError, "index must be in"),
+        (
+            lambda: validation.int_in_range("index", True, 0, 2),
+            TypeError,
+            "index must be an integer",
+        ),
+        (lambda: validation.int_in_range("primaries", 2, 3), ValueError, "primaries must be >= 3"),
+        (lambda: validation.integer("seed", "1"), TypeError, "seed must be an integer"),
+        (
+            lambda: validation.one_of("mode", "x", ("a", "b")),
+            ValueError,
+            "mode must be one of 'a', 'b'",
+        ),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=f"^{message}"):
+            call()
+
+
 def test_run_async_runs_inside_a_running_loop_and_propagates_errors() -> None:
     async def inner() -> str:
         await asyncio.sleep(0)

@@ -7,10 +7,9 @@
 - :class:`Router`, :class:`RoutingSession`, :class:`Pins`, :class:`ReplicaStatus`: writes to
   the primary, reads spread over the replicas within ``max_lag``, read-your-writes from any
   replica that has replayed the client's last write (the primary when none has).
-- :class:`ReplicaSet`: a real primary + N streaming replicas (``pg_basebackup -R``) for one
-  ``with`` block.
-- :mod:`.lesson`: what stages notebook 04 (the module's code as written, measurements);
-  not meant to be copied into a service.
+- :mod:`.lesson`: what stages notebook 04 (the module's code as written, measurements, and
+  :class:`~course_lib.db.lesson.replicas.ReplicaSet`, a real primary + N streaming replicas
+  for one ``with`` block); not meant to be copied into a service.
 """
 
 from course_lib.measure import QueryCounter
@@ -18,7 +17,6 @@ from course_lib.measure import QueryCounter
 from .models import Base, Post, User
 from .pagination import iter_keyset, keyset_page, offset_page
 from .populate import POST_USER_INDEX, Populated, add_post_user_index, populate
-from .replicas import ReplicaSet
 from .routing import Pins, ReplicaStatus, Router, RoutingSession, format_lsn, parse_lsn
 
 __all__ = [
@@ -28,7 +26,6 @@ __all__ = [
     "Populated",
     "Post",
     "QueryCounter",
-    "ReplicaSet",
     "ReplicaStatus",
     "Router",
     "RoutingSession",

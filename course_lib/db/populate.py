@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, select, text
 
-from course_lib.validation import non_negative_int, positive_int
+from course_lib.validation import integer, non_negative_int, positive_int
 
 from .models import Base, User
 
@@ -79,8 +79,7 @@ def populate(engine: Engine, *, users: int, posts_per_user: int, seed: int) -> P
     _check_engine(engine)
     positive_int("users", users)
     non_negative_int("posts_per_user", posts_per_user)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    integer("seed", seed)
     Base.metadata.create_all(engine)
     with engine.connect() as conn:
         if conn.execute(select(func.count()).select_from(User)).scalar_one():

@@ -66,7 +66,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, SessionTransaction
 
-from course_lib.validation import non_negative_int, non_negative_number, positive_number
+from course_lib.validation import (
+    int_in_range,
+    non_negative_int,
+    non_negative_number,
+    positive_number,
+)
 
 __all__ = [
     "Pins",
@@ -81,9 +86,7 @@ __all__ = [
 def parse_lsn(lsn: str | int) -> int:
     """An LSN such as ``'0/3000148'`` (or already an int) as a byte position."""
     if isinstance(lsn, int) and not isinstance(lsn, bool):
-        if lsn < 0:
-            raise ValueError(f"lsn must be >= 0, got {lsn}")
-        return lsn
+        return non_negative_int("lsn", lsn)
     if not isinstance(lsn, str) or lsn.count("/") != 1:
         raise ValueError(f"lsn must look like 'X/Y' (hex), got {lsn!r}")
     high, low = lsn.split("/")
@@ -369,11 +372,8 @@ class Router:
             return replica.replayed if replica.up else None
 
     def _index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"index must be an integer, got {type(index).__name__}")
-        if not 0 <= index < len(self._replicas):
-            raise ValueError(f"index must be in [0, {len(self._replicas)}), got {index}")
-        return index
+        """``index`` checked: a replica's position among the router's replicas."""
+        return int_in_range("index", index, 0, len(self._replicas) - 1)
 
     # -- routing -----------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Exercises of notebook 04 (database optimisation); each checker runs the student's code
 against a real PostgreSQL: the first two in a schema of their own that they drop afterwards,
-the third on a primary and a streaming replica of its own (:class:`~course_lib.db.ReplicaSet`).
+the third on a primary and a streaming replica of its own
+(:class:`~course_lib.db.lesson.replicas.ReplicaSet`).
 
 - :func:`check_titles_by_user`: the posts of 3 and of 1,200 users (more than one ``IN`` list of
   ``selectinload``'s 500), at most 2 statements each time, exactly the right titles in post
@@ -24,7 +25,8 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from course_lib import services
-from course_lib.db import Post, ReplicaSet, populate
+from course_lib.db import Post, populate
+from course_lib.db.lesson.replicas import ReplicaSet
 from course_lib.measure import QueryCounter
 
 from .result import CheckResult, failed, not_attempted, passed

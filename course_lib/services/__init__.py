@@ -23,6 +23,8 @@ import redis
 import redis.asyncio
 from sqlalchemy import Engine, create_engine
 
+from course_lib.validation import one_of, positive_number
+
 from .clients import (
     PoolExhaustedError,
     fail_fast_async_redis,
@@ -75,8 +77,7 @@ _cache_lock = threading.Lock()
 
 def resolution(service: str) -> Resolution:
     """Where ``service`` (``"redis"`` or ``"postgres"``) comes from; decided once per process."""
-    if service not in _RESOLVERS:
-        raise ValueError(f"service must be one of {sorted(_RESOLVERS)}, got {service!r}")
+    one_of("service", service, tuple(_RESOLVERS))
     with _cache_lock:
         if service not in _cache:
             _cache[service] = _RESOLVERS[service]()
@@ -150,9 +151,6 @@ class ServiceStatus:
     error: str = ""
 
 
-_STATUS_TIMEOUT = 5.0
-
-
 def _rtt_ms(call: Callable[[], object], rounds: int = 7) -> float:
     call()
     samples = []
@@ -163,11 +161,11 @@ def _rtt_ms(call: Callable[[], object], rounds: int = 7) -> float:
     return statistics.median(samples)
 
 
-def _redis_status() -> ServiceStatus:
+def _redis_status(timeout: float) -> ServiceStatus:
     chosen = resolution("redis")
-    # Bounded: a server that accepts the connection and never answers costs 5 s, not
-    # redis-py's default retries with backoff (or no connect timeout at all).
-    client = fail_fast_redis(chosen.url, timeout=_STATUS_TIMEOUT)
+    # Bounded: a server that accepts the connection and never answers costs ``timeout``,
+    # not redis-py's default retries with backoff (or no connect timeout at all).
+    client = fail_fast_redis(chosen.url, timeout=timeout)
     try:
         version = str(client.info("server")["redis_version"])
         latency = _rtt_ms(client.ping)
@@ -178,26 +176,53 @@ def _redis_status() -> ServiceStatus:
     )
 
 
-def _postgres_status() -> ServiceStatus:
+def _postgres_status(timeout: float) -> ServiceStatus:
     chosen = resolution("postgres")
-    with connect(chosen.url, connect_timeout=int(_STATUS_TIMEOUT)) as conn:
-        version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
-        latency = _rtt_ms(lambda: conn.execute("SELECT 1").fetchone())
+
+    def probe() -> tuple[str, float]:
+        with connect(chosen.url, connect_timeout=max(1, round(timeout))) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            return str(version), _rtt_ms(lambda: conn.execute("SELECT 1").fetchone())
+
+    # libpq's connect_timeout ends only the connecting, and psycopg has no timeout for a
+    # reply: a server that accepts the connection and then hangs (stopped, stalled) would
+    # block forever. So the probe runs in a daemon thread, waited for ``timeout`` seconds;
+    # one that is still waiting then is left to end when the server answers or the
+    # process exits.
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["value"] = probe()
+        except Exception as exc:  # reported by the caller's thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="postgres-status", daemon=True).start()
+    if not done.wait(timeout):
+        raise ServiceError(f"PostgreSQL did not answer within {timeout:g} s ({mask(chosen.url)})")
+    if "error" in outcome:
+        raise outcome["error"]
+    version, latency = outcome["value"]
     return ServiceStatus(
         "postgres", True, chosen.source, chosen.reason, mask(chosen.url), version, latency
     )
 
 
-def status() -> list[ServiceStatus]:
+def status(*, timeout: float = 5.0) -> list[ServiceStatus]:
     """Per service: the source chosen and why, server version, median round trip in ms.
 
     Never raises for an unreachable service: it is reported with ``ok=False`` and the error.
-    A Redis that accepts connections but never answers is reported after 5 s.
+    A server that accepts connections but never answers (Redis or PostgreSQL) is reported
+    after ``timeout`` seconds (> 0).
     """
+    positive_number("timeout", timeout)
     report = []
     for service, probe in (("redis", _redis_status), ("postgres", _postgres_status)):
         try:
-            report.append(probe())
+            report.append(probe(timeout))
         except Exception as exc:  # the contract is to report, whatever went wrong
             error = mask(str(exc)) or type(exc).__name__
             report.append(ServiceStatus(service, False, "-", "-", "-", "-", None, error))

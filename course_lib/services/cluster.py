@@ -28,6 +28,8 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
+from course_lib.validation import int_in_range, non_negative_int, positive_number
+
 from .embedded import find_redis_server
 from .errors import ServiceError
 
@@ -65,17 +67,9 @@ class LocalCluster:
     """``with LocalCluster(primaries=3, replicas=1).start() as cluster: cluster.client()``."""
 
     def __init__(self, primaries: int = 3, replicas: int = 0, *, node_timeout: float = 2.0) -> None:
-        if isinstance(primaries, bool) or not isinstance(primaries, int) or primaries < 3:
-            raise ValueError(
-                f"primaries must be an int >= 3 (Redis Cluster's minimum), got {primaries!r}"
-            )
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
-            raise ValueError(f"replicas must be an int >= 0, got {replicas!r}")
-        if not node_timeout > 0:
-            raise ValueError(f"node_timeout must be > 0 seconds, got {node_timeout!r}")
-        self.primaries = primaries
-        self.replicas = replicas
-        self.node_timeout = float(node_timeout)
+        self.primaries = int_in_range("primaries", primaries, 3)  # Redis Cluster's minimum
+        self.replicas = non_negative_int("replicas", replicas)
+        self.node_timeout = positive_number("node_timeout", node_timeout)
         self.ports: list[int] = []
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self._root: Path | None = None

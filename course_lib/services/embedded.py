@@ -47,7 +47,16 @@ from .clients import fail_fast_redis
 from .database import ensure_database
 from .errors import ServiceError
 
-__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "make_traversable", "server_user", "state_dir"]
+__all__ = [
+    "EmbeddedPostgres",
+    "EmbeddedRedis",
+    "PostgresServer",
+    "find_postgres_bin_dir",
+    "find_redis_server",
+    "make_traversable",
+    "server_user",
+    "state_dir",
+]
 
 # Linux allows 108 bytes for a socket path, macOS 104; keep a margin for the file name.
 _MAX_SOCKET_PATH = 100
@@ -300,6 +309,132 @@ def make_traversable(path: Path) -> None:
             parent.chmod(mode | 0o001)
 
 
+def _whole_seconds(timeout: float) -> str:
+    """``timeout`` as pg_ctl's ``-t``, which takes whole seconds: rounded, at least 1."""
+    return str(max(1, round(timeout)))
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL process ``pid`` and its children; wait (at most 10 s) for ``pid`` to go."""
+    with contextlib.suppress(psutil.Error):
+        parent = psutil.Process(pid)
+        for process in [*parent.children(recursive=True), parent]:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGKILL)
+        psutil.wait_procs([parent], timeout=10)
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """One PostgreSQL cluster driven by ``pg_ctl``: the course's one way to create, start and
+    stop a PostgreSQL server (the embedded server and the replica sets of
+    :mod:`course_lib.db.lesson.replicas` both go through it).
+
+    ``data`` is its data directory, ``socket_dir`` the folder of its Unix socket (it listens
+    on nothing else, socket mode 0700), ``log`` its log file, ``settings`` extra server
+    settings (``-c name=value``), ``name`` what messages call it. ``bin_dir`` holds
+    ``initdb``, ``pg_ctl`` and the other programs (found by :func:`find_postgres_bin_dir`
+    when ``None``). Started by root, every program runs as :func:`server_user`; the caller
+    hands it the folders. Failures raise :class:`ServiceError` naming ``name``.
+    """
+
+    data: Path
+    socket_dir: Path
+    log: Path
+    bin_dir: Path | None = None
+    settings: tuple[tuple[str, str], ...] = ()
+    name: str = "PostgreSQL"
+
+    def binaries(self) -> Path:
+        """The folder of PostgreSQL's programs."""
+        return self.bin_dir or find_postgres_bin_dir()
+
+    @staticmethod
+    def _as_server(**kwargs: object) -> dict[str, object]:
+        """``subprocess`` arguments that run a command in ``/`` as :func:`server_user`."""
+        user = server_user()
+        if user is not None:
+            kwargs |= {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        return {"cwd": "/", **kwargs}
+
+    def run(self, what: str, program: str, *args: str, timeout: float = 60.0) -> str:
+        """Run PostgreSQL's ``program`` (``initdb``, ``pg_basebackup``, ...) with ``args`` as
+        the server user; its output, or :class:`ServiceError` naming ``what``."""
+        binary = str(self.binaries() / program)
+        return _run([binary, *args], what, timeout, **self._as_server())
+
+    def pid(self) -> int | None:
+        """The postmaster's pid while it runs (a crashed one leaves a stale pid file)."""
+        pid = _read_pid(self.data / "postmaster.pid")
+        return pid if _alive(pid, "postgres") else None
+
+    def is_running(self) -> bool:
+        """Whether this cluster's postmaster is alive."""
+        return self.pid() is not None
+
+    def initdb(self, *, sync: bool = True) -> None:
+        """Create the cluster: superuser ``postgres``, trusted local connections, UTF-8, C
+        locale; ``sync=False`` skips flushing it to disk (a throwaway cluster)."""
+        self.run(
+            f"initdb of the {self.name} in {self.data}",
+            "initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
+            "--encoding=UTF8", "--locale=C", *([] if sync else ["--no-sync"]),
+        )  # fmt: skip
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server and return once it accepts connections (``pg_ctl start -w``)."""
+        # pg_ctl runs the postmaster through /bin/sh -c, pasting -D and -l inside double
+        # quotes (where $(...) still runs) and -o as is. So no path of ours goes there
+        # unquoted: the data folder goes in PGDATA, the log is our own open file, and the
+        # options (the socket folder) are quoted with /bin/sh's rules (shlex.join). The
+        # binaries' path is pasted in double quotes too: refuse the characters special there.
+        binaries = self.binaries()
+        if set(str(binaries)) & set('"$`\\'):
+            raise ServiceError(f'PostgreSQL binaries folder {binaries} holds one of " $ ` \\')
+        options = ["-h", "", "-k", str(self.socket_dir)]
+        settings = (("unix_socket_permissions", "0700"), ("fsync", "off"), *self.settings)
+        for setting, value in settings:
+            options += ["-c", f"{setting}={value}"]
+        command = [
+            str(binaries / "pg_ctl"), "start", "-w", "-t", _whole_seconds(timeout),
+            "-o", shlex.join(options),
+        ]  # fmt: skip
+        kwargs = self._as_server(env={**os.environ, "PGDATA": str(self.data)})
+        with open(self.log, "ab") as log:
+            if (user := server_user()) is not None:
+                os.fchown(log.fileno(), user.pw_uid, user.pw_gid)
+            try:
+                done = subprocess.run(
+                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    timeout=timeout + 5, check=False, **kwargs,
+                )  # type: ignore[call-overload]  # fmt: skip
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise ServiceError(f"starting the {self.name} failed: {exc}") from None
+        if done.returncode != 0:
+            tail = self.log.read_text(errors="replace")[-1500:]
+            raise ServiceError(
+                f"starting the {self.name} failed (exit {done.returncode}); log {self.log}: {tail}"
+            )
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Stop the server (fast shutdown: open transactions are rolled back); one that has
+        not stopped after ``timeout`` seconds is killed with its children. Returns whether
+        it was running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        try:
+            self.run(
+                f"stopping the {self.name}",
+                "pg_ctl", "stop", "-w", "-m", "fast", "-t", _whole_seconds(timeout),
+                "-D", str(self.data),
+                timeout=timeout + 5,
+            )  # fmt: skip
+        except ServiceError:
+            _kill_tree(pid)
+        return True
+
+
 @dataclass(frozen=True)
 class EmbeddedPostgres:
     """A PostgreSQL cluster in ``<root>/data`` listening on a Unix socket in ``<root>`` only."""
@@ -323,32 +458,20 @@ class EmbeddedPostgres:
     def socket(self) -> Path:
         return self.root / ".s.PGSQL.5432"
 
+    @property
+    def server(self) -> PostgresServer:
+        """The cluster itself (started and stopped under this folder's lock)."""
+        return PostgresServer(
+            self.data, self.root, self.log, self.bin_dir, name="embedded PostgreSQL"
+        )
+
     def url(self, database: str = "course") -> str:
         """SQLAlchemy URL of ``database``; the socket folder is percent-encoded (spaces, ``+``)."""
         return f"postgresql+psycopg://postgres@/{database}?host={quote(str(self.root), safe='/')}"
 
-    def _binaries(self) -> Path:
-        return self.bin_dir or find_postgres_bin_dir()
-
-    @staticmethod
-    def _as_server(**kwargs: object) -> dict[str, object]:
-        """``subprocess`` arguments that run a command in ``/`` as :func:`server_user`."""
-        user = server_user()
-        if user is not None:
-            kwargs |= {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        return {"cwd": "/", **kwargs}
-
-    def _command(self, what: str, *args: str, timeout: float = 60.0) -> str:
-        binary = str(self._binaries() / args[0])
-        return _run([binary, *args[1:]], what, timeout, **self._as_server())
-
-    def _pid(self) -> int | None:
-        pid = _read_pid(self.data / "postmaster.pid")
-        return pid if _alive(pid, "postgres") else None
-
     def is_running(self) -> bool:
         """Whether this cluster's postmaster is alive (a crashed one leaves a stale pid file)."""
-        return self._pid() is not None
+        return self.server.is_running()
 
     def _prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -356,7 +479,7 @@ class EmbeddedPostgres:
         if user is None:
             return
         make_traversable(self.root)
-        make_traversable(self._binaries())
+        make_traversable(self.server.binaries())
         for path in (self.root, *self.root.rglob("*")):
             if path.name != "lock":
                 os.chown(path, user.pw_uid, user.pw_gid)
@@ -368,16 +491,12 @@ class EmbeddedPostgres:
             if not self.is_running():
                 self._prepare()
                 if not (self.data / "PG_VERSION").exists():
-                    self._command(
-                        f"initdb in {self.data}",
-                        "initdb", "-D", str(self.data), "-U", "postgres",
-                        "--auth=trust", "--encoding=UTF8", "--locale=C",
-                    )  # fmt: skip
+                    self.server.initdb()
                 # A postmaster killed with -9 can stay a zombie holding its pid; PostgreSQL
                 # would take its lock files as a live server's and refuse to start.
                 for stale in (self.data / "postmaster.pid", self.root / ".s.PGSQL.5432.lock"):
                     stale.unlink(missing_ok=True)
-                self._pg_ctl_start(timeout)
+                self.server.start(timeout)
             try:
                 ensure_database(self.url("postgres"), "course")
             except psycopg.Error as exc:
@@ -385,49 +504,8 @@ class EmbeddedPostgres:
                 raise ServiceError(message) from None
         return self.url()
 
-    def _pg_ctl_start(self, timeout: float) -> None:
-        # pg_ctl runs the postmaster through /bin/sh -c, pasting -D and -l inside double
-        # quotes (where $(...) still runs) and -o as is. So no path of ours goes there
-        # unquoted: the data folder goes in PGDATA, the log is our own open file, and the
-        # socket folder is quoted with /bin/sh's rules (shlex.quote). The binaries' path is
-        # pasted in double quotes too: refuse the characters special there.
-        binaries = self._binaries()
-        if set(str(binaries)) & set('"$`\\'):
-            raise ServiceError(f'PostgreSQL binaries folder {binaries} holds one of " $ ` \\')
-        options = [
-            "-h", "", "-k", str(self.root), "-c", "unix_socket_permissions=0700", "-c", "fsync=off",
-        ]  # fmt: skip
-        command = [
-            str(binaries / "pg_ctl"), "start", "-w", "-t", str(int(timeout)),
-            "-o", shlex.join(options),
-        ]  # fmt: skip
-        kwargs = self._as_server(env={**os.environ, "PGDATA": str(self.data)})
-        with open(self.log, "ab") as log:
-            if (user := server_user()) is not None:
-                os.fchown(log.fileno(), user.pw_uid, user.pw_gid)
-            try:
-                done = subprocess.run(
-                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    timeout=timeout + 5, check=False, **kwargs,
-                )  # type: ignore[call-overload]  # fmt: skip
-            except (OSError, subprocess.SubprocessError) as exc:
-                raise ServiceError(f"starting embedded PostgreSQL failed: {exc}") from None
-        if done.returncode != 0:
-            tail = self.log.read_text(errors="replace")[-1500:]
-            raise ServiceError(
-                f"starting embedded PostgreSQL failed (exit {done.returncode}); "
-                f"log {self.log}: {tail}"
-            )
-
     def stop(self, timeout: float = 60.0) -> bool:
-        """Stop the cluster (fast shutdown); return whether it was running."""
+        """Stop the cluster (fast shutdown; killed if it does not stop in ``timeout``
+        seconds); return whether it was running."""
         with _locked(self.root / "lock"):
-            if not self.is_running():
-                return False
-            self._command(
-                "stopping embedded PostgreSQL",
-                "pg_ctl", "stop", "-w", "-m", "fast", "-t", str(int(timeout)),
-                "-D", str(self.data),
-                timeout=timeout + 5,
-            )  # fmt: skip
-            return True
+            return self.server.stop(timeout)

@@ -27,7 +27,9 @@ _POSTGRESQL = postgresql.dialect()
 
 
 def _check(schema: object) -> str:
-    if not isinstance(schema, str) or not schema.isidentifier() or not schema.isascii():
+    if not isinstance(schema, str):
+        raise TypeError(f"schema must be a str, got {type(schema).__name__}")
+    if not schema.isidentifier() or not schema.isascii():
         raise ValueError(f"schema must be a plain ASCII identifier, got {schema!r}")
     if len(schema) > _MAX_IDENTIFIER:
         raise ValueError(f"schema must be at most {_MAX_IDENTIFIER} characters, got {schema!r}")
@@ -42,7 +44,9 @@ def _quoted(schema: object) -> str:
 def unique_schema(prefix: str = "run") -> str:
     """A new schema name ``<prefix>_<12 hex digits>`` (``ValueError`` for a bad prefix)."""
     longest = _MAX_IDENTIFIER - 13
-    if not isinstance(prefix, str) or len(prefix) > longest:
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+    if len(prefix) > longest:
         raise ValueError(
             f"prefix must be a str of at most {longest} characters (the schema name is "
             f"<prefix>_<12 hex digits>), got {prefix!r}"

@@ -19,12 +19,12 @@ from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.orm import Session, joinedload, selectinload
 from sqlalchemy.pool import NullPool
 
+from course_lib.db.lesson.replicas import ReplicaSet
 from course_lib.db.models import Post, User
 from course_lib.db.pagination import keyset_page, offset_page
-from course_lib.db.replicas import ReplicaSet
 from course_lib.measure import QueryCounter, percentiles, run_threads, time_calls
 from course_lib.progress import progress
-from course_lib.validation import positive_int
+from course_lib.validation import one_of, positive_int
 
 __all__ = [
     "STRATEGIES",
@@ -137,13 +137,12 @@ def pool_sweep(
 
 def load_users_with_posts(session: Session, n: int, strategy: str) -> int:
     """Load the first ``n`` users and touch every user's posts; return the posts seen."""
+    one_of("strategy", strategy, STRATEGIES)
     stmt = select(User).order_by(User.id).limit(n)
     if strategy == "selectinload":
         stmt = stmt.options(selectinload(User.posts))
     elif strategy == "joinedload":
         stmt = stmt.options(joinedload(User.posts))
-    elif strategy != "lazy (N+1)":
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     users = session.scalars(stmt).unique().all()
     return sum(len(user.posts) for user in users)
 

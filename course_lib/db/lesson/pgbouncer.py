@@ -4,6 +4,8 @@ Only to stage what transaction pooling breaks (section 1 of notebook 04): it lis
 Unix socket in a private temporary folder, trusts the local ``postgres`` user, keeps
 ``pool_size`` server connections, and is stopped (and its folder removed) when the block
 ends, also if it raises. Started by root, it runs as the unprivileged PostgreSQL account.
+The upstream's settings are quoted in its connection string, so a socket folder with spaces
+or quotes reaches PgBouncer intact.
 Needs the ``pgbouncer`` binary (Debian: ``apt-get install pgbouncer``); :func:`find_pgbouncer`
 returns ``None`` without it.
 """
@@ -26,7 +28,7 @@ import psycopg
 from course_lib.services.database import connect_kwargs
 from course_lib.services.embedded import server_user
 from course_lib.services.errors import ServiceError
-from course_lib.validation import positive_int
+from course_lib.validation import one_of, positive_int
 
 __all__ = ["Bouncer", "find_pgbouncer", "pgbouncer"]
 
@@ -55,23 +57,43 @@ class Bouncer:
         )
 
 
+def _line_value(name: str, value: object) -> str:
+    """``value`` as the rest of an ini line: PgBouncer takes everything after ``=`` up to
+    the end of the line, trimmed, with no quoting, and expands a leading ``~``; refuse
+    (``ValueError`` naming ``name``) what that would change."""
+    text = str(value)
+    if "\n" in text or text != text.strip() or text.startswith("~"):
+        raise ValueError(f"{name} cannot be written into pgbouncer.ini as is: {text!r}")
+    return text
+
+
+def _quoted(value: object) -> str:
+    """``value`` quoted for a PgBouncer connection string: in single quotes, each quote
+    doubled (spaces and quotes in a socket folder stay part of it)."""
+    text = str(value).replace("'", "''")
+    return f"'{text}'"
+
+
 def _config(folder: Path, upstream: dict[str, Any], pool_mode: str, pool_size: int) -> str:
-    target = " ".join(
-        f"{key}={upstream[key]}" for key in ("host", "port", "dbname") if key in upstream
+    fields = {key: upstream[key] for key in ("host", "port", "dbname") if key in upstream}
+    fields["user"] = upstream.get("user", "postgres")
+    target = _line_value(
+        "upstream_url", " ".join(f"{key}={_quoted(value)}" for key, value in fields.items())
     )
+    own = _line_value("folder", folder)
     return f"""[databases]
-course = {target} user={upstream.get("user", "postgres")}
+course = {target}
 
 [pgbouncer]
-unix_socket_dir = {folder}
+unix_socket_dir = {own}
 listen_port = {_PORT}
 auth_type = trust
-auth_file = {folder}/users.txt
+auth_file = {own}/users.txt
 pool_mode = {pool_mode}
 default_pool_size = {pool_size}
 max_client_conn = 100
-logfile = {folder}/pgbouncer.log
-pidfile = {folder}/pgbouncer.pid
+logfile = {own}/pgbouncer.log
+pidfile = {own}/pgbouncer.pid
 ignore_startup_parameters = extra_float_digits,options
 """
 
@@ -81,8 +103,7 @@ def pgbouncer(
     upstream_url: str, *, pool_mode: str = "transaction", pool_size: int = 1, timeout: float = 20
 ) -> Iterator[Bouncer]:
     """Run PgBouncer in front of ``upstream_url`` (a SQLAlchemy URL) for the block."""
-    if pool_mode not in ("session", "transaction", "statement"):
-        raise ValueError(f"pool_mode must be session, transaction or statement, got {pool_mode!r}")
+    one_of("pool_mode", pool_mode, ("session", "transaction", "statement"))
     positive_int("pool_size", pool_size)
     binary = find_pgbouncer()
     if binary is None:

@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import func, select, update
 
+from course_lib.db.lesson.replicas import ReplicaSet
 from course_lib.db.models import User
 from course_lib.db.populate import populate
-from course_lib.db.replicas import ReplicaSet
 from course_lib.db.routing import Router, parse_lsn
 from course_lib.validation import positive_number
 

@@ -1,5 +1,10 @@
 """A real PostgreSQL primary with streaming replicas, owned by the course for one block.
 
+Lesson code: it stages replication for notebook 04 and the tests (a service gets its
+primary and replicas from its platform, and copies only :class:`course_lib.db.Router`).
+Each server is a :class:`course_lib.services.embedded.PostgresServer`, the course's one way
+to create, start and stop PostgreSQL; this module adds the replication around them.
+
 ``with ReplicaSet.start() as rs:`` runs ``initdb`` for a primary, takes a base backup of it
 with ``pg_basebackup -R`` (which also writes ``standby.signal`` and ``primary_conninfo``)
 into a second data directory, starts that as a hot standby streaming from the primary, and
@@ -35,9 +40,7 @@ import atexit
 import contextlib
 import numbers
 import os
-import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,22 +54,25 @@ from typing import Any
 import psutil
 from sqlalchemy import Engine, create_engine, text
 
+from course_lib.db.routing import Router, RoutingSession
 from course_lib.orphans import watch_parent
 from course_lib.services.embedded import (
+    PostgresServer,
     find_postgres_bin_dir,
     make_traversable,
     server_user,
 )
 from course_lib.services.errors import ServiceError
-from course_lib.validation import non_negative_number, positive_int, positive_number
-
-from .routing import Router, RoutingSession
+from course_lib.validation import int_in_range, non_negative_number, one_of, positive_number
 
 __all__ = ["ReplicaSet"]
 
-_SERVER_OPTIONS = (
-    "-c fsync=off -c full_page_writes=off -c shared_buffers=32MB -c max_connections=60"
-    " -c unix_socket_permissions=0700 -c wal_level=replica"
+# A throwaway cluster: no durability, small, enough connections for the notebook's pools.
+_SETTINGS = (
+    ("full_page_writes", "off"),
+    ("shared_buffers", "32MB"),
+    ("max_connections", "60"),
+    ("wal_level", "replica"),
 )
 _MAX_REPLICAS = 8  # each costs a server process tree and a base backup
 
@@ -75,90 +81,18 @@ def _url(socket_dir: Path) -> str:
     return f"postgresql+psycopg://postgres@/postgres?host={socket_dir}"
 
 
-def _run_tool(bin_dir: Path, what: str, *args: str, timeout: float = 60.0) -> str:
-    """Run PostgreSQL's program ``args[0]`` from ``bin_dir`` (as the server user when root)
-    with a deadline; its output, or ``ServiceError`` naming ``what`` if it fails."""
-    user = server_user()
-    kwargs: dict[str, Any] = {"cwd": "/"}
-    if user is not None:
-        kwargs |= {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-    try:
-        done = subprocess.run(
-            [str(bin_dir / args[0]), *args[1:]],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            **kwargs,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise ServiceError(f"{what} failed: {exc}") from None
-    if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().replace("\n", " ")[-1500:]
-        raise ServiceError(f"{what} failed (exit {done.returncode}): {detail}")
-    return done.stdout
-
-
-class _Server:
-    """One cluster: its data directory, socket folder and log, driven by ``pg_ctl``."""
-
-    def __init__(self, root: Path, bin_dir: Path, name: str, sockets: str, extra: str) -> None:
-        self.bin_dir = bin_dir
-        self.name = name
-        self.data = root / name
-        self.socket_dir = root / sockets
-        self.log = root / f"{name}.log"
-        self.extra = f"-c cluster_name={name} {extra}"
-
-    def pid(self) -> int | None:
-        try:
-            pid = int((self.data / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        with contextlib.suppress(psutil.Error):
-            process = psutil.Process(pid)
-            if process.status() != psutil.STATUS_ZOMBIE and "postgres" in process.name():
-                return pid
-        return None
-
-    def start(self, timeout: float) -> None:
-        # pg_ctl hands -o to /bin/sh: quote the folder with the shell's rules
-        options = f"-h '' -k {shlex.quote(str(self.socket_dir))} {_SERVER_OPTIONS} {self.extra}"
-        _run_tool(
-            self.bin_dir,
-            f"starting the {self.name}",
-            "pg_ctl", "start", "-w", "-t", str(int(timeout)), "-D", str(self.data),
-            "-l", str(self.log), "-o", options,
-            timeout=timeout + 5,
-        )  # fmt: skip
-
-    def stop(self, timeout: float = 30.0) -> None:
-        pid = self.pid()
-        if pid is None:
-            return
-        try:
-            _run_tool(
-                self.bin_dir,
-                f"stopping the {self.name}",
-                "pg_ctl", "stop", "-w", "-m", "fast", "-t", str(int(timeout)),
-                "-D", str(self.data),
-                timeout=timeout + 5,
-            )  # fmt: skip
-        except ServiceError:
-            _kill_tree(pid)
-
-    def restart(self, timeout: float) -> None:
-        self.stop()
-        self.start(timeout)
-
-
-def _kill_tree(pid: int) -> None:
-    with contextlib.suppress(psutil.Error):
-        parent = psutil.Process(pid)
-        for process in [*parent.children(recursive=True), parent]:
-            with contextlib.suppress(psutil.Error):
-                process.send_signal(signal.SIGKILL)
-        psutil.wait_procs([parent], timeout=10)
+def _server(
+    root: Path, bin_dir: Path, name: str, sockets: str, settings: tuple[tuple[str, str], ...]
+) -> PostgresServer:
+    """Server ``name`` of a set in ``root``: data in ``root/name``, socket in ``root/sockets``."""
+    return PostgresServer(
+        data=root / name,
+        socket_dir=root / sockets,
+        log=root / f"{name}.log",
+        bin_dir=bin_dir,
+        settings=(*_SETTINGS, ("cluster_name", name), *settings),
+        name=name,
+    )
 
 
 class ReplicaSet:
@@ -184,15 +118,15 @@ class ReplicaSet:
         self.root = root
         self.bin_dir = bin_dir
         self.apply_delays = delays
-        senders = f"-c max_wal_senders={replicas + 3}"  # a standby needs >= its primary's
-        self.primary = _Server(root, bin_dir, "primary", "ps", senders)
+        senders = (("max_wal_senders", str(replicas + 3)),)  # a standby needs >= its primary's
+        self.primary = _server(root, bin_dir, "primary", "ps", senders)
         self.replicas = [
-            _Server(
+            _server(
                 root,
                 bin_dir,
                 f"replica{index}",
                 f"r{index}s",
-                f"{senders} -c recovery_min_apply_delay={int(delay * 1000)}ms"
+                (*senders, ("recovery_min_apply_delay", f"{int(delay * 1000)}ms"))
                 if delay
                 else senders,
             )
@@ -204,7 +138,7 @@ class ReplicaSet:
         self._reaper: subprocess.Popen[bytes] | None = None
 
     @property
-    def replica(self) -> _Server:
+    def replica(self) -> PostgresServer:
         """The first replica server."""
         return self.replicas[0]
 
@@ -227,9 +161,7 @@ class ReplicaSet:
         """Create, start and connect a primary and ``replicas`` streaming replicas (1 to 8),
         ``apply_delay`` one number for all or one per replica (see the module); returns once
         the primary streams to all of them (``ServiceError`` after ``timeout`` seconds)."""
-        positive_int("replicas", replicas)
-        if replicas > _MAX_REPLICAS:
-            raise ValueError(f"replicas must be <= {_MAX_REPLICAS}, got {replicas}")
+        int_in_range("replicas", replicas, 1, _MAX_REPLICAS)
         _apply_delays(apply_delay, replicas)
         positive_number("timeout", timeout)
         binaries = Path(bin_dir) if bin_dir is not None else find_postgres_bin_dir()
@@ -262,17 +194,11 @@ class ReplicaSet:
             make_traversable(self.bin_dir)
             for path in (self.root, *(server.socket_dir for server in servers)):
                 os.chown(path, user.pw_uid, user.pw_gid)
-        _run_tool(
-            self.bin_dir,
-            "initdb of the primary",
-            "initdb", "-D", str(self.primary.data), "-U", "postgres", "--auth=trust",
-            "--encoding=UTF8", "--locale=C", "--no-sync",
-        )  # fmt: skip
+        self.primary.initdb(sync=False)
         self.primary.start(timeout)
         deadline = time.monotonic() + timeout
         for replica in self.replicas:
-            _run_tool(
-                self.bin_dir,
+            replica.run(
                 f"pg_basebackup of {replica.name}",
                 "pg_basebackup", "-D", str(replica.data), "-R", "-X", "stream",
                 "-c", "fast", "--no-sync", "-h", str(self.primary.socket_dir), "-U", "postgres",
@@ -330,7 +256,9 @@ class ReplicaSet:
 
     def restart_primary(self, timeout: float = 60.0) -> None:
         """Stop and start the primary: every connection open to it is broken."""
-        self.primary.restart(timeout)
+        timeout = positive_number("timeout", timeout)
+        self.primary.stop()
+        self.primary.start(timeout)
 
     def pids(self) -> list[int]:
         """Process ids of every server process running now (postmasters and children)."""
@@ -344,11 +272,8 @@ class ReplicaSet:
         return found
 
     def _index(self, index: int) -> int:
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"index must be an integer, got {type(index).__name__}")
-        if not 0 <= index < len(self.replicas):
-            raise ValueError(f"index must be in [0, {len(self.replicas)}), got {index}")
-        return index
+        """``index`` checked: a replica's position in the set."""
+        return int_in_range("index", index, 0, len(self.replicas) - 1)
 
     # -- connections -------------------------------------------------------------------------
 
@@ -367,8 +292,7 @@ class ReplicaSet:
     def engine(self, which: str, index: int = 0) -> Engine:
         """The set's own pooled engine (``pool_pre_ping``) on ``"primary"`` or on replica
         ``index`` (``"replica"``)."""
-        if which not in ("primary", "replica"):
-            raise ValueError(f"which must be 'primary' or 'replica', got {which!r}")
+        one_of("which", which, ("primary", "replica"))
         key = (which, 0 if which == "primary" else self._index(index))
         if key not in self._engines:
             server = self.primary if which == "primary" else self.replicas[key[1]]
@@ -452,7 +376,7 @@ def _apply_delays(
     return delays
 
 
-_REAPER = "from course_lib.db.replicas import _reap_when_orphaned; _reap_when_orphaned()"
+_REAPER = "from course_lib.db.lesson.replicas import _reap_when_orphaned; _reap_when_orphaned()"
 
 
 def _reap_when_orphaned() -> None:
