@@ -16,11 +16,13 @@ import numbers
 __all__ = [
     "cost_within",
     "finite_number",
+    "non_empty_string",
     "non_negative_int",
     "non_negative_number",
     "optional_positive_number",
     "positive_int",
     "positive_number",
+    "whole_milliseconds",
 ]
 
 
@@ -85,3 +87,20 @@ def cost_within(cost: object, ceiling: int, what: str) -> int:
             f"cost must be <= {what}={ceiling} (it could never be admitted), got {cost}"
         )
     return number
+
+
+def whole_milliseconds(name: str, value: object) -> int:
+    """``value`` (seconds) in whole milliseconds, as Redis takes a TTL (``PX``): a finite
+    number of seconds >= 0.001, so never rounded down to 0 ms."""
+    seconds = positive_number(name, value)
+    _at_least(name, seconds, 0.001, strict=False, what="a number of seconds >= 0.001")
+    return int(seconds * 1000)
+
+
+def non_empty_string(name: str, value: object) -> str:
+    """``value`` if it is a string with something besides whitespace."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
