@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 __all__ = [
     "cost_within",
     "finite_number",
+    "instance_of",
     "non_empty_string",
     "non_negative_int",
     "non_negative_number",
@@ -103,4 +105,12 @@ def non_empty_string(name: str, value: object) -> str:
         raise TypeError(f"{name} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def instance_of(name: str, value: Any, kind: type, what: str) -> Any:
+    """``value`` if it is an instance of ``kind`` (a class, or a ``runtime_checkable``
+    protocol, which checks the methods are there); ``what`` says what is expected."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
     return value

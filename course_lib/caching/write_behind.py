@@ -6,7 +6,7 @@ write survives the death of the process that made it and of the worker applying 
 One class per job, as RQ splits its ``Queue`` from its ``Worker``:
 
 - :class:`WriteBehindProducer` (``write``, ``read``): in the web process; its asyncio twin
-  is :class:`course_lib.caching.aio.WriteBehindProducer`.
+  is :class:`course_lib.caching.aio.AsyncWriteBehindProducer`.
 - :class:`WriteBehindConsumer` (``process`` one batch, ``run`` batches until stopped,
   ``drain``): in the worker.
 - :class:`WriteBehindMonitor` (``backlog``, ``lag``, ``worker_stats``): anywhere.
@@ -84,6 +84,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from course_lib import lua
 from course_lib.orphans import watch_parent
 from course_lib.validation import (
+    instance_of,
     non_empty_string,
     positive_int,
     positive_number,
@@ -101,7 +102,6 @@ from .write_behind_core import (
     RawEntry,
     StreamKeys,
     check_replicas,
-    check_store,
     decode_record,
     entry_version,
     group_exists,
@@ -217,7 +217,7 @@ class WriteBehindConsumer:
         max_deliveries: int = 5,
     ) -> None:
         self.redis = redis
-        self.store = check_store(store)
+        self.store: Store = instance_of("store", store, Store, "a Store (load and save)")
         self.keys = StreamKeys(stream, namespace)
         self.group = non_empty_string("group", group)
         self.ttl_ms = whole_milliseconds("ttl", ttl)

@@ -23,7 +23,7 @@ import redis.cluster
 from redis.exceptions import ResponseError
 
 from course_lib import lua
-from course_lib.validation import non_empty_string, non_negative_int, positive_number
+from course_lib.validation import instance_of, non_empty_string, non_negative_int, positive_number
 
 from ._base import check_namespace
 from .serialization import dumps, loads
@@ -38,7 +38,6 @@ __all__ = [
     "ProducerCore",
     "StreamKeys",
     "check_replicas",
-    "check_store",
     "decode_record",
     "entry_version",
     "group_exists",
@@ -87,13 +86,6 @@ def check_replicas(entry: Any, acked: Any, wanted: int) -> Any:
     if entry is not None and int(acked) < wanted:
         raise NotReplicated(text(entry), int(acked), wanted)
     return entry
-
-
-def check_store(store: Any) -> Store:
-    """``store`` if it has ``load(key)`` and ``save(key, value)``."""
-    if not isinstance(store, Store):
-        raise TypeError(f"store must have load(key) and save(key, value), got {store!r}")
-    return store
 
 
 def group_exists(exc: ResponseError) -> bool:
@@ -150,7 +142,7 @@ class ProducerCore:
         replicas: int,
         replica_timeout: float,
     ) -> None:
-        self.store = check_store(store)
+        self.store: Store = instance_of("store", store, Store, "a Store (load and save)")
         self.keys = StreamKeys(stream, namespace)
         self.group = non_empty_string("group", group)
         self.replicas = non_negative_int("replicas", replicas)
