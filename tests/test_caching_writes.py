@@ -11,9 +11,18 @@ import pytest
 from ordering import until
 from sqlalchemy import create_engine
 
-from course_lib.caching import UserStore, WriteBehind, WriteThrough, seed_users
+from course_lib.caching import (
+    UserStore,
+    WorkerProcess,
+    WriteBehind,
+    WriteBehindConsumer,
+    WriteBehindMonitor,
+    WriteBehindProducer,
+    WriteThrough,
+    seed_users,
+)
 from course_lib.caching.lesson.demos import count_lost, write_behind_crash
-from course_lib.caching.write_behind import NotReplicated, entry_version
+from course_lib.caching.write_behind_core import NotReplicated, entry_version
 from course_lib.measure import run_threads
 from course_lib.services import EmbeddedPostgres, EmbeddedRedis
 
@@ -91,6 +100,40 @@ def test_write_behind_validation(redis, ns, store):
         WriteBehind(redis, store, stream=f"{ns}:s", group="g", namespace="u{")
     with pytest.raises(ValueError, match="namespace"):
         WriteThrough(redis, store, ttl=1, namespace="user}")
+    # One set of rules (course_lib.validation): a wrong type is a TypeError.
+    with pytest.raises(TypeError, match="batch"):
+        WriteBehind(redis, store, stream=f"{ns}:s", group="g", batch="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="group"):
+        WriteBehindConsumer(redis, store, stream=f"{ns}:s", group=7)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ttl"):
+        WriteThrough(redis, store, ttl="60", namespace="x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="name"):
+        WorkerProcess(WriteBehindConsumer(redis, store, stream=f"{ns}:s", group="g"), " ")
+
+
+def test_write_behind_parts_do_no_io_until_used(store):
+    """Each part is built without a round trip (a client to nowhere is fine), and the
+    stream and group are declared by the first write or read that needs them."""
+    import redis as redis_lib
+
+    nowhere = redis_lib.Redis(port=1, socket_connect_timeout=0.1)
+    WriteBehindProducer(nowhere, store, stream="s", group="g")
+    WriteBehindConsumer(nowhere, store, stream="s", group="g")
+    WriteBehindMonitor(nowhere, stream="s")
+    WriteBehind(nowhere, store, stream="s", group="g")
+
+
+def test_write_behind_consumer_declares_a_missing_group(redis, ns, store):
+    """A worker may start before any write, or outlive its stream: it declares the stream
+    and its group itself, from the stream's first entry, and loses nothing."""
+    consumer = WriteBehindConsumer(redis, store, stream=f"{ns}:wb", group="db")
+    assert consumer.process("c1").entries == 0  # no stream yet: declared, nothing to do
+    assert redis.xinfo_groups(f"{ns}:wb")[0]["name"] == b"db"
+    producer = WriteBehindProducer(redis, store, stream=f"{ns}:wb", group="db")
+    producer.write(3, {"score": 33})
+    redis.delete(f"{ns}:wb")  # the stream and its group are gone...
+    producer.write(3, {"score": 34})  # ...a producer that declared them writes again
+    assert consumer.process("c1").db_writes == 1 and store.load(3)["score"] == 34
 
 
 def test_write_behind_with_replicas_refuses_to_confirm_on_a_lone_primary(redis, ns, store):
@@ -289,8 +332,11 @@ def test_worker_stop_finishes_its_batch(redis, ns, store):
     deadline = time.monotonic() + 30
     while wb.backlog() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert worker.stop() == 0
-    assert not worker.is_alive()
+    assert worker.name == "w1" and worker.stop() == 0
+    assert not worker.is_alive() and worker.stop() == 0  # stopping again changes nothing
+    with pytest.raises(RuntimeError, match="already running"), wb.start_worker("w2") as again:
+        again.start()
+    assert not again.is_alive()
     plan = [(key, -key) for key in range(1, 101)]
     assert count_lost(store.engine, plan).lost == 0
 
