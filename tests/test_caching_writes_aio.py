@@ -61,9 +61,7 @@ def latest(writes: list[tuple[str, int, int]]) -> dict[int, tuple[str, int]]:
     return {key: (e, s) for e, key, s in sorted(writes, key=lambda w: entry_version(w[0]))}
 
 
-def test_async_producer_with_many_tasks_queues_every_write_and_the_newest_lands(
-    redis, ns, store
-):
+def test_async_producer_with_many_tasks_queues_every_write_and_the_newest_lands(redis, ns, store):
     stream = f"{ns}:wb"
 
     async def scenario(client: aredis.Redis) -> tuple[list[Any], dict[int, Any]]:
@@ -184,3 +182,14 @@ def test_async_write_through_concurrent_tasks_leave_the_newest_row(redis, ns, st
     assert cached == store.load(9) and cached["version"] == 8 * CALLS
     assert stats["writes"] == 8 * CALLS
     assert stats["cache_sets"] + stats["stale_sets_rejected"] == 8 * CALLS
+
+
+def test_async_producer_raises_when_the_stream_name_is_held_by_another_type(redis, ns, store):
+    redis.set(f"{ns}:taken", "a string")
+
+    async def scenario(client: aredis.Redis) -> None:
+        producer = AsyncWriteBehindProducer(client, store, stream=f"{ns}:taken", group="g")
+        with pytest.raises(aredis.ResponseError, match="WRONGTYPE"):
+            await producer.write(1, {"score": 1})
+
+    _run(scenario)

@@ -239,7 +239,7 @@ class WriteBehindConsumer:
         if not batch.entries:
             return batch.result()
         for key, entries in batch.by_key.items():
-            batch.saved(key, *self._save(key, entries))
+            batch.saved(key, self._save(key, entries))
         if batch.refused:
             self._dead_letter(name, batch)
         self._finish(batch)
@@ -294,28 +294,26 @@ class WriteBehindConsumer:
         )
         return reply[0][1] if reply else []
 
-    def _save(self, key: str, entries: list[Entry]) -> tuple[int, int, dict[bytes, str]]:
-        """Save ``key``'s entries: the last one (coalesced), else one by one if the store
-        refuses it; ``(db_writes, skipped, {refused id: error})``."""
+    def _save(self, key: str, entries: list[Entry]) -> dict[bytes, bool | str]:
+        """Save ``key``'s last entry, which carries the whole record (the others are
+        coalesced into it); if the store refuses it, save them one by one to find which it
+        refuses and keep the others. What became of each entry tried (see
+        :meth:`~course_lib.caching.write_behind_core.Batch.saved`)."""
+        last = entries[-1]
+        outcome = self._save_entry(key, last)
+        if isinstance(outcome, str):
+            return {entry.id: self._save_entry(key, entry) for entry in entries}
+        return {last.id: outcome}
+
+    def _save_entry(self, key: str, entry: Entry) -> bool | str:
+        """Whether the store changed the row (``False``: it has this version or newer), or
+        why it refused the entry. Raises if the database itself is unavailable."""
         try:
-            saved = self.store.save(key, entries[-1].row())
+            return self.store.save(key, entry.row()) is not None
         except Exception as exc:
             if _database_unavailable(exc):
                 raise
-        else:
-            return (0, 1, {}) if saved is None else (1, 0, {})
-        written = skipped = 0
-        errors: dict[bytes, str] = {}
-        for entry in entries:  # find which entries the store refuses, keep the others
-            try:
-                saved = self.store.save(key, entry.row())
-            except Exception as exc:
-                if _database_unavailable(exc):
-                    raise
-                errors[entry.id] = describe(exc)
-                continue
-            written, skipped = written + (saved is not None), skipped + (saved is None)
-        return written, skipped, errors
+            return describe(exc)
 
     def _dead_letter(self, name: str, batch: Batch) -> None:
         """Move refused entries delivered ``max_deliveries`` times to the dead-letter stream."""
@@ -394,9 +392,8 @@ class WriteBehindConsumer:
 
 
 def _database_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, _UNAVAILABLE)
+    invalidated = isinstance(exc, DBAPIError) and exc.connection_invalidated
+    return invalidated or isinstance(exc, _UNAVAILABLE)
 
 
 class WriteBehindMonitor:
@@ -442,10 +439,6 @@ class WorkerProcess:
     @property
     def pid(self) -> int | None:
         return None if self._child is None else self._child.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        return None if self._child is None else self._child.exitcode
 
     def is_alive(self) -> bool:
         return self._child is not None and self._child.is_alive()

@@ -305,11 +305,13 @@ class Batch:
     def entries(self) -> list[RawEntry]:
         return self.claimed + self.fresh
 
-    def saved(self, key: str, written: int, skipped: int, errors: Mapping[bytes, str]) -> None:
-        """``key``'s group was saved: ``written`` rows changed, ``skipped`` were already
-        newer, ``errors`` the entries the store refused."""
-        self.written += written
-        self.skipped += skipped
+    def saved(self, key: str, outcomes: Mapping[bytes, bool | str]) -> None:
+        """``key``'s group was saved. ``outcomes`` tells, for each entry the consumer tried,
+        ``True`` if the store changed the row, ``False`` if it already had that version or
+        a newer one, or the error if it refused the entry."""
+        errors = {i: error for i, error in outcomes.items() if isinstance(error, str)}
+        self.written += sum(outcome is True for outcome in outcomes.values())
+        self.skipped += sum(outcome is False for outcome in outcomes.values())
         self.refused.update(errors)
         landed = [e.id for e in self.by_key[key] if e.id not in errors]
         if landed:
