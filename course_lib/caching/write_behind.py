@@ -145,27 +145,6 @@ class WriteBehindProducer(ProducerCore):
     """``WriteBehindProducer(redis, store, stream="wb:users", group="db-writers")``: queues
     writes and reads the cached records; see the module docstring for the guarantees."""
 
-    def __init__(
-        self,
-        redis: Any,
-        store: Store,
-        *,
-        stream: str,
-        group: str,
-        namespace: str | None = None,
-        replicas: int = 0,
-        replica_timeout: float = 1.0,
-    ) -> None:
-        super().__init__(
-            store,
-            stream=stream,
-            group=group,
-            namespace=namespace,
-            replicas=replicas,
-            replica_timeout=replica_timeout,
-        )
-        self.redis = redis
-
     def write(self, key: Any, value: Mapping[str, Any]) -> str:
         """Merge the changed columns ``value`` into the cached record and queue the whole
         record for the store; the entry id. Unknown columns raise ``ValueError`` here.

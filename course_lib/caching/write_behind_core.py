@@ -134,14 +134,16 @@ class ProducerCore:
 
     def __init__(
         self,
+        redis: Any,
         store: Store,
         *,
         stream: str,
         group: str,
-        namespace: str | None,
-        replicas: int,
-        replica_timeout: float,
+        namespace: str | None = None,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
+        self.redis = redis  # a sync or asyncio client, as the shell needs
         self.store: Store = instance_of("store", store, Store, "a Store (load and save)")
         self.keys = StreamKeys(stream, namespace)
         self.group = non_empty_string("group", group)

@@ -31,7 +31,6 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from .serialization import loads
-from .store import Store
 from .write_through_core import WriteThroughCore
 
 __all__ = ["WriteThrough"]
@@ -39,10 +38,6 @@ __all__ = ["WriteThrough"]
 
 class WriteThrough(WriteThroughCore):
     """``WriteThrough(redis, store, ttl=3600, namespace="user")``."""
-
-    def __init__(self, redis: Any, store: Store, *, ttl: float, namespace: str) -> None:
-        super().__init__(store, ttl=ttl, namespace=namespace)
-        self.redis = redis
 
     def write(self, key: Any, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Save ``fields`` in the store, then cache the committed row; return that row."""

@@ -30,7 +30,8 @@ class WriteThroughCore:
     """Checked settings, key names, what :meth:`publish` sends and what its reply means,
     and thread-safe counters (``stats``)."""
 
-    def __init__(self, store: Store, *, ttl: float, namespace: str) -> None:
+    def __init__(self, redis: Any, store: Store, *, ttl: float, namespace: str) -> None:
+        self.redis = redis  # a sync or asyncio client, as the shell needs
         self.ttl_ms = whole_milliseconds("ttl", ttl)
         self.namespace = check_namespace("namespace", non_empty_string("namespace", namespace))
         self.store: Store = instance_of("store", store, Store, "a Store (load and save)")

@@ -18,7 +18,6 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from ..store import Store
 from ..write_behind_core import (
     ProducerCore,
     check_replicas,
@@ -34,27 +33,6 @@ __all__ = ["AsyncWriteBehindProducer"]
 
 class AsyncWriteBehindProducer(ProducerCore):
     """``AsyncWriteBehindProducer(redis, store, stream="wb:users", group="db-writers")``."""
-
-    def __init__(
-        self,
-        redis: Any,
-        store: Store,
-        *,
-        stream: str,
-        group: str,
-        namespace: str | None = None,
-        replicas: int = 0,
-        replica_timeout: float = 1.0,
-    ) -> None:
-        super().__init__(
-            store,
-            stream=stream,
-            group=group,
-            namespace=namespace,
-            replicas=replicas,
-            replica_timeout=replica_timeout,
-        )
-        self.redis = redis
 
     async def write(self, key: Any, value: Mapping[str, Any]) -> str:
         """Merge the changed columns ``value`` into the cached record and queue the whole
