@@ -167,7 +167,7 @@ class WriteBehindProducer(ProducerCore):
         if not self.replicas:
             return self.script(self.redis, keys, args)
         pipe = self.redis.pipeline(transaction=False)
-        self.queue_replicated(self.redis, pipe, keys, args)
+        self.queue_replicated(pipe, keys, args)
         return check_replicas(*pipe.execute(), self.replicas)
 
     def read(self, key: Any) -> dict[str, Any] | None:

@@ -36,7 +36,9 @@ __all__ = [
     "Entry",
     "NotReplicated",
     "ProducerCore",
+    "RawEntry",
     "StreamKeys",
+    "changed_columns",
     "check_replicas",
     "decode_record",
     "entry_version",
@@ -156,8 +158,8 @@ class ProducerCore:
         """The script's keys for a write of ``key``, and the checked changed columns."""
         return [self.keys.record(key), self.keys.stream], changed_columns(self.store, value)
 
-    def queue_replicated(self, client: Any, pipe: Any, keys: list[str], args: list[Any]) -> None:
-        """Queue the write script and ``WAIT replicas`` on ``client``'s pipeline ``pipe``.
+    def queue_replicated(self, pipe: Any, keys: list[str], args: list[Any]) -> None:
+        """Queue the write script and ``WAIT replicas`` on ``pipe``, a pipeline of the client.
 
         ``WAIT`` counts the writes of its own connection, and a cluster client sends it to
         every primary unless told where: so it goes to the stream's node, where the script
@@ -165,8 +167,8 @@ class ProducerCore:
         """
         self.script.queue(pipe, keys, args)
         where = {}
-        if isinstance(client, _CLUSTERS):
-            where["target_nodes"] = client.get_node_from_key(self.keys.stream)
+        if isinstance(self.redis, _CLUSTERS):
+            where["target_nodes"] = self.redis.get_node_from_key(self.keys.stream)
         timeout_ms = int(self.replica_timeout * 1000)
         pipe.execute_command("WAIT", self.replicas, timeout_ms, **where)
 

@@ -61,7 +61,7 @@ class AsyncWriteBehindProducer(ProducerCore):
         if not self.replicas:
             return await self.script.acall(self.redis, keys, args)
         pipe = self.redis.pipeline(transaction=False)
-        self.queue_replicated(self.redis, pipe, keys, args)
+        self.queue_replicated(pipe, keys, args)
         return check_replicas(*await pipe.execute(), self.replicas)
 
     async def read(self, key: Any) -> dict[str, Any] | None:
