@@ -25,7 +25,7 @@ from course_lib.caching import (
     seed_users,
 )
 from course_lib.caching.lesson.demos import count_lost, write_behind_crash
-from course_lib.caching.write_behind_core import NotReplicated, entry_version
+from course_lib.caching.write_behind_core import NotReplicated, database_unavailable, entry_version
 from course_lib.measure import run_threads
 from course_lib.services import EmbeddedPostgres, EmbeddedRedis
 
@@ -485,3 +485,26 @@ def test_worker_process_stop_kills_a_worker_that_does_not_exit(redis, ns, store)
     os.kill(worker.pid, signal.SIGSTOP)  # SIGTERM stays pending: it cannot finish in time
     assert worker.stop(timeout=0.2) == -signal.SIGKILL
     assert not worker.is_alive()
+
+
+def test_database_unavailable_tells_an_absent_database_from_a_refused_entry():
+    """By PEP 249's names, whichever driver or wrapper raised: an absent database is
+    retried later, a refused entry is kept pending (then dead-lettered)."""
+    import psycopg
+    from sqlalchemy import exc as sa
+
+    absent = [
+        psycopg.OperationalError("server closed the connection"),
+        psycopg.InterfaceError("connection already closed"),
+        sa.OperationalError("SELECT 1", {}, Exception()),
+        sa.TimeoutError("QueuePool limit reached"),
+        sa.DisconnectionError(),
+        ConnectionRefusedError(),
+    ]
+    refused = [
+        psycopg.errors.UniqueViolation("duplicate key"),
+        sa.IntegrityError("INSERT", {}, Exception()),
+        ValueError("score must be an integer"),
+    ]
+    assert [database_unavailable(e) for e in absent] == [True] * len(absent)
+    assert [database_unavailable(e) for e in refused] == [False] * len(refused)

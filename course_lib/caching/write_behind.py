@@ -78,8 +78,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from redis.exceptions import ResponseError
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from course_lib import lua
 from course_lib.orphans import watch_parent
@@ -102,6 +100,7 @@ from .write_behind_core import (
     RawEntry,
     StreamKeys,
     check_replicas,
+    database_unavailable,
     decode_record,
     entry_version,
     group_exists,
@@ -126,9 +125,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("course_lib.caching")
-
-# The database itself is unavailable (not this entry's fault): retry the batch later.
-_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
 
 
 def declare_group(redis: Any, stream: str, group: str) -> None:
@@ -290,7 +286,7 @@ class WriteBehindConsumer:
         try:
             return self.store.save(key, entry.row()) is not None
         except Exception as exc:
-            if _database_unavailable(exc):
+            if database_unavailable(exc):
                 raise
             return describe(exc)
 
@@ -368,11 +364,6 @@ class WriteBehindConsumer:
             if not result.entries:
                 time.sleep(0.05)  # only entries pending on another consumer remain
         return total
-
-
-def _database_unavailable(exc: BaseException) -> bool:
-    invalidated = isinstance(exc, DBAPIError) and exc.connection_invalidated
-    return invalidated or isinstance(exc, _UNAVAILABLE)
 
 
 class WriteBehindMonitor:

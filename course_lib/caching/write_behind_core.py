@@ -40,6 +40,7 @@ __all__ = [
     "StreamKeys",
     "changed_columns",
     "check_replicas",
+    "database_unavailable",
     "decode_record",
     "entry_version",
     "group_exists",
@@ -242,6 +243,21 @@ class Entry:
     def row(self) -> dict[str, Any]:
         """What the store saves: the record with its ``version``."""
         return {**self.record, "version": self.version}
+
+
+# PEP 249 names the errors of a database that is away (a lost connection, a server shutting
+# down) OperationalError and InterfaceError. Every driver and SQLAlchemy's wrappers use
+# these names (SQLAlchemy adds DisconnectionError, and TimeoutError for a full pool), so
+# the consumer tells them apart without importing a driver.
+_UNAVAILABLE_ERRORS = {"OperationalError", "InterfaceError", "DisconnectionError", "TimeoutError"}
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by the store, says the database itself is away (retry the
+    batch later) rather than that it refused this entry."""
+    if isinstance(exc, OSError) or getattr(exc, "connection_invalidated", False):
+        return True
+    return any(kind.__name__ in _UNAVAILABLE_ERRORS for kind in type(exc).__mro__)
 
 
 def split_claimed(reply: Sequence[Any]) -> tuple[list[RawEntry], list[bytes], bool]:
