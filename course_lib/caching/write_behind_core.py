@@ -25,7 +25,7 @@ from redis.exceptions import ResponseError
 from course_lib import lua
 from course_lib.validation import instance_of, non_empty_string, non_negative_int, positive_number
 
-from ._base import check_namespace
+from ._base import check_namespace, describe
 from .serialization import dumps, loads
 from .store import Store
 
@@ -305,19 +305,19 @@ class Batch:
 
     claimed: list[RawEntry]
     fresh: list[RawEntry]
-    by_key: dict[str, list[Entry]] = field(default_factory=dict)
-    refused: dict[bytes, str] = field(default_factory=dict)  # entry id -> the error
-    written: int = 0
-    skipped: int = 0
-    landed: dict[str, bytes] = field(default_factory=dict)  # key -> its latest saved entry
-    dead: dict[bytes, str] = field(default_factory=dict)  # entry id -> its key
+    by_key: dict[str, list[Entry]] = field(default_factory=dict, init=False)
+    refused: dict[bytes, str] = field(default_factory=dict, init=False)  # entry id -> error
+    written: int = field(default=0, init=False)
+    skipped: int = field(default=0, init=False)
+    landed: dict[str, bytes] = field(default_factory=dict, init=False)  # key -> latest saved
+    dead: dict[bytes, str] = field(default_factory=dict, init=False)  # entry id -> its key
 
     def __post_init__(self) -> None:
         for entry_id, fields in sorted(self.entries, key=lambda e: entry_version(e[0])):
             try:
                 entry = Entry.parse(entry_id, fields)
             except (KeyError, ValueError) as exc:
-                self.refused[entry_id] = f"malformed entry: {type(exc).__name__}: {exc}"
+                self.refused[entry_id] = f"malformed entry: {describe(exc)}"
                 continue
             self.by_key.setdefault(entry.key, []).append(entry)
 
