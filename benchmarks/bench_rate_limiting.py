@@ -42,7 +42,9 @@ client ``lua``).
   against the run's PING. Target <= 0.2x. Its ``where`` rows: the script's server time per
   decision, and the rest (redis-py packing the command and parsing the 100 replies,
   course_lib's checks and Decisions, the round trip shared by the batch).
-- In-process: ``TokenBucket.consume`` against limits' in-memory fixed window. Target <= 0.25x.
+- In-process: ``TokenBucket.consume`` against limits' in-memory fixed window. Target <= 0.35x
+  (issue #23: plain code, a ``with`` lock and a real ``Decision``, rather than 0.25x by
+  micro-tricks).
 - ASGI middleware, requests per second with a sync limiter (a worker-thread hop per request)
   against the asyncio limiter (awaited on the loop), 32 concurrent requests driven in
   process. No target: which wins depends on the machine. The thread hop costs a context
@@ -168,10 +170,10 @@ def _redis_subjects(client, url: str, ns: str) -> dict[str, Callable[[], object]
     payload = lua.Script(PAYLOAD, (LUA / "payload_floor.lua").read_text())
     for name, limiter in ours.items():
         # the limiter's own arguments, prepared beforehand: only the bytes are the same
-        calls = itertools.cycle([limiter._call(key, 1) for key in keys])
+        calls = itertools.cycle([limiter.script_call(key, 1) for key in keys])
         subjects[f"{PAYLOAD} {name}"] = lambda c=calls: payload(client, *next(c))
         subjects[f"{BUSY} {name}"] = _busy_floor(client, limiter, calls, keys)
-        subjects[f"{BARE} {name}"] = lambda c=calls, s=limiter._script: s(client, *next(c))
+        subjects[f"{BARE} {name}"] = lambda c=calls, s=limiter.script: s(client, *next(c))
     clock = lua.load("course_lib.rate_limiting", "_now").source
     for step, (file, timed, _) in enumerate(TRACE_STEPS, 1):
         text = script(file).source if file == "fixed_window" else (LUA / f"{file}.lua").read_text()
@@ -502,7 +504,7 @@ def run(quick: bool) -> list[Row]:
     )
     base = local.pop("limits in-memory fixed window")
     for subject, seconds in local.items():
-        target = 0.25 if subject.startswith("course_lib") else None
+        target = 0.35 if subject.startswith("course_lib") else None
         rows.append(
             Row(BENCH, subject, "per decision", seconds * 1e6, "us",
                 "limits in-memory fixed window", base * 1e6, target)

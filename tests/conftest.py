@@ -9,6 +9,8 @@
 - ``local_cluster`` : a Redis Cluster of three primaries on loopback, shared by the tests of
   a module (creating one takes about 2 s; each test uses its own key names);
   ``clusters.start_cluster`` starts others (with replicas, for failover).
+- ``any_redis`` : parametrised: ``redis`` above, then a ``RedisCluster`` client of the
+  module's ``local_cluster`` (that case is ``one_pass``: the cluster is the test's own).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_lib
@@ -74,3 +77,13 @@ def embedded_dir() -> Iterator[Path]:
 def local_cluster() -> Iterator[LocalCluster]:
     with start_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(params=["plain", pytest.param("cluster", marks=pytest.mark.one_pass)])
+def any_redis(request: pytest.FixtureRequest, redis: redis_lib.Redis) -> Iterator[Any]:
+    if request.param == "plain":
+        yield redis
+        return
+    client = request.getfixturevalue("local_cluster").client()
+    yield client
+    client.close()

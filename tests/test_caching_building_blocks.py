@@ -108,7 +108,8 @@ def test_async_single_flight_shares_exception_and_recovers():
     assert (after, calls) == (7, 2)
 
 
-def test_redis_lock_release_is_compare_and_delete(redis, ns):
+def test_redis_lock_release_is_compare_and_delete(any_redis, ns):
+    redis = any_redis
     lock = RedisLock(redis, f"{ns}:lock", ttl=0.2, wait=0)
     assert lock.acquire()
     time.sleep(0.3)  # expired under us; someone else takes it
@@ -127,7 +128,8 @@ def test_redis_lock_release_is_compare_and_delete(redis, ns):
         other.release()
 
 
-def test_redis_lock_shared_by_threads_keeps_one_token_per_acquisition(redis, ns):
+def test_redis_lock_shared_by_threads_keeps_one_token_per_acquisition(any_redis, ns):
+    redis = any_redis
     # Two threads share one lock object. A's acquisition expires and B takes the lock: A's
     # release must not delete B's lock (it would with one token per object).
     lock = RedisLock(redis, f"{ns}:shared", ttl=0.2, wait=2)

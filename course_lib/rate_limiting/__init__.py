@@ -10,9 +10,11 @@
   ``hit(key, cost=1)`` and ``hit_many(...)``; one atomic round trip per decision (or per
   batch), Redis server time, hash-tagged keys, ``fail_open`` (default ``True``) when Redis
   is unreachable; :func:`course_lib.services.fail_fast_redis` gives them a Redis client
-  that notices fast.
-- :mod:`.aio`: the same five for asyncio servers (``await limiter.hit(key)``), same
-  scripts, keys and decisions.
+  that notices fast. Each is a sans-I/O core (:mod:`.redis_base`, :mod:`.algorithms`:
+  keys, script arguments, decisions, the failure policy) in a blocking shell
+  (:class:`RedisLimiter`, :mod:`.redis_limiters`).
+- :mod:`.aio`: the same five for asyncio servers (``await limiter.hit(key)``): the same
+  cores in an asyncio shell, so the same scripts, keys and decisions.
 - :class:`RateLimitMiddleware`: ASGI middleware answering 429 with ``Retry-After`` and the
   IETF draft ``RateLimit-Policy`` / ``RateLimit`` headers.
 - :mod:`.lesson`: what stages notebook 03 (the module's limiters as written, replays,
@@ -24,10 +26,11 @@ from .decision import Decision
 from .keyed_bucket import KeyedTokenBucket
 from .middleware import RateLimitMiddleware, api_key_or_ip, client_ip, rate_limit_headers
 from .polite_client import Attempt, polite_get, retry_after_seconds
-from .redis_base import FAIL_CLOSED_RETRY_AFTER, RedisLimiter
+from .redis_base import FAIL_CLOSED_RETRY_AFTER
 from .redis_limiters import (
     GCRA,
     FixedWindow,
+    RedisLimiter,
     RedisTokenBucket,
     SlidingWindowCounter,
     SlidingWindowLog,

@@ -1,5 +1,6 @@
--- Put after every limiter script (see redis_base.script): decides each key of KEYS in
--- order with the script's `decide`, so one call decides a batch (`hit` is a batch of one).
+-- Put after every limiter script by course_lib.rate_limiting.redis_base.script: decides
+-- each key of KEYS in order with the script's `decide`, so one call decides a batch (`hit`
+-- is a batch of one).
 -- ARGV  now_us ('' = Redis server TIME), nonce, the limiter's two parameters, then one cost
 --       per key, or none when every cost is 1 (the common case: half the arguments to
 --       pack, send and read)

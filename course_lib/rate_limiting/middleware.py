@@ -15,8 +15,8 @@ Refused requests get ``429 Too Many Requests`` with the same headers plus ``Retr
 (whole seconds, at least 1) and never reach the app. Other ASGI traffic (websocket,
 lifespan) passes through untouched.
 
-A limiter whose ``hit`` is a coroutine (:mod:`course_lib.rate_limiting.aio`) is awaited on
-the event loop. A synchronous one talks to Redis with a blocking client, so its decision
+A limiter whose ``hit`` is a coroutine function (:mod:`course_lib.rate_limiting.aio`) is
+awaited on the event loop. A synchronous one talks to Redis with a blocking client, so its decision
 runs in a worker thread (``anyio.to_thread``) instead of stalling the event loop for a
 round trip; that thread hop costs every request, which is what the asyncio family saves.
 That client decides how long a request waits when Redis is gone before ``fail_open``
@@ -39,6 +39,8 @@ from collections.abc import Awaitable, Callable, Container, MutableMapping
 from typing import Any, Protocol
 
 import anyio.to_thread
+
+from course_lib.validation import cost_within
 
 from .decision import Decision
 
@@ -156,8 +158,7 @@ class RateLimitMiddleware:
             raise TypeError(f"limiter must have a hit(key, cost) method, got {limiter!r}")
         if not callable(key):
             raise TypeError(f"key must be callable, got {type(key).__name__}")
-        if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= limiter.quota:
-            raise ValueError(f"cost must be an integer in [0, {limiter.quota}], got {cost!r}")
+        cost = cost_within(cost, limiter.quota, "quota")
         if not isinstance(policy, str) or not _POLICY_NAME.fullmatch(policy):
             raise ValueError(f"policy must be 1-64 letters, digits or _.:/- , got {policy!r}")
         self.app = app

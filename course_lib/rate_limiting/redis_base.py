@@ -1,4 +1,15 @@
-"""What every Redis limiter of the course shares.
+"""The sans-I/O core every Redis limiter shares: what a decision is apart from talking to Redis.
+
+A Redis limiter is three parts. This module's :class:`LimiterCore` (and one subclass per
+algorithm, :mod:`.algorithms`) builds keys and script arguments, groups a batch by cluster
+slot, turns a script's reply into :class:`Decision` values and a Redis error into the
+``fail_open`` answer; it never sends a command. Two thin shells do the I/O with the same
+core: :class:`~course_lib.rate_limiting.redis_limiters.RedisLimiter` on a blocking client
+and :class:`~course_lib.rate_limiting.aio.AsyncRedisLimiter` on an asyncio one (``await
+limiter.hit(key)``). Neither shell is a subclass of the other, and a key counted by one is
+counted by the other.
+
+Guarantees, for both shells:
 
 - One Lua script per algorithm, ``<name>.lua`` beside this module (between the shared
   ``_now.lua`` prelude and the shared ``_batch.lua`` loop, which decides each key of the
@@ -23,7 +34,7 @@
   Redis keeps expiry times on its wall clock too, so after a step back keys live longer
   than their TTL said: memory, not admissions.
 - When Redis cannot be reached (connection refused or lost, timeout) or cannot count now
-  (any reply of :data:`course_lib.services.clients.UNAVAILABLE_REPLIES`: ``OOM`` under
+  (any reply of :data:`course_lib.redis_errors.UNAVAILABLE_REPLIES`: ``OOM`` under
   ``noeviction``, ``MISCONF``, ``READONLY`` from a replica after a failover, ``LOADING``
   after a restart, ``BUSY``, ``NOREPLICAS``, ``MASTERDOWN``, and on a cluster ``CLUSTERDOWN``
   and ``TRYAGAIN``), the limiter
@@ -36,22 +47,25 @@
   server takes to be noticed is the client's business: a default redis-py 8 client retries
   with backoff and takes seconds per call; give the limiter
   :func:`~course_lib.services.fail_fast_client` (short timeouts, no retries, a bounded
-  pool with a bounded wait).
-- A full client pool is not an outage (:func:`course_lib.services.pool_exhausted`): the
+  pool with a bounded wait), or ``fail_fast_async_client`` for the asyncio shell.
+- A full client pool is not an outage (:func:`course_lib.redis_errors.pool_exhausted`): the
   server could count, so answering ``fail_open`` would admit everyone exactly at peak load.
-  The limiter raises :class:`~course_lib.services.PoolExhaustedError` instead, after the
-  pool's own bounded wait (``pool_timeout`` of the fail-fast clients).
-- The client is a ``redis.Redis`` or a ``redis.cluster.RedisCluster``: each decision touches
-  one key, so ``EVALSHA`` routes to that key's node, and ``hit_many`` groups its keys by
-  slot (the keys of one script call must share a slot) and sends the groups in a cluster
-  pipeline (one round trip per node involved). A group whose call fails gets the
-  ``fail_open`` answer for its keys only. Tested on a local 3-node cluster.
+  The limiter raises :class:`~course_lib.redis_errors.PoolExhaustedError` instead, after
+  the pool's own bounded wait (``pool_timeout`` of the fail-fast clients). redis-py's
+  default asyncio pool raises as soon as its 100 connections are taken: give many
+  concurrent tasks a bounded ``BlockingConnectionPool`` instead.
+- The client is a ``redis.Redis`` or a ``redis.cluster.RedisCluster`` (or their
+  ``redis.asyncio`` twins): each decision touches one key, so ``EVALSHA`` routes to that
+  key's node, and ``hit_many`` groups its keys by slot (the keys of one script call must
+  share a slot) and sends the groups in a cluster pipeline (one round trip per node
+  involved). A group whose call fails gets the ``fail_open`` answer for its keys only.
+  Tested on a local 3-node cluster.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import redis
 import redis.asyncio.cluster
@@ -64,14 +78,20 @@ from course_lib.validation import cost_within
 
 from .decision import Decision
 
-__all__ = ["FAIL_CLOSED_RETRY_AFTER", "MAX_KEYS_PER_CALL", "RedisLimiter", "script"]
+__all__ = [
+    "FAIL_CLOSED_RETRY_AFTER",
+    "MAX_KEYS_PER_CALL",
+    "Batch",
+    "LimiterCore",
+    "decisions_of",
+    "script",
+]
 
 FAIL_CLOSED_RETRY_AFTER = 1.0
 MAX_KEYS_PER_CALL = 1000
 """Most keys ``hit_many`` decides in one script call: a script holds the whole server while
 it runs (a few microseconds per key), so a huge batch is cut into calls of this size, all
 still in one pipelined round trip."""
-_new = tuple.__new__
 _CLUSTER = (RedisCluster, redis.asyncio.cluster.RedisCluster)
 
 
@@ -82,29 +102,39 @@ def script(name: str) -> lua.Script:
     return lua.load(__package__, name, prelude="_now", epilogue="_batch")
 
 
-def _to_decision(reply: Sequence[int]) -> Decision:
-    allowed, remaining, retry_us, reset_us = reply
-    return _new(Decision, (allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, False))
-
-
-def _flat_decisions(reply: Sequence[int]) -> list[Decision]:
-    """The decisions of a script call's reply: four integers per key, in order."""
+def decisions_of(reply: Sequence[int]) -> list[Decision]:
+    """The decisions in a script call's reply: four integers per key, in order (allowed
+    0/1, remaining, retry_after and reset_after in microseconds)."""
     values = iter(reply)
     return [
-        _new(Decision, (allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6, False))
+        Decision(allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6)
         for allowed, remaining, retry_us, reset_us in zip(
             values, values, values, values, strict=True
         )
     ]
 
 
-class RedisLimiter:
-    """Base class: subclasses set :attr:`script`, :attr:`quota`, :attr:`window` and the
-    script's parameters (:attr:`_params`); see the module docstring for the guarantees."""
+class Batch(NamedTuple):
+    """The script calls of a ``hit_many`` batch: ``calls[i]`` decides the input items at
+    ``positions[i]``, in that order."""
 
-    script: ClassVar[str]
-    _client_types: ClassVar[tuple[type, ...]] = (redis.Redis, RedisCluster)
-    _client_names: ClassVar[str] = "redis.Redis or RedisCluster"
+    calls: list[lua.Call]
+    positions: list[Sequence[int]]
+    size: int
+
+
+class LimiterCore:
+    """Keys, script arguments, decisions and the failure policy of a Redis limiter, without
+    I/O (see the module docstring). Subclasses set :attr:`script_name`, :attr:`quota`,
+    :attr:`window` and the script's two parameters (:attr:`_params`); a shell adds ``hit``
+    and ``hit_many`` and says which clients it takes (:attr:`client_types`)."""
+
+    script_name: ClassVar[str]
+    """The algorithm's Lua script, ``<script_name>.lua`` beside this module."""
+    client_types: ClassVar[tuple[type, ...]]
+    """The Redis clients the shell can talk to (``client_names`` in messages)."""
+    client_names: ClassVar[str]
+    script: lua.Script
     quota_name: ClassVar[str] = "limit"
     quota: int
     """Units admissible at once (the ``q`` of the ``RateLimit-Policy`` header)."""
@@ -115,28 +145,30 @@ class RedisLimiter:
 
     def __init__(
         self,
-        client: redis.Redis | RedisCluster,
+        client: Any,
         *,
         prefix: str,
         fail_open: bool = True,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        if not isinstance(client, self._client_types):
+        if not isinstance(client, self.client_types):
             raise TypeError(
-                f"redis must be a {self._client_names} client, got {type(client).__name__}"
+                f"redis must be a {self.client_names} client, got {type(client).__name__}"
             )
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        if not prefix:
+            raise ValueError("prefix must be a non-empty string, got ''")
         if not isinstance(fail_open, bool):
             raise TypeError(f"fail_open must be a bool, got {type(fail_open).__name__}")
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be callable or None, got {type(clock).__name__}")
         self.redis = client
+        """The client the shell sends the script calls on; the core never uses it."""
         self.prefix = prefix
         self.fail_open = fail_open
         self.clock = clock
-        self._script = script(self.script)
-        self._sha = self._script.sha
+        self.script = script(self.script_name)
         self._cluster = isinstance(client, _CLUSTER)
 
     def key(self, key: str) -> str:
@@ -151,70 +183,31 @@ class RedisLimiter:
         by default)."""
         return ""
 
-    def _check_cost(self, cost: object) -> int:
-        return cost_within(cost, self.quota, self.quota_name)
+    def script_call(self, key: str, cost: int = 1) -> lua.Call:
+        """The script call that decides ``cost`` units for ``key``: ``(keys, args)``.
 
-    def _fallback(self) -> Decision:
-        if self.fail_open:
-            return Decision(True, self.quota, 0.0, 0.0, True)
-        return Decision(False, 0, FAIL_CLOSED_RETRY_AFTER, FAIL_CLOSED_RETRY_AFTER, True)
-
-    def hit(self, key: str, cost: int = 1) -> Decision:
-        """Count ``cost`` units against ``key`` if they fit; one atomic round trip.
-
-        ``cost=0`` asks without spending. Raises ``ValueError`` for a negative cost or one
-        above :attr:`quota`; never raises because Redis is unreachable (see ``fail_open``).
+        ``TypeError`` for a key that is not a string; ``ValueError`` for a negative cost or
+        one above :attr:`quota` (it could never be admitted).
         """
-        keys, args = self._call(key, cost)
-        try:
-            reply = self._script(self.redis, keys, args)
-        except redis.RedisError as exc:
-            return self._unavailable(exc)
-        return _to_decision(reply)
-
-    def hit_many(self, keys_or_pairs: Iterable[str | tuple[str, int]]) -> list[Decision]:
-        """Decide a batch in one pipelined round trip, one script call per cluster slot;
-        decisions come back in input order.
-
-        Items are keys (cost 1) or ``(key, cost)`` pairs; the same key may appear several
-        times and is counted in order. All costs are validated before anything is sent.
-        Each decision is the one ``hit`` would make, atomic on its own; the batch is not a
-        transaction. A script call that fails answers ``fail_open`` for its keys only.
-        """
-        calls, positions = self._batch(keys_or_pairs)
-        if not calls:
-            return []
-        try:
-            replies = self._script.pipeline(self.redis, calls)
-        except redis.RedisError as exc:
-            replies = [exc] * len(calls)
-        return self._decisions(replies, positions)
-
-    # What hit / hit_many do apart from I/O, shared with the asyncio family (.aio).
-    def _call(self, key: str, cost: object) -> tuple[tuple[str], tuple[Any, ...]]:
-        if key.__class__ is not str and not isinstance(key, str):
+        if not isinstance(key, str):
             raise TypeError(f"key must be a str, got {type(key).__name__}")
-        if cost != 1 or cost.__class__ is not int:
-            cost = self._check_cost(cost)
-            return (self.key(key),), (self._now(), self._nonce(), *self._params, cost)
-        # no cost argument: the script counts 1 (one argument less to pack and read)
-        return (self.key(key),), (self._now(), self._nonce(), *self._params)
+        args = (self._now(), self._nonce(), *self._params)
+        if type(cost) is int and cost == 1:
+            # The default, and most calls: nothing to check (every quota is at least 1), and
+            # the script counts 1 when it is sent no cost (one argument less to pack and read).
+            return (self.key(key),), args
+        return (self.key(key),), (*args, cost_within(cost, self.quota, self.quota_name))
 
-    def _batch(
-        self, keys_or_pairs: Iterable[str | tuple[str, int]]
-    ) -> tuple[list[lua.Call], list[Sequence[int]]]:
-        """The script calls of a batch, and for each call the input positions of its keys."""
+    def batch(self, keys_or_pairs: Iterable[str | tuple[str, int]]) -> Batch:
+        """The script calls that decide a batch: one per cluster slot (one in all on a plain
+        Redis), cut at :data:`MAX_KEYS_PER_CALL` keys; every item is checked first."""
         names: list[str] = []
         costs: list[int] = []
-        ones = True  # every cost is 1: the script is sent no costs (see _batch.lua)
         for item in keys_or_pairs:
             if isinstance(item, str):
-                # cost 1 always fits: every quota is a positive int
                 key, cost = item, 1
             elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                key, cost = item
-                cost = self._check_cost(cost)
-                ones = ones and cost == 1
+                key, cost = item[0], cost_within(item[1], self.quota, self.quota_name)
             else:
                 raise TypeError(
                     f"keys_or_pairs items must be str keys or (str key, int cost) pairs, "
@@ -222,35 +215,60 @@ class RedisLimiter:
                 )
             names.append(self.key(key))
             costs.append(cost)
-        groups: list[Sequence[int]]
+        groups: Iterable[Sequence[int]] = [range(len(names))]
         if self._cluster:
             # The keys of one script call must share a slot; a key's items stay in order.
             encode = self.redis.get_encoder().encode
             slots: dict[int, list[int]] = {}
             for position, name in enumerate(names):
                 slots.setdefault(key_slot(encode(name)), []).append(position)
-            groups = list(slots.values())
-        else:
-            groups = [range(len(names))]
+            groups = slots.values()
+        # Every cost 1 (the common case): no costs sent, the script counts 1 per key.
+        ones = all(cost == 1 for cost in costs)
         now = self._now()
         calls: list[lua.Call] = []
         positions: list[Sequence[int]] = []
         for group in groups:
             for start in range(0, len(group), MAX_KEYS_PER_CALL):
                 part = group[start : start + MAX_KEYS_PER_CALL]
-                keys = [names[i] for i in part]
-                args: tuple[Any, ...] = (now, self._nonce(), *self._params)
+                args = [now, self._nonce(), *self._params]
                 if not ones:
-                    args += tuple(costs[i] for i in part)
-                calls.append((keys, args))
+                    args += [costs[i] for i in part]
+                calls.append(([names[i] for i in part], args))
                 positions.append(part)
-        return calls, positions
+        return Batch(calls, positions, len(names))
 
-    def _unavailable(self, exc: redis.RedisError) -> Decision:
-        """The ``fail_open`` answer when Redis cannot count now; raises anything else, a full
-        client pool as :class:`PoolExhaustedError`."""
+    def decision(self, reply: Sequence[int]) -> Decision:
+        """The decision in the reply of a ``hit``'s script call."""
+        allowed, remaining, retry_us, reset_us = reply
+        return Decision(allowed == 1, remaining, retry_us / 1e6, reset_us / 1e6)
+
+    def batch_decisions(self, batch: Batch, replies: Sequence[Any]) -> list[Decision]:
+        """One decision per input item of ``batch``, in input order, from the reply (or the
+        ``redis.RedisError``) of each of its calls; see :meth:`decision_on_error`."""
+        if len(replies) == 1 and not isinstance(replies[0], redis.RedisError):
+            return decisions_of(replies[0])  # one call holds every item, in input order
+        decisions: list[Decision | None] = [None] * batch.size
+        for reply, part in zip(replies, batch.positions, strict=True):
+            if isinstance(reply, redis.RedisError):
+                answers = [self.decision_on_error(reply)] * len(part)
+            else:
+                answers = decisions_of(reply)
+            for position, decision in zip(part, answers, strict=True):
+                decisions[position] = decision
+        return decisions  # type: ignore[return-value]  # every position is filled
+
+    def decision_on_error(self, exc: redis.RedisError) -> Decision:
+        """The ``fail_open`` answer when Redis cannot count now (see the module docstring).
+
+        Raises anything else: a full client pool as :class:`PoolExhaustedError`, a fault of
+        the command itself as it came.
+        """
         if redis_unavailable(exc):
-            return self._fallback()
+            if self.fail_open:
+                return Decision(True, self.quota, 0.0, 0.0, degraded=True)
+            retry = FAIL_CLOSED_RETRY_AFTER
+            return Decision(False, 0, retry, retry, degraded=True)
         if pool_exhausted(exc) and not isinstance(exc, PoolExhaustedError):
             # redis-py's own pools say only "No connection available." or "Too many
             # connections", which read like an outage.
@@ -260,21 +278,6 @@ class RedisLimiter:
                 "(course_lib.services.fail_fast_client) or lower the concurrency"
             ) from exc
         raise exc
-
-    def _decisions(self, replies: list[Any], positions: list[Sequence[int]]) -> list[Decision]:
-        """One decision per input item, in input order, from one reply per script call."""
-        if len(replies) == 1 and not isinstance(replies[0], Exception):
-            return _flat_decisions(replies[0])  # one call, in input order
-        decisions: list[Decision] = [None] * sum(map(len, positions))  # type: ignore[list-item]
-        for reply, part in zip(replies, positions, strict=True):
-            if isinstance(reply, Exception):
-                fallback = self._unavailable(reply)
-                for i in part:
-                    decisions[i] = fallback
-            else:
-                for i, decision in zip(part, _flat_decisions(reply), strict=True):
-                    decisions[i] = decision
-        return decisions
 
     def __repr__(self) -> str:
         name = type(self).__name__

@@ -1,209 +1,94 @@
-"""The five Redis limiters of the course, each one Lua script (``*.lua`` beside it).
+"""The five Redis limiters on a blocking client (``redis.Redis`` or ``RedisCluster``).
 
-=======================  =================================  ================  ==========
-limiter                  state per key                      accuracy          memory
-=======================  =================================  ================  ==========
-``FixedWindow``          string "window start:count"        2x at the edge    constant
-``SlidingWindowLog``     sorted set: one entry per unit     exact             O(limit)
-``SlidingWindowCounter`` string "start:current:previous"    approximate       constant
-``RedisTokenBucket``     string "micro-tokens:time"         exact bucket      constant
-``GCRA``                 one integer (theoretical arrival)  exact bucket      constant
-=======================  =================================  ================  ==========
-
-Small state is packed into one string so a decision is ``TIME`` + ``GET`` + ``SET ... PX``:
-every extra command inside a script costs about a microsecond of server time.
-
-All share :class:`~course_lib.rate_limiting.redis_base.RedisLimiter`: ``hit(key, cost=1)``
-and ``hit_many(...)`` return :class:`~course_lib.rate_limiting.decision.Decision`, one round
-trip each, server time, hash-tagged keys, a documented ``fail_open`` default.
+Each class is its algorithm's sans-I/O core (:mod:`.algorithms`: arguments, guarantees,
+script) with :class:`RedisLimiter`'s ``hit`` and ``hit_many``, which only send the core's
+script calls and hand the replies back to it. :mod:`course_lib.rate_limiting.aio` puts the
+same cores on an asyncio client.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import ClassVar
 
 import redis
+from redis.cluster import RedisCluster
 
-from course_lib.validation import positive_int, positive_number
-
-from .redis_base import RedisLimiter
+from .algorithms import (
+    FixedWindowCore,
+    GCRACore,
+    RedisTokenBucketCore,
+    SlidingWindowCounterCore,
+    SlidingWindowLogCore,
+)
+from .decision import Decision
+from .redis_base import LimiterCore
 
 __all__ = [
     "GCRA",
-    "MAX_BUCKET_CAPACITY",
     "FixedWindow",
+    "RedisLimiter",
     "RedisTokenBucket",
     "SlidingWindowCounter",
     "SlidingWindowLog",
 ]
 
-Clock = Callable[[], float] | None
 
-MAX_BUCKET_CAPACITY = 10**9
-"""Largest ``RedisTokenBucket`` capacity: its script counts micro-tokens (1e15 at most)."""
-_MAX_SPAN_US = 10**15
-"""Largest GCRA ``burst / rate`` in microseconds (about 31 years): epoch time plus the span
-must stay an exact integer in Lua's doubles (below 2^53, about 9e15)."""
+class RedisLimiter(LimiterCore):
+    """The blocking shell of a limiter: one round trip per ``hit``, one per ``hit_many``
+    batch; the guarantees are those of :mod:`.redis_base`."""
 
+    client_types: ClassVar[tuple[type, ...]] = (redis.Redis, RedisCluster)
+    client_names: ClassVar[str] = "redis.Redis or RedisCluster"
 
-def _window_us(window: object) -> int:
-    seconds = positive_number("window", window)
-    micros = round(seconds * 1_000_000)
-    if micros < 1000:
-        raise ValueError(f"window must be at least 1 ms, got {window}")
-    return micros
+    def hit(self, key: str, cost: int = 1) -> Decision:
+        """Count ``cost`` units against ``key`` if they fit; one atomic round trip.
 
+        ``cost=0`` asks without spending. Raises ``ValueError`` for a negative cost or one
+        above :attr:`quota`; never raises because Redis is unreachable (see ``fail_open``).
+        """
+        keys, args = self.script_call(key, cost)
+        try:
+            reply = self.script(self.redis, keys, args)
+        except redis.RedisError as exc:
+            return self.decision_on_error(exc)
+        return self.decision(reply)
 
-class _WindowLimiter(RedisLimiter):
-    """Shared constructor of the limiters configured by ``limit`` units per ``window`` s."""
+    def hit_many(self, keys_or_pairs: Iterable[str | tuple[str, int]]) -> list[Decision]:
+        """Decide a batch in one pipelined round trip, one script call per cluster slot;
+        decisions come back in input order.
 
-    default_prefix: ClassVar[str]
-
-    def __init__(
-        self,
-        redis: redis.Redis,
-        limit: int,
-        window: float,
-        *,
-        prefix: str | None = None,
-        fail_open: bool = True,
-        clock: Clock = None,
-    ) -> None:
-        self.quota = self.limit = positive_int("limit", limit)
-        self._window_us = _window_us(window)
-        self.window = self._window_us / 1_000_000
-        self._params = (self.limit, self._window_us)
-        super().__init__(
-            redis,
-            prefix=self.default_prefix if prefix is None else prefix,
-            fail_open=fail_open,
-            clock=clock,
-        )
+        Items are keys (cost 1) or ``(key, cost)`` pairs; the same key may appear several
+        times and is counted in order. All costs are validated before anything is sent.
+        Each decision is the one ``hit`` would make, atomic on its own; the batch is not a
+        transaction. A script call that fails answers ``fail_open`` for its keys only.
+        """
+        batch = self.batch(keys_or_pairs)
+        if not batch.calls:
+            return []
+        try:
+            replies = self.script.pipeline(self.redis, batch.calls)
+        except redis.RedisError as exc:
+            replies = [exc] * len(batch.calls)
+        return self.batch_decisions(batch, replies)
 
 
-class FixedWindow(_WindowLimiter):
-    """At most ``limit`` units per window of ``window`` seconds aligned on multiples of the
-    window (since the epoch, or since 0 of an injected clock). Cheap and simple, but a
-    client can spend ``limit`` at the end of one window and ``limit`` again at the start of
-    the next: up to ``2 * limit`` within one window length."""
-
-    script = "fixed_window"
-
-    default_prefix = "rl:fw"
+# The algorithm's core first: its constructor, docstring and script.
+class FixedWindow(FixedWindowCore, RedisLimiter):
+    __doc__ = FixedWindowCore.__doc__
 
 
-class _Nonces:
-    """Per-process unique tokens for log members; reseeded in a forked child so two
-    processes never share a sequence."""
-
-    def __init__(self) -> None:
-        self.reseed()
-
-    def reseed(self) -> None:
-        self._prefix = os.urandom(4).hex()
-        self._counter = itertools.count()
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
+class SlidingWindowLog(SlidingWindowLogCore, RedisLimiter):
+    __doc__ = SlidingWindowLogCore.__doc__
 
 
-_NONCES = _Nonces()
-os.register_at_fork(after_in_child=_NONCES.reseed)
+class SlidingWindowCounter(SlidingWindowCounterCore, RedisLimiter):
+    __doc__ = SlidingWindowCounterCore.__doc__
 
 
-class SlidingWindowLog(_WindowLimiter):
-    """Exactly at most ``limit`` units in any ``window`` seconds: every admitted unit is a
-    sorted-set entry scored by its time. Exact, at the price of memory proportional to the
-    limit. Members are unique (time, per-call nonce, index in the call, unit), so requests
-    arriving in the same microsecond, or repeated in one batch, are all counted."""
-
-    script = "sliding_window_log"
-
-    default_prefix = "rl:swl"
-
-    def _nonce(self) -> str:
-        return _NONCES.next()
+class RedisTokenBucket(RedisTokenBucketCore, RedisLimiter):
+    __doc__ = RedisTokenBucketCore.__doc__
 
 
-class SlidingWindowCounter(_WindowLimiter):
-    """Cloudflare's approximation of a sliding window: the current fixed window's count
-    plus the previous window's count weighted by its overlap with the sliding window.
-    Constant memory; exact when traffic is evenly spread over the previous window, off by
-    at most the previous window's unevenness otherwise."""
-
-    script = "sliding_window_counter"
-
-    default_prefix = "rl:swc"
-
-
-class RedisTokenBucket(RedisLimiter):
-    """``capacity`` tokens per key refilled at ``refill_rate`` tokens per second, shared by
-    every process that uses the same Redis: over any period of ``t`` seconds at most
-    ``capacity + refill_rate * t`` units are admitted. A full bucket is deleted (no key =
-    full), so idle clients cost no memory."""
-
-    script = "token_bucket"
-    quota_name = "capacity"
-
-    def __init__(
-        self,
-        redis: redis.Redis,
-        capacity: int,
-        refill_rate: float,
-        *,
-        prefix: str = "rl:tb",
-        fail_open: bool = True,
-        clock: Clock = None,
-    ) -> None:
-        self.quota = self.capacity = positive_int("capacity", capacity)
-        if self.capacity > MAX_BUCKET_CAPACITY:
-            # the script counts micro-tokens in Lua doubles, exact only below 2^53
-            raise ValueError(f"capacity must be <= {MAX_BUCKET_CAPACITY:.0e}, got {self.capacity}")
-        self.refill_rate = positive_number("refill_rate", refill_rate)
-        self.window = self.capacity / self.refill_rate
-        self._params = (self.capacity, repr(self.refill_rate))
-        super().__init__(redis, prefix=prefix, fail_open=fail_open, clock=clock)
-
-
-class GCRA(RedisLimiter):
-    """Generic cell rate algorithm, the token bucket of redis-cell and Stripe-style limiters:
-    ``rate`` requests per second on average, up to ``burst`` at once, stored as one integer
-    per key (the theoretical arrival time). Same admissions as a token bucket of capacity
-    ``burst`` refilled at ``rate``."""
-
-    script = "gcra"
-    quota_name = "burst"
-
-    def __init__(
-        self,
-        redis: redis.Redis,
-        rate: float,
-        burst: int,
-        *,
-        prefix: str = "rl:gcra",
-        fail_open: bool = True,
-        clock: Clock = None,
-    ) -> None:
-        self.rate = positive_number("rate", rate)
-        self.quota = self.burst = positive_int("burst", burst)
-        exact = 1_000_000 / self.rate
-        interval = round(exact)
-        # The script keeps whole microseconds (Lua doubles are exact below 2^53, and epoch
-        # time in nanoseconds is not): refuse a rate the rounding would change by over 1 %.
-        if interval < 1 or abs(interval - exact) > 0.01 * exact:
-            raise ValueError(
-                f"rate must be such that 1/rate is a whole number of microseconds within "
-                f"1 % (at most about 1e4 per second unless it divides 1e6), got {rate}"
-            )
-        if self.burst * interval > _MAX_SPAN_US:
-            raise ValueError(
-                f"burst / rate must be at most {_MAX_SPAN_US / 1e6:.0e} s, "
-                f"got burst={burst}, rate={rate}"
-            )
-        self._interval_us = interval
-        self.window = self.burst / self.rate
-        self._params = (interval, self.burst)
-        super().__init__(redis, prefix=prefix, fail_open=fail_open, clock=clock)
+class GCRA(GCRACore, RedisLimiter):
+    __doc__ = GCRACore.__doc__

@@ -1,8 +1,8 @@
 """The token bucket as notebook 03 teaches it: the algorithm in a dozen plain lines.
 
-:class:`course_lib.rate_limiting.TokenBucket` is the same algorithm, tuned for the hot path
-(explicit lock acquire/release, no attribute lookups in the loop, a ``Decision`` built
-without keyword handling) and with argument checks; the notebook measures the difference.
+:class:`course_lib.rate_limiting.TokenBucket` is the same algorithm with argument checks and
+a :class:`~course_lib.rate_limiting.Decision` for an answer; the notebook measures what
+they cost.
 """
 
 from __future__ import annotations
