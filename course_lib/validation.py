@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 __all__ = [
     "cost_within",
     "finite_number",
+    "instance_of",
     "int_in_range",
     "integer",
+    "non_empty_string",
     "non_negative_int",
     "non_negative_number",
     "one_of",
     "optional_positive_number",
     "positive_int",
     "positive_number",
+    "whole_milliseconds",
 ]
 
 
@@ -103,3 +107,28 @@ def cost_within(cost: object, ceiling: int, what: str) -> int:
             f"cost must be <= {what}={ceiling} (it could never be admitted), got {cost}"
         )
     return number
+
+
+def whole_milliseconds(name: str, value: object) -> int:
+    """``value`` (seconds) in whole milliseconds, as Redis takes a TTL (``PX``): a finite
+    number of seconds >= 0.001, so never rounded down to 0 ms."""
+    seconds = positive_number(name, value)
+    _at_least(name, seconds, 0.001, strict=False, what="a number of seconds >= 0.001")
+    return int(seconds * 1000)
+
+
+def non_empty_string(name: str, value: object) -> str:
+    """``value`` if it is a string with something besides whitespace."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def instance_of(name: str, value: Any, kind: type, what: str) -> Any:
+    """``value`` if it is an instance of ``kind`` (a class, or a ``runtime_checkable``
+    protocol, which checks the methods are there); ``what`` says what is expected."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return value

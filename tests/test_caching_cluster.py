@@ -34,9 +34,10 @@ from course_lib.caching import (
     WriteThrough,
     seed_users,
 )
+from course_lib.caching.aio import AsyncWriteBehindProducer, AsyncWriteThrough
 from course_lib.caching.lesson.cluster import cluster_demo
 from course_lib.caching.lesson.demos import write_behind_crash
-from course_lib.caching.write_behind import NotReplicated
+from course_lib.caching.write_behind_core import NotReplicated, entry_version
 from course_lib.measure import run_processes, run_threads
 from course_lib.rate_limiting import FixedWindow, aio
 from course_lib.services.cluster import LocalCluster
@@ -196,6 +197,94 @@ def test_write_through_keeps_the_newest_row_on_a_cluster(cluster, store):
     older = {**row, "version": row["version"] - 1, "score": -1}
     assert wt.publish(9, older) is False  # a late, older commit does not go backwards
     assert wt.read(9) == row
+
+
+def _on_async_cluster(cluster: LocalCluster, scenario: Any) -> Any:
+    """Run ``scenario(client)`` on an asyncio cluster client of ``cluster``, then close it."""
+
+    async def main() -> Any:
+        client = AsyncRedisCluster(host="127.0.0.1", port=cluster.alive()[0])
+        try:
+            return await scenario(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.timeout(60)
+def test_async_write_through_keeps_the_newest_row_on_a_cluster(local_cluster, cluster, store):
+    ns = _ns()
+
+    async def scenario(client: AsyncRedisCluster) -> tuple[Any, Any, bool]:
+        wt = AsyncWriteThrough(client, store, ttl=60, namespace=ns)
+
+        async def writer(t: int) -> None:
+            for i in range(5):
+                await wt.write(9, {"score": t * 100 + i})
+
+        await asyncio.gather(*(writer(t) for t in range(6)))
+        row = await wt.read(9)
+        older = await wt.publish(9, {**row, "version": row["version"] - 1, "score": -1})
+        return row, await wt.read(9), older
+
+    row, again, older = _on_async_cluster(local_cluster, scenario)
+    assert row == again == store.load(9) and row["version"] == 30 and older is False
+    assert cluster.keyslot(f"{ns}:{{9}}") == cluster.keyslot(f"{ns}#v:{{9}}")
+
+
+@pytest.mark.timeout(60)
+def test_async_write_behind_producer_on_a_cluster(local_cluster, cluster, store):
+    """40 tasks queue 200 writes through the asyncio cluster client; the sync consumer
+    applies exactly those, the newest of each row last."""
+    stream = f"{_ns()}:wb"
+
+    async def scenario(client: AsyncRedisCluster) -> list[tuple[str, int, int]]:
+        producer = AsyncWriteBehindProducer(client, store, stream=stream, group="db")
+
+        async def task(t: int) -> list[tuple[str, int, int]]:
+            out = []
+            for i in range(5):
+                key, score = 1 + (t + i) % 6, t * 1000 + i
+                out.append((await producer.write(key, {"score": score}), key, score))
+            return out
+
+        return [w for chunk in await asyncio.gather(*(task(t) for t in range(40))) for w in chunk]
+
+    writes = _on_async_cluster(local_cluster, scenario)
+    assert len({entry for entry, _, _ in writes}) == 200
+    wb = WriteBehind(cluster, store, stream=stream, group="db")
+    assert wb.backlog() == 200 and wb.drain("c1") == 200
+    assert wb.worker_stats()["entries"] == 200 and wb.backlog() == 0
+    newest = {key: s for _, key, s in sorted(writes, key=lambda w: entry_version(w[0]))}
+    assert {key: store.load(key)["score"] for key in newest} == newest
+    assert {key: wb.read(key)["score"] for key in newest} == newest
+
+
+@pytest.mark.timeout(60)
+def test_async_producer_waits_for_replicas_on_the_streams_node(replicated, local_cluster, store):
+    """``replicas=1``: WAIT goes to the stream's primary on the script's connection. With a
+    replica the write is confirmed; on a cluster without replicas it is refused."""
+
+    async def scenario(client: AsyncRedisCluster) -> tuple[str, Any]:
+        stream = f"{_ns()}:wb"
+        producer = AsyncWriteBehindProducer(
+            client, store, stream=stream, group="db", replicas=1, replica_timeout=0.5
+        )
+        return stream, await producer.write(3, {"plan": "pro"})
+
+    stream, entry = _on_async_cluster(replicated, scenario)
+    with replicated.client() as client:
+        assert client.xrange(stream)[0][0].decode() == entry
+
+    async def lone(client: AsyncRedisCluster) -> None:
+        producer = AsyncWriteBehindProducer(
+            client, store, stream=f"{_ns()}:wb", group="db", replicas=1, replica_timeout=0.05
+        )
+        with pytest.raises(NotReplicated, match="reached 0 of 1 replicas"):
+            await producer.write(3, {"plan": "pro"})
+
+    _on_async_cluster(local_cluster, lone)
 
 
 @pytest.mark.timeout(90)

@@ -13,6 +13,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
 from course_lib.caching import AsyncCacheAside, CacheAside, UserStore, WriteThrough, seed_users
+from course_lib.caching.aio import AsyncWriteThrough
 from course_lib.measure import run_threads
 from course_lib.services import EmbeddedRedis, fail_fast_redis
 
@@ -63,6 +64,26 @@ def test_write_through_survives_redis_stop(embedded_dir, pg_engine):
     assert wt.read(3)["plan"] == "pro"
     assert wt.stats["redis_errors"] == 2
     client.close()
+
+
+@pytest.mark.timeout(60)
+def test_async_write_through_survives_redis_stop(embedded_dir, pg_engine):
+    seed_users(pg_engine, 20)
+    server = EmbeddedRedis(embedded_dir / "redis")
+    url = server.start()
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        client = aredis.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), socket_timeout=1)
+        wt = AsyncWriteThrough(client, UserStore(pg_engine), ttl=60, namespace="wt")
+        server.stop()
+        row = await wt.write(3, {"plan": "pro"})
+        read = await wt.read(3)
+        await client.aclose()
+        return row, read, wt.stats
+
+    row, read, stats = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert row["plan"] == read["plan"] == "pro" and row["version"] == 1
+    assert stats["redis_errors"] == 2 and stats["writes"] == 1
 
 
 @pytest.mark.timeout(60)

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 
 import pytest
+import redis as redis_lib
 from ordering import until
 from redis import Redis
 from sqlalchemy import create_engine
 
-from course_lib.caching import UserStore, WriteBehind, WriteThrough, seed_users
+from course_lib.caching import (
+    UserStore,
+    WorkerProcess,
+    WriteBehind,
+    WriteBehindConsumer,
+    WriteBehindMonitor,
+    WriteBehindProducer,
+    WriteThrough,
+    seed_users,
+)
 from course_lib.caching.lesson.demos import count_lost, write_behind_crash
-from course_lib.caching.write_behind import NotReplicated, entry_version
+from course_lib.caching.write_behind_core import NotReplicated, database_unavailable, entry_version
 from course_lib.measure import run_threads
 from course_lib.services import EmbeddedPostgres, EmbeddedRedis
 
@@ -92,6 +104,38 @@ def test_write_behind_validation(redis, ns, store):
         WriteBehind(redis, store, stream=f"{ns}:s", group="g", namespace="u{")
     with pytest.raises(ValueError, match="namespace"):
         WriteThrough(redis, store, ttl=1, namespace="user}")
+    # One set of rules (course_lib.validation): a wrong type is a TypeError.
+    with pytest.raises(TypeError, match="batch"):
+        WriteBehind(redis, store, stream=f"{ns}:s", group="g", batch="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="group"):
+        WriteBehindConsumer(redis, store, stream=f"{ns}:s", group=7)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ttl"):
+        WriteThrough(redis, store, ttl="60", namespace="x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="name"):
+        WorkerProcess(WriteBehindConsumer(redis, store, stream=f"{ns}:s", group="g"), " ")
+
+
+def test_write_behind_parts_do_no_io_until_used(store):
+    """Each part is built without a round trip (a client to nowhere is fine), and the
+    stream and group are declared by the first write or read that needs them."""
+    nowhere = redis_lib.Redis(port=1, socket_connect_timeout=0.1)
+    WriteBehindProducer(nowhere, store, stream="s", group="g")
+    WriteBehindConsumer(nowhere, store, stream="s", group="g")
+    WriteBehindMonitor(nowhere, stream="s")
+    WriteBehind(nowhere, store, stream="s", group="g")
+
+
+def test_write_behind_consumer_declares_a_missing_group(redis, ns, store):
+    """A worker may start before any write, or outlive its stream: it declares the stream
+    and its group itself, from the stream's first entry, and loses nothing."""
+    consumer = WriteBehindConsumer(redis, store, stream=f"{ns}:wb", group="db")
+    assert consumer.process("c1").entries == 0  # no stream yet: declared, nothing to do
+    assert redis.xinfo_groups(f"{ns}:wb")[0]["name"] == b"db"
+    producer = WriteBehindProducer(redis, store, stream=f"{ns}:wb", group="db")
+    producer.write(3, {"score": 33})
+    redis.delete(f"{ns}:wb")  # the stream and its group are gone...
+    producer.write(3, {"score": 34})  # ...a producer that declared them writes again
+    assert consumer.process("c1").db_writes == 1 and store.load(3)["score"] == 34
 
 
 def test_write_behind_with_replicas_refuses_to_confirm_on_a_lone_primary(any_redis, ns, store):
@@ -293,8 +337,11 @@ def test_worker_stop_finishes_its_batch(redis, ns, store):
     deadline = time.monotonic() + 30
     while wb.backlog() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert worker.stop() == 0
-    assert not worker.is_alive()
+    assert worker.name == "w1" and worker.stop() == 0
+    assert not worker.is_alive() and worker.stop() == 0  # stopping again changes nothing
+    with pytest.raises(RuntimeError, match="already running"), wb.start_worker("w2") as again:
+        again.start()
+    assert not again.is_alive()
     plan = [(key, -key) for key in range(1, 101)]
     assert count_lost(store.engine, plan).lost == 0
 
@@ -302,8 +349,6 @@ def test_worker_stop_finishes_its_batch(redis, ns, store):
 @pytest.mark.timeout(60)
 def test_write_behind_on_embedded_redis(embedded_dir, store):
     """The embedded fallback (Redis 6.2): XAUTOCLAIM and the Lua script work there too."""
-    import redis as redis_lib
-
     client = redis_lib.Redis.from_url(EmbeddedRedis(embedded_dir / "redis").start())
     wb = WriteBehind(client, store, stream="wb", group="db", claim_idle=0.1)
     wb.write(1, {"score": 42})
@@ -355,3 +400,115 @@ def test_write_behind_refuses_a_value_the_column_cannot_hold_and_keeps_other_wri
     assert result.db_writes == 1 and result.dead_lettered == 0
     assert store.load(2)["name"] == "Valid"
     assert redis.xlen(wb.dead_letter) == 0
+
+
+def test_write_through_reads_through_and_refuses_what_it_cannot_cache(redis, ns, store):
+    wt = WriteThrough(redis, store, ttl=60, namespace=ns)
+    assert wt.read(5) == store.load(5) == json.loads(redis.get(wt.key(5)))  # cached on the way
+    assert wt.read(5) == store.load(5) and wt.read(999) is None
+    assert (wt.stats["hits"], wt.stats["misses"], wt.stats["cache_sets"]) == (1, 2, 1)
+    with pytest.raises(ValueError, match="version"):
+        wt.publish(5, {"id": 5, "score": 1})
+    # A versioned write the store skips (it has a newer row) is not cached either.
+    with pytest.raises(RuntimeError, match="skipped"):
+        wt.write(5, {"score": 1, "version": 0})
+
+
+def test_a_refused_last_entry_does_not_hold_back_the_earlier_ones_of_its_row(redis, ns, store):
+    wb = WriteBehind(redis, store, stream=f"{ns}:wb", group="db")
+    wb.write(6, {"score": 60})
+    _bad_entry(redis, wb, 6)  # the row's last entry, which the store refuses
+    result = wb.process("c1")
+    assert (result.entries, result.db_writes, result.failed, result.coalesced) == (2, 1, 1, 0)
+    assert store.load(6)["score"] == 60
+    assert redis.pttl(wb.key(6)) > 0  # its latest write() landed: the record expires again
+
+
+def test_a_malformed_entry_is_dead_lettered_and_the_batch_goes_on(redis, ns, store):
+    wb = WriteBehind(redis, store, stream=f"{ns}:wb", group="db", max_deliveries=1)
+    redis.xadd(wb.stream, {"c:score": "1"})  # no key field
+    wb.write(7, {"score": 70})
+    result = wb.process("c1")
+    assert (result.entries, result.db_writes, result.dead_lettered) == (2, 1, 1)
+    [(_, dead)] = redis.xrange(wb.dead_letter)
+    assert dead[b"error"].startswith(b"malformed entry: KeyError")
+    assert wb.backlog() == 0 and store.load(7)["score"] == 70
+
+
+def test_drain_waits_for_entries_pending_on_another_consumer_then_gives_up(redis, ns, store):
+    wb = WriteBehind(redis, store, stream=f"{ns}:wb", group="db", claim_idle=60)
+    wb.write(8, {"score": 80})
+    redis.xreadgroup("db", "other", {wb.stream: ">"}, count=1)  # held, not idle long enough
+    with pytest.raises(TimeoutError, match="1 writes still queued"):
+        wb.drain("c1", timeout=0.2)
+    assert wb.claim_idle == 60.0 and wb.backlog() == 1
+
+
+def test_a_stream_name_held_by_another_type_raises(redis, ns, store):
+    """Declaring the group ignores only "it exists already"; any other refusal is raised."""
+    redis.set(f"{ns}:taken", "a string")
+    with pytest.raises(redis_lib.ResponseError, match="WRONGTYPE"):
+        WriteBehindProducer(redis, store, stream=f"{ns}:taken", group="g").write(1, {"score": 1})
+    with pytest.raises(redis_lib.ResponseError, match="WRONGTYPE"):
+        WriteBehindConsumer(redis, store, stream=f"{ns}:taken", group="g").process("c1")
+
+
+class MemoryStore:
+    """A store with no ``validate``: the producer then checks only the mapping's shape."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}
+
+    def load(self, key):
+        return self.rows.get(str(key))
+
+    def save(self, key, value):
+        self.rows[str(key)] = dict(value)
+        return self.rows[str(key)]
+
+
+def test_write_behind_with_a_store_that_does_not_validate(redis, ns):
+    store = MemoryStore()
+    wb = WriteBehind(redis, store, stream=f"{ns}:wb", group="db")
+    with pytest.raises(TypeError, match="mapping"):
+        wb.write(1, ["score", 1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="invalid column name"):
+        wb.write(1, {"__entry": "1-1"})
+    wb.write(1, {"score": 1})
+    assert wb.process("c1").db_writes == 1 and store.load(1)["score"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_worker_process_stop_kills_a_worker_that_does_not_exit(redis, ns, store):
+    consumer = WriteBehindConsumer(redis, store, stream=f"{ns}:wb", group="db")
+    idle = WorkerProcess(consumer, "never-started")
+    assert idle.pid is None and idle.stop() is None and idle.kill() is None
+    worker = WorkerProcess(consumer, "frozen").start()
+    # Its first batch declares the stream: by then it takes SIGTERM as "finish and exit".
+    until(lambda: redis.exists(f"{ns}:wb"), "the worker ran its first batch")
+    os.kill(worker.pid, signal.SIGSTOP)  # SIGTERM stays pending: it cannot finish in time
+    assert worker.stop(timeout=0.2) == -signal.SIGKILL
+    assert not worker.is_alive()
+
+
+def test_database_unavailable_tells_an_absent_database_from_a_refused_entry():
+    """By PEP 249's names, whichever driver or wrapper raised: an absent database is
+    retried later, a refused entry is kept pending (then dead-lettered)."""
+    import psycopg
+    from sqlalchemy import exc as sa
+
+    absent = [
+        psycopg.OperationalError("server closed the connection"),
+        psycopg.InterfaceError("connection already closed"),
+        sa.OperationalError("SELECT 1", {}, Exception()),
+        sa.TimeoutError("QueuePool limit reached"),
+        sa.DisconnectionError(),
+        ConnectionRefusedError(),
+    ]
+    refused = [
+        psycopg.errors.UniqueViolation("duplicate key"),
+        sa.IntegrityError("INSERT", {}, Exception()),
+        ValueError("score must be an integer"),
+    ]
+    assert [database_unavailable(e) for e in absent] == [True] * len(absent)
+    assert [database_unavailable(e) for e in refused] == [False] * len(refused)

@@ -194,6 +194,23 @@ def test_validation_ranges_and_choices() -> None:
             call()
 
 
+def test_validation_of_ttls_names_and_protocols() -> None:
+    assert validation.whole_milliseconds("ttl", 0.001) == 1
+    assert validation.whole_milliseconds("ttl", 3600) == 3_600_000
+    assert validation.non_empty_string("group", "db") == "db"
+    assert validation.instance_of("n", 1, int, "an int") == 1
+    cases = [
+        (validation.whole_milliseconds, ("ttl", 0.0005), ValueError),  # 0 ms for Redis
+        (validation.whole_milliseconds, ("ttl", "60"), TypeError),
+        (validation.non_empty_string, ("group", " "), ValueError),
+        (validation.non_empty_string, ("group", 7), TypeError),
+        (validation.instance_of, ("store", object(), int, "an int"), TypeError),
+    ]
+    for check, args, error in cases:
+        with pytest.raises(error, match=f"^{args[0]} "):
+            check(*args)
+
+
 def test_run_async_runs_inside_a_running_loop_and_propagates_errors() -> None:
     async def inner() -> str:
         await asyncio.sleep(0)

@@ -4,7 +4,9 @@
   stampede protection (single-flight, Redis lock, XFetch) and race-free invalidation.
 - :class:`WriteThrough`: database first, then the committed row, never going backwards.
 - :class:`WriteBehind`: cache first, database later through a Redis Stream worker that
-  survives crashes.
+  survives crashes; one class per part (:class:`WriteBehindProducer`,
+  :class:`WriteBehindConsumer`, :class:`WriteBehindMonitor`, :class:`WorkerProcess`).
+- :mod:`.aio`: the asyncio shells of the same patterns.
 - :class:`SingleFlight`, :class:`RedisLock`: the building blocks, usable on their own.
 - :class:`UserStore` and :func:`seed_users`: the ``users`` table the notebook works on.
 
@@ -20,7 +22,15 @@ from .serialization import dumps, loads, to_jsonable
 from .single_flight import AsyncSingleFlight, SingleFlight
 from .store import Store, UserStore
 from .users import User, seed_users
-from .write_behind import BatchResult, Worker, WriteBehind
+from .write_behind import (
+    BatchResult,
+    NotReplicated,
+    WorkerProcess,
+    WriteBehind,
+    WriteBehindConsumer,
+    WriteBehindMonitor,
+    WriteBehindProducer,
+)
 from .write_through import WriteThrough
 
 __all__ = [
@@ -33,14 +43,18 @@ __all__ = [
     "LoaderError",
     "LockNotAcquired",
     "LockNotOwned",
+    "NotReplicated",
     "RedisLock",
     "SingleFlight",
     "Store",
     "Ticket",
     "User",
     "UserStore",
-    "Worker",
+    "WorkerProcess",
     "WriteBehind",
+    "WriteBehindConsumer",
+    "WriteBehindMonitor",
+    "WriteBehindProducer",
     "WriteThrough",
     "dumps",
     "loads",

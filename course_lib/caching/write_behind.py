@@ -3,44 +3,53 @@
 The queue is a Redis Stream read through a consumer group, not an in-process queue, so a
 write survives the death of the process that made it and of the worker applying it.
 
+One class per job, as RQ splits its ``Queue`` from its ``Worker``:
+
+- :class:`WriteBehindProducer` (``write``, ``read``): in the web process; its asyncio twin
+  is :class:`course_lib.caching.aio.AsyncWriteBehindProducer`.
+- :class:`WriteBehindConsumer` (``process`` one batch, ``run`` batches until stopped,
+  ``drain``): in the worker.
+- :class:`WriteBehindMonitor` (``backlog``, ``lag``, ``worker_stats``): anywhere.
+- :class:`WorkerProcess`: a consumer in a child process of its own, to start, stop or kill.
+- :class:`WriteBehind`: all of them on one stream, for a script or a notebook that plays
+  every part.
+
+What they share without I/O (key names, the entry format, a batch's bookkeeping) is in
+:mod:`course_lib.caching.write_behind_core`. No constructor does I/O.
+
 Guarantees:
 
-- :meth:`WriteBehind.write` takes the changed columns, checked against the store at once
-  (the store's ``validate``; :class:`~course_lib.caching.store.UserStore` checks names,
-  types, ``NOT NULL`` and integer ranges): a value the database would refuse raises
-  ``ValueError`` there, before it is merged into the record, so it cannot poison the valid
-  writes merged after it. One Lua script
-  (``write_behind.lua``) merges them into the cached record, which always holds the whole
-  row, and appends that whole record to the stream: both happen or neither, and two writers
-  of different columns of one row both keep their change.
-- The worker acknowledges entries only after the database committed them (``XACK`` after
+- ``write`` takes the changed columns, checked against the store at once (the store's
+  ``validate``; :class:`~course_lib.caching.store.UserStore` checks names, types,
+  ``NOT NULL`` and integer ranges): a value the database would refuse raises ``ValueError``
+  there, before it is merged into the record, so it cannot poison the valid writes merged
+  after it. One Lua script (``write_behind.lua``) merges them into the cached record, which
+  always holds the whole row, and appends that whole record to the stream: both happen or
+  neither, and two writers of different columns of one row both keep their change.
+- The consumer acknowledges entries only after the database committed them (``XACK`` after
   ``save``), then deletes them, so the stream length is the backlog not yet in the database.
 - Writes are idempotent and ordered: each entry's stream id becomes the row's ``version`` and
   the store applies it only over an older version (see :mod:`course_lib.caching.store`).
   Replays after a crash change nothing and an old entry never overwrites a newer one.
 - Entries a dead worker had read but not acknowledged are reclaimed with ``XAUTOCLAIM`` once
-  idle for ``claim_idle`` seconds, by any worker of the group: nothing is lost.
+  idle for ``claim_idle`` seconds, by any consumer of the group: nothing is lost.
 - Several updates of one key in a batch are coalesced into one database write (the last
   entry carries the whole record).
-- Errors never end :meth:`WriteBehind.run`: while the database or Redis is unavailable it
-  logs and backs off, leaving the entries pending; an entry the store keeps refusing is moved
-  to the dead-letter stream ``<stream>:dead`` on its ``max_deliveries``-th delivery (with the
+- Errors never end :meth:`WriteBehindConsumer.run`: while the database or Redis is
+  unavailable it logs and backs off, leaving the entries pending; an entry the store keeps
+  refusing is moved to the dead-letter stream on its ``max_deliveries``-th delivery (with the
   error), and its cached record is dropped so reads fall back to the database.
 - A cached record keeps no TTL while a write of it is queued, so it cannot expire and be
   rebuilt from a database that lacks that write; it gets ``ttl`` once its latest write landed.
 
-Not guaranteed: the database lags the cache (:meth:`WriteBehind.lag`), and a write is lost if
-Redis itself loses it (no persistence, failover before replication, or eviction under an
-``allkeys-*`` policy).
+Not guaranteed: the database lags the cache (:meth:`WriteBehindMonitor.lag`), and a write is
+lost if Redis itself loses it (no persistence, failover before replication, or eviction
+under an ``allkeys-*`` policy).
 
-Redis Cluster: ``redis`` may be a ``redis.cluster.RedisCluster``. The write script touches
-the record and the stream at once, and the worker's batch touches the stream, the records
-it settles, the dead-letter stream and the counters in one transaction, so all of one
-``WriteBehind``'s keys carry the stream's name as hash tag and live in one slot (so on one
-primary: to spread write-behind over a cluster, run one ``WriteBehind`` per stream). Keys:
-the stream ``<stream>``, the dead letters ``{<stream>}:dead``, the counters
-``{<stream>}#stats``, the records ``<namespace>:{<stream>}:<key>`` (no braces in the stream
-name or namespace).
+Redis Cluster: ``redis`` may be a ``redis.cluster.RedisCluster``. All of one stream's keys
+carry the stream's name as hash tag and live in one slot, so on one primary (see
+:class:`~course_lib.caching.write_behind_core.StreamKeys`): to spread write-behind over a
+cluster, run one stream per slot.
 
 Failover: replication is asynchronous. ``write`` returns once the primary ran the script;
 if that primary dies before its replica received it (on loopback the replica trails by a
@@ -66,91 +75,388 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from redis.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from redis.exceptions import ResponseError
 
 from course_lib import lua
 from course_lib.orphans import watch_parent
-from course_lib.validation import positive_number
+from course_lib.validation import (
+    instance_of,
+    non_empty_string,
+    positive_int,
+    positive_number,
+    whole_milliseconds,
+)
 
-from ._base import _milliseconds, check_namespace, describe
-from .serialization import dumps, loads
+from ._base import describe
 from .store import Store
+from .write_behind_core import (
+    Batch,
+    BatchResult,
+    Entry,
+    NotReplicated,
+    ProducerCore,
+    RawEntry,
+    StreamKeys,
+    check_replicas,
+    database_unavailable,
+    decode_record,
+    entry_version,
+    group_exists,
+    lag_seconds,
+    missing_group,
+    split_claimed,
+    stored_record,
+    text,
+    totals,
+    write_args,
+)
 
-__all__ = ["BatchResult", "NotReplicated", "Worker", "WriteBehind", "entry_version"]
+__all__ = [
+    "BatchResult",
+    "NotReplicated",
+    "WorkerProcess",
+    "WriteBehind",
+    "WriteBehindConsumer",
+    "WriteBehindMonitor",
+    "WriteBehindProducer",
+    "declare_group",
+]
 
 log = logging.getLogger("course_lib.caching")
 
-_ENTRY = b"__entry"
-_COLUMN = b"c:"
-# The database itself is unavailable (not this entry's fault): retry the batch later.
-_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
+
+def declare_group(redis: Any, stream: str, group: str) -> None:
+    """Create ``stream`` and its consumer ``group`` if missing; the group starts at the
+    stream's first entry, so it is handed every entry written before it existed."""
+    try:
+        redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if not group_exists(exc):
+            raise
 
 
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
+class WriteBehindProducer(ProducerCore):
+    """``WriteBehindProducer(redis, store, stream="wb:users", group="db-writers")``: queues
+    writes and reads the cached records; see the module docstring for the guarantees."""
+
+    def write(self, key: Any, value: Mapping[str, Any]) -> str:
+        """Merge the changed columns ``value`` into the cached record and queue the whole
+        record for the store; the entry id. Unknown columns raise ``ValueError`` here.
+
+        A row not cached yet is read from the store first (so that the record is whole):
+        that one read needs the database, and raises if it is unavailable. With
+        ``replicas``, raises :class:`NotReplicated` if fewer confirmed it in time.
+        """
+        keys, fields = self.prepare(key, value)
+        if not self.declared:
+            declare_group(self.redis, self.keys.stream, self.group)
+            self.declared = True
+        entry = self._queue(keys, write_args(key, fields))
+        if entry is None:  # not cached: start the record from the stored row
+            entry = self._queue(keys, write_args(key, fields, self.store.load(key) or {}))
+        return text(entry)
+
+    def _queue(self, keys: list[str], args: list[Any]) -> Any:
+        """Run the write script; with ``replicas``, ``WAIT`` for them on the same connection."""
+        if not self.replicas:
+            return self.script(self.redis, keys, args)
+        pipe = self.redis.pipeline(transaction=False)
+        self.queue_replicated(pipe, keys, args)
+        return check_replicas(*pipe.execute(), self.replicas)
+
+    def read(self, key: Any) -> dict[str, Any] | None:
+        """The cached record, else the stored one without its ``version`` (which may lag the
+        cache, see :meth:`WriteBehindMonitor.lag`); ``None`` if neither has it."""
+        raw = self.redis.hgetall(self.keys.record(key))
+        return decode_record(raw) if raw else stored_record(self.store.load(key))
 
 
-def _unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, _UNAVAILABLE)
+class WriteBehindConsumer:
+    """``WriteBehindConsumer(redis, store, stream="wb:users", group="db-writers")``: applies
+    queued writes to the store, a batch at a time. ``name`` in its methods is the consumer's
+    name in the group: what it reads stays pending on that name until acknowledged."""
+
+    def __init__(
+        self,
+        redis: Any,
+        store: Store,
+        *,
+        stream: str,
+        group: str,
+        namespace: str | None = None,
+        ttl: float = 3600.0,
+        batch: int = 100,
+        claim_idle: float = 5.0,
+        max_deliveries: int = 5,
+    ) -> None:
+        self.redis = redis
+        self.store: Store = instance_of("store", store, Store, "a Store (load and save)")
+        self.keys = StreamKeys(stream, namespace)
+        self.group = non_empty_string("group", group)
+        self.ttl_ms = whole_milliseconds("ttl", ttl)
+        self.batch = positive_int("batch", batch)
+        self.claim_idle = positive_number("claim_idle", claim_idle)
+        self.max_deliveries = positive_int("max_deliveries", max_deliveries)
+        self._settle = lua.load(__package__, "settle")
+
+    def process(self, name: str, *, block: float = 0.0) -> BatchResult:
+        """One batch: reclaim stale pending entries, read new ones, coalesce, save, ack.
+
+        Raises if the database or Redis is unavailable (nothing of the batch is acked; the
+        entries are retried); an entry the store refuses is kept pending, or dead-lettered
+        on its ``max_deliveries``-th delivery.
+        """
+        claimed = self._reclaim(name)
+        fresh = self._read_new(name, self.batch - len(claimed), block=0.0 if claimed else block)
+        batch = Batch(claimed, fresh)
+        if not batch.entries:
+            return batch.result()
+        for key, entries in batch.by_key.items():
+            batch.saved(key, self._save(key, entries))
+        if batch.refused:
+            self._dead_letter(name, batch)
+        self._finish(batch)
+        return batch.result()
+
+    def _reclaim(self, name: str) -> list[RawEntry]:
+        """Entries idle for ``claim_idle`` on any consumer, now ours. Ids whose entries were
+        deleted from the stream meanwhile are acknowledged: nothing is left to apply."""
+        try:
+            reply = self.redis.xautoclaim(
+                self.keys.stream,
+                self.group,
+                name,
+                min_idle_time=int(self.claim_idle * 1000),
+                start_id="0-0",
+                count=self.batch,
+            )[1]
+        except ResponseError as exc:
+            if not missing_group(exc):
+                raise
+            declare_group(self.redis, self.keys.stream, self.group)
+            return []  # a group just created has nothing pending
+        claimed, vanished, unnamed = split_claimed(reply)
+        if unnamed:
+            vanished += self._vanished(name, {entry_id for entry_id, _ in claimed})
+        if vanished:
+            self.redis.xack(self.keys.stream, self.group, *vanished)
+        return claimed
+
+    def _vanished(self, name: str, known: set[bytes]) -> list[bytes]:
+        """Ids pending on ``name`` whose entries were deleted from the stream (Redis 6.2's
+        ``XAUTOCLAIM`` returns them without their ids)."""
+        pending = self.redis.xpending_range(
+            self.keys.stream, self.group, min="-", max="+", count=10 * self.batch, consumername=name
+        )
+        ids = [p["message_id"] for p in pending if p["message_id"] not in known]
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(self.keys.stream, min=entry_id, max=entry_id, count=1)
+        return [entry_id for entry_id, found in zip(ids, pipe.execute(), strict=True) if not found]
+
+    def _read_new(self, name: str, room: int, *, block: float) -> list[RawEntry]:
+        """Up to ``room`` entries never delivered, waiting up to ``block`` s for the first."""
+        if room <= 0:
+            return []
+        reply = self.redis.xreadgroup(
+            self.group,
+            name,
+            {self.keys.stream: ">"},
+            count=room,
+            block=int(block * 1000) if block > 0 else None,
+        )
+        return reply[0][1] if reply else []
+
+    def _save(self, key: str, entries: list[Entry]) -> dict[bytes, bool | str]:
+        """Save ``key``'s last entry, which carries the whole record (the others are
+        coalesced into it); if the store refuses it, save them one by one to find which it
+        refuses and keep the others. What became of each entry tried (see
+        :meth:`~course_lib.caching.write_behind_core.Batch.saved`)."""
+        last = entries[-1]
+        outcome = self._save_entry(key, last)
+        if isinstance(outcome, str):
+            return {entry.id: self._save_entry(key, entry) for entry in entries}
+        return {last.id: outcome}
+
+    def _save_entry(self, key: str, entry: Entry) -> bool | str:
+        """Whether the store changed the row (``False``: it has this version or newer), or
+        why it refused the entry. Raises if the database itself is unavailable."""
+        try:
+            return self.store.save(key, entry.row()) is not None
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise
+            return describe(exc)
+
+    def _dead_letter(self, name: str, batch: Batch) -> None:
+        """Move refused entries delivered ``max_deliveries`` times to the dead-letter stream."""
+        ids = sorted(batch.refused, key=entry_version)
+        pending = self.redis.xpending_range(
+            self.keys.stream,
+            self.group,
+            min=ids[0],
+            max=ids[-1],
+            count=10 * self.batch,
+            consumername=name,
+        )
+        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
+        for entry_id in batch.due_for_dead_letter(deliveries, self.max_deliveries):
+            fields = batch.dead_letter_entry(entry_id, deliveries[entry_id])
+            self.redis.xadd(self.keys.dead_letter, fields)
+            batch.dead_lettered(entry_id)
+            log.error(
+                "write-behind entry %s of %r dead-lettered to %r after %d deliveries: %s",
+                text(entry_id),
+                batch.dead[entry_id],
+                self.keys.dead_letter,
+                deliveries[entry_id],
+                batch.refused[entry_id],
+            )
+
+    def _finish(self, batch: Batch) -> None:
+        """In one transaction: acknowledge and delete what is done, settle the records,
+        add to the counters."""
+        pipe = self.redis.pipeline(transaction=True)
+        done = batch.acknowledged()
+        if done:
+            pipe.xack(self.keys.stream, self.group, *done)
+            pipe.xdel(self.keys.stream, *done)
+        for keys, args in batch.settle_calls(self.keys, self.ttl_ms):
+            self._settle.queue(pipe, keys, args)
+        for name, value in batch.counts().items():
+            pipe.hincrby(self.keys.stats, name, value)
+        pipe.execute()
+
+    def run(
+        self, name: str, stop: threading.Event, *, block: float = 0.1, max_pause: float = 2.0
+    ) -> None:
+        """Process batches until ``stop`` is set; the batch in hand is always finished.
+
+        No error ends it: it logs the first error of a streak, then retries with a pause
+        doubling from 50 ms to ``max_pause`` (the database or Redis is away; their entries
+        stay pending and are reclaimed), and logs when a batch succeeds again.
+        """
+        pause = 0.0
+        while not stop.is_set():
+            try:
+                self.process(name, block=block)
+            except Exception as exc:
+                if not pause:
+                    log.warning("write-behind worker %r: %s; retrying", name, describe(exc))
+                pause = min(max(pause * 2, 0.05), max_pause)
+                stop.wait(pause)
+                continue
+            if pause:
+                log.warning("write-behind worker %r: writing again", name)
+                pause = 0.0
+
+    def drain(self, name: str, *, timeout: float = 30.0) -> int:
+        """Process in this thread until the backlog is empty; entries processed."""
+        deadline = time.monotonic() + timeout
+        total = 0
+        while backlog := self.redis.xlen(self.keys.stream):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{backlog} writes still queued after {timeout} s")
+            result = self.process(name)
+            total += result.entries
+            if not result.entries:
+                time.sleep(0.05)  # only entries pending on another consumer remain
+        return total
 
 
-def entry_version(entry_id: bytes | str) -> int:
-    """A stream id ``<ms>-<seq>`` as one increasing integer: ``ms * 2**20 + seq``.
+class WriteBehindMonitor:
+    """``WriteBehindMonitor(redis, stream="wb:users")``: how far the database lags."""
 
-    It exceeds 2^53: compare it as an integer (Python, PostgreSQL ``bigint``), never as a
-    double (Lua numbers, JavaScript).
-    """
-    ms, seq = _text(entry_id).split("-")
-    return (int(ms) << 20) + int(seq)
+    def __init__(self, redis: Any, *, stream: str, namespace: str | None = None) -> None:
+        self.redis = redis
+        self.keys = StreamKeys(stream, namespace)
+
+    def backlog(self) -> int:
+        """Writes not yet committed to the store (acknowledged entries are deleted)."""
+        return int(self.redis.xlen(self.keys.stream))
+
+    def lag(self) -> float:
+        """Age in seconds of the oldest write not yet in the store; 0 if none."""
+        return lag_seconds(self.redis.xrange(self.keys.stream, count=1))
+
+    def worker_stats(self) -> dict[str, int]:
+        """Totals over every consumer of this stream: entries, reclaimed, db_writes, skipped,
+        failed, dead_lettered."""
+        return totals(self.redis.hgetall(self.keys.stats))
 
 
-class NotReplicated(RuntimeError):
-    """A write the primary queued but fewer than ``replicas`` replicas confirmed in time:
-    a failover now may lose it. ``entry`` is its stream id."""
+def _worker_main(consumer: WriteBehindConsumer, name: str, block: float, parent: int) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # A parent killed outright leaves no one to stop this worker (``parent`` is its pid from
+    # before the fork, so a parent that died while this process started counts too).
+    watch_parent(stop.set, parent=parent)
+    consumer.run(name, stop, block=block)
 
-    def __init__(self, entry: str, acked: int, wanted: int) -> None:
-        super().__init__(f"write {entry} reached {acked} of {wanted} replicas in time")
-        self.entry = entry
 
+class WorkerProcess:
+    """A consumer running as ``name`` in its own OS process (forked, so it inherits the
+    consumer's settings and opens its own connections)."""
 
-@dataclass(frozen=True)
-class BatchResult:
-    """What one call of :meth:`WriteBehind.process` did.
-
-    ``failed`` entries were refused by the store and stay pending for another try;
-    ``dead_lettered`` ones were refused ``max_deliveries`` times and moved aside.
-    """
-
-    entries: int
-    reclaimed: int
-    db_writes: int
-    skipped: int
-    failed: int = 0
-    dead_lettered: int = 0
+    def __init__(self, consumer: WriteBehindConsumer, name: str, *, block: float = 0.1) -> None:
+        self.consumer = consumer
+        self.name = non_empty_string("name", name)
+        self.block = positive_number("block", block)
+        self._child: multiprocessing.process.BaseProcess | None = None
 
     @property
-    def coalesced(self) -> int:
-        return self.entries - self.db_writes - self.skipped - self.failed - self.dead_lettered
+    def pid(self) -> int | None:
+        return None if self._child is None else self._child.pid
 
+    def is_alive(self) -> bool:
+        return self._child is not None and self._child.is_alive()
 
-@dataclass(frozen=True)
-class _Entry:
-    id: bytes
-    version: int
-    key: str
-    record: dict[str, Any]
+    def start(self) -> WorkerProcess:
+        if self.is_alive():
+            raise RuntimeError(f"worker {self.name!r} is already running")
+        ctx = multiprocessing.get_context("fork")
+        args = (self.consumer, self.name, self.block, os.getpid())
+        self._child = ctx.Process(target=_worker_main, args=args, daemon=True)
+        self._child.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Ask the worker to finish its batch and exit (SIGTERM); its exit code."""
+        if self._child is None:
+            return None
+        if self._child.is_alive():
+            os.kill(self._child.pid, signal.SIGTERM)  # type: ignore[arg-type]
+            self._child.join(timeout)
+            if self._child.is_alive():
+                self._child.kill()
+                self._child.join()
+        return self._child.exitcode
+
+    def kill(self) -> int | None:
+        """Crash the worker: SIGKILL, no cleanup, batch in hand left unacknowledged."""
+        if self._child is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        self._child.join()
+        return self._child.exitcode
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class WriteBehind:
-    """``WriteBehind(redis, store, stream="wb:users", group="db-writers")``."""
+    """``WriteBehind(redis, store, stream="wb:users", group="db-writers")``: a producer, a
+    consumer and a monitor of one stream, for code that plays every part (a notebook, a
+    test, a script). Each method is its part's; a service builds the part it needs.
+
+    Arguments are those of :class:`WriteBehindProducer` and :class:`WriteBehindConsumer`.
+    """
 
     def __init__(
         self,
@@ -167,420 +473,81 @@ class WriteBehind:
         replicas: int = 0,
         replica_timeout: float = 1.0,
     ) -> None:
-        for name, value in (("stream", stream), ("group", group)):
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-        check_namespace("stream", stream)
-        if namespace is not None and (not isinstance(namespace, str) or not namespace.strip()):
-            raise ValueError(f"namespace must be a non-empty string or None, got {namespace!r}")
-        if namespace is not None:
-            check_namespace("namespace", namespace)
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
-            raise ValueError(f"replicas must be an int >= 0, got {replicas!r}")
-        if not isinstance(store, Store):
-            raise TypeError(f"store must have load(key) and save(key, value), got {store!r}")
-        for name, count in (("batch", batch), ("max_deliveries", max_deliveries)):
-            if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
-                raise ValueError(f"{name} must be a positive int, got {count!r}")
+        where = {"stream": stream, "group": group, "namespace": namespace}
+        self.producer = WriteBehindProducer(
+            redis, store, **where, replicas=replicas, replica_timeout=replica_timeout
+        )
+        self.consumer = WriteBehindConsumer(
+            redis,
+            store,
+            **where,
+            ttl=ttl,
+            batch=batch,
+            claim_idle=claim_idle,
+            max_deliveries=max_deliveries,
+        )
+        self.monitor = WriteBehindMonitor(redis, stream=stream, namespace=namespace)
         self.redis = redis
-        self.store = store
-        self.stream = stream
-        self.group = group
-        self.namespace = namespace or stream
-        self.ttl = _milliseconds("ttl", ttl)
-        self.claim_idle = positive_number("claim_idle", claim_idle)
-        self.batch = batch
-        self.max_deliveries = max_deliveries
-        self.replicas = replicas
-        self.replica_timeout = positive_number("replica_timeout", replica_timeout)
-        # The stream's name is the hash tag of every key: one slot (see the module docstring).
-        self.dead_letter = f"{{{stream}}}:dead"
-        self.stats_key = f"{{{stream}}}#stats"
-        self._script = lua.load(__package__, "write_behind")
-        self._write = self._script.bind(redis)
-        self._settle = lua.load(__package__, "settle")
-        self.ensure_group()
+        self.keys = self.producer.keys
 
-    def ensure_group(self) -> None:
-        """Create the stream and consumer group if missing (from the stream's first entry)."""
-        try:
-            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    def key(self, key: Any) -> str:
-        """The Redis key of ``key``'s cached record (in the stream's slot)."""
-        return f"{self.namespace}:{{{self.stream}}}:{key}"
-
-    def _queue(self, keys: list[str], args: list[Any]) -> Any:
-        """Run the write script; with ``replicas``, ``WAIT`` for them on the same connection."""
-        if not self.replicas:
-            return self._write(keys=keys, args=args)
-        client = self.redis
-        cluster = isinstance(client, RedisCluster)
-        if cluster:
-            # WAIT counts the writes of its own connection, and redis-py's cluster client
-            # sends WAIT to every primary: so both go to the slot's node on one connection.
-            client = client.get_redis_connection(client.get_node_from_key(self.stream))
-        pipe = client.pipeline(transaction=False)
-        self._script.queue(pipe, keys, args)
-        pipe.execute_command("WAIT", self.replicas, int(self.replica_timeout * 1000))
-        try:
-            entry, acked = pipe.execute()
-        except RedisError:
-            if cluster:  # the node died or lost the slot: refresh the map this path bypassed
-                with contextlib.suppress(RedisError):
-                    self.redis.nodes_manager.initialize()
-            raise
-        if entry is not None and int(acked) < self.replicas:
-            raise NotReplicated(_text(entry), int(acked), self.replicas)
-        return entry
-
-    def _columns(self, value: Any) -> dict[str, Any]:
-        validate = getattr(self.store, "validate", None)
-        if validate is not None:
-            fields = validate(value)
-        elif isinstance(value, Mapping):
-            fields = dict(value)
-        else:
-            raise TypeError(f"value must be a mapping, got {type(value).__name__}")
-        if not fields:
-            raise ValueError("value must change at least one column")
-        if any(not isinstance(name, str) or name == _ENTRY.decode() for name in fields):
-            raise ValueError(f"value has an invalid column name: {sorted(map(str, fields))}")
-        return fields
-
-    def write(self, key: Any, value: Mapping[str, Any]) -> str:
-        """Merge the changed columns ``value`` into the cached record and queue the whole
-        record for the store; the entry id. Unknown columns raise ``ValueError`` here.
-
-        A row not cached yet is read from the store first (so that the record is whole):
-        that one read needs the database, and raises if it is unavailable. With
-        ``replicas``, raises :class:`NotReplicated` if fewer confirmed it in time.
-        """
-        fields = self._columns(value)
-        changed = [part for name, v in fields.items() for part in (name, dumps(v))]
-        keys = [self.key(key), self.stream]
-        entry = self._queue(keys, [str(key), len(fields), "0", *changed])
-        if entry is None:  # not cached: start the record from the stored row
-            row = self.store.load(key) or {}
-            loaded = [
-                part for name, v in row.items() if name != "version" for part in (name, dumps(v))
-            ]
-            entry = self._queue(keys, [str(key), len(fields), "1", *changed, *loaded])
-        return _text(entry)
-
-    def read(self, key: Any) -> dict[str, Any] | None:
-        """The cached record, else the stored one without its ``version`` (which may lag,
-        see :meth:`lag`); ``None`` if neither has it."""
-        raw = self.redis.hgetall(self.key(key))
-        if raw:
-            return {_text(k): loads(v) for k, v in raw.items() if k != _ENTRY}
-        row = self.store.load(key)
-        return None if row is None else {k: v for k, v in row.items() if k != "version"}
-
-    def backlog(self) -> int:
-        """Writes not yet committed to the store (acknowledged entries are deleted)."""
-        return int(self.redis.xlen(self.stream))
-
-    def lag(self) -> float:
-        """Age in seconds of the oldest write not yet in the store; 0 if none."""
-        oldest = self.redis.xrange(self.stream, count=1)
-        if not oldest:
-            return 0.0
-        ms = int(_text(oldest[0][0]).split("-")[0])
-        return max(0.0, time.time() - ms / 1000)
-
-    def worker_stats(self) -> dict[str, int]:
-        """Totals over every worker of this stream: entries, reclaimed, db_writes, skipped,
-        failed, dead_lettered."""
-        raw = self.redis.hgetall(self.stats_key)
-        totals = dict.fromkeys(
-            ("entries", "reclaimed", "db_writes", "skipped", "failed", "dead_lettered"), 0
-        )
-        totals.update({_text(k): int(v) for k, v in raw.items()})
-        return totals
-
-    def _vanished(self, consumer: str, known: set[bytes]) -> list[bytes]:
-        """Ids pending on ``consumer`` whose entries were deleted from the stream.
-
-        Redis 6.2's ``XAUTOCLAIM`` claims such entries but returns them as nil, without
-        their ids (7.0 drops them itself), so they are found in the pending list instead.
-        """
-        pending = self.redis.xpending_range(
-            self.stream, self.group, min="-", max="+", count=10 * self.batch, consumername=consumer
-        )
-        ids = [p["message_id"] for p in pending if p["message_id"] not in known]
-        pipe = self.redis.pipeline(transaction=False)
-        for entry_id in ids:
-            pipe.xrange(self.stream, min=entry_id, max=entry_id, count=1)
-        return [entry_id for entry_id, found in zip(ids, pipe.execute(), strict=True) if not found]
-
-    def _reclaim(self, consumer: str) -> tuple[list[tuple[bytes, dict[bytes, bytes]]], list[bytes]]:
-        """Entries idle for ``claim_idle`` on any consumer, now ours; and vanished ids."""
-        reply = self.redis.xautoclaim(
-            self.stream,
-            self.group,
-            consumer,
-            min_idle_time=int(self.claim_idle * 1000),
-            start_id="0-0",
-            count=self.batch,
-        )[1]
-        claimed = [(entry_id, fields) for entry_id, fields in reply if entry_id is not None]
-        vanished = [entry_id for entry_id, fields in claimed if not fields]
-        claimed = [(entry_id, fields) for entry_id, fields in claimed if fields]
-        if len(claimed) + len(vanished) < len(reply):
-            vanished += self._vanished(consumer, {entry_id for entry_id, _ in claimed})
-        return claimed, vanished
-
-    def process(self, consumer: str, *, block: float = 0.0) -> BatchResult:
-        """One batch: reclaim stale pending entries, read new ones, coalesce, save, ack.
-
-        Raises if the database or Redis is unavailable (nothing of the batch is acked; the
-        entries are retried); an entry the store refuses is kept pending, or dead-lettered
-        on its ``max_deliveries``-th delivery.
-        """
-        claimed, vanished = self._reclaim(consumer)
-        if vanished:
-            self.redis.xack(self.stream, self.group, *vanished)
-        room = self.batch - len(claimed)
-        fresh: list[tuple[bytes, dict[bytes, bytes]]] = []
-        if room > 0:
-            reply = self.redis.xreadgroup(
-                self.group,
-                consumer,
-                {self.stream: ">"},
-                count=room,
-                block=int(block * 1000) if block > 0 and not claimed else None,
-            )
-            fresh = reply[0][1] if reply else []
-        raw_entries = claimed + fresh
-        if not raw_entries:
-            return BatchResult(0, 0, 0, 0)
-        refused: dict[bytes, str] = {}
-        by_key: dict[str, list[_Entry]] = {}
-        for entry_id, fields in sorted(raw_entries, key=lambda e: entry_version(e[0])):
-            try:
-                entry = _Entry(
-                    entry_id,
-                    entry_version(entry_id),
-                    _text(fields[b"key"]),
-                    {
-                        _text(k[len(_COLUMN) :]): loads(v)
-                        for k, v in fields.items()
-                        if k.startswith(_COLUMN)
-                    },
-                )
-            except (KeyError, ValueError) as exc:
-                refused[entry_id] = f"malformed entry: {describe(exc)}"
-                continue
-            by_key.setdefault(entry.key, []).append(entry)
-        written = skipped = 0
-        done: dict[str, bytes] = {}  # key -> its latest entry now in the database
-        for key, entries in by_key.items():
-            w, s, errors = self._apply(key, entries)
-            written, skipped = written + w, skipped + s
-            refused.update(errors)
-            landed = [e.id for e in entries if e.id not in errors]
-            if landed:
-                done[key] = landed[-1]
-        dead = self._dead_letters(consumer, refused, dict(raw_entries)) if refused else {}
-        acked = [entry_id for entry_id, _ in raw_entries if entry_id not in refused]
-        acked += list(dead)
-        pipe = self.redis.pipeline(transaction=True)
-        if acked:
-            pipe.xack(self.stream, self.group, *acked)
-            pipe.xdel(self.stream, *acked)
-        if done:
-            self._settle_records(pipe, "expire", done)
-        if dead:
-            self._settle_records(
-                pipe, "drop", {key: entry_id for entry_id, key in dead.items() if key}
-            )
-        counts = {
-            "entries": len(raw_entries),
-            "reclaimed": len(claimed),
-            "db_writes": written,
-            "skipped": skipped,
-            "failed": len(refused) - len(dead),
-            "dead_lettered": len(dead),
-        }
-        for name, value in counts.items():
-            pipe.hincrby(self.stats_key, name, value)
-        pipe.execute()
-        return BatchResult(
-            len(raw_entries), len(claimed), written, skipped, counts["failed"], len(dead)
-        )
-
-    def _apply(self, key: str, entries: list[_Entry]) -> tuple[int, int, dict[bytes, str]]:
-        """Save ``key``'s entries: the last one (coalesced), else one by one if the store
-        refuses it; ``(db_writes, skipped, {refused id: error})``."""
-        last = entries[-1]
-        try:
-            saved = self.store.save(key, {**last.record, "version": last.version})
-        except Exception as exc:
-            if _unavailable(exc):
-                raise
-        else:
-            return (0, 1, {}) if saved is None else (1, 0, {})
-        written = skipped = 0
-        errors: dict[bytes, str] = {}
-        for entry in entries:  # find which entries the store refuses, keep the others
-            try:
-                saved = self.store.save(key, {**entry.record, "version": entry.version})
-            except Exception as exc:
-                if _unavailable(exc):
-                    raise
-                errors[entry.id] = describe(exc)
-                continue
-            written, skipped = written + (saved is not None), skipped + (saved is None)
-        return written, skipped, errors
-
-    def _dead_letters(
-        self, consumer: str, refused: dict[bytes, str], fields: dict[bytes, dict[bytes, bytes]]
-    ) -> dict[bytes, str]:
-        """Move refused entries delivered ``max_deliveries`` times to the dead-letter stream;
-        ``{entry id: its key}`` of those moved."""
-        ids = sorted(refused, key=entry_version)
-        pending = self.redis.xpending_range(
-            self.stream,
-            self.group,
-            min=ids[0],
-            max=ids[-1],
-            count=10 * self.batch,
-            consumername=consumer,
-        )
-        deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
-        dead = {
-            entry_id: _text(fields[entry_id].get(b"key", b""))
-            for entry_id in ids
-            if deliveries.get(entry_id, 0) >= self.max_deliveries
-        }
-        for entry_id in dead:
-            self.redis.xadd(
-                self.dead_letter,
-                {
-                    **fields[entry_id],
-                    b"entry": entry_id,
-                    b"error": refused[entry_id],
-                    b"deliveries": deliveries[entry_id],
-                },
-            )
-            log.error(
-                "write-behind entry %s of %r dead-lettered to %r after %d deliveries: %s",
-                _text(entry_id),
-                dead[entry_id],
-                self.dead_letter,
-                deliveries[entry_id],
-                refused[entry_id],
-            )
-        return dead
-
-    def _settle_records(self, pipe: Any, action: str, done: Mapping[str, bytes]) -> None:
-        keys = [self.key(key) for key in done]
-        args = [action, int(self.ttl * 1000), *done.values()]
-        self._settle.queue(pipe, keys, args)
-
-    def run(
-        self, consumer: str, stop: threading.Event, *, block: float = 0.1, max_pause: float = 2.0
-    ) -> None:
-        """Process batches until ``stop`` is set; the batch in hand is always finished.
-
-        No error ends it: it logs the first error of a streak, then retries with a pause
-        doubling from 50 ms to ``max_pause`` (the database or Redis is away; their entries
-        stay pending and are reclaimed), and logs when a batch succeeds again.
-        """
-        pause = 0.0
-        while not stop.is_set():
-            try:
-                self.process(consumer, block=block)
-            except Exception as exc:
-                if not pause:
-                    log.warning("write-behind worker %r: %s; retrying", consumer, describe(exc))
-                pause = min(max(pause * 2, 0.05), max_pause)
-                stop.wait(pause)
-                continue
-            if pause:
-                log.warning("write-behind worker %r: writing again", consumer)
-                pause = 0.0
-
-    def drain(self, consumer: str, *, timeout: float = 30.0) -> int:
-        """Process in this thread until the backlog is empty; entries processed."""
-        deadline = time.monotonic() + timeout
-        total = 0
-        while self.backlog():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.backlog()} writes still queued after {timeout} s")
-            result = self.process(consumer)
-            total += result.entries
-            if not result.entries:
-                time.sleep(0.05)  # only entries pending on another consumer remain
-        return total
-
-    def start_worker(self, consumer: str = "worker-1", *, block: float = 0.1) -> Worker:
-        """Start a worker in a child process (forked); stop it, or kill it to simulate a crash."""
-        return Worker(self, consumer, block=block).start()
-
-
-def _worker_main(wb: WriteBehind, consumer: str, block: float, parent: int) -> None:
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    # A parent killed outright leaves no one to stop this worker (``parent`` is its pid from
-    # before the fork, so a parent that died while this process started counts too).
-    watch_parent(stop.set, parent=parent)
-    wb.run(consumer, stop, block=block)
-
-
-class Worker:
-    """A write-behind worker in its own OS process (forked, so it inherits the settings)."""
-
-    def __init__(self, wb: WriteBehind, consumer: str, *, block: float = 0.1) -> None:
-        self.wb = wb
-        self.consumer = consumer
-        self.block = block
-        self.process: multiprocessing.process.BaseProcess | None = None
+    # The names the notebook and the lessons use.
+    @property
+    def stream(self) -> str:
+        return self.keys.stream
 
     @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
+    def group(self) -> str:
+        return self.producer.group
 
-    def is_alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
+    @property
+    def dead_letter(self) -> str:
+        return self.keys.dead_letter
 
-    def start(self) -> Worker:
-        if self.is_alive():
-            raise RuntimeError(f"worker {self.consumer!r} is already running")
-        ctx = multiprocessing.get_context("fork")
-        self.process = ctx.Process(
-            target=_worker_main, args=(self.wb, self.consumer, self.block, os.getpid()), daemon=True
-        )
-        self.process.start()
-        return self
+    @property
+    def stats_key(self) -> str:
+        return self.keys.stats
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """Ask the worker to finish its batch and exit (SIGTERM); its exit code."""
-        if self.process is None:
-            return None
-        if self.process.is_alive():
-            os.kill(self.process.pid, signal.SIGTERM)  # type: ignore[arg-type]
-            self.process.join(timeout)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join()
-        return self.process.exitcode
+    @property
+    def claim_idle(self) -> float:
+        return self.consumer.claim_idle
 
-    def kill(self) -> int | None:
-        """Crash the worker: SIGKILL, no cleanup, batch in hand left unacknowledged."""
-        if self.process is None:
-            return None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        self.process.join()
-        return self.process.exitcode
+    def key(self, key: Any) -> str:
+        """The Redis key of ``key``'s cached record."""
+        return self.keys.record(key)
 
-    def __enter__(self) -> Worker:
-        return self
+    def write(self, key: Any, value: Mapping[str, Any]) -> str:
+        """:meth:`WriteBehindProducer.write`."""
+        return self.producer.write(key, value)
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def read(self, key: Any) -> dict[str, Any] | None:
+        """:meth:`WriteBehindProducer.read`."""
+        return self.producer.read(key)
+
+    def process(self, name: str, *, block: float = 0.0) -> BatchResult:
+        """:meth:`WriteBehindConsumer.process`."""
+        return self.consumer.process(name, block=block)
+
+    def run(self, name: str, stop: threading.Event, *, block: float = 0.1) -> None:
+        """:meth:`WriteBehindConsumer.run`."""
+        self.consumer.run(name, stop, block=block)
+
+    def drain(self, name: str, *, timeout: float = 30.0) -> int:
+        """:meth:`WriteBehindConsumer.drain`."""
+        return self.consumer.drain(name, timeout=timeout)
+
+    def start_worker(self, name: str = "worker-1", *, block: float = 0.1) -> WorkerProcess:
+        """A :class:`WorkerProcess` of this consumer, started; stop it, or kill it to
+        simulate a crash."""
+        return WorkerProcess(self.consumer, name, block=block).start()
+
+    def backlog(self) -> int:
+        """:meth:`WriteBehindMonitor.backlog`."""
+        return self.monitor.backlog()
+
+    def lag(self) -> float:
+        """:meth:`WriteBehindMonitor.lag`."""
+        return self.monitor.lag()
+
+    def worker_stats(self) -> dict[str, int]:
+        """:meth:`WriteBehindMonitor.worker_stats`."""
+        return self.monitor.worker_stats()

@@ -17,70 +17,31 @@ and its version ``<namespace>#v:{<key>}`` share the user's key as hash tag, so
 loses what the old primary had not replicated; the database still has every write, so the
 cache is at worst missing a row (read again from the store), never going backwards past a
 row it still holds.
+
+This is the sync shell: the settings, keys and decisions are
+:class:`~course_lib.caching.write_through_core.WriteThroughCore`'s, and
+:class:`course_lib.caching.aio.AsyncWriteThrough` is the asyncio shell.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from course_lib import lua
-
-from ._base import _milliseconds, check_namespace
-from .serialization import dumps, loads
-from .store import Store
+from .serialization import loads
+from .write_through_core import WriteThroughCore
 
 __all__ = ["WriteThrough"]
 
-log = logging.getLogger("course_lib.caching")
 
-
-class WriteThrough:
+class WriteThrough(WriteThroughCore):
     """``WriteThrough(redis, store, ttl=3600, namespace="user")``."""
-
-    def __init__(self, redis: Any, store: Store, *, ttl: float, namespace: str) -> None:
-        self.ttl = _milliseconds("ttl", ttl)
-        if not isinstance(namespace, str) or not namespace.strip():
-            raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
-        check_namespace("namespace", namespace)
-        if not isinstance(store, Store):
-            raise TypeError(f"store must have load(key) and save(key, value), got {store!r}")
-        self.redis = redis
-        self.store = store
-        self.namespace = namespace
-        self._set_if_newer = lua.load(__package__, "set_if_newer").bind(redis)
-        self._lock = threading.Lock()
-        self._stats = dict.fromkeys(
-            ("writes", "hits", "misses", "cache_sets", "stale_sets_rejected", "redis_errors"), 0
-        )
-
-    @property
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._stats)
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self._stats[name] += 1
-
-    def key(self, key: Any) -> str:
-        """The Redis key of ``key``'s cached row (the user's key is its hash tag)."""
-        return f"{self.namespace}:{{{key}}}"
-
-    def version_key(self, key: Any) -> str:
-        """Where the version of the cached row is kept, beside it (same slot), same TTL."""
-        return f"{self.namespace}#v:{{{key}}}"
 
     def write(self, key: Any, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Save ``fields`` in the store, then cache the committed row; return that row."""
-        row = self.store.save(key, fields)
-        if row is None:
-            raise RuntimeError(f"store skipped the write of {key!r}")
-        self._count("writes")
+        row = self.committed(key, self.store.save(key, fields))
         self.publish(key, row)
         return row
 
@@ -89,35 +50,22 @@ class WriteThrough:
 
         The second half of :meth:`write`, public so a race can be scripted step by step.
         """
-        version = row.get("version")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"row must carry its integer 'version' >= 0, got {version!r}")
+        keys, args = self.publish_call(key, row)
         try:
-            stored = bool(
-                self._set_if_newer(
-                    keys=[self.key(key), self.version_key(key)],
-                    args=[dumps(row), str(version), int(self.ttl * 1000)],
-                )
-            )
+            return self.published(self.script(self.redis, keys, args))
         except RedisError as exc:
-            self._count("redis_errors")
-            log.warning("write-through could not cache %r: %s", key, exc)
+            self.redis_failed("cache write", key, exc)
             return False
-        self._count("cache_sets" if stored else "stale_sets_rejected")
-        return stored
 
     def read(self, key: Any) -> dict[str, Any] | None:
         """The cached row, else the stored row (cached on the way); ``None`` if absent."""
         try:
             raw = self.redis.get(self.key(key))
         except RedisError as exc:
-            self._count("redis_errors")
-            log.warning("write-through read of %r served from the store: %s", key, exc)
+            self.redis_failed("read", key, exc)
             return self.store.load(key)
-        if raw is not None:
-            self._count("hits")
+        if self.found(raw):
             return loads(raw)
-        self._count("misses")
         row = self.store.load(key)
         if row is not None:
             self.publish(key, row)

@@ -28,7 +28,7 @@ from course_lib.measure import Calls, percentiles, run_async, run_processes, run
 from ..cache_aside import AsyncCacheAside, CacheAside
 from ..store import UserStore
 from ..users import users_table
-from ..write_behind import Worker, WriteBehind
+from ..write_behind import WorkerProcess, WriteBehind
 from . import as_written
 
 __all__ = [
@@ -441,7 +441,7 @@ def count_lost(engine: Engine, plan: list[tuple[int, int]]) -> CrashResult:
     return CrashResult(len(plan), lost, stale)
 
 
-def _kill_holding_entries(worker: Worker, wb: WriteBehind) -> bool:
+def _kill_holding_entries(worker: WorkerProcess, wb: WriteBehind) -> bool:
     """SIGKILL ``worker`` if it holds entries it read but did not acknowledge.
 
     The worker is frozen (SIGSTOP) while its pending list is read, so it cannot acknowledge
@@ -453,7 +453,7 @@ def _kill_holding_entries(worker: Worker, wb: WriteBehind) -> bool:
     os.kill(pid, signal.SIGSTOP)
     try:
         held = wb.redis.xpending_range(
-            wb.stream, wb.group, min="-", max="+", count=1, consumername=worker.consumer
+            wb.stream, wb.group, min="-", max="+", count=1, consumername=worker.name
         )
     except BaseException:
         os.kill(pid, signal.SIGCONT)
