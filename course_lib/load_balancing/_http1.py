@@ -407,10 +407,16 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # One parser for the connection's life: after a HEAD (which stops it mid-message)
         # or any error the connection is closed, so it never parses from a bad state.
         self._builder = _Builder(True, self._got)
         self._done: Callable[[Message | None, BaseException | None], None] | None = None
+        # The outstanding request's deadline (loop time), watched by one timer per
+        # connection that re-arms itself rather than one timer per request: on a busy
+        # keep-alive connection it fires once per timeout, not twice per request.
+        self._deadline = 0.0
+        self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._result: Message | None = None
         self._extra = False
@@ -418,6 +424,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         if self._done is None:
@@ -442,6 +450,9 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._done is None:
             return
         if self._builder.finish():  # a close-delimited body ends here
@@ -460,16 +471,21 @@ class ClientConnection(asyncio.Protocol):
 
     def _resolve(self, reply: Message | None, error: BaseException | None) -> None:
         done, self._done = self._done, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if done is not None:
             done(reply, error)
 
-    def _timed_out(self, timeout: float) -> None:
+    def _check_deadline(self) -> None:
+        """The timer fired: time the request out if its deadline has passed, else wait
+        for the deadline of the request now outstanding (or stop, if none is)."""
         self._timer = None
+        if self._done is None or self.closed:
+            return
+        left = self._deadline - self._loop.time()
+        if left > 0:
+            self._timer = self._loop.call_later(left, self._check_deadline)
+            return
         self.close()
-        self._resolve(None, TimeoutError(f"no reply within {timeout} s"))
+        self._resolve(None, TimeoutError(f"no reply within {self._timeout} s"))
 
     def send(
         self,
@@ -486,22 +502,26 @@ class ClientConnection(asyncio.Protocol):
         refuses, ``ConnectionResetError`` (:class:`ClosedBeforeReply` when no byte came
         back) if the connection ends first; the connection is closed after any of these.
         ``head_only`` for a ``HEAD`` request."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if self.closed or self.transport.is_closing() or self._done is not None:
             loop.call_soon(done, None, ClosedBeforeReply("the connection is not usable"))
             return
         self._done = done
         self._builder.head_only = head_only
-        # A timer on the loop rather than asyncio.wait_for, which wraps every request in
-        # a task of its own: one more object and one more loop iteration per request.
-        self._timer = loop.call_later(timeout, self._timed_out, timeout)
+        self._timeout = timeout
+        self._deadline = loop.time() + timeout
+        if self._timer is not None and self._timer.when() > self._deadline:
+            self._timer.cancel()  # armed for a later deadline than this request's
+            self._timer = None
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
         self.transport.writelines((head, body) if body else (head,))
 
     async def request(
         self, head: bytes, body: bytes, *, head_only: bool, timeout: float
     ) -> Message:
         """:meth:`send` as a coroutine: the reply, or the error raised."""
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Message] = self._loop.create_future()
 
         def done(reply: Message | None, error: BaseException | None) -> None:
             if future.done():
