@@ -18,6 +18,7 @@ __all__ = [
     "finite_number",
     "non_negative_int",
     "non_negative_number",
+    "number_at_least",
     "optional_positive_number",
     "positive_int",
     "positive_number",
@@ -55,6 +56,13 @@ def non_negative_number(name: str, value: object) -> float:
     """``value`` as a float if it is a finite number >= 0."""
     number = finite_number(name, value)
     _at_least(name, number, 0, strict=False, what="a finite number >= 0")
+    return number
+
+
+def number_at_least(name: str, value: object, low: float) -> float:
+    """``value`` as a float if it is a finite number >= ``low``."""
+    number = finite_number(name, value)
+    _at_least(name, number, low, strict=False, what=f"a finite number >= {low:g}")
     return number
 
 
