@@ -164,17 +164,17 @@ class _Builder:
         self.message.reason += status  # type: ignore[union-attr]
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.message.headers  # type: ignore[union-attr]
         self._head += len(name) + len(value) + 4
         if self._head > MAX_HEAD:
             self._fail(ProtocolError(f"message head over {MAX_HEAD} bytes", 431))
-        if len(headers) >= MAX_HEADERS:
-            self._fail(ProtocolError(f"more than {MAX_HEADERS} header lines", 431))
-        headers.append((name.lower(), value))
+        self.message.headers.append((name.lower(), value))  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
         message = self.message
         assert message is not None
+        # Counted once the head is complete: MAX_HEAD already bounds what is held until then.
+        if len(message.headers) > MAX_HEADERS:
+            self._fail(ProtocolError(f"more than {MAX_HEADERS} header lines", 431))
         parser = self.parser
         self.headers_done = True
         message.version = parser.get_http_version()
