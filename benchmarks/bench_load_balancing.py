@@ -132,9 +132,10 @@ def _wrk(url: str, seconds: int, connections: int = WRK_CONNECTIONS) -> dict[str
     return result
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
+def _cpu_seconds(process: psutil.Process) -> tuple[float, float]:
+    """User and system CPU seconds of ``process`` so far."""
     times = process.cpu_times()
-    return times.user + times.system
+    return times.user, times.system
 
 
 def _nginx_worker(url: str) -> psutil.Process:
@@ -148,10 +149,15 @@ def _nginx_worker(url: str) -> psutil.Process:
 
 
 def _measured(url: str, process: psutil.Process, seconds: int) -> dict[str, float]:
-    """A wrk run with the CPU time ``process`` spent per request during it."""
-    before = _cpu_seconds(process)
+    """A wrk run with the CPU time ``process`` spent per request during it (``cpu``, and
+    its ``user`` and ``system`` parts: the kernel's share is the sockets' cost, which a
+    proxy in any language pays; the user share is the proxy's own code)."""
+    user_before, system_before = _cpu_seconds(process)
     result = _wrk(url, seconds)
-    result["cpu"] = (_cpu_seconds(process) - before) / result["requests"]
+    user_after, system_after = _cpu_seconds(process)
+    result["user"] = (user_after - user_before) / result["requests"]
+    result["system"] = (system_after - system_before) / result["requests"]
+    result["cpu"] = result["user"] + result["system"]
     return result
 
 
@@ -242,11 +248,20 @@ def _proxy_vs_nginx(quick: bool) -> list[Row]:
         for metric in ("rps", "cpu", "p50", "p99")
     }
     print(
-        f"bench_load_balancing: proxy / nginx over {rounds} interleaved rounds of {seconds} s: "
+        f"bench_load_balancing: proxy (one event loop in one thread) / nginx "
+        f"(worker_processes 1) over {rounds} interleaved rounds of {seconds} s: "
         f"throughput {_spread(ratio['rps'])}, CPU per request {_spread(ratio['cpu'])}, "
         f"p50 {_spread(ratio['p50'])}, p99 {_spread(ratio['p99'])}",
         file=sys.stderr,
     )
+    for name in ("proxy", "nginx"):
+        user = statistics.median(run["user"] for run in runs[name]) * 1e6
+        system = statistics.median(run["system"] for run in runs[name]) * 1e6
+        print(
+            f"bench_load_balancing: {name} CPU per request (medians): user {user:.1f} us, "
+            f"system {system:.1f} us",
+            file=sys.stderr,
+        )
     if frames:
         print(
             "bench_load_balancing: the proxy under wrk (py-spy), top functions by own time:",

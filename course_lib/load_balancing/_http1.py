@@ -251,8 +251,8 @@ class ServerConnection(asyncio.Protocol):
     def __init__(self, handler: RequestHandler, send_timeout: float) -> None:
         self._handler = handler
         self._send_timeout = send_timeout
-        self._builder = _Builder(False, self._requests_append)
         self._requests: collections.deque[Message | ProtocolError] = collections.deque()
+        self._builder = _Builder(False, self._requests.append)
         self._busy = False  # a request is with the handler
         self._dispatching = False
         self._write_paused = False
@@ -263,9 +263,6 @@ class ServerConnection(asyncio.Protocol):
         self.closed = False
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-
-    def _requests_append(self, message: Message) -> None:
-        self._requests.append(message)
 
     # -- asyncio callbacks ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
