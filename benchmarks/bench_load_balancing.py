@@ -17,7 +17,11 @@ per-round ratios goes to stderr): throughput (target >= 0.8x nginx), CPU time pe
 of the proxy's process against the nginx worker's (target <= 2x), p50 and p99 latency
 against nginx's (p99 target <= 1.2x), and each backend's own capacity under the same wrk
 load, beside the proxy's throughput (a proxy near that would be measuring the backends).
-Then a py-spy profile of the proxy under wrk prints its top functions by own time.
+On stderr: CPU per request split into user and system time, and the share of a core each
+balancer used (on a machine too busy to give either a whole core, the scheduler gives both
+about the same share, and throughput then goes as 1 / CPU per request). Then a py-spy
+profile of the proxy under wrk prints its top functions by own time; the own time of the
+loop's frame (``Proxy.serve.<locals>.run``) is uvloop's C code and its system calls.
 """
 
 from __future__ import annotations
@@ -257,9 +261,12 @@ def _proxy_vs_nginx(quick: bool) -> list[Row]:
     for name in ("proxy", "nginx"):
         user = statistics.median(run["user"] for run in runs[name]) * 1e6
         system = statistics.median(run["system"] for run in runs[name]) * 1e6
+        # CPU per request x requests per second: the share of one core it got. When both
+        # get the same share (a busy machine's scheduler), throughput goes as 1 / CPU.
+        share = statistics.median(run["cpu"] * run["rps"] for run in runs[name]) * 100
         print(
             f"bench_load_balancing: {name} CPU per request (medians): user {user:.1f} us, "
-            f"system {system:.1f} us",
+            f"system {system:.1f} us; it used {share:.0f}% of a core under wrk",
             file=sys.stderr,
         )
     if frames:
