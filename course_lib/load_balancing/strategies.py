@@ -148,8 +148,8 @@ class Strategy:
             if self._active.get(server, 0) <= 0:
                 raise ValueError(f"server {server!r} has no active request to release")
             self._count(server, -1)
-            if server not in self._servers and self._active[server] == 0:
-                del self._active[server]
+            if self._active[server] == 0 and server not in self._servers:
+                del self._active[server]  # its last request on a removed server
 
     def add(self, server: str) -> None:
         """Add a server (up)."""
@@ -358,10 +358,10 @@ class LeastConnections(Strategy):
     def _count(self, server: str, delta: int) -> None:
         before = self._active.get(server, 0)
         super()._count(server, delta)
-        if server not in self._servers or server in self._down:
-            return
+        old = self._levels.get(before)
+        if old is None or server not in old.where:
+            return  # down or removed: in no bucket (an up server is in its count's bucket)
         after = before + delta
-        old = self._levels[before]
         old.discard(server)
         if not old.items:
             del self._levels[before]
