@@ -16,7 +16,10 @@ the machine's drift falls on both. Rows (medians over the rounds; the spread of 
 per-round ratios goes to stderr): throughput (target >= 0.8x nginx), CPU time per request
 of the proxy's process against the nginx worker's (target <= 2x), p50 and p99 latency
 against nginx's (p99 target <= 1.2x), and each backend's own capacity under the same wrk
-load, beside the proxy's throughput (a proxy near that would be measuring the backends).
+load, beside the proxy's throughput (a proxy near that would be measuring the backends),
+and the CPU per request of a byte pipe on the same event loop (each client connection piped
+to one backend connection, nothing parsed: the floor for a proxy written on uvloop; the
+proxy's distance from it is its own Python per request).
 On stderr: CPU per request split into user and system time, and the share of a core each
 balancer used (on a machine too busy to give either a whole core, the scheduler gives both
 about the same share, and throughput then goes as 1 / CPU per request). Then a py-spy
@@ -26,6 +29,8 @@ loop's frame (``Proxy.serve.<locals>.run``) is uvloop's C code and its system ca
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -35,10 +40,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
+import uvloop
 from harness import Row, interleaved
 
 from course_lib.load_balancing import (
@@ -216,6 +224,72 @@ def _top_frames(url: str, seconds: int, top: int = 8) -> list[tuple[float, float
     return [(100 * n / samples, 100 * total[f] / samples, f) for f, n in ranked]
 
 
+class _Pipe(asyncio.Protocol):
+    """One end of a byte pipe: what it receives goes out of the other end unread."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _Pipe | None = None
+        self.early: list[bytes] = []  # received before the other end was connected
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.other is None or self.other.transport is None:
+            self.early.append(data)
+        else:
+            self.other.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+
+
+@contextlib.contextmanager
+def _byte_pipe(urls: Mapping[str, str]) -> Iterator[str]:
+    """The floor under any proxy on this event loop: each client connection piped to one
+    backend connection (round robin by connection), bytes passed unparsed, on uvloop in a
+    thread of this process. No HTTP, no balancing per request: what is left is the loop,
+    two Python callbacks per request and the same system calls as nginx's."""
+    targets = itertools.cycle(
+        [(urlsplit(url).hostname, urlsplit(url).port) for url in urls.values()]
+    )
+    loop = uvloop.new_event_loop()
+    ready = threading.Event()
+    state: dict[str, object] = {}
+
+    def client_end() -> _Pipe:
+        end, backend = _Pipe(), _Pipe()
+        end.other, backend.other = backend, end
+
+        async def connect() -> None:
+            host, port = next(targets)
+            await loop.create_connection(lambda: backend, host, port)
+            for data in end.early:
+                backend.transport.write(data)  # type: ignore[union-attr]
+
+        loop.create_task(connect())
+        return end
+
+    async def serve() -> None:
+        server = await loop.create_server(client_end, "127.0.0.1", 0)
+        stop = state["stop"] = asyncio.Event()
+        state["url"] = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        ready.set()
+        await stop.wait()
+        server.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield str(state["url"])
+    finally:
+        loop.call_soon_threadsafe(state["stop"].set)  # type: ignore[attr-defined]
+        thread.join(10)
+
+
 def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}x (min {min(values):.2f}, max {max(values):.2f})"
 
@@ -231,19 +305,19 @@ def _proxy_vs_nginx(quick: bool) -> list[Row]:
     seconds, rounds = (2, 3) if quick else (5, 7)
     me = psutil.Process()
     specs = [{"name": f"server{i}", "latency_ms": 0} for i in (1, 2, 3)]
-    runs: dict[str, list[dict[str, float]]] = {"proxy": [], "nginx": []}
+    runs: dict[str, list[dict[str, float]]] = {"proxy": [], "nginx": [], "byte pipe": []}
     with backends(specs) as rig:
         # Each backend's own capacity, alone under the same wrk load: the balancers spread
         # that load over three of them, so a proxy far below this is not backend-bound.
         capacity = {name: _wrk(url, seconds)["rps"] for name, url in rig.urls.items()}
         proxy = Proxy(rig.urls, RoundRobin(rig.names))
-        with proxy.serve() as ours, run_nginx(rig.urls) as theirs:
+        with proxy.serve() as ours, run_nginx(rig.urls) as theirs, _byte_pipe(rig.urls) as pipe:
             worker = _nginx_worker(theirs)
             _wrk(ours, 1)  # warm the upstream connection pools
             _wrk(theirs, 1)
-            # Interleaved rounds (the order alternating) spread the machine's drift over both.
+            # Interleaved rounds (the order alternating) spread the machine's drift over all.
             for i in range(rounds):
-                order = [("proxy", ours, me), ("nginx", theirs, worker)]
+                order = [("proxy", ours, me), ("nginx", theirs, worker), ("byte pipe", pipe, me)]
                 for name, url, process in order if i % 2 == 0 else order[::-1]:
                     runs[name].append(_measured(url, process, seconds))
             frames = _top_frames(ours, seconds)
@@ -258,7 +332,7 @@ def _proxy_vs_nginx(quick: bool) -> list[Row]:
         f"p50 {_spread(ratio['p50'])}, p99 {_spread(ratio['p99'])}",
         file=sys.stderr,
     )
-    for name in ("proxy", "nginx"):
+    for name in ("proxy", "nginx", "byte pipe"):
         user = statistics.median(run["user"] for run in runs[name]) * 1e6
         system = statistics.median(run["system"] for run in runs[name]) * 1e6
         # CPU per request x requests per second: the share of one core it got. When both
@@ -322,6 +396,17 @@ def _proxy_vs_nginx(quick: bool) -> list[Row]:
             target=1.2,
         ),
     ]
+    rows.append(
+        Row(
+            BENCH,
+            "byte pipe (no HTTP, the floor)",
+            "CPU per request",
+            median("byte pipe", "cpu") * 1e6,
+            "us",
+            "nginx worker",
+            median("nginx", "cpu") * 1e6,
+        )
+    )
     for name, rps in capacity.items():
         rows.append(
             Row(
