@@ -353,7 +353,8 @@ class ServerConnection(asyncio.Protocol):
         if not keep_alive:
             self.close()
             return
-        self._dispatch()
+        if self._requests or self._eof or self._read_paused:
+            self._dispatch()  # a request waits, the client has ended, or reading resumes
 
     def refuse(self, head: bytes, body: bytes, linger: float) -> None:
         """Send the reply to a refused request, end our side, then read and drop what
@@ -407,7 +408,9 @@ class ClientConnection(asyncio.Protocol):
         self._loop: asyncio.AbstractEventLoop | None = None
         # One parser for the connection's life: after a HEAD (which stops it mid-message)
         # or any error the connection is closed, so it never parses from a bad state.
-        self._builder = _Builder(True, self._got)
+        # The replies parsed from the current read: more than one is a server out of step.
+        self._replies: list[Message] = []
+        self._builder = _Builder(True, self._replies.append)
         self._done: Callable[[Message | None, BaseException | None], None] | None = None
         # The outstanding request's deadline (loop time), watched by one timer per
         # connection that re-arms itself rather than one timer per request: on a busy
@@ -415,8 +418,6 @@ class ClientConnection(asyncio.Protocol):
         self._deadline = 0.0
         self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._result: Message | None = None
-        self._extra = False
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -436,12 +437,12 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             self._resolve(None, exc)
             return
-        result = self._result
-        if result is not None:
+        if self._replies:
             # The reply goes out only once this read is parsed to its end, so that bytes
             # after it (a second message) close the connection before anyone reuses it.
-            self._result = None
-            if self._extra or self._builder.message is not None or not result.keep_alive:
+            result, *extra = self._replies
+            self._replies.clear()
+            if extra or self._builder.message is not None or not result.keep_alive:
                 self.close()
             self._resolve(result, None)
 
@@ -453,18 +454,12 @@ class ClientConnection(asyncio.Protocol):
         if self._done is None:
             return
         if self._builder.finish():  # a close-delimited body ends here
-            result, self._result = self._result, None
+            result = self._replies.pop()
             self._resolve(result, None)
         elif self._builder.message is None:
             self._resolve(None, ClosedBeforeReply("the server closed the connection"))
         else:
             self._resolve(None, ConnectionResetError("the server closed the connection mid-reply"))
-
-    def _got(self, message: Message) -> None:
-        if self._result is not None:
-            self._extra = True  # a second reply to one request
-            return
-        self._result = message
 
     def _resolve(self, reply: Message | None, error: BaseException | None) -> None:
         done, self._done = self._done, None

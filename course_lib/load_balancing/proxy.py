@@ -339,7 +339,9 @@ class Proxy:
     def _head(reply: _Reply, request: Message | None) -> bytes:
         """The reply's status line and headers; ``request`` None for a refused one (closed)."""
         lines = [b"HTTP/1.1 %d %s" % (reply.status, reply.reason)]
-        lines += [b": ".join(header) for header in reply.headers if header[0] not in HOP_BY_HOP]
+        for header in reply.headers:
+            if header[0] not in HOP_BY_HOP:
+                lines.append(b": ".join(header))
         if reply.length is not None:
             lines.append(b"content-length: " + reply.length)
         if request is None or not request.keep_alive:
