@@ -16,12 +16,21 @@ the machine's drift falls on both. Rows (medians over the rounds; the spread of 
 per-round ratios goes to stderr): throughput (target >= 0.8x nginx), CPU time per request
 of the proxy's process against the nginx worker's (target <= 2x), p50 and p99 latency
 against nginx's (p99 target <= 1.2x), and each backend's own capacity under the same wrk
-load, beside the proxy's throughput (a proxy near that would be measuring the backends).
-Then a py-spy profile of the proxy under wrk prints its top functions by own time.
+load, beside the proxy's throughput (a proxy near that would be measuring the backends),
+and the CPU per request of a byte pipe on the same event loop (each client connection piped
+to one backend connection, nothing parsed: the floor for a proxy written on uvloop; the
+proxy's distance from it is its own Python per request).
+On stderr: CPU per request split into user and system time, and the share of a core each
+balancer used (on a machine too busy to give either a whole core, the scheduler gives both
+about the same share, and throughput then goes as 1 / CPU per request). Then a py-spy
+profile of the proxy under wrk prints its top functions by own time; the own time of the
+loop's frame (``Proxy.serve.<locals>.run``) is uvloop's C code and its system calls.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -31,10 +40,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
+import uvloop
 from harness import Row, interleaved
 
 from course_lib.load_balancing import (
@@ -132,9 +144,10 @@ def _wrk(url: str, seconds: int, connections: int = WRK_CONNECTIONS) -> dict[str
     return result
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
+def _cpu_seconds(process: psutil.Process) -> tuple[float, float]:
+    """User and system CPU seconds of ``process`` so far."""
     times = process.cpu_times()
-    return times.user + times.system
+    return times.user, times.system
 
 
 def _nginx_worker(url: str) -> psutil.Process:
@@ -148,10 +161,15 @@ def _nginx_worker(url: str) -> psutil.Process:
 
 
 def _measured(url: str, process: psutil.Process, seconds: int) -> dict[str, float]:
-    """A wrk run with the CPU time ``process`` spent per request during it."""
-    before = _cpu_seconds(process)
+    """A wrk run with the CPU time ``process`` spent per request during it (``cpu``, and
+    its ``user`` and ``system`` parts: the kernel's share is the sockets' cost, which a
+    proxy in any language pays; the user share is the proxy's own code)."""
+    user_before, system_before = _cpu_seconds(process)
     result = _wrk(url, seconds)
-    result["cpu"] = (_cpu_seconds(process) - before) / result["requests"]
+    user_after, system_after = _cpu_seconds(process)
+    result["user"] = (user_after - user_before) / result["requests"]
+    result["system"] = (system_after - system_before) / result["requests"]
+    result["cpu"] = result["user"] + result["system"]
     return result
 
 
@@ -206,6 +224,72 @@ def _top_frames(url: str, seconds: int, top: int = 8) -> list[tuple[float, float
     return [(100 * n / samples, 100 * total[f] / samples, f) for f, n in ranked]
 
 
+class _Pipe(asyncio.Protocol):
+    """One end of a byte pipe: what it receives goes out of the other end unread."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _Pipe | None = None
+        self.early: list[bytes] = []  # received before the other end was connected
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.other is None or self.other.transport is None:
+            self.early.append(data)
+        else:
+            self.other.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+
+
+@contextlib.contextmanager
+def _byte_pipe(urls: Mapping[str, str]) -> Iterator[str]:
+    """The floor under any proxy on this event loop: each client connection piped to one
+    backend connection (round robin by connection), bytes passed unparsed, on uvloop in a
+    thread of this process. No HTTP, no balancing per request: what is left is the loop,
+    two Python callbacks per request and the same system calls as nginx's."""
+    targets = itertools.cycle(
+        [(urlsplit(url).hostname, urlsplit(url).port) for url in urls.values()]
+    )
+    loop = uvloop.new_event_loop()
+    ready = threading.Event()
+    state: dict[str, object] = {}
+
+    def client_end() -> _Pipe:
+        end, backend = _Pipe(), _Pipe()
+        end.other, backend.other = backend, end
+
+        async def connect() -> None:
+            host, port = next(targets)
+            await loop.create_connection(lambda: backend, host, port)
+            for data in end.early:
+                backend.transport.write(data)  # type: ignore[union-attr]
+
+        loop.create_task(connect())
+        return end
+
+    async def serve() -> None:
+        server = await loop.create_server(client_end, "127.0.0.1", 0)
+        stop = state["stop"] = asyncio.Event()
+        state["url"] = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        ready.set()
+        await stop.wait()
+        server.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield str(state["url"])
+    finally:
+        loop.call_soon_threadsafe(state["stop"].set)  # type: ignore[attr-defined]
+        thread.join(10)
+
+
 def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}x (min {min(values):.2f}, max {max(values):.2f})"
 
@@ -221,19 +305,19 @@ def _proxy_vs_nginx(quick: bool) -> list[Row]:
     seconds, rounds = (2, 3) if quick else (5, 7)
     me = psutil.Process()
     specs = [{"name": f"server{i}", "latency_ms": 0} for i in (1, 2, 3)]
-    runs: dict[str, list[dict[str, float]]] = {"proxy": [], "nginx": []}
+    runs: dict[str, list[dict[str, float]]] = {"proxy": [], "nginx": [], "byte pipe": []}
     with backends(specs) as rig:
         # Each backend's own capacity, alone under the same wrk load: the balancers spread
         # that load over three of them, so a proxy far below this is not backend-bound.
         capacity = {name: _wrk(url, seconds)["rps"] for name, url in rig.urls.items()}
         proxy = Proxy(rig.urls, RoundRobin(rig.names))
-        with proxy.serve() as ours, run_nginx(rig.urls) as theirs:
+        with proxy.serve() as ours, run_nginx(rig.urls) as theirs, _byte_pipe(rig.urls) as pipe:
             worker = _nginx_worker(theirs)
             _wrk(ours, 1)  # warm the upstream connection pools
             _wrk(theirs, 1)
-            # Interleaved rounds (the order alternating) spread the machine's drift over both.
+            # Interleaved rounds (the order alternating) spread the machine's drift over all.
             for i in range(rounds):
-                order = [("proxy", ours, me), ("nginx", theirs, worker)]
+                order = [("proxy", ours, me), ("nginx", theirs, worker), ("byte pipe", pipe, me)]
                 for name, url, process in order if i % 2 == 0 else order[::-1]:
                     runs[name].append(_measured(url, process, seconds))
             frames = _top_frames(ours, seconds)
@@ -242,11 +326,23 @@ def _proxy_vs_nginx(quick: bool) -> list[Row]:
         for metric in ("rps", "cpu", "p50", "p99")
     }
     print(
-        f"bench_load_balancing: proxy / nginx over {rounds} interleaved rounds of {seconds} s: "
+        f"bench_load_balancing: proxy (one event loop in one thread) / nginx "
+        f"(worker_processes 1) over {rounds} interleaved rounds of {seconds} s: "
         f"throughput {_spread(ratio['rps'])}, CPU per request {_spread(ratio['cpu'])}, "
         f"p50 {_spread(ratio['p50'])}, p99 {_spread(ratio['p99'])}",
         file=sys.stderr,
     )
+    for name in ("proxy", "nginx", "byte pipe"):
+        user = statistics.median(run["user"] for run in runs[name]) * 1e6
+        system = statistics.median(run["system"] for run in runs[name]) * 1e6
+        # CPU per request x requests per second: the share of one core it got. When both
+        # get the same share (a busy machine's scheduler), throughput goes as 1 / CPU.
+        share = statistics.median(run["cpu"] * run["rps"] for run in runs[name]) * 100
+        print(
+            f"bench_load_balancing: {name} CPU per request (medians): user {user:.1f} us, "
+            f"system {system:.1f} us; it used {share:.0f}% of a core under wrk",
+            file=sys.stderr,
+        )
     if frames:
         print(
             "bench_load_balancing: the proxy under wrk (py-spy), top functions by own time:",
@@ -300,6 +396,17 @@ def _proxy_vs_nginx(quick: bool) -> list[Row]:
             target=1.2,
         ),
     ]
+    rows.append(
+        Row(
+            BENCH,
+            "byte pipe (no HTTP, the floor)",
+            "CPU per request",
+            median("byte pipe", "cpu") * 1e6,
+            "us",
+            "nginx worker",
+            median("nginx", "cpu") * 1e6,
+        )
+    )
     for name, rps in capacity.items():
         rows.append(
             Row(

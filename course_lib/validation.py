@@ -23,6 +23,7 @@ __all__ = [
     "non_empty_string",
     "non_negative_int",
     "non_negative_number",
+    "number_at_least",
     "one_of",
     "optional_positive_number",
     "positive_int",
@@ -63,6 +64,13 @@ def non_negative_number(name: str, value: object) -> float:
     """``value`` as a float if it is a finite number >= 0."""
     number = finite_number(name, value)
     _at_least(name, number, 0, strict=False, what="a finite number >= 0")
+    return number
+
+
+def number_at_least(name: str, value: object, low: float) -> float:
+    """``value`` as a float if it is a finite number >= ``low``."""
+    number = finite_number(name, value)
+    _at_least(name, number, low, strict=False, what=f"a finite number >= {low:g}")
     return number
 
 

@@ -8,6 +8,7 @@ given bytes, so each framing case is exactly what a misbehaving server would sen
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -21,6 +22,7 @@ import pytest
 
 from course_lib.http import free_socket, serve_processes
 from course_lib.load_balancing import RoundRobin
+from course_lib.load_balancing._http1 import open_connection
 from course_lib.load_balancing.backends import backend_app
 from course_lib.load_balancing.loadgen import run_load
 from course_lib.load_balancing.proxy import Proxy
@@ -258,6 +260,46 @@ def test_a_backend_that_never_replies_is_bounded_by_read_timeout() -> None:
             elapsed = time.monotonic() - start
     assert status_of(reply) == 502
     assert 0.3 <= elapsed < 5
+
+
+def test_each_request_on_a_pooled_connection_gets_its_own_read_timeout() -> None:
+    # One deadline timer per upstream connection, armed by the first request: the second
+    # request on that connection, sent later, must get its full read_timeout, not what is
+    # left of the first one's.
+    def first_answered_then_silent(i: int) -> Step:
+        return (OK, False) if i == 0 else (b"", False)
+
+    with scripted(first_answered_then_silent) as (backend,):
+        proxy = Proxy({"b": backend.url}, RoundRobin(["b"]), read_timeout=0.6)
+        with proxy.serve() as url:
+            (first,) = exchange(url, b"GET / HTTP/1.1\r\n\r\n")
+            time.sleep(0.3)  # the gap that separates the two deadlines (any length will do)
+            start = time.monotonic()
+            (second,) = exchange(url, b"GET / HTTP/1.1\r\n\r\n")
+            elapsed = time.monotonic() - start
+    assert status_of(first) == 200 and status_of(second) == 502
+    assert len(backend.heads) == 2  # the second went out on the pooled connection
+    assert 0.59 <= elapsed < 5  # uvloop keeps time in whole milliseconds
+
+
+def test_a_shorter_timeout_on_a_connection_is_not_delayed_by_a_longer_one() -> None:
+    async def two_requests(url: str) -> float:
+        host, port = url.removeprefix("http://").split(":")
+        conn = await open_connection(host, int(port))
+        head = b"GET / HTTP/1.1\r\nhost: b\r\n\r\n"
+        reply = await conn.request(head, b"", head_only=False, timeout=30.0)
+        assert reply.status == 200
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await conn.request(head, b"", head_only=False, timeout=0.3)
+        return time.monotonic() - start
+
+    def first_answered_then_silent(i: int) -> Step:
+        return (OK, False) if i == 0 else (b"", False)
+
+    with scripted(first_answered_then_silent) as (backend,):
+        elapsed = asyncio.run(two_requests(backend.url))
+    assert 0.29 <= elapsed < 5  # not the 30 s the first request armed the timer for
 
 
 def test_a_second_reply_is_never_given_to_the_next_request() -> None:

@@ -198,6 +198,11 @@ def test_nginx_config_generation() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             nginx_config(BACKENDS, port=1, prefix="/p", **bad)
+    # a weight of the wrong type is a TypeError (course_lib.validation's rule)
+    with pytest.raises(TypeError, match="weight of 'server2'"):
+        nginx_config(
+            BACKENDS, port=1, prefix="/p", method="weighted", weights={"server1": 1, "server2": 1.5}
+        )
 
 
 @pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")

@@ -164,17 +164,17 @@ class _Builder:
         self.message.reason += status  # type: ignore[union-attr]
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.message.headers  # type: ignore[union-attr]
         self._head += len(name) + len(value) + 4
         if self._head > MAX_HEAD:
             self._fail(ProtocolError(f"message head over {MAX_HEAD} bytes", 431))
-        if len(headers) >= MAX_HEADERS:
-            self._fail(ProtocolError(f"more than {MAX_HEADERS} header lines", 431))
-        headers.append((name.lower(), value))
+        self.message.headers.append((name.lower(), value))  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
         message = self.message
         assert message is not None
+        # Counted once the head is complete: MAX_HEAD already bounds what is held until then.
+        if len(message.headers) > MAX_HEADERS:
+            self._fail(ProtocolError(f"more than {MAX_HEADERS} header lines", 431))
         parser = self.parser
         self.headers_done = True
         message.version = parser.get_http_version()
@@ -251,8 +251,8 @@ class ServerConnection(asyncio.Protocol):
     def __init__(self, handler: RequestHandler, send_timeout: float) -> None:
         self._handler = handler
         self._send_timeout = send_timeout
-        self._builder = _Builder(False, self._requests_append)
         self._requests: collections.deque[Message | ProtocolError] = collections.deque()
+        self._builder = _Builder(False, self._requests.append)
         self._busy = False  # a request is with the handler
         self._dispatching = False
         self._write_paused = False
@@ -263,9 +263,6 @@ class ServerConnection(asyncio.Protocol):
         self.closed = False
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-
-    def _requests_append(self, message: Message) -> None:
-        self._requests.append(message)
 
     # -- asyncio callbacks ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -356,7 +353,8 @@ class ServerConnection(asyncio.Protocol):
         if not keep_alive:
             self.close()
             return
-        self._dispatch()
+        if self._requests or self._eof or self._read_paused:
+            self._dispatch()  # a request waits, the client has ended, or reading resumes
 
     def refuse(self, head: bytes, body: bytes, linger: float) -> None:
         """Send the reply to a refused request, end our side, then read and drop what
@@ -407,17 +405,25 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # One parser for the connection's life: after a HEAD (which stops it mid-message)
         # or any error the connection is closed, so it never parses from a bad state.
-        self._builder = _Builder(True, self._got)
+        # The replies parsed from the current read: more than one is a server out of step.
+        self._replies: list[Message] = []
+        self._builder = _Builder(True, self._replies.append)
         self._done: Callable[[Message | None, BaseException | None], None] | None = None
+        # The outstanding request's deadline (loop time), watched by one timer per
+        # connection that re-arms itself rather than one timer per request: on a busy
+        # keep-alive connection it fires once per timeout, not twice per request.
+        self._deadline = 0.0
+        self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._result: Message | None = None
-        self._extra = False
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         if self._done is None:
@@ -431,45 +437,47 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             self._resolve(None, exc)
             return
-        result = self._result
-        if result is not None:
+        if self._replies:
             # The reply goes out only once this read is parsed to its end, so that bytes
             # after it (a second message) close the connection before anyone reuses it.
-            self._result = None
-            if self._extra or self._builder.message is not None or not result.keep_alive:
+            result, *extra = self._replies
+            self._replies.clear()
+            if extra or self._builder.message is not None or not result.keep_alive:
                 self.close()
             self._resolve(result, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._done is None:
             return
         if self._builder.finish():  # a close-delimited body ends here
-            result, self._result = self._result, None
+            result = self._replies.pop()
             self._resolve(result, None)
         elif self._builder.message is None:
             self._resolve(None, ClosedBeforeReply("the server closed the connection"))
         else:
             self._resolve(None, ConnectionResetError("the server closed the connection mid-reply"))
 
-    def _got(self, message: Message) -> None:
-        if self._result is not None:
-            self._extra = True  # a second reply to one request
-            return
-        self._result = message
-
     def _resolve(self, reply: Message | None, error: BaseException | None) -> None:
         done, self._done = self._done, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if done is not None:
             done(reply, error)
 
-    def _timed_out(self, timeout: float) -> None:
+    def _check_deadline(self) -> None:
+        """The timer fired: time the request out if its deadline has passed, else wait
+        for the deadline of the request now outstanding (or stop, if none is)."""
         self._timer = None
+        if self._done is None or self.closed:
+            return
+        left = self._deadline - self._loop.time()
+        if left > 0:
+            self._timer = self._loop.call_later(left, self._check_deadline)
+            return
         self.close()
-        self._resolve(None, TimeoutError(f"no reply within {timeout} s"))
+        self._resolve(None, TimeoutError(f"no reply within {self._timeout} s"))
 
     def send(
         self,
@@ -486,22 +494,26 @@ class ClientConnection(asyncio.Protocol):
         refuses, ``ConnectionResetError`` (:class:`ClosedBeforeReply` when no byte came
         back) if the connection ends first; the connection is closed after any of these.
         ``head_only`` for a ``HEAD`` request."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if self.closed or self.transport.is_closing() or self._done is not None:
             loop.call_soon(done, None, ClosedBeforeReply("the connection is not usable"))
             return
         self._done = done
         self._builder.head_only = head_only
-        # A timer on the loop rather than asyncio.wait_for, which wraps every request in
-        # a task of its own: one more object and one more loop iteration per request.
-        self._timer = loop.call_later(timeout, self._timed_out, timeout)
+        self._timeout = timeout
+        self._deadline = loop.time() + timeout
+        if self._timer is not None and self._timer.when() > self._deadline:
+            self._timer.cancel()  # armed for a later deadline than this request's
+            self._timer = None
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
         self.transport.writelines((head, body) if body else (head,))
 
     async def request(
         self, head: bytes, body: bytes, *, head_only: bool, timeout: float
     ) -> Message:
         """:meth:`send` as a coroutine: the reply, or the error raised."""
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Message] = self._loop.create_future()
 
         def done(reply: Message | None, error: BaseException | None) -> None:
             if future.done():

@@ -116,10 +116,7 @@ def nginx_config(
         host = _safe(f"host of backend {name!r}", parts.netloc.rsplit(":", 1)[0], _HOST)
         weight = ""
         if weights is not None:
-            w = weights[name]
-            if isinstance(w, bool) or not isinstance(w, int) or w <= 0:
-                raise ValueError(f"weight of {name!r} must be an int > 0, got {w!r}")
-            weight = f" weight={w}"
+            weight = f" weight={positive_int(f'weight of {name!r}', weights[name])}"
         servers.append(
             f"        server {host}:{parts.port}{weight}"
             f" max_fails={max_fails} fail_timeout={fail_timeout:g}s;  # {name}"

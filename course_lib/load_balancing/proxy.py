@@ -101,7 +101,7 @@ def client_key(client: str, target: str, request: Message) -> str:
     return client
 
 
-@dataclass
+@dataclass(slots=True)
 class _Upstream:
     host: str
     port: int
@@ -117,26 +117,26 @@ class _Upstream:
         return None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Reply:
     status: int
     reason: bytes
-    headers: list[tuple[bytes, bytes]]
+    headers: list[tuple[bytes, bytes]]  # hop-by-hop ones included: _head leaves them out
     body: bytes
     # The Content-Length to send; None for none (1xx, 204), the backend's for HEAD and 304.
     length: bytes | None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Exchange:
     """One client request on its way through the proxy."""
 
     conn: ServerConnection
     request: Message
     client: str
+    head: bytes  # the request as forwarded up to its Host line, the same for every attempt
     start: float
     tried: list[str] = field(default_factory=list)
-    head: bytes | None = None  # the forwarded request, built once for every attempt
 
 
 def _own_reply(status: int, text: str) -> _Reply:
@@ -303,12 +303,8 @@ class Proxy:
 
     def on_request(self, conn: ServerConnection, request: Message) -> None:
         """A request: picked, forwarded, retried as the module says; answered once."""
-        client = conn.peer
-        if client in LOOPBACK:
-            forwarded = request.header("x-forwarded-for")
-            if forwarded:
-                client = forwarded.rsplit(",", 1)[-1].strip()
-        exchange = _Exchange(conn, request, client, time.perf_counter())
+        client, head = self._forwarded(conn, request)
+        exchange = _Exchange(conn, request, client, head, time.perf_counter())
         try:
             server = self.strategy.take(self.key(client, request.target.decode("latin-1"), request))
         except NoBackendAvailable:
@@ -320,18 +316,40 @@ class Proxy:
         self._try(exchange, server)
 
     @staticmethod
+    def _forwarded(conn: ServerConnection, request: Message) -> tuple[str, bytes]:
+        """The client's address, and the request as forwarded up to its Host line (which
+        depends on the backend): one pass over the headers."""
+        lines = [b"%s %s HTTP/1.1" % (request.method, request.target)]
+        forwarded_for = b""
+        for header in request.headers:
+            if header[0] == b"x-forwarded-for":
+                forwarded_for = header[1]
+            elif header[0] not in DROPPED_FROM_REQUESTS:
+                lines.append(b": ".join(header))
+        client = conn.peer
+        if client in LOOPBACK and forwarded_for:
+            client = forwarded_for.rsplit(b",", 1)[-1].strip().decode("latin-1")
+        lines.append(b"x-forwarded-for: " + client.encode("latin-1"))
+        if request.body or request.method in BODY_METHODS:
+            lines.append(b"content-length: %d" % len(request.body))
+        lines.append(b"")  # the head goes on with the Host line: end this one
+        return client, b"\r\n".join(lines)
+
+    @staticmethod
     def _head(reply: _Reply, request: Message | None) -> bytes:
         """The reply's status line and headers; ``request`` None for a refused one (closed)."""
-        lines = [b"HTTP/1.1 %d %s\r\n" % (reply.status, reply.reason)]
-        lines += [b"%s: %s\r\n" % header for header in reply.headers]
+        lines = [b"HTTP/1.1 %d %s" % (reply.status, reply.reason)]
+        for header in reply.headers:
+            if header[0] not in HOP_BY_HOP:
+                lines.append(b": ".join(header))
         if reply.length is not None:
-            lines.append(b"content-length: %s\r\n" % reply.length)
+            lines.append(b"content-length: " + reply.length)
         if request is None or not request.keep_alive:
-            lines.append(b"connection: close\r\n")
+            lines.append(b"connection: close")
         elif request.version == "1.0":
-            lines.append(b"connection: keep-alive\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
+            lines.append(b"connection: keep-alive")
+        lines += (b"", b"")  # the empty line that ends the head
+        return b"\r\n".join(lines)
 
     def _finish(self, exchange: _Exchange, reply: _Reply) -> None:
         request = exchange.request
@@ -383,8 +401,6 @@ class Proxy:
 
     def _send(self, exchange: _Exchange, server: str, conn: ClientConnection, pooled: bool) -> None:
         request = exchange.request
-        if exchange.head is None:
-            exchange.head = self._request_head(request, exchange.client)
 
         def done(response: Message | None, error: BaseException | None) -> None:
             if response is not None:
@@ -439,22 +455,8 @@ class Proxy:
                 return candidate
         return None
 
-    def _request_head(self, request: Message, client: str) -> bytes:
-        """The request as forwarded, up to its Host line (which depends on the backend)."""
-        lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
-        lines += [
-            b"%s: %s\r\n" % header
-            for header in request.headers
-            if header[0] not in DROPPED_FROM_REQUESTS
-        ]
-        lines.append(b"x-forwarded-for: %s\r\n" % client.encode("latin-1"))
-        if request.body or request.method in BODY_METHODS:
-            lines.append(b"content-length: %d\r\n" % len(request.body))
-        return b"".join(lines)
-
     @staticmethod
     def _reply(response: Message, request: Message) -> _Reply:
-        headers = [h for h in response.headers if h[0] not in HOP_BY_HOP]
         status = response.status
         if request.method == b"HEAD" or status == 304:
             # No body, but the length the body would have (RFC 9110 8.6).
@@ -464,7 +466,7 @@ class Proxy:
             length = None
         else:
             length = b"%d" % len(response.body)
-        return _Reply(status, response.reason, headers, response.body, length)
+        return _Reply(status, response.reason, response.headers, response.body, length)
 
     def _failed(self, server: str) -> None:
         # nginx never marks a lone server down (ngx_http_upstream_free_round_robin_peer

@@ -31,7 +31,7 @@ import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 
-from course_lib.validation import positive_int
+from course_lib.validation import number_at_least, positive_int
 
 __all__ = [
     "ConsistentHash",
@@ -148,8 +148,8 @@ class Strategy:
             if self._active.get(server, 0) <= 0:
                 raise ValueError(f"server {server!r} has no active request to release")
             self._count(server, -1)
-            if server not in self._servers and self._active[server] == 0:
-                del self._active[server]
+            if self._active[server] == 0 and server not in self._servers:
+                del self._active[server]  # its last request on a removed server
 
     def add(self, server: str) -> None:
         """Add a server (up)."""
@@ -251,11 +251,7 @@ def _smooth_schedule(weights: Mapping[str, int]) -> list[str]:
 
 
 def _weight(server: str, weight: object) -> int:
-    if isinstance(weight, bool) or not isinstance(weight, int):
-        raise TypeError(f"weight of {server!r} must be an int, got {type(weight).__name__}")
-    if weight <= 0:
-        raise ValueError(f"weight of {server!r} must be > 0, got {weight}")
-    return weight
+    return positive_int(f"weight of {server!r}", weight)
 
 
 class WeightedRoundRobin(Strategy):
@@ -362,10 +358,10 @@ class LeastConnections(Strategy):
     def _count(self, server: str, delta: int) -> None:
         before = self._active.get(server, 0)
         super()._count(server, delta)
-        if server not in self._servers or server in self._down:
-            return
+        old = self._levels.get(before)
+        if old is None or server not in old.where:
+            return  # down or removed: in no bucket (an up server is in its count's bucket)
         after = before + delta
-        old = self._levels[before]
         old.discard(server)
         if not old.items:
             del self._levels[before]
@@ -440,37 +436,19 @@ class IpHash(Strategy):
         self._fallback = [s for s in self._servers if s not in self._down]
         self._next = 0
 
-    def pick(self, key: str | None = None) -> str:
-        # Hot path, inlined: an IPv4 address with every server up is one hash of three
-        # octets; anything else (IPv6, down servers, bad input) takes the general path.
-        if type(key) is str:
-            try:
-                a, b, c, _ = socket.inet_pton(socket.AF_INET, key)
-            except OSError:
-                pass
-            else:
-                with self._lock:
-                    servers = self._servers
-                    if not self._down and len(servers) > 1:
-                        h = (((89 * 113 + a) % 6271 * 113 + b) % 6271 * 113 + c) % 6271
-                        return servers[h % len(servers)]
-        return super().pick(key)
-
     def _pick(self, key: str | None) -> str:
         if key is None:
             raise ValueError("key must be the client IP address for IpHash")
         octets = ip_hash_octets(key)
         if not self._fallback:
             raise self._none_up()
-        servers, down = self._servers, self._down
-        if len(servers) == 1:
-            return servers[0]
+        servers = self._servers
         h = 89
         for _ in range(21):  # nginx gives up once ++tries > 20, i.e. after 21 hashes
             for byte in octets:
                 h = (h * 113 + byte) % 6271
             server = servers[h % len(servers)]
-            if server not in down:
+            if server not in self._down:
                 return server
         server = self._fallback[self._next % len(self._fallback)]
         self._next += 1
@@ -519,12 +497,9 @@ class ConsistentHash(Strategy):
         load_factor: float | None = None,
     ) -> None:
         self._vnodes = positive_int("vnodes", vnodes)
-        if load_factor is not None:
-            if isinstance(load_factor, bool) or not isinstance(load_factor, int | float):
-                raise TypeError(f"load_factor must be a number, got {type(load_factor).__name__}")
-            if not (math.isfinite(load_factor) and load_factor >= 1):
-                raise ValueError(f"load_factor must be a finite number >= 1, got {load_factor}")
-        self._load_factor = load_factor
+        self._load_factor = (
+            None if load_factor is None else number_at_least("load_factor", load_factor, 1)
+        )
         self._total_active = 0
         super().__init__(servers)
 
@@ -553,36 +528,19 @@ class ConsistentHash(Strategy):
             return None
         return math.ceil(self._load_factor * (self._total_active + 1) / self._n_up)
 
-    def pick(self, key: str | None = None) -> str:
-        # The hot path, inlined (a pick stays within a few times random.choice): hash
-        # outside the lock, one binary search inside it.
-        if type(key) is str:
-            h = _key_hash(key)
-            with self._lock:
-                if self._owners:
-                    return self._place(h)
-        return super().pick(key)
-
     def _pick(self, key: str | None) -> str:
         if key is None:
             raise ValueError("key must be a string for ConsistentHash")
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, got {type(key).__name__}")
-        if not self._owners:
-            raise self._none_up()
-        return self._place(_key_hash(key))
-
-    def _place(self, h: int) -> str:
-        """The server for ring position ``h`` (lock held, ring not empty)."""
         owners = self._owners
-        start = bisect.bisect_left(self._points, h)
-        if start == len(owners):
-            start = 0
+        if not owners:
+            raise self._none_up()
+        # The first point clockwise from the key's; past the last one the ring wraps.
+        start = bisect.bisect_left(self._points, _key_hash(key)) % len(owners)
         server = owners[start]
-        if self._load_factor is None:
-            return server
-        bound = math.ceil(self._load_factor * (self._total_active + 1) / self._n_up)
-        if self._active[server] < bound:
+        bound = self._bound()
+        if bound is None or self._active[server] < bound:
             return server
         # Walk on clockwise past full servers; some server is under the bound because
         # n_up * ceil(c * (total + 1) / n_up) >= total + 1 when c >= 1.
