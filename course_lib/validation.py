@@ -21,6 +21,8 @@ __all__ = [
     "optional_positive_number",
     "positive_int",
     "positive_number",
+    "redis_ttl",
+    "text",
 ]
 
 
@@ -85,3 +87,20 @@ def cost_within(cost: object, ceiling: int, what: str) -> int:
             f"cost must be <= {what}={ceiling} (it could never be admitted), got {cost}"
         )
     return number
+
+
+def redis_ttl(name: str, value: object) -> float:
+    """``value`` (seconds) as a float if it is a finite number of at least 1 ms: Redis counts
+    a ``PX`` expiry in whole milliseconds, so anything shorter would round down to none."""
+    number = positive_number(name, value)
+    _at_least(name, number, 0.001, strict=False, what=">= 0.001 seconds (Redis counts whole ms)")
+    return number
+
+
+def text(name: str, value: object) -> str:
+    """``value`` if it is a string with something other than whitespace in it."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value

@@ -12,8 +12,9 @@ from ordering import until
 from redis import Redis
 from sqlalchemy import create_engine
 
-from course_lib.caching import UserStore, WriteBehind, WriteThrough, seed_users
+from course_lib.caching import WriteBehind, WriteThrough
 from course_lib.caching.lesson.demos import count_lost, write_behind_crash
+from course_lib.caching.lesson.users import UserStore, seed_users
 from course_lib.caching.write_behind import NotReplicated, entry_version
 from course_lib.measure import run_threads
 from course_lib.services import EmbeddedPostgres, EmbeddedRedis

@@ -228,7 +228,8 @@ with serve_processes("course_lib.http:echo_app", [{"name": "orphan"}]) as server
     time.sleep(60)
 """,
     "write-behind worker": """
-from course_lib.caching import UserStore, WriteBehind
+from course_lib.caching import WriteBehind
+from course_lib.caching.lesson.users import UserStore
 wb = WriteBehind(services.redis_client(), UserStore(services.engine()), stream=KEY, group="g")
 print(wb.start_worker("orphan").pid, flush=True)
 time.sleep(60)

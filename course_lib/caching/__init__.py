@@ -1,4 +1,4 @@
-"""Caching patterns on Redis and PostgreSQL, as the caching notebook (01) teaches them.
+"""Caching patterns on Redis, as the caching notebook (01) teaches them.
 
 - :class:`CacheAside` / :class:`AsyncCacheAside`: lazy loading with negative caching,
   stampede protection (single-flight, Redis lock, XFetch) and race-free invalidation.
@@ -6,20 +6,33 @@
 - :class:`WriteBehind`: cache first, database later through a Redis Stream worker that
   survives crashes.
 - :class:`SingleFlight`, :class:`RedisLock`: the building blocks, usable on their own.
-- :class:`UserStore` and :func:`seed_users`: the ``users`` table the notebook works on.
+- :class:`Store`: what the write caches need from the database.
 
 Everything read from Redis is JSON; nothing is ever unpickled.
 
-:mod:`.lesson` holds what stages notebook 01 (the module's code as written, demos, staged
-races); it is not meant to be copied into a service.
+Shape: each Redis pattern is a sans-I/O core (:mod:`.core`: key names, payloads, the decision
+taken from each reply, as generators of steps) driven by a thin sync shell (this package) and
+a thin asyncio shell (:mod:`.aio`). :mod:`.lesson` holds what stages notebook 01 (the
+module's code as written, demos, staged races, the ``users`` table and its
+:class:`~.lesson.users.UserStore`); it is not meant to be copied into a service.
 """
 
-from .cache_aside import STAMPEDE_MODES, AsyncCacheAside, CacheAside, LoaderError, Ticket
-from .redis_lock import AsyncRedisLock, LockNotAcquired, LockNotOwned, RedisLock
+from .aio import AsyncCacheAside, AsyncRedisLock
+from .cache_aside import (
+    STAMPEDE_MODES,
+    CacheAside,
+    LoaderError,
+    LocalFlight,
+    NoProtection,
+    RedisMutex,
+    Stampede,
+    Ticket,
+    XFetch,
+)
+from .redis_lock import LockNotAcquired, LockNotOwned, RedisLock
 from .serialization import dumps, loads, to_jsonable
 from .single_flight import AsyncSingleFlight, SingleFlight
-from .store import Store, UserStore
-from .users import User, seed_users
+from .store import Store
 from .write_behind import BatchResult, Worker, WriteBehind
 from .write_through import WriteThrough
 
@@ -31,19 +44,21 @@ __all__ = [
     "BatchResult",
     "CacheAside",
     "LoaderError",
+    "LocalFlight",
     "LockNotAcquired",
     "LockNotOwned",
+    "NoProtection",
     "RedisLock",
+    "RedisMutex",
     "SingleFlight",
+    "Stampede",
     "Store",
     "Ticket",
-    "User",
-    "UserStore",
     "Worker",
     "WriteBehind",
     "WriteThrough",
+    "XFetch",
     "dumps",
     "loads",
-    "seed_users",
     "to_jsonable",
 ]
