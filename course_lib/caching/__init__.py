@@ -18,17 +18,8 @@ module's code as written, demos, staged races, the ``users`` table and its
 """
 
 from .aio import AsyncCacheAside, AsyncRedisLock
-from .cache_aside import (
-    STAMPEDE_MODES,
-    CacheAside,
-    LoaderError,
-    LocalFlight,
-    NoProtection,
-    RedisMutex,
-    Stampede,
-    Ticket,
-    XFetch,
-)
+from .cache_aside import STAMPEDE_MODES, CacheAside, LoaderError, Ticket
+from .core.cache_aside import LocalFlight, NoProtection, RedisMutex, Stampede, XFetch
 from .redis_lock import LockNotAcquired, LockNotOwned, RedisLock
 from .serialization import dumps, loads, to_jsonable
 from .single_flight import AsyncSingleFlight, SingleFlight

@@ -71,34 +71,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .aio.cache_aside import AsyncCacheAside
-from .core.cache_aside import (
-    STAMPEDE_MODES,
-    CacheAsideShell,
-    LoaderError,
-    LocalFlight,
-    NoProtection,
-    RedisMutex,
-    Stampede,
-    Ticket,
-    XFetch,
-)
+from .core.cache_aside import STAMPEDE_MODES, CacheAsideShell, LoaderError, Ticket
 from .core.steps import Load, Shared, Steps, TryLock, Unlock, perform_redis, run
 from .redis_lock import RedisLock
 from .single_flight import SingleFlight
 
-__all__ = [
-    "STAMPEDE_MODES",
-    "AsyncCacheAside",
-    "CacheAside",
-    "LoaderError",
-    "LocalFlight",
-    "NoProtection",
-    "RedisMutex",
-    "Stampede",
-    "Ticket",
-    "XFetch",
-]
+__all__ = ["STAMPEDE_MODES", "CacheAside", "LoaderError", "Ticket"]
 
 
 class CacheAside(CacheAsideShell):

@@ -36,11 +36,10 @@ import threading
 from types import TracebackType
 from typing import Any
 
-from .aio.redis_lock import AsyncRedisLock
 from .core.lock import LockNotAcquired, LockNotOwned, LockShell, new_token
 from .core.steps import Steps, perform_redis, run
 
-__all__ = ["AsyncRedisLock", "LockNotAcquired", "LockNotOwned", "RedisLock", "new_token"]
+__all__ = ["LockNotAcquired", "LockNotOwned", "RedisLock", "new_token"]
 
 
 class RedisLock(LockShell):

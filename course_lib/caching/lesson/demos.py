@@ -25,7 +25,8 @@ from sqlalchemy import Engine, update
 import course_lib.services as services
 from course_lib.measure import Calls, percentiles, run_async, run_processes, run_tasks, run_threads
 
-from ..cache_aside import AsyncCacheAside, CacheAside
+from ..aio import AsyncCacheAside
+from ..cache_aside import CacheAside
 from ..write_behind import Worker, WriteBehind
 from . import as_written
 from .users import UserStore, users_table
