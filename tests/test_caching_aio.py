@@ -20,7 +20,13 @@ import redis.asyncio as aredis
 from ordering import async_until
 
 from course_lib import services
-from course_lib.caching import AsyncCacheAside, LoaderError, XFetch
+from course_lib.caching import (
+    AsyncCacheAside,
+    AsyncRedisLock,
+    LoaderError,
+    LockNotAcquired,
+    XFetch,
+)
 
 Scenario = Callable[[aredis.Redis], Awaitable[Any]]
 
@@ -237,3 +243,19 @@ def test_redis_down_fails_open_flagged_and_skips_redis(caplog: pytest.LogCapture
     assert stats["fail_open"] == 4 and stats["redis_errors"] == 1  # only the first asked
     assert calls == 2  # the first call's load, then one shared by the three
     assert sum("unreachable" in r.message for r in caplog.records) == 1
+
+
+def test_the_shells_settings_and_a_busy_lock_in_async_with(ns: str) -> None:
+    async def scenario(client: aredis.Redis) -> tuple[AsyncCacheAside, Any]:
+        cache = AsyncCacheAside(client, Loader(), ttl=30, namespace=ns, stampede="xfetch")
+        busy = AsyncRedisLock(client, cache.mutex("k").name, ttl=5, wait=0)
+        await client.set(busy.name, "someone")
+        with pytest.raises(LockNotAcquired, match="still held"):
+            async with busy:
+                pass
+        return cache, busy.token
+
+    cache, token = play(scenario)
+    assert (cache.namespace, cache.ttl, cache.stampede) == (ns, 30, "xfetch")
+    assert isinstance(cache.mode, XFetch) and cache.invalidation_ttl == 60
+    assert token is None

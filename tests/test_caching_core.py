@@ -6,6 +6,7 @@ so every decision (hit, miss, wait, lead, fail open, give up) is pinned down wit
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any
 
@@ -19,6 +20,7 @@ from course_lib.caching.core.cache_aside import (
     MISSING,
     RESERVE,
     STAMPEDE_MODES,
+    XFETCH_PREFIX,
     CacheAsideCore,
     LoaderError,
     Ticket,
@@ -33,6 +35,8 @@ from course_lib.caching.core.steps import (
     Shared,
     TryLock,
     Unlock,
+    aperform_redis,
+    perform_redis,
     run,
 )
 from course_lib.caching.serialization import dumps
@@ -215,7 +219,9 @@ def test_payloads_of_another_mode_are_misses() -> None:
     plain, xfetch = core("lock"), core("xfetch")
     assert plain.read(xfetch.mode.encode(1, 0.0, 60)) == (MISSING, False)
     assert xfetch.read(dumps(1)) == (MISSING, False)
-    assert plain.stats.snapshot()["decode_errors"] == xfetch.stats.snapshot()["decode_errors"] == 1
+    assert xfetch.read(XFETCH_PREFIX + dumps([1])) == (MISSING, False)  # not an envelope
+    assert plain.stats.snapshot()["decode_errors"] == 1
+    assert xfetch.stats.snapshot()["decode_errors"] == 2
 
 
 def test_stampede_names_map_to_mode_objects() -> None:
@@ -283,3 +289,44 @@ def test_run_hands_each_steps_error_back_to_the_core() -> None:
     value = run(core().refresh_early(1, "current"), perform)
     assert value == "current"
     assert seen == [TryLock(1), Eval(RESERVE, ["ns:{1}"]), Load(1), Unlock(1, "token")]
+
+
+def test_redis_errors_inside_a_miss_fail_open_or_are_counted() -> None:
+    refused = redis_lib.ConnectionError("refused")
+    for start in (lambda c: c.load_under_lock(7), lambda c: c.lead(7, "t")):
+        c = core(None)
+        s = Script(start(c))
+        if s.step == TryLock(7):
+            assert s.fail(refused) == Load(7)  # the lock could not be asked: fail open
+            s = Script(c.wait_for_holder(7, Backoff(60)))
+        assert s.fail(refused) == Load(7)
+    c = core()
+    refresh = Script(c.refresh_early(7, "cached"))
+    with pytest.raises(StopIteration) as served:
+        refresh.fail(redis_lib.ResponseError("WRONGTYPE"))
+    assert served.value.value == "cached"
+    fill = Script(c.fill_quietly(Ticket(7, "1"), "v", 0.0))
+    with pytest.raises(StopIteration):
+        fill.fail(redis_lib.TimeoutError("slow"))
+    assert c.stats.snapshot()["redis_errors"] == 2
+
+
+def test_an_xfetch_payload_read_as_text_and_the_modes_repr() -> None:
+    c = core("xfetch")
+    payload = c.mode.encode({"a": 1}, 0.0, 60)
+    assert c.read(payload.decode())[0] == {"a": 1}  # a client with decode_responses=True
+    assert repr(c.mode) == "XFetch(beta=1.0)" and repr(RedisMutex()) == "RedisMutex()"
+
+
+def test_a_redis_step_is_taken_by_the_shell_not_the_redis_client() -> None:
+    with pytest.raises(TypeError, match="not a Redis step"):
+        perform_redis(None, Load(1))
+    with pytest.raises(TypeError, match="not a Redis step"):
+        asyncio.run(aperform_redis(None, Load(1)))
+
+
+def test_a_failed_reserve_fails_open_and_an_abandoned_holder_just_stops() -> None:
+    c = core(None)
+    assert Script(c.load_and_fill(7)).fail(redis_lib.ConnectionError("refused")) == Load(7)
+    held = Script(c.holding(7, "t", c.lead(7, "t")))
+    held.steps.close()  # its driver gave up: no step can be taken, the lock just expires

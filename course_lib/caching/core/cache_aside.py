@@ -305,7 +305,7 @@ class CacheAsideCore:
             except RedisError as exc:
                 return (yield from self.without_redis(key, exc))
             if token is not None:
-                return (yield from self.lead(key, token))
+                return (yield from self.holding(key, token, self.lead(key, token)))
             if not waited:
                 waited = True
                 self.stats.incr("lock_waits")
@@ -345,27 +345,21 @@ class CacheAsideCore:
         """Holding the lock: load and fill, unless another process filled the key while we
         took the lock. A failed load leaves its error for the waiters, then is raised."""
         try:
-            try:
-                raw, started = yield Eval(RESERVE, [self.value_key(key)])
-            except RedisError as exc:
-                return (yield from self.without_redis(key, exc))
-            if raw is not None:
-                value, _ = self.read(raw, count=False)
-                if value is not MISSING:
-                    return value
-            try:
-                value, delta = yield from self.load(key)
-            except Exception as exc:
-                yield from self.quietly(
-                    Command(
-                        "set", (self.error_key(key, token), describe(exc)), {"px": ERROR_TTL_MS}
-                    )
-                )
-                raise
-            yield from self.fill_quietly(Ticket(key, _text(started)), value, delta)
-            return value
-        finally:
-            yield from self.quietly(Unlock(key, token))
+            raw, started = yield Eval(RESERVE, [self.value_key(key)])
+        except RedisError as exc:
+            return (yield from self.without_redis(key, exc))
+        if raw is not None:
+            value, _ = self.read(raw, count=False)
+            if value is not MISSING:
+                return value
+        try:
+            value, delta = yield from self.load(key)
+        except Exception as exc:
+            record = (self.error_key(key, token), describe(exc))
+            yield from self.quietly(Command("set", record, {"px": ERROR_TTL_MS}))
+            raise
+        yield from self.fill_quietly(Ticket(key, _text(started)), value, delta)
+        return value
 
     def refresh_early(self, key: Any, current: Any) -> Steps[Any]:
         """XFetch chose this reader: reload now if no one else is, else serve ``current``.
@@ -379,14 +373,30 @@ class CacheAsideCore:
             return current
         self.stats.incr("early_refreshes")
         try:
-            ticket = yield from self.reserve(key)
-            value, delta = yield from self.load(key)
-            yield from self.fill(ticket, value, delta)
-            return value
+            return (yield from self.holding(key, token, self.load_and_fill_or_fail(key)))
         except Exception:
             return current
-        finally:
+
+    def load_and_fill_or_fail(self, key: Any) -> Steps[Any]:
+        """Reserve, load, fill, with any error raised (an early refresh gives up on it)."""
+        ticket = yield from self.reserve(key)
+        value, delta = yield from self.load(key)
+        yield from self.fill(ticket, value, delta)
+        return value
+
+    def holding(self, key: Any, token: str, steps: Steps[Any]) -> Steps[Any]:
+        """``steps`` under the lock of ``key``, released after them whatever they did. Unless
+        the driver abandoned the algorithm (``GeneratorExit``): then no step can be taken,
+        and the lock expires by itself after ``lock_ttl``."""
+        try:
+            result = yield from steps
+        except GeneratorExit:
+            raise
+        except BaseException:
             yield from self.quietly(Unlock(key, token))
+            raise
+        yield from self.quietly(Unlock(key, token))
+        return result
 
     def without_redis(self, key: Any, exc: BaseException | None = None) -> Steps[Any]:
         """Fail open: the loader's value, shared by this process's concurrent callers."""
@@ -456,9 +466,8 @@ class CacheAsideCore:
             yield step
 
 
-def _text(raw: bytes | str | None) -> str:
-    if raw is None:
-        return ""
+def _text(raw: bytes | str) -> str:
+    """A reply as text, whether the client decodes responses or not."""
     return raw.decode() if isinstance(raw, bytes) else raw
 
 

@@ -7,6 +7,7 @@ takes its per-key mutex through them, so the package has one lock with one set o
 
 from __future__ import annotations
 
+import abc
 import secrets
 import time
 from typing import Any
@@ -112,7 +113,7 @@ class LockCore:
         )
 
 
-class LockShell:
+class LockShell(abc.ABC):
     """What both lock shells keep besides the connection: the settings and the token of the
     caller's current acquisition (per thread, or per asyncio task: ``holder`` names which),
     so callers sharing one lock object never release each other's acquisition."""
@@ -125,12 +126,13 @@ class LockShell:
         self.name, self.ttl, self.wait = self.core.name, self.core.ttl, self.core.wait
 
     @property
+    @abc.abstractmethod
     def token(self) -> str | None:
         """The token of this caller's current acquisition, if any."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _remember(self, token: str | None) -> None:
-        raise NotImplementedError
+        """Keep ``token`` as this caller's current acquisition (``None``: forget it)."""
 
     def _kept(self, token: str | None) -> str | None:
         if token is not None:
