@@ -72,7 +72,18 @@ from __future__ import annotations
 from typing import Any
 
 from .core.cache_aside import STAMPEDE_MODES, CacheAsideShell, LoaderError, Ticket
-from .core.steps import Load, Shared, Steps, TryLock, Unlock, perform_redis, run
+from .core.steps import (
+    Command,
+    Eval,
+    Load,
+    Pause,
+    Shared,
+    Steps,
+    TryLock,
+    Unlock,
+    perform_redis,
+    run,
+)
 from .redis_lock import RedisLock
 from .single_flight import SingleFlight
 
@@ -109,8 +120,10 @@ class CacheAside(CacheAsideShell):
     def _run(self, steps: Steps[Any]) -> Any:
         return run(steps, self._perform)
 
-    def _perform(self, step: Any) -> Any:
+    def _perform(self, step: Step) -> Any:
         match step:
+            case Command() | Eval() | Pause():
+                return perform_redis(self.redis, step)
             case Load():
                 return self.loader(step.key)
             case Shared():
@@ -119,4 +132,3 @@ class CacheAside(CacheAsideShell):
                 return self.mutex(step.key).try_acquire()
             case Unlock():
                 return self.mutex(step.key).release(step.token)
-        return perform_redis(self.redis, step)

@@ -11,7 +11,18 @@ import inspect
 from typing import Any
 
 from ..core.cache_aside import CacheAsideShell, Ticket
-from ..core.steps import Load, Shared, Steps, TryLock, Unlock, aperform_redis, arun
+from ..core.steps import (
+    Command,
+    Eval,
+    Load,
+    Pause,
+    Shared,
+    Steps,
+    TryLock,
+    Unlock,
+    aperform_redis,
+    arun,
+)
 from ..single_flight import AsyncSingleFlight
 from .redis_lock import AsyncRedisLock
 
@@ -47,8 +58,10 @@ class AsyncCacheAside(CacheAsideShell):
     async def _run(self, steps: Steps[Any]) -> Any:
         return await arun(steps, self._perform)
 
-    async def _perform(self, step: Any) -> Any:
+    async def _perform(self, step: Step) -> Any:
         match step:
+            case Command() | Eval() | Pause():
+                return await aperform_redis(self.redis, step)
             case Load():
                 value = self.loader(step.key)
                 return await value if inspect.isawaitable(value) else value
@@ -58,4 +71,3 @@ class AsyncCacheAside(CacheAsideShell):
                 return await self.mutex(step.key).try_acquire()
             case Unlock():
                 return await self.mutex(step.key).release(step.token)
-        return await aperform_redis(self.redis, step)

@@ -39,7 +39,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Command:
     """Call the redis-py client's method ``name`` (``get``, ``mget``, ``set``); its reply."""
 
@@ -48,7 +48,7 @@ class Command:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Eval:
     """Run a Lua script (``EVALSHA``, see :mod:`course_lib.lua`); its reply."""
 
@@ -57,21 +57,21 @@ class Eval:
     args: Sequence[Any] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pause:
     """Wait ``seconds`` (between two polls)."""
 
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Load:
     """Call the cache's loader for ``key`` (the database); its value."""
 
     key: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Shared:
     """Run the core ``steps()`` once for every concurrent caller of this process asking for
     ``key`` (single-flight); the result, or a ``FlightTimeout`` for a waiter that gave up."""
@@ -80,14 +80,14 @@ class Shared:
     steps: Callable[[], Steps[Any]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TryLock:
     """One attempt at the Redis lock of ``key``'s load: the acquisition's token, or ``None``."""
 
     key: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unlock:
     """Release the lock of ``key`` taken with ``token`` (``LockNotOwned`` if it expired)."""
 
@@ -100,44 +100,29 @@ Steps = Generator[Step, Any, T]
 """A core algorithm: yields steps, receives their results, returns a ``T``."""
 
 
-class _Driving:
-    """Where a core algorithm stands: the step it waits on, or the value it returned."""
-
-    def __init__(self, steps: Steps[Any]) -> None:
-        self.steps = steps
-        self.finished = False
-        self.value: Any = None
-        self.step: Step | None = None
-        self._resume(steps.send, None)
-
-    def settle(self, reply: Any, error: BaseException | None) -> None:
-        """Hand the step's reply, or raise its error, at the core's ``yield``."""
-        if error is None:
-            self._resume(self.steps.send, reply)
-        else:
-            self._resume(self.steps.throw, error)
-
-    def _resume(self, how: Callable[[Any], Step], argument: Any) -> None:
-        try:
-            self.step = how(argument)
-        except StopIteration as done:
-            self.finished, self.value = True, done.value
-
-
 def run(steps: Steps[T], perform: Callable[[Any], Any]) -> T:
     """Drive a core algorithm to its result with ``perform(step)`` taking each step."""
-    driving = _Driving(steps)
-    while not driving.finished:
-        driving.settle(*_outcome(perform, driving.step))
-    return driving.value
+    finished, step = _advance(steps)
+    while not finished:
+        finished, step = _advance(steps, *_outcome(perform, step))
+    return step
 
 
 async def arun(steps: Steps[T], perform: Callable[[Any], Awaitable[Any]]) -> T:
     """:func:`run` for an asyncio shell: ``await perform(step)`` takes each step."""
-    driving = _Driving(steps)
-    while not driving.finished:
-        driving.settle(*await _aoutcome(perform, driving.step))
-    return driving.value
+    finished, step = _advance(steps)
+    while not finished:
+        finished, step = _advance(steps, *await _aoutcome(perform, step))
+    return step
+
+
+def _advance(steps: Steps[Any], reply: Any = None, error: BaseException | None = None) -> Any:
+    """Resume the core with the last step's reply, or raise its error at the core's
+    ``yield``: ``(True, the core's result)`` once it returned, else ``(False, next step)``."""
+    try:
+        return False, (steps.send(reply) if error is None else steps.throw(error))
+    except StopIteration as done:
+        return True, done.value
 
 
 def _outcome(perform: Callable[[Any], Any], step: Any) -> tuple[Any, BaseException | None]:
