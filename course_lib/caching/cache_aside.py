@@ -78,6 +78,7 @@ from .core.steps import (
     Load,
     Pause,
     Shared,
+    Step,
     Steps,
     TryLock,
     Unlock,

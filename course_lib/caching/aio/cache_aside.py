@@ -17,6 +17,7 @@ from ..core.steps import (
     Load,
     Pause,
     Shared,
+    Step,
     Steps,
     TryLock,
     Unlock,
