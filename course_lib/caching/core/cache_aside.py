@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "MISSING",
     "STAMPEDE_MODES",
     "CacheAsideCore",
+    "CacheAsideShell",
     "LoaderError",
     "LocalFlight",
     "NoProtection",
@@ -275,7 +277,7 @@ class CacheAsideCore:
         self.stats.incr("misses")
         return (yield from self.mode.miss(self, key))
 
-    def shared_load(self, key: Any, load: Any) -> Steps[Any]:
+    def shared_load(self, key: Any, load: Callable[[], Steps[Any]]) -> Steps[Any]:
         """``load()`` once for every concurrent miss of ``key`` in this process. Keyed by the
         Redis key: 1, 1.0 and True are equal in Python but name different Redis keys."""
         try:
@@ -496,6 +498,8 @@ class CacheAsideShell:
         retry_after: float = 1.0,
         rng: random.Random | None = None,
     ) -> None:
+        # beta and rng are XFetch's: stampede="xfetch" builds XFetch(beta, rng); a mode
+        # object passed as stampede carries its own.
         if not callable(loader):
             raise TypeError(f"loader must be callable, got {type(loader).__name__}")
         self.core = CacheAsideCore(
