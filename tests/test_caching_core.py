@@ -92,7 +92,7 @@ def test_a_miss_under_the_lock_reserves_loads_fills_and_releases() -> None:
     s = Script(c.get(7))
     shared = s.reply(None)
     assert isinstance(shared, Shared) and shared.key == "ns:{7}"
-    miss = Script(shared.steps())
+    miss = Script(shared.algorithm())
     assert miss.step == TryLock(7)
     assert miss.reply("token") == Eval(RESERVE, ["ns:{7}"])
     assert miss.reply([None, "1700000000000000"]) == Load(7)
@@ -167,7 +167,7 @@ def test_redis_down_fails_open_then_skips_redis() -> None:
     s = Script(c.get(7))
     shared = s.fail(redis_lib.ConnectionError("refused"))
     assert isinstance(shared, Shared) and shared.key == ("fail-open", "ns:{7}")
-    assert Script(shared.steps()).step == Load(7)
+    assert Script(shared.algorithm()).step == Load(7)
     s.result("v")
     s = Script(c.get(7))  # within retry_after: Redis is not asked
     assert isinstance(s.step, Shared)

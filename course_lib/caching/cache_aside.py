@@ -71,20 +71,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .core import steps
 from .core.cache_aside import STAMPEDE_MODES, CacheAsideShell, LoaderError, Ticket
-from .core.steps import (
-    Command,
-    Eval,
-    Load,
-    Pause,
-    Shared,
-    Step,
-    Steps,
-    TryLock,
-    Unlock,
-    perform_redis,
-    run,
-)
 from .redis_lock import RedisLock
 from .single_flight import SingleFlight
 
@@ -118,18 +106,18 @@ class CacheAside(CacheAsideShell):
         """The Redis lock a miss of ``key`` takes (no waiting: its waiters poll the value)."""
         return RedisLock(self.redis, self.core.lock_key(key), ttl=self.core.lock_ttl, wait=0)
 
-    def _run(self, steps: Steps[Any]) -> Any:
-        return run(steps, self._perform)
+    def _run(self, algorithm: steps.Steps[Any]) -> Any:
+        return steps.run(algorithm, self._perform)
 
-    def _perform(self, step: Step) -> Any:
+    def _perform(self, step: steps.Step) -> Any:
         match step:
-            case Command() | Eval() | Pause():
-                return perform_redis(self.redis, step)
-            case Load():
+            case steps.Command() | steps.Eval() | steps.Pause():
+                return steps.perform_redis(self.redis, step)
+            case steps.Load():
                 return self.loader(step.key)
-            case Shared():
-                return self.flight.do(step.key, lambda: self._run(step.steps()))
-            case TryLock():
+            case steps.Shared():
+                return self.flight.do(step.key, lambda: self._run(step.algorithm()))
+            case steps.TryLock():
                 return self.mutex(step.key).try_acquire()
-            case Unlock():
+            case steps.Unlock():
                 return self.mutex(step.key).release(step.token)

@@ -10,20 +10,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from ..core import steps
 from ..core.cache_aside import CacheAsideShell, Ticket
-from ..core.steps import (
-    Command,
-    Eval,
-    Load,
-    Pause,
-    Shared,
-    Step,
-    Steps,
-    TryLock,
-    Unlock,
-    aperform_redis,
-    arun,
-)
 from ..single_flight import AsyncSingleFlight
 from .redis_lock import AsyncRedisLock
 
@@ -56,19 +44,19 @@ class AsyncCacheAside(CacheAsideShell):
         """The Redis lock a miss of ``key`` takes (no waiting: its waiters poll the value)."""
         return AsyncRedisLock(self.redis, self.core.lock_key(key), ttl=self.core.lock_ttl, wait=0)
 
-    async def _run(self, steps: Steps[Any]) -> Any:
-        return await arun(steps, self._perform)
+    async def _run(self, algorithm: steps.Steps[Any]) -> Any:
+        return await steps.arun(algorithm, self._perform)
 
-    async def _perform(self, step: Step) -> Any:
+    async def _perform(self, step: steps.Step) -> Any:
         match step:
-            case Command() | Eval() | Pause():
-                return await aperform_redis(self.redis, step)
-            case Load():
+            case steps.Command() | steps.Eval() | steps.Pause():
+                return await steps.aperform_redis(self.redis, step)
+            case steps.Load():
                 value = self.loader(step.key)
                 return await value if inspect.isawaitable(value) else value
-            case Shared():
-                return await self.flight.do(step.key, lambda: self._run(step.steps()))
-            case TryLock():
+            case steps.Shared():
+                return await self.flight.do(step.key, lambda: self._run(step.algorithm()))
+            case steps.TryLock():
                 return await self.mutex(step.key).try_acquire()
-            case Unlock():
+            case steps.Unlock():
                 return await self.mutex(step.key).release(step.token)

@@ -73,11 +73,11 @@ class Load:
 
 @dataclass(slots=True)
 class Shared:
-    """Run the core ``steps()`` once for every concurrent caller of this process asking for
+    """Run the core ``algorithm()`` once for every concurrent caller of this process asking for
     ``key`` (single-flight); the result, or a ``FlightTimeout`` for a waiter that gave up."""
 
     key: Hashable
-    steps: Callable[[], Steps[Any]]
+    algorithm: Callable[[], Steps[Any]]
 
 
 @dataclass(slots=True)
