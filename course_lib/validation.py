@@ -16,12 +16,14 @@ import numbers
 __all__ = [
     "cost_within",
     "finite_number",
+    "integer_between",
     "non_negative_int",
     "non_negative_number",
     "optional_positive_number",
     "positive_int",
     "positive_number",
     "redis_ttl",
+    "string",
     "text",
 ]
 
@@ -97,10 +99,24 @@ def redis_ttl(name: str, value: object) -> float:
     return number
 
 
-def text(name: str, value: object) -> str:
-    """``value`` if it is a string with something other than whitespace in it."""
+def integer_between(name: str, value: object, low: int, high: int, what: str = "") -> int:
+    """``value`` if it is an integer in ``[low, high]``; ``what`` says where the bounds
+    come from (e.g. ``" (32-bit column)"``)."""
+    number = _integer(name, value)
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}]{what}, got {number}")
+    return number
+
+
+def string(name: str, value: object) -> str:
+    """``value`` if it is a string (empty or not)."""
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, got {type(value).__name__}")
-    if not value.strip():
+    return value
+
+
+def text(name: str, value: object) -> str:
+    """``value`` if it is a string with something other than whitespace in it."""
+    if not string(name, value).strip():
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     return value

@@ -34,6 +34,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from course_lib.validation import integer_between, positive_int, string
+
 __all__ = [
     "COLUMNS",
     "User",
@@ -90,8 +92,7 @@ def _rows(n: int, seed: int) -> Iterator[dict[str, object]]:
 
 def seed_users(engine: Engine, n: int = 5000, *, seed: int = 42) -> int:
     """Recreate ``users`` in the engine's schema with ``n`` deterministic rows; return ``n``."""
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+    positive_int("n", n)
     metadata = MetaData()
     table = users_table.to_metadata(metadata)
     with engine.begin() as conn:
@@ -121,14 +122,11 @@ def _check_column(column: Column[Any], value: Any) -> None:
         return
     kind = column.type
     if isinstance(kind, Integer):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
         bits = 64 if isinstance(kind, BigInteger) else 16 if isinstance(kind, SmallInteger) else 32
         low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        if not low <= value <= high:
-            raise ValueError(f"{name} must be in [{low}, {high}] ({bits}-bit column), got {value}")
-    elif isinstance(kind, String) and not isinstance(value, str):
-        raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+        integer_between(name, value, low, high, f" ({bits}-bit column)")
+    elif isinstance(kind, String):
+        string(name, value)
 
 
 class UserStore:
@@ -160,8 +158,9 @@ class UserStore:
     @staticmethod
     def validate(value: Any) -> dict[str, Any]:
         """The writable columns of ``value``; ``ValueError`` naming any unknown column or any
-        value the column would refuse (wrong type, ``NULL`` in a ``NOT NULL`` column, an
-        integer outside the column's range, e.g. ``2**40`` for PostgreSQL's ``integer``).
+        value the column would refuse (``NULL`` in a ``NOT NULL`` column, an integer outside
+        the column's range, e.g. ``2**40`` for PostgreSQL's ``integer``), ``TypeError`` for
+        a value of the wrong type (the rules of :mod:`course_lib.validation`).
 
         ``id`` and ``version`` are not writable: the key and the store decide them. Checking
         here, before anything is cached or queued, is what keeps one bad value of a
