@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 __all__ = [
     "cost_within",
     "finite_number",
+    "function",
     "integer_between",
     "non_negative_int",
     "non_negative_number",
@@ -97,6 +100,14 @@ def redis_ttl(name: str, value: object) -> float:
     number = positive_number(name, value)
     _at_least(name, number, 0.001, strict=False, what=">= 0.001 seconds (Redis counts whole ms)")
     return number
+
+
+def function(name: str, value: object) -> Callable[..., Any]:
+    """``value`` if it can be called (a function, a method, a class, an object with
+    ``__call__``)."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+    return value
 
 
 def integer_between(name: str, value: object, low: int, high: int, what: str = "") -> int:

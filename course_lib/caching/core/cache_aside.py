@@ -20,7 +20,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from course_lib import lua
-from course_lib.validation import positive_number, redis_ttl, text
+from course_lib.validation import function, positive_number, redis_ttl, text
 
 from .._base import RedisHealth, Stats, check_namespace, describe
 from ..serialization import dumps, loads
@@ -500,8 +500,7 @@ class CacheAsideShell:
     ) -> None:
         # beta and rng are XFetch's: stampede="xfetch" builds XFetch(beta, rng); a mode
         # object passed as stampede carries its own.
-        if not callable(loader):
-            raise TypeError(f"loader must be callable, got {type(loader).__name__}")
+        self.loader = function("loader", loader)
         self.core = CacheAsideCore(
             ttl=ttl,
             namespace=namespace,
@@ -515,7 +514,6 @@ class CacheAsideShell:
             rng=rng,
         )
         self.redis = redis
-        self.loader = loader
         self.flight = self.flight_type(timeout=self.core.flight_timeout)
 
     @property
