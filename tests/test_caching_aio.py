@@ -248,6 +248,8 @@ def test_redis_down_fails_open_flagged_and_skips_redis(caplog: pytest.LogCapture
 def test_the_shells_settings_and_a_busy_lock_in_async_with(ns: str) -> None:
     async def scenario(client: aredis.Redis) -> tuple[AsyncCacheAside, Any]:
         cache = AsyncCacheAside(client, Loader(), ttl=30, namespace=ns, stampede="xfetch")
+        with pytest.raises(TypeError, match="loader must be callable"):
+            AsyncCacheAside(client, "not a loader", ttl=30, namespace=ns)
         busy = AsyncRedisLock(client, cache.mutex("k").name, ttl=5, wait=0)
         await client.set(busy.name, "someone")
         with pytest.raises(LockNotAcquired, match="still held"):
