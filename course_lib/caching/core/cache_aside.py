@@ -106,6 +106,7 @@ class Stampede:
         return loads(raw), False
 
     def miss(self, cache: CacheAsideCore, key: Any) -> Steps[Any]:
+        """What a miss of ``key`` does: here, load and fill, whoever else is loading it."""
         return cache.load_and_fill(key)
 
     def __repr__(self) -> str:

@@ -6,8 +6,8 @@ or has its exception raised at the ``yield``. It never does I/O itself, so it re
 algorithm, one ``yield`` per round trip, and is tested by sending it replies by hand. A sync
 shell drives it with :func:`run`, an asyncio shell with :func:`arun` (as psycopg 3 drives
 one protocol generator with ``wait`` and ``wait_async``); a shell only says how to take each
-step. Every exception of a step, ``BaseException`` included, goes back into the core, so its
-``try``/``finally`` blocks run (a lock is released even when the caller is cancelled).
+step. Every exception of a step, ``BaseException`` included, goes back into the core, so it
+can still clean up (release a lock) when the caller is cancelled.
 """
 
 from __future__ import annotations
