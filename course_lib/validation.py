@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
     "cost_within",
     "finite_number",
+    "function",
     "instance_of",
     "int_in_range",
     "integer",
-    "non_empty_string",
     "non_negative_int",
     "non_negative_number",
     "number_at_least",
@@ -28,6 +29,9 @@ __all__ = [
     "optional_positive_number",
     "positive_int",
     "positive_number",
+    "redis_ttl",
+    "string",
+    "text",
     "whole_milliseconds",
 ]
 
@@ -79,13 +83,16 @@ def optional_positive_number(name: str, value: object) -> float | None:
     return None if value is None else positive_number(name, value)
 
 
-def int_in_range(name: str, value: object, low: int, high: int | None = None) -> int:
-    """``value`` if it is an integer >= ``low`` and, unless ``high`` is ``None``, <= ``high``."""
+def int_in_range(
+    name: str, value: object, low: int, high: int | None = None, *, why: str = ""
+) -> int:
+    """``value`` if it is an integer >= ``low`` and, unless ``high`` is ``None``, <= ``high``;
+    ``why`` says where the bounds come from (e.g. ``" (32-bit column)"``)."""
     number = integer(name, value)
     if high is None:
-        _at_least(name, number, low, strict=False, what=f">= {low}")
+        _at_least(name, number, low, strict=False, what=f">= {low}{why}")
     elif not low <= number <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {number}")
+        raise ValueError(f"{name} must be in [{low}, {high}]{why}, got {number}")
     return number
 
 
@@ -117,20 +124,24 @@ def cost_within(cost: object, ceiling: int, what: str) -> int:
     return number
 
 
+def redis_ttl(name: str, value: object) -> float:
+    """``value`` (seconds) as a float if it is a finite number of at least 1 ms: Redis counts
+    a ``PX`` expiry in whole milliseconds, so anything shorter would round down to none."""
+    number = positive_number(name, value)
+    _at_least(name, number, 0.001, strict=False, what=">= 0.001 seconds (Redis counts whole ms)")
+    return number
+
+
 def whole_milliseconds(name: str, value: object) -> int:
-    """``value`` (seconds) in whole milliseconds, as Redis takes a TTL (``PX``): a finite
-    number of seconds >= 0.001, so never rounded down to 0 ms."""
-    seconds = positive_number(name, value)
-    _at_least(name, seconds, 0.001, strict=False, what="a number of seconds >= 0.001")
-    return int(seconds * 1000)
+    """:func:`redis_ttl`'s ``value`` in whole milliseconds, as ``PX`` takes it (never 0)."""
+    return int(redis_ttl(name, value) * 1000)
 
 
-def non_empty_string(name: str, value: object) -> str:
-    """``value`` if it is a string with something besides whitespace."""
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+def function(name: str, value: object) -> Callable[..., Any]:
+    """``value`` if it can be called (a function, a method, a class, an object with
+    ``__call__``)."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
     return value
 
 
@@ -139,4 +150,18 @@ def instance_of(name: str, value: Any, kind: type, what: str) -> Any:
     protocol, which checks the methods are there); ``what`` says what is expected."""
     if not isinstance(value, kind):
         raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return value
+
+
+def string(name: str, value: object) -> str:
+    """``value`` if it is a string (empty or not)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def text(name: str, value: object) -> str:
+    """``value`` if it is a string with something other than whitespace in it."""
+    if not string(name, value).strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     return value

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from types import MappingProxyType
 
 import pytest
 import redis.asyncio as aredis
@@ -21,6 +22,7 @@ from course_lib.caching import (
     AsyncRedisLock,
     AsyncSingleFlight,
     CacheAside,
+    LockNotAcquired,
     LockNotOwned,
     RedisLock,
     SingleFlight,
@@ -29,6 +31,7 @@ from course_lib.caching import (
     to_jsonable,
 )
 from course_lib.caching.lesson import as_written
+from course_lib.caching.lesson.users import User
 from course_lib.caching.xfetch import should_refresh
 from course_lib.measure import run_threads
 
@@ -318,3 +321,26 @@ def test_serialisation_is_json_only():
         dumps({1, 2})
     with pytest.raises(ValueError):
         loads(b"\x80\x04K\x01.")  # a pickle is rejected, never executed
+
+
+def test_with_a_busy_lock_raises_lock_not_acquired(redis, ns):
+    redis.set(f"{ns}:busy", "someone")
+    busy = RedisLock(redis, f"{ns}:busy", ttl=5, wait=0)
+    with pytest.raises(LockNotAcquired, match="still held"), busy:
+        pass
+    assert busy.token is None and redis.get(f"{ns}:busy") == b"someone"
+
+
+def test_orm_objects_and_mappings_are_cached_as_their_columns():
+    user = User(id=1, name="Ana", email="ana@example.com", plan="pro", score=3, version=0)
+    assert to_jsonable([user, MappingProxyType({"a": 1})]) == [
+        {
+            "id": 1,
+            "name": "Ana",
+            "email": "ana@example.com",
+            "plan": "pro",
+            "score": 3,
+            "version": 0,
+        },
+        {"a": 1},
+    ]

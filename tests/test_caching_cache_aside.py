@@ -193,7 +193,7 @@ def test_loader_error_reaches_every_thread_and_next_call_retries(redis, ns):
     cache = CacheAside(redis, loader, ttl=60, namespace=ns)
     # A failed load is not cached: it must fail while the 29 others wait on it (a polled
     # state), or a late thread would load again.
-    flight, key = cache._flight, cache._c.value_key("k")
+    flight, key = cache.flight, cache.key("k")
     loader.before = lambda: until(lambda: flight_waiters(flight, key) == 29, "29 waiters")
     start = time.monotonic()
     calls = run_threads(lambda: cache.get("k"), 30, timeout=30)
@@ -230,7 +230,7 @@ def test_loader_error_reaches_every_process_in_bounded_time(redis, ns):
             loading.set()
             client.incr(counter)
             # fail only once the 24 other threads here and the 3 other processes wait
-            until(lambda: flight_waiters(cache._flight, flight_key) == 24, "24 local waiters")
+            until(lambda: flight_waiters(cache.flight, flight_key) == 24, "24 local waiters")
             until(lambda: int(client.get(ready) or 0) == 3, "the 3 other processes wait")
             raise ConnectionError("database unavailable")
 
@@ -238,7 +238,7 @@ def test_loader_error_reaches_every_process_in_bounded_time(redis, ns):
             until(
                 lambda: (
                     loading.is_set()
-                    or (polled.is_set() and flight_waiters(cache._flight, flight_key) == 24)
+                    or (polled.is_set() and flight_waiters(cache.flight, flight_key) == 24)
                 ),
                 "this process waits on the load",
             )
@@ -246,7 +246,7 @@ def test_loader_error_reaches_every_process_in_bounded_time(redis, ns):
                 client.incr(ready)
 
         cache = CacheAside(client, loader, ttl=60, namespace=ns)
-        flight_key = cache._c.value_key("k")
+        flight_key = cache.key("k")
         threading.Thread(target=report_ready, daemon=True).start()
         return run_threads(lambda: cache.get("k"), 25, timeout=60).errors
 

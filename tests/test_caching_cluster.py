@@ -29,14 +29,13 @@ from course_lib.caching import (
     AsyncRedisLock,
     CacheAside,
     RedisLock,
-    UserStore,
     WriteBehind,
     WriteThrough,
-    seed_users,
 )
 from course_lib.caching.aio import AsyncWriteBehindProducer, AsyncWriteThrough
 from course_lib.caching.lesson.cluster import cluster_demo
 from course_lib.caching.lesson.demos import write_behind_crash
+from course_lib.caching.lesson.users import UserStore, seed_users
 from course_lib.caching.write_behind_core import NotReplicated, entry_version
 from course_lib.measure import run_processes, run_threads
 from course_lib.rate_limiting import FixedWindow, aio
@@ -89,7 +88,7 @@ def test_cache_aside_values_on_three_primaries(cluster, stampede):
     assert [cache.get(k) for k in keys] == [{"key": k} for k in keys]
     assert [cache.get(k) for k in keys] == [{"key": k} for k in keys]
     assert loader.calls == 24 and cache.stats["hits"] == 24
-    c = cache._c
+    c = cache.core
     for k in keys:  # every key one script touches is in the value's slot
         slots = {cluster.keyslot(n) for n in (c.value_key(k), c.invalidation_key(k), c.lock_key(k))}
         assert len(slots | {cluster.keyslot(c.error_key(k, "t"))}) == 1

@@ -12,8 +12,9 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
-from course_lib.caching import AsyncCacheAside, CacheAside, UserStore, WriteThrough, seed_users
+from course_lib.caching import AsyncCacheAside, CacheAside, WriteThrough
 from course_lib.caching.aio import AsyncWriteThrough
+from course_lib.caching.lesson.users import UserStore, seed_users
 from course_lib.measure import run_threads
 from course_lib.services import EmbeddedRedis, fail_fast_redis
 

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from course_lib.caching import CacheAside, UserStore, WriteThrough, seed_users
+from course_lib.caching import CacheAside, WriteThrough
 from course_lib.caching.lesson import races
+from course_lib.caching.lesson.users import UserStore, seed_users
 
 
 @pytest.fixture

@@ -21,15 +21,15 @@ def test_a_load_older_than_the_invalidation_memory_is_not_cached(redis, ns) -> N
     # The invalidation record expires; a counter-based generation would then restart and
     # hand the late reader a matching ticket (ABA). A time-based ticket never matches, and a
     # load that outlived the record is refused outright.
-    cache = CacheAside(redis, lambda key: "v1", ttl=60, namespace=ns)
-    cache._c.invalidation_ttl_ms = 300  # shortened so the test does not wait 60 s
+    # remembered 0.3 s so the test does not wait 60 s
+    cache = CacheAside(redis, lambda key: "v1", ttl=60, namespace=ns, invalidation_ttl=0.3)
     ticket = cache.reserve("k")  # the reader starts loading v1
     assert cache.invalidate("k") == 0  # the writer commits v2 and invalidates
     time.sleep(0.4)  # the record is gone
-    assert redis.get(cache._c.invalidation_key("k")) is None
+    assert redis.get(cache.core.invalidation_key("k")) is None
     cache.invalidate("k")  # a later invalidation must not revive the old ticket either
     assert cache.fill(ticket, "v1") is False
-    redis.delete(cache._c.invalidation_key("k"))
+    redis.delete(cache.core.invalidation_key("k"))
     time.sleep(0.35)
     assert cache.fill(ticket, "v1") is False  # no record, but the load is older than memory
     assert redis.get(cache.key("k")) is None

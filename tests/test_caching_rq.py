@@ -18,9 +18,9 @@ from rq.registry import StartedJobRegistry
 from sqlalchemy import Engine
 
 import course_lib.services as services
-from course_lib.caching import UserStore, seed_users
 from course_lib.caching.lesson import as_written
 from course_lib.caching.lesson import rq_write_behind as rwb
+from course_lib.caching.lesson.users import UserStore, seed_users
 
 
 @pytest.fixture

@@ -16,16 +16,15 @@ from redis import Redis
 from sqlalchemy import create_engine
 
 from course_lib.caching import (
-    UserStore,
     WorkerProcess,
     WriteBehind,
     WriteBehindConsumer,
     WriteBehindMonitor,
     WriteBehindProducer,
     WriteThrough,
-    seed_users,
 )
 from course_lib.caching.lesson.demos import count_lost, write_behind_crash
+from course_lib.caching.lesson.users import UserStore, seed_users
 from course_lib.caching.write_behind_core import NotReplicated, database_unavailable, entry_version
 from course_lib.measure import run_threads
 from course_lib.services import EmbeddedPostgres, EmbeddedRedis
@@ -387,13 +386,13 @@ def test_write_behind_refuses_a_value_the_column_cannot_hold_and_keeps_other_wri
     seed_users(pg_engine, 3, seed=1)
     store = UserStore(pg_engine)
     wb = WriteBehind(redis, store, stream=f"{ns}:wb", group="db")
-    for bad, message in (
-        ({"score": 2**40}, "score must be in"),
-        ({"score": "7"}, "score must be an integer"),
-        ({"name": None}, "name must not be None"),
-        ({"plan": 3}, "plan must be a string"),
+    for bad, error, message in (
+        ({"score": 2**40}, ValueError, "score must be in"),
+        ({"score": "7"}, TypeError, "score must be an integer"),
+        ({"name": None}, ValueError, "name must not be None"),
+        ({"plan": 3}, TypeError, "plan must be a string"),
     ):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(error, match=message):
             wb.write(2, bad)
     wb.write(2, {"name": "Valid"})
     result = wb.process("c1")

@@ -13,8 +13,9 @@ import pytest
 import redis.asyncio as aredis
 
 from course_lib import services
-from course_lib.caching import UserStore, WriteBehindConsumer, WriteBehindMonitor, seed_users
+from course_lib.caching import WriteBehindConsumer, WriteBehindMonitor
 from course_lib.caching.aio import AsyncWriteBehindProducer, AsyncWriteThrough
+from course_lib.caching.lesson.users import UserStore, seed_users
 from course_lib.caching.write_behind_core import NotReplicated, entry_version
 
 TASKS = 40  # concurrent tasks

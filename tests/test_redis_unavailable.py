@@ -357,7 +357,7 @@ def test_a_cache_on_a_full_pool_serves_that_call_and_declares_no_outage(
     with _held(client):
         assert cache.get("a") == "va"  # from the loader: Redis could not be asked
     assert cache.stats["redis_errors"] == 1
-    assert cache._c.health.down_until == 0.0  # no outage: Redis is used again at once
+    assert cache.core.health.down_until == 0.0  # no outage: Redis is used again at once
     assert cache.get("a") == "va" and cache.get("a") == "va"
     assert loads == ["a", "a"] and cache.stats["hits"] == 1
     client.close()

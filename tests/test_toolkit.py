@@ -197,13 +197,13 @@ def test_validation_ranges_and_choices() -> None:
 def test_validation_of_ttls_names_and_protocols() -> None:
     assert validation.whole_milliseconds("ttl", 0.001) == 1
     assert validation.whole_milliseconds("ttl", 3600) == 3_600_000
-    assert validation.non_empty_string("group", "db") == "db"
+    assert validation.text("group", "db") == "db"
     assert validation.instance_of("n", 1, int, "an int") == 1
     cases = [
         (validation.whole_milliseconds, ("ttl", 0.0005), ValueError),  # 0 ms for Redis
         (validation.whole_milliseconds, ("ttl", "60"), TypeError),
-        (validation.non_empty_string, ("group", " "), ValueError),
-        (validation.non_empty_string, ("group", 7), TypeError),
+        (validation.text, ("group", " "), ValueError),
+        (validation.text, ("group", 7), TypeError),
         (validation.instance_of, ("store", object(), int, "an int"), TypeError),
     ]
     for check, args, error in cases:
@@ -275,7 +275,8 @@ with serve_processes("course_lib.http:echo_app", [{"name": "orphan"}]) as server
     time.sleep(60)
 """,
     "write-behind worker": """
-from course_lib.caching import UserStore, WriteBehind
+from course_lib.caching import WriteBehind
+from course_lib.caching.lesson.users import UserStore
 wb = WriteBehind(services.redis_client(), UserStore(services.engine()), stream=KEY, group="g")
 print(wb.start_worker("orphan").pid, flush=True)
 time.sleep(60)

@@ -1,4 +1,4 @@
-"""Caching patterns on Redis and PostgreSQL, as the caching notebook (01) teaches them.
+"""Caching patterns on Redis, as the caching notebook (01) teaches them.
 
 - :class:`CacheAside` / :class:`AsyncCacheAside`: lazy loading with negative caching,
   stampede protection (single-flight, Redis lock, XFetch) and race-free invalidation.
@@ -8,20 +8,24 @@
   :class:`WriteBehindConsumer`, :class:`WriteBehindMonitor`, :class:`WorkerProcess`).
 - :mod:`.aio`: the asyncio shells of the same patterns.
 - :class:`SingleFlight`, :class:`RedisLock`: the building blocks, usable on their own.
-- :class:`UserStore` and :func:`seed_users`: the ``users`` table the notebook works on.
+- :class:`Store`: what the write caches need from the database.
 
 Everything read from Redis is JSON; nothing is ever unpickled.
 
-:mod:`.lesson` holds what stages notebook 01 (the module's code as written, demos, staged
-races); it is not meant to be copied into a service.
+Shape: each Redis pattern is a sans-I/O core (:mod:`.core`: key names, payloads, the decision
+taken from each reply, as generators of steps) driven by a thin sync shell (this package) and
+a thin asyncio shell (:mod:`.aio`). :mod:`.lesson` holds what stages notebook 01 (the
+module's code as written, demos, staged races, the ``users`` table and its
+:class:`~.lesson.users.UserStore`); it is not meant to be copied into a service.
 """
 
-from .cache_aside import STAMPEDE_MODES, AsyncCacheAside, CacheAside, LoaderError, Ticket
-from .redis_lock import AsyncRedisLock, LockNotAcquired, LockNotOwned, RedisLock
+from .aio import AsyncCacheAside, AsyncRedisLock, AsyncWriteBehindProducer, AsyncWriteThrough
+from .cache_aside import STAMPEDE_MODES, CacheAside, LoaderError, Ticket
+from .core.cache_aside import LocalFlight, NoProtection, RedisMutex, Stampede, XFetch
+from .redis_lock import LockNotAcquired, LockNotOwned, RedisLock
 from .serialization import dumps, loads, to_jsonable
 from .single_flight import AsyncSingleFlight, SingleFlight
-from .store import Store, UserStore
-from .users import User, seed_users
+from .store import Store
 from .write_behind import (
     BatchResult,
     NotReplicated,
@@ -38,26 +42,30 @@ __all__ = [
     "AsyncCacheAside",
     "AsyncRedisLock",
     "AsyncSingleFlight",
+    "AsyncWriteBehindProducer",
+    "AsyncWriteThrough",
     "BatchResult",
     "CacheAside",
     "LoaderError",
+    "LocalFlight",
     "LockNotAcquired",
     "LockNotOwned",
+    "NoProtection",
     "NotReplicated",
     "RedisLock",
+    "RedisMutex",
     "SingleFlight",
+    "Stampede",
     "Store",
     "Ticket",
-    "User",
-    "UserStore",
     "WorkerProcess",
     "WriteBehind",
     "WriteBehindConsumer",
     "WriteBehindMonitor",
     "WriteBehindProducer",
     "WriteThrough",
+    "XFetch",
     "dumps",
     "loads",
-    "seed_users",
     "to_jsonable",
 ]

@@ -20,18 +20,14 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.exc import NoInspectionAvailable
-
 __all__ = ["dumps", "loads", "to_jsonable"]
 
 
 def _orm_columns(obj: Any) -> dict[str, Any] | None:
-    try:
-        state = sa_inspect(obj)
-    except NoInspectionAvailable:
-        return None
-    mapper = getattr(state, "mapper", None)
+    """The mapped columns of a SQLAlchemy ORM object (its class's ``__mapper__``), or
+    ``None``. Found by duck typing, so the cache does not depend on SQLAlchemy: only a
+    program that uses it can hand one over."""
+    mapper = getattr(type(obj), "__mapper__", None)
     if mapper is None:
         return None
     return {attr.key: getattr(obj, attr.key) for attr in mapper.column_attrs}

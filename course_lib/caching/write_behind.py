@@ -83,9 +83,9 @@ from course_lib import lua
 from course_lib.orphans import watch_parent
 from course_lib.validation import (
     instance_of,
-    non_empty_string,
     positive_int,
     positive_number,
+    text,
     whole_milliseconds,
 )
 
@@ -106,9 +106,9 @@ from .write_behind_core import (
     group_exists,
     lag_seconds,
     missing_group,
+    reply_text,
     split_claimed,
     stored_record,
-    text,
     totals,
     write_args,
 )
@@ -156,7 +156,7 @@ class WriteBehindProducer(ProducerCore):
         entry = self._queue(keys, write_args(key, fields))
         if entry is None:  # not cached: start the record from the stored row
             entry = self._queue(keys, write_args(key, fields, self.store.load(key) or {}))
-        return text(entry)
+        return reply_text(entry)
 
     def _queue(self, keys: list[str], args: list[Any]) -> Any:
         """Run the write script; with ``replicas``, ``WAIT`` for them on the same connection."""
@@ -194,7 +194,7 @@ class WriteBehindConsumer:
         self.redis = redis
         self.store: Store = instance_of("store", store, Store, "a Store (load and save)")
         self.keys = StreamKeys(stream, namespace)
-        self.group = non_empty_string("group", group)
+        self.group = text("group", group)
         self.ttl_ms = whole_milliseconds("ttl", ttl)
         self.batch = positive_int("batch", batch)
         self.claim_idle = positive_number("claim_idle", claim_idle)
@@ -308,7 +308,7 @@ class WriteBehindConsumer:
             batch.dead_lettered(entry_id)
             log.error(
                 "write-behind entry %s of %r dead-lettered to %r after %d deliveries: %s",
-                text(entry_id),
+                reply_text(entry_id),
                 batch.dead[entry_id],
                 self.keys.dead_letter,
                 deliveries[entry_id],
@@ -402,7 +402,7 @@ class WorkerProcess:
 
     def __init__(self, consumer: WriteBehindConsumer, name: str, *, block: float = 0.1) -> None:
         self.consumer = consumer
-        self.name = non_empty_string("name", name)
+        self.name = text("name", name)
         self.block = positive_number("block", block)
         self._child: multiprocessing.process.BaseProcess | None = None
 

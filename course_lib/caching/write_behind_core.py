@@ -23,7 +23,7 @@ import redis.cluster
 from redis.exceptions import ResponseError
 
 from course_lib import lua
-from course_lib.validation import instance_of, non_empty_string, non_negative_int, positive_number
+from course_lib.validation import instance_of, non_negative_int, positive_number, text
 
 from ._base import check_namespace, describe
 from .serialization import dumps, loads
@@ -46,9 +46,9 @@ __all__ = [
     "group_exists",
     "lag_seconds",
     "missing_group",
+    "reply_text",
     "split_claimed",
     "stored_record",
-    "text",
     "totals",
     "write_args",
 ]
@@ -59,7 +59,7 @@ STAT_NAMES = ("entries", "reclaimed", "db_writes", "skipped", "failed", "dead_le
 _CLUSTERS = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
 
 
-def text(raw: bytes | str) -> str:
+def reply_text(raw: bytes | str) -> str:
     """A Redis reply as text, whether the client decodes responses or not."""
     return raw.decode() if isinstance(raw, bytes) else raw
 
@@ -70,7 +70,7 @@ def entry_version(entry_id: bytes | str) -> int:
     It exceeds 2^53: compare it as an integer (Python, PostgreSQL ``bigint``), never as a
     double (Lua numbers, JavaScript).
     """
-    ms, seq = text(entry_id).split("-")
+    ms, seq = reply_text(entry_id).split("-")
     return (int(ms) << 20) + int(seq)
 
 
@@ -87,7 +87,7 @@ def check_replicas(entry: Any, acked: Any, wanted: int) -> Any:
     """The entry id of a write sent with ``WAIT wanted``; :class:`NotReplicated` if fewer
     replicas confirmed it (an entry of ``None`` wrote nothing, so there is nothing to lose)."""
     if entry is not None and int(acked) < wanted:
-        raise NotReplicated(text(entry), int(acked), wanted)
+        raise NotReplicated(reply_text(entry), int(acked), wanted)
     return entry
 
 
@@ -114,11 +114,11 @@ class StreamKeys:
     __slots__ = ("dead_letter", "namespace", "stats", "stream")
 
     def __init__(self, stream: str, namespace: str | None = None) -> None:
-        self.stream = check_namespace("stream", non_empty_string("stream", stream))
+        self.stream = check_namespace("stream", text("stream", stream))
         if namespace is None:
             self.namespace = stream
         else:
-            self.namespace = check_namespace("namespace", non_empty_string("namespace", namespace))
+            self.namespace = check_namespace("namespace", text("namespace", namespace))
         self.dead_letter = f"{{{stream}}}:dead"
         self.stats = f"{{{stream}}}#stats"
 
@@ -149,7 +149,7 @@ class ProducerCore:
         self.redis = redis  # a sync or asyncio client, as the shell needs
         self.store: Store = instance_of("store", store, Store, "a Store (load and save)")
         self.keys = StreamKeys(stream, namespace)
-        self.group = non_empty_string("group", group)
+        self.group = text("group", group)
         self.replicas = non_negative_int("replicas", replicas)
         self.replica_timeout = positive_number("replica_timeout", replica_timeout)
         self.script = lua.load(__package__, "write_behind")
@@ -208,7 +208,7 @@ def write_args(
 
 def decode_record(raw: Mapping[Any, Any]) -> dict[str, Any]:
     """A cached record (``HGETALL`` reply) as a row, without its ``__entry`` field."""
-    return {text(k): loads(v) for k, v in raw.items() if text(k) != ENTRY_FIELD}
+    return {reply_text(k): loads(v) for k, v in raw.items() if reply_text(k) != ENTRY_FIELD}
 
 
 def stored_record(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -234,11 +234,11 @@ class Entry:
     def parse(cls, entry_id: bytes, fields: Mapping[bytes, bytes]) -> Entry:
         """Raises ``KeyError`` or ``ValueError`` for an entry not in the format above."""
         record = {
-            text(k[len(COLUMN_PREFIX) :]): loads(v)
+            reply_text(k[len(COLUMN_PREFIX) :]): loads(v)
             for k, v in fields.items()
             if k.startswith(COLUMN_PREFIX)
         }
-        return cls(entry_id, entry_version(entry_id), text(fields[b"key"]), record)
+        return cls(entry_id, entry_version(entry_id), reply_text(fields[b"key"]), record)
 
     def row(self) -> dict[str, Any]:
         """What the store saves: the record with its ``version``."""
@@ -356,7 +356,7 @@ class Batch:
 
     def dead_lettered(self, entry_id: bytes) -> None:
         """``entry_id`` was moved to the dead-letter stream."""
-        self.dead[entry_id] = text(dict(self.entries)[entry_id].get(b"key", b""))
+        self.dead[entry_id] = reply_text(dict(self.entries)[entry_id].get(b"key", b""))
 
     def acknowledged(self) -> list[bytes]:
         """Ids done with: saved, skipped, or dead-lettered (a refused one stays pending)."""
@@ -397,12 +397,12 @@ def lag_seconds(oldest: Sequence[Any], now: float | None = None) -> float:
     """Age in seconds of the oldest entry (an ``XRANGE ... COUNT 1`` reply); 0 if none."""
     if not oldest:
         return 0.0
-    ms = int(text(oldest[0][0]).split("-")[0])
+    ms = int(reply_text(oldest[0][0]).split("-")[0])
     return max(0.0, (time.time() if now is None else now) - ms / 1000)
 
 
 def totals(raw: Mapping[Any, Any]) -> dict[str, int]:
     """The counters hash (``HGETALL``) as totals, every name present."""
     counts = dict.fromkeys(STAT_NAMES, 0)
-    counts.update({text(k): int(v) for k, v in raw.items()})
+    counts.update({reply_text(k): int(v) for k, v in raw.items()})
     return counts

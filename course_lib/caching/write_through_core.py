@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from course_lib import lua
-from course_lib.validation import instance_of, non_empty_string, whole_milliseconds
+from course_lib.validation import instance_of, text, whole_milliseconds
 
 from ._base import check_namespace
 from .serialization import dumps
@@ -33,7 +33,7 @@ class WriteThroughCore:
     def __init__(self, redis: Any, store: Store, *, ttl: float, namespace: str) -> None:
         self.redis = redis  # a sync or asyncio client, as the shell needs
         self.ttl_ms = whole_milliseconds("ttl", ttl)
-        self.namespace = check_namespace("namespace", non_empty_string("namespace", namespace))
+        self.namespace = check_namespace("namespace", text("namespace", namespace))
         self.store: Store = instance_of("store", store, Store, "a Store (load and save)")
         self.script = lua.load(__package__, "set_if_newer")
         self._lock = threading.Lock()

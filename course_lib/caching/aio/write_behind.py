@@ -23,8 +23,8 @@ from ..write_behind_core import (
     check_replicas,
     decode_record,
     group_exists,
+    reply_text,
     stored_record,
-    text,
     write_args,
 )
 
@@ -45,7 +45,7 @@ class AsyncWriteBehindProducer(ProducerCore):
         if entry is None:  # not cached: start the record from the stored row
             stored = await asyncio.to_thread(self.store.load, key)
             entry = await self._queue(keys, write_args(key, fields, stored or {}))
-        return text(entry)
+        return reply_text(entry)
 
     async def _declare(self) -> None:
         """Create the stream and its group if missing (from the stream's first entry)."""

@@ -44,7 +44,7 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 
 import course_lib.services as services
 
-from ..users import User
+from .users import User
 
 __all__ = [
     "SCHEMA_ENV",

@@ -25,11 +25,11 @@ from sqlalchemy import Engine, update
 import course_lib.services as services
 from course_lib.measure import Calls, percentiles, run_async, run_processes, run_tasks, run_threads
 
-from ..cache_aside import AsyncCacheAside, CacheAside
-from ..store import UserStore
-from ..users import users_table
+from ..aio import AsyncCacheAside
+from ..cache_aside import CacheAside
 from ..write_behind import WorkerProcess, WriteBehind
 from . import as_written
+from .users import UserStore, users_table
 
 __all__ = [
     "CrashResult",

@@ -18,9 +18,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from ..cache_aside import CacheAside
-from ..store import UserStore
-from ..users import User
 from ..write_through import WriteThrough
+from .users import User, UserStore
 
 __all__ = [
     "RaceOutcome",

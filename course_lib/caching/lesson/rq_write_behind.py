@@ -47,8 +47,8 @@ import course_lib.services as services
 from course_lib.orphans import watch_parent
 from course_lib.validation import positive_number
 
-from ..users import users_table
 from . import as_written
+from .users import users_table
 
 __all__ = [
     "ORPHAN_GRACE",
