@@ -33,10 +33,10 @@ from course_lib.caching import (
     WriteThrough,
 )
 from course_lib.caching.aio import AsyncWriteBehindProducer, AsyncWriteThrough
+from course_lib.caching.core.write_behind import NotReplicated, entry_version
 from course_lib.caching.lesson.cluster import cluster_demo
 from course_lib.caching.lesson.demos import write_behind_crash
 from course_lib.caching.lesson.users import UserStore, seed_users
-from course_lib.caching.write_behind_core import NotReplicated, entry_version
 from course_lib.measure import run_processes, run_threads
 from course_lib.rate_limiting import FixedWindow, aio
 from course_lib.services.cluster import LocalCluster

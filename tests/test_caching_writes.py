@@ -23,9 +23,9 @@ from course_lib.caching import (
     WriteBehindProducer,
     WriteThrough,
 )
+from course_lib.caching.core.write_behind import NotReplicated, database_unavailable, entry_version
 from course_lib.caching.lesson.demos import count_lost, write_behind_crash
 from course_lib.caching.lesson.users import UserStore, seed_users
-from course_lib.caching.write_behind_core import NotReplicated, database_unavailable, entry_version
 from course_lib.measure import run_threads
 from course_lib.services import EmbeddedPostgres, EmbeddedRedis
 

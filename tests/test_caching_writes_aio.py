@@ -15,8 +15,8 @@ import redis.asyncio as aredis
 from course_lib import services
 from course_lib.caching import WriteBehindConsumer, WriteBehindMonitor
 from course_lib.caching.aio import AsyncWriteBehindProducer, AsyncWriteThrough
+from course_lib.caching.core.write_behind import NotReplicated, entry_version
 from course_lib.caching.lesson.users import UserStore, seed_users
-from course_lib.caching.write_behind_core import NotReplicated, entry_version
 
 TASKS = 40  # concurrent tasks
 CALLS = 10  # writes per task

@@ -15,7 +15,7 @@ One class per job, as RQ splits its ``Queue`` from its ``Worker``:
   every part.
 
 What they share without I/O (key names, the entry format, a batch's bookkeeping) is in
-:mod:`course_lib.caching.write_behind_core`. No constructor does I/O.
+:mod:`course_lib.caching.core.write_behind`. No constructor does I/O.
 
 Guarantees:
 
@@ -48,7 +48,7 @@ under an ``allkeys-*`` policy).
 
 Redis Cluster: ``redis`` may be a ``redis.cluster.RedisCluster``. All of one stream's keys
 carry the stream's name as hash tag and live in one slot, so on one primary (see
-:class:`~course_lib.caching.write_behind_core.StreamKeys`): to spread write-behind over a
+:class:`~course_lib.caching.core.write_behind.StreamKeys`): to spread write-behind over a
 cluster, run one stream per slot.
 
 Failover: replication is asynchronous. ``write`` returns once the primary ran the script;
@@ -90,8 +90,7 @@ from course_lib.validation import (
 )
 
 from ._base import describe
-from .store import Store
-from .write_behind_core import (
+from .core.write_behind import (
     Batch,
     BatchResult,
     Entry,
@@ -112,6 +111,7 @@ from .write_behind_core import (
     totals,
     write_args,
 )
+from .store import Store
 
 __all__ = [
     "BatchResult",
@@ -273,7 +273,7 @@ class WriteBehindConsumer:
         """Save ``key``'s last entry, which carries the whole record (the others are
         coalesced into it); if the store refuses it, save them one by one to find which it
         refuses and keep the others. What became of each entry tried (see
-        :meth:`~course_lib.caching.write_behind_core.Batch.saved`)."""
+        :meth:`~course_lib.caching.core.write_behind.Batch.saved`)."""
         last = entries[-1]
         outcome = self._save_entry(key, last)
         if isinstance(outcome, str):

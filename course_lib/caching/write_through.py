@@ -19,7 +19,7 @@ cache is at worst missing a row (read again from the store), never going backwar
 row it still holds.
 
 This is the sync shell: the settings, keys and decisions are
-:class:`~course_lib.caching.write_through_core.WriteThroughCore`'s, and
+:class:`~course_lib.caching.core.write_through.WriteThroughCore`'s, and
 :class:`course_lib.caching.aio.AsyncWriteThrough` is the asyncio shell.
 """
 
@@ -30,8 +30,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from .core.write_through import WriteThroughCore
 from .serialization import loads
-from .write_through_core import WriteThroughCore
 
 __all__ = ["WriteThrough"]
 

@@ -2,7 +2,7 @@
 queue writes here; the consumer is a process of its own, see
 :class:`course_lib.caching.write_behind.WorkerProcess`).
 
-The asyncio shell of :class:`~course_lib.caching.write_behind_core.ProducerCore`, with the
+The asyncio shell of :class:`~course_lib.caching.core.write_behind.ProducerCore`, with the
 guarantees of :mod:`course_lib.caching.write_behind`: the same script, keys and entries, so
 sync and asyncio producers can feed one stream. ``redis`` is a ``redis.asyncio.Redis`` or
 ``redis.asyncio.cluster.RedisCluster``. The store is the same sync
@@ -18,7 +18,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from ..write_behind_core import (
+from ..core.write_behind import (
     ProducerCore,
     check_replicas,
     decode_record,

@@ -1,5 +1,5 @@
 """Write-through on an asyncio Redis client: the asyncio shell of
-:class:`~course_lib.caching.write_through_core.WriteThroughCore`, with the guarantees of
+:class:`~course_lib.caching.core.write_through.WriteThroughCore`, with the guarantees of
 :mod:`course_lib.caching.write_through`.
 
 ``redis`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``. The store
@@ -15,8 +15,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from ..core.write_through import WriteThroughCore
 from ..serialization import loads
-from ..write_through_core import WriteThroughCore
 
 __all__ = ["AsyncWriteThrough"]
 

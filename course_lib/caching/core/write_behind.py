@@ -25,9 +25,9 @@ from redis.exceptions import ResponseError
 from course_lib import lua
 from course_lib.validation import instance_of, non_negative_int, positive_number, text
 
-from ._base import check_namespace, describe
-from .serialization import dumps, loads
-from .store import Store
+from .._base import check_namespace, describe
+from ..serialization import dumps, loads
+from ..store import Store
 
 __all__ = [
     "STAT_NAMES",
@@ -152,7 +152,7 @@ class ProducerCore:
         self.group = text("group", group)
         self.replicas = non_negative_int("replicas", replicas)
         self.replica_timeout = positive_number("replica_timeout", replica_timeout)
-        self.script = lua.load(__package__, "write_behind")
+        self.script = lua.load("course_lib.caching", "write_behind")
         self.declared = False  # set once this producer has declared the group
 
     def prepare(self, key: Any, value: Any) -> tuple[list[str], dict[str, Any]]:

@@ -15,9 +15,9 @@ from typing import Any
 from course_lib import lua
 from course_lib.validation import instance_of, text, whole_milliseconds
 
-from ._base import check_namespace
-from .serialization import dumps
-from .store import Store
+from .._base import check_namespace
+from ..serialization import dumps
+from ..store import Store
 
 __all__ = ["STAT_NAMES", "WriteThroughCore"]
 
@@ -35,7 +35,7 @@ class WriteThroughCore:
         self.ttl_ms = whole_milliseconds("ttl", ttl)
         self.namespace = check_namespace("namespace", text("namespace", namespace))
         self.store: Store = instance_of("store", store, Store, "a Store (load and save)")
-        self.script = lua.load(__package__, "set_if_newer")
+        self.script = lua.load("course_lib.caching", "set_if_newer")
         self._lock = threading.Lock()
         self._stats = dict.fromkeys(STAT_NAMES, 0)
 
