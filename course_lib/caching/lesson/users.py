@@ -3,11 +3,14 @@
 
 Lesson code: the cache patterns depend on Redis only (a service brings its own store);
 this is the course's PostgreSQL side of them, with SQLAlchemy Core (bound parameters only).
+``User`` and ``users_table`` are the course's one model of ``users`` (:mod:`course_lib.models`,
+which notebook 04 queries too), not a copy of it.
 
 ``seed_users(engine, n, seed)`` drops and recreates the table in the engine's schema
-(``search_path``) and inserts ``n`` rows generated from ``random.Random(seed)``: the same
-seed always gives the same rows. ``version`` starts at 0 and is what write-through and
-write-behind compare to keep caches and the database from going backwards.
+(``search_path``), with the ``posts`` that reference it if there are any, and inserts ``n``
+rows generated from ``random.Random(seed)``: the same seed always gives the same rows.
+``version`` starts at 0 and is what write-through and write-behind compare to keep caches
+and the database from going backwards.
 """
 
 from __future__ import annotations
@@ -19,21 +22,10 @@ import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Engine,
-    Integer,
-    MetaData,
-    SmallInteger,
-    String,
-    Table,
-    Text,
-    select,
-)
+from sqlalchemy import BigInteger, Column, Engine, Integer, SmallInteger, String, Table, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from course_lib.models import Base, Post, User
 from course_lib.validation import int_in_range, positive_int, string
 
 __all__ = [
@@ -44,34 +36,12 @@ __all__ = [
     "users_table",
 ]
 
-COLUMNS = ("id", "name", "email", "plan", "score", "version")
+users_table: Table = User.__table__  # type: ignore[assignment]
+
+COLUMNS = tuple(users_table.columns.keys())
 PLANS = ("free", "pro", "team", "enterprise")
 _FIRST = ("Ana", "Bruno", "Carla", "Diego", "Elisa", "Fabio", "Gabi", "Hugo", "Iris", "Joao")
 _LAST = ("Silva", "Souza", "Costa", "Lima", "Rocha", "Alves", "Pereira", "Gomes")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class User(Base):
-    """ORM mapping of ``users`` (the seed's ``User``)."""
-
-    __tablename__ = "users"
-
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    name: Mapped[str] = mapped_column(Text, server_default="")
-    email: Mapped[str] = mapped_column(Text, server_default="")
-    plan: Mapped[str] = mapped_column(Text, server_default="free")
-    score: Mapped[int] = mapped_column(Integer, server_default="0")
-    version: Mapped[int] = mapped_column(BigInteger, server_default="0")
-
-    def __repr__(self) -> str:
-        return f"User(id={self.id}, name={self.name!r}, version={self.version})"
-
-
-users_table: Table = User.__table__  # type: ignore[assignment]
-
 
 _WRITABLE = frozenset(COLUMNS) - {"id", "version"}
 
@@ -91,14 +61,14 @@ def _rows(n: int, seed: int) -> Iterator[dict[str, object]]:
 
 
 def seed_users(engine: Engine, n: int = 5000, *, seed: int = 42) -> int:
-    """Recreate ``users`` in the engine's schema with ``n`` deterministic rows; return ``n``."""
+    """Recreate ``users`` in the engine's schema with ``n`` deterministic rows; return ``n``.
+    ``posts`` that reference the old rows are dropped with them."""
     positive_int("n", n)
-    metadata = MetaData()
-    table = users_table.to_metadata(metadata)
     with engine.begin() as conn:
-        table.drop(conn, checkfirst=True)
-        table.create(conn)
-        conn.execute(table.insert(), list(_rows(n, seed)))
+        # posts reference users: the posts of the users being replaced go with them
+        Base.metadata.drop_all(conn, tables=[Post.__table__, users_table])
+        users_table.create(conn)
+        conn.execute(users_table.insert(), list(_rows(n, seed)))
     return n
 
 
@@ -145,9 +115,11 @@ class UserStore:
     @staticmethod
     def _id(key: Any) -> int:
         try:
-            return int(key)
+            user_id = int(key)
         except (TypeError, ValueError):
             raise ValueError(f"key must be a user id, got {key!r}") from None
+        _check_column(users_table.c.id, user_id)  # before the database refuses it
+        return user_id
 
     def load(self, key: Any) -> dict[str, Any] | None:
         """The row as a dict, or ``None`` if there is no such user."""
