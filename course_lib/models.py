@@ -21,6 +21,8 @@ Guarantees:
   of notebook 04's section 3 (:func:`course_lib.db.add_post_user_index` adds it).
   ``User.posts`` loads lazily (``lazy="select"``, SQLAlchemy's default), which is what
   makes the N+1 possible.
+- Deleting a user never reads ``posts``: a user without posts is deleted in one statement
+  (also where no ``posts`` table exists), a user with posts is refused by the foreign key.
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ class User(Base):
     plan: Mapped[str] = mapped_column(Text, server_default="free")
     score: Mapped[int] = mapped_column(Integer, server_default="0")
     version: Mapped[int] = mapped_column(BigInteger, server_default="0")
-    posts: Mapped[list[Post]] = relationship(back_populates="user", order_by="Post.id")
+    # passive_deletes: deleting a user is one DELETE, and the database (its foreign key)
+    # decides about the posts, so a schema that has no posts table (notebook 01's) can
+    # delete users too; without it the ORM would first load the posts to orphan them.
+    posts: Mapped[list[Post]] = relationship(
+        back_populates="user", order_by="Post.id", passive_deletes=True
+    )
 
     def __repr__(self) -> str:
         return f"User(id={self.id}, name={self.name!r})"

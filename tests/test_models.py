@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from sqlalchemy import Engine, inspect, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from course_lib import db, models
@@ -80,3 +81,17 @@ def test_store_refuses_a_key_outside_the_id_column(pg_engine: Engine) -> None:
         store.load(2**40)
     with pytest.raises(ValueError, match="key must be a user id"):
         store.save("ana", {"plan": "pro"})
+
+
+def test_deleting_a_user_never_reads_posts(pg_engine: Engine) -> None:
+    users.seed_users(pg_engine, 3, seed=1)  # no posts table in this schema
+    with Session(pg_engine) as session:
+        session.delete(session.get(db.User, 1))
+        session.commit()
+        db.Base.metadata.create_all(session.connection())
+        session.add(db.Post(user_id=2, title="kept", likes=0))
+        session.commit()
+        session.delete(session.get(db.User, 2))
+        with pytest.raises(IntegrityError, match="posts_user_id_fkey"):
+            session.commit()  # the foreign key refuses to orphan the post
+    assert users.UserStore(pg_engine).load(1) is None
