@@ -183,8 +183,14 @@ class Service:
         self.router = Router(self.primary, self.replica, probe_interval=0.2, probe_timeout=0.3)
         self.redis = fail_fast_async_redis(redis_url, timeout=0.25, max_connections=64)
         _count_redis(self.redis)
+        # single-flight per process: concurrent misses of a feed wait for one load in the
+        # process, without polling Redis for a lock (at most one load per process per key)
         self.cache = AsyncCacheAside(
-            self.redis, self._load_cached, ttl=CACHE_TTL, namespace=f"{namespace}:feed"
+            self.redis,
+            self._load_cached,
+            ttl=CACHE_TTL,
+            namespace=f"{namespace}:feed",
+            stampede="local",
         )
         self.limiter = GCRA(self.redis, CLIENT_RATE, CLIENT_BURST, prefix=f"{namespace}:rl")
         self.missed_invalidations = 0

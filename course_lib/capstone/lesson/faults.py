@@ -3,7 +3,8 @@
 A :class:`Fault` starts ``at`` seconds after ``t0`` (the trace's start, a
 ``time.perf_counter()`` value shared with :func:`.load.play`) by calling ``begin`` and, if it
 has one, ends ``duration`` seconds later by calling ``end`` (a restart). The windows record
-when each action really returned, so the chart shades what happened, not what was planned.
+when each action really returned, so the chart shades what happened, not what was planned;
+a fault the trace carries (no actions) is recorded at its planned times, which the trace keeps.
 Every fault whose ``begin`` ran gets its ``end`` run on exit, also when the block raises.
 """
 
@@ -59,7 +60,8 @@ def inject(faults: Sequence[Fault], t0: float) -> Iterator[list[dict[str, object
                 if fault.begin is not None:
                     fault.begin()
                 pending.append(fault)
-                windows.append({"name": fault.name, "start_s": clock(), "end_s": None})
+                start = clock() if fault.begin is not None else fault.at
+                windows.append({"name": fault.name, "start_s": start, "end_s": None})
             else:
                 _finish(fault)
 
@@ -69,7 +71,8 @@ def inject(faults: Sequence[Fault], t0: float) -> Iterator[list[dict[str, object
             if fault.end is not None:
                 fault.end()
             window = next(w for w in windows if w["name"] == fault.name)
-            window["end_s"] = clock()
+            actions = fault.begin is not None or fault.end is not None
+            window["end_s"] = clock() if actions else fault.at + fault.duration
 
     thread = threading.Thread(target=run, name="fault-injector", daemon=True)
     thread.start()

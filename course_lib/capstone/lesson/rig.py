@@ -27,7 +27,7 @@ from pathlib import Path
 
 from course_lib.db import ReplicaSet, add_post_user_index, populate
 from course_lib.http import ServerProcess, serve_processes
-from course_lib.services import EmbeddedRedis
+from course_lib.services import EmbeddedRedis, fail_fast_redis
 
 from .app import Config
 from .load import NOISY
@@ -67,9 +67,35 @@ class Stack:
         self._kwargs = kwargs
         self._exits = exits
 
+    def warm_up(self, requests: int = 12) -> None:
+        """A few feed reads on every live process with every switch on (not measured): each
+        opens its database and Redis connections and loads its Lua scripts before a step
+        measures it. The switches are left as they were; the cache is emptied again."""
+        for proc in self.procs:
+            if not proc.alive:
+                continue
+            _post(f"{proc.url}/_config", asdict(Config(eager=True, cache=True, replica=True)))
+            for user in range(1, requests + 1):
+                with urllib.request.urlopen(f"{proc.url}/users/{user}/feed", timeout=10) as reply:
+                    reply.read()
+            _post(f"{proc.url}/_config", self._kwargs["config"])
+        client = fail_fast_redis(self.redis.url, timeout=2)
+        try:
+            client.flushdb()  # our own server: nothing else lives in it
+        finally:
+            client.close()
+
     def kill(self, index: int) -> None:
         """``SIGKILL`` app process ``index`` (no clean-up of any kind runs in it)."""
         self.procs[index].kill()
+
+    def revive(self, config: Config) -> list[int]:
+        """Restart every app process that is not running (see :meth:`restart`); return
+        their indexes."""
+        dead = [index for index, proc in enumerate(self.procs) if not proc.alive]
+        for index in dead:
+            self.restart(index, config)
+        return dead
 
     def restart(self, index: int, config: Config) -> None:
         """Start a new process in place of ``index`` (a supervisor's job: systemd, Kubernetes)
@@ -96,15 +122,6 @@ class Stack:
         """A fresh, empty Redis on the same socket (nothing persisted: a cold cache)."""
         self.redis.start()
 
-    def redis_commands(self) -> int:
-        """Commands the server has processed so far (``INFO stats``)."""
-        from course_lib.services import fail_fast_redis
-
-        client = fail_fast_redis(self.redis.url, timeout=2)
-        try:
-            return int(client.info("stats")["total_commands_processed"])
-        finally:
-            client.close()
 
 
 @contextlib.contextmanager
@@ -134,7 +151,9 @@ def stack(
                 procs = exits.enter_context(
                     serve_processes(FACTORY, [kwargs] * processes, startup_timeout=60)
                 )
-                yield Stack(rs, redis, procs, kwargs, exits)
+                running = Stack(rs, redis, procs, kwargs, exits)
+                running.warm_up()
+                yield running
     finally:
         redis.stop()
         shutil.rmtree(root, ignore_errors=True)
