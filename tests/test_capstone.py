@@ -8,6 +8,7 @@ services, so the embedded pass would only repeat it.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -177,7 +178,7 @@ def test_make_trace_is_deterministic_and_spaced() -> None:
     assert len([op for op in one if op.client == NOISY]) == 60
     assert [op.at for op in one] == sorted(op.at for op in one)
     c0 = [op.at for op in one if op.client == "c0"]
-    assert {round(b - a, 6) for a, b in zip(c0, c0[1:])} == {round(8 / 80, 6)}
+    assert {round(b - a, 6) for a, b in itertools.pairwise(c0)} == {round(8 / 80, 6)}
     with pytest.raises(ValueError, match="rate"):
         make_trace(rate=0, seconds=1, users=10)
 

@@ -74,7 +74,10 @@ class Stack:
         for proc in self.procs:
             if not proc.alive:
                 continue
-            _post(f"{proc.url}/_config", asdict(Config(eager=True, cache=True, replica=True)))
+            _post(
+                f"{proc.url}/_config",
+                asdict(Config(eager=True, cache=True, replica=True, limit=True)),
+            )
             for user in range(1, requests + 1):
                 with urllib.request.urlopen(f"{proc.url}/users/{user}/feed", timeout=10) as reply:
                     reply.read()
@@ -121,7 +124,6 @@ class Stack:
     def start_redis(self) -> None:
         """A fresh, empty Redis on the same socket (nothing persisted: a cold cache)."""
         self.redis.start()
-
 
 
 @contextlib.contextmanager
