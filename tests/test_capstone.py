@@ -1,7 +1,7 @@
 """The capstone service (notebook 06): every pattern's effect counted exactly, the faults'
 guarantees, the fault injector, and that the stack leaves nothing running.
 
-One stack (primary + replica, its own Redis, three app processes) serves the module; each
+One stack (primary + replica, its own Redis, two app processes) serves the module; each
 test sets the switches it needs. Marked ``one_pass``: it uses none of the course's shared
 services, so the embedded pass would only repeat it.
 """
@@ -40,7 +40,7 @@ ALL_ON = Config(eager=True, cache=True, replica=True, limit=True)
 
 @pytest.fixture(scope="module")
 def service() -> Iterator[Stack]:
-    with stack(processes=3) as running:
+    with stack(processes=2) as running:
         yield running
 
 
@@ -162,13 +162,13 @@ def test_killed_process_loses_no_read_behind_the_proxy(service: Stack) -> None:
     trace = [Op(k / 100, f"c{k % 8}", "read", 1 + k % 50) for k in range(200)]
     with Proxy(service.urls, LeastConnections(list(service.urls), seed=1)).serve() as url:
         t0 = time.perf_counter() + 0.1
-        with inject([Fault("kill", 0.5, 0.0, begin=lambda: service.kill(2))], t0) as windows:
+        with inject([Fault("kill", 0.5, 0.0, begin=lambda: service.kill(1))], t0) as windows:
             rows = play(url, trace, t0=t0)
-    assert not service.procs[2].alive
+    assert not service.procs[1].alive
     assert rows.status.eq(200).all(), rows.status.value_counts()
     assert windows_frame(windows).name.tolist() == ["kill"]
-    assert service.revive(ALL_ON) == [2]
-    assert service.procs[2].alive and _feed(service.procs[2].url, 3).status_code == 200
+    assert service.revive(ALL_ON) == [1]
+    assert service.procs[1].alive and _feed(service.procs[1].url, 3).status_code == 200
 
 
 def test_make_trace_is_deterministic_and_spaced() -> None:

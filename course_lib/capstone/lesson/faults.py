@@ -2,8 +2,9 @@
 
 A :class:`Fault` starts ``at`` seconds after ``t0`` (the trace's start, a
 ``time.perf_counter()`` value shared with :func:`.load.play`) by calling ``begin`` and, if it
-has one, ends ``duration`` seconds later by calling ``end`` (a restart). The windows record
-when each action really returned, so the chart shades what happened, not what was planned;
+has one, ends ``duration`` seconds later by calling ``end`` (a restart). A window opens when
+its ``begin`` is called and closes when its ``end`` has returned (the service is back), so
+the chart shades what happened, not what was planned;
 a fault the trace carries (no actions) is recorded at its planned times, which the trace keeps.
 Every fault whose ``begin`` ran gets its ``end`` run on exit, also when the block raises.
 """
@@ -57,10 +58,11 @@ def inject(faults: Sequence[Fault], t0: float) -> Iterator[list[dict[str, object
             if not wait_until(at):
                 return
             if what == "begin":
+                # the window opens as the fault is injected (a kill acts before it returns)
+                start = clock() if fault.begin is not None else fault.at
                 if fault.begin is not None:
                     fault.begin()
                 pending.append(fault)
-                start = clock() if fault.begin is not None else fault.at
                 windows.append({"name": fault.name, "start_s": start, "end_s": None})
             else:
                 _finish(fault)

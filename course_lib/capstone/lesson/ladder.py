@@ -22,9 +22,13 @@ from .app import Config
 from .load import NOISY, Op, play
 from .rig import Stack, wait_until_idle
 
-__all__ = ["OK", "Step", "run_step", "summarize", "trace_requests"]
+__all__ = ["CONNECT_TIMEOUT", "OK", "Step", "run_step", "summarize", "trace_requests"]
 
 OK = (200, 201)
+# The proxy shares this process (and its GIL) with the load generator; on saturated cores a
+# connect can wait its turn for a while, which must not count as a dead backend. A killed
+# process refuses connections at once, so a long timeout does not slow noticing it.
+CONNECT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ def run_step(stack: Stack, step: Step, trace: Sequence[Op]) -> pd.DataFrame:
         rows = play(stack.procs[0].url, trace)
     else:
         urls = dict(list(stack.urls.items())[: step.processes])
-        with Proxy(urls, LeastConnections(list(urls), seed=6)).serve() as url:
+        proxy = Proxy(urls, LeastConnections(list(urls), seed=6), connect_timeout=CONNECT_TIMEOUT)
+        with proxy.serve() as url:
             rows = play(url, trace)
     wait_until_idle(stack.procs[0].url)
     return rows.assign(step=step.name)

@@ -125,7 +125,7 @@ def play(
     trace: Sequence[Op],
     *,
     concurrency: int = 48,
-    timeout: float = 5.0,
+    timeout: float = 10.0,
     t0: float | None = None,
 ) -> pd.DataFrame:
     """Play ``trace`` against ``url`` open loop; one row per op (see :data:`COLUMNS`).
