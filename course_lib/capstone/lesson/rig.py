@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import tempfile
 import time
 import urllib.error
@@ -25,6 +27,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+
+import psutil
 
 from course_lib.db import ReplicaSet, add_post_user_index, populate
 from course_lib.http import ServerProcess, serve_processes
@@ -123,10 +127,17 @@ class Stack:
                 _post(f"{proc.url}/_config", asdict(config))
 
     def stop_redis(self) -> None:
-        self.redis.stop()
+        """``SIGKILL`` the Redis server (a crash: it stops at once, nothing is saved) and wait
+        until it is gone."""
+        pid = int(self.redis.pidfile.read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=10)
 
     def start_redis(self) -> None:
-        """A fresh, empty Redis on the same socket (nothing persisted: a cold cache)."""
+        """A fresh, empty Redis on the same socket (nothing persisted: a cold cache); the
+        stale socket and pid file of a killed one are cleared first."""
         self.redis.start()
 
 
