@@ -143,8 +143,8 @@ def check_paid_fallback(
     - Redis down, requests spread over the processes: in all, no more than the quota (plus
       one request per process) and at least half of it: a paying client is served and a
       scraper is still held back;
-    - Redis down: a second client has a quota of its own (at least half its burst at once,
-      right after the first client used up its own).
+    - Redis down: a second client has a quota of its own (at least 3/4 of its burst at
+      once, right after the first client used up its own).
     """
     name = "check_paid_fallback"
     seconds = 0.6
@@ -186,20 +186,22 @@ def check_paid_fallback(
                 f"Redis down: {processes} processes admitted {got} in {seconds} s, under half "
                 f"the quota of about {quota:.0f}: paying clients are refused",
             )
-        # right after bob emptied his quota, carol's burst is hers in full (spread, 20 ms)
-        other = _admitted(dead, "carol", 0.02, spread=True)
-        if other < burst / 2:
+        # right after bob emptied his quota, carol's burst is hers: 2 x burst requests at once
+        other = sum(bool(dead[i % processes].hit("carol")) for i in range(2 * burst))
+        if other < 0.75 * burst:
             return failed(
                 name,
-                f"Redis down: a second client got {other} right after the first used its quota, "
-                f"under half its burst of {burst}: quotas must be per key",
+                f"Redis down: a second client got {other} of {2 * burst} requests sent at once "
+                f"right after the first used its quota, under 3/4 of its burst of {burst}: "
+                "quotas must be per key",
             )
     finally:
         for client in clients:
             client.close()
         own.close()
+    # the admitted counts vary with timing: the message stays the same so outputs compare
     return passed(
         name,
-        f"Redis up: the shared quota; Redis down: {got} of about {quota:.0f} across "
+        f"Redis up: the shared quota; Redis down: between half and all of the quota across "
         f"{processes} processes, per client",
     )
