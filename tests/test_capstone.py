@@ -9,10 +9,15 @@ services, so the embedded pass would only repeat it.
 from __future__ import annotations
 
 import itertools
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 
 import httpx
 import psutil
@@ -29,9 +34,11 @@ from course_lib.capstone.lesson.app import (
 )
 from course_lib.capstone.lesson.faults import Fault, inject, windows_frame
 from course_lib.capstone.lesson.load import NOISY, Op, make_trace, play
+from course_lib.capstone.lesson.reaper import start_reaper
 from course_lib.capstone.lesson.rig import USERS, Stack, stack
 from course_lib.load_balancing import LeastConnections
 from course_lib.load_balancing.proxy import Proxy
+from course_lib.services import EmbeddedRedis
 
 pytestmark = pytest.mark.one_pass
 
@@ -218,6 +225,25 @@ def test_stack_leaves_nothing_running() -> None:
         assert asdict(Config()) == {k: False for k in asdict(Config())}
     until(lambda: not any(_alive(pid) for pid in pids), "every process stopped")
     assert not socket.exists() and not root.exists()
+
+
+def test_reaper_stops_the_redis_of_a_killed_program() -> None:
+    root = Path(tempfile.mkdtemp(prefix="pc-cap-t-"))
+    redis = EmbeddedRedis(root)
+    redis.start()
+    pid = int(redis.pidfile.read_text())
+    program = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    reaper = start_reaper(redis.pidfile, root, parent=program.pid)
+    try:
+        program.kill()
+        program.wait()
+        until(lambda: not _alive(pid) and not root.exists(), "the reaper stopped Redis")
+        assert reaper.wait(timeout=10) == 0
+    finally:
+        program.kill()
+        reaper.kill()
+        redis.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

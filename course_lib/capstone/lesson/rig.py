@@ -5,7 +5,8 @@
 - a real PostgreSQL primary with a streaming replica (:class:`course_lib.db.ReplicaSet`),
   filled with :func:`course_lib.db.populate` and the ``posts.user_id`` index of notebook 04;
 - a Redis of its own (:class:`course_lib.services.EmbeddedRedis` in a private folder, on a
-  Unix socket), never the shared one, so stopping it hurts nobody else;
+  Unix socket), never the shared one, so stopping it hurts nobody else; a reaper process
+  (:mod:`.reaper`) stops it if this program is killed outright;
 - ``processes`` app processes (:func:`course_lib.http.serve_processes`, killable with a real
   ``SIGKILL``), each serving :func:`.app.make_app`.
 
@@ -36,6 +37,7 @@ from course_lib.services import EmbeddedRedis, fail_fast_redis
 
 from .app import Config
 from .load import NOISY
+from .reaper import start_reaper
 
 __all__ = ["API_KEYS", "FACTORY", "POSTS_PER_USER", "USERS", "Stack", "stack"]
 
@@ -148,6 +150,7 @@ def stack(
     """Start everything (see the module); stop everything on exit."""
     root = Path(tempfile.mkdtemp(prefix="pc-cap-"))
     redis = EmbeddedRedis(root)
+    reaper = start_reaper(redis.pidfile, root)
     try:
         with ReplicaSet.start() as rs:
             engine = rs.engine("primary")
@@ -172,6 +175,8 @@ def stack(
                 running.warm_up()
                 yield running
     finally:
+        reaper.kill()
+        reaper.wait()
         redis.stop()
         shutil.rmtree(root, ignore_errors=True)
 
