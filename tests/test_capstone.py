@@ -191,29 +191,34 @@ def test_make_trace_is_deterministic_and_spaced() -> None:
         make_trace(rate=0, seconds=1, users=10)
 
 
-def test_injector_records_windows_and_ends_begun_faults_on_early_exit() -> None:
+def test_injector_runs_the_whole_schedule_and_ends_begun_faults_on_error() -> None:
     calls: list[str] = []
     started = threading.Event()
     faults = [
         Fault("a", 0.0, 0.05, begin=lambda: (calls.append("a+"), started.set()),
               end=lambda: calls.append("a-")),
-        Fault("b", 30.0, 1.0, begin=lambda: calls.append("b+"), end=lambda: calls.append("b-")),
+        Fault("b", 0.1, 0.05, begin=lambda: calls.append("b+"), end=lambda: calls.append("b-")),
         Fault("trace-carried", 0.0, 0.5),
     ]  # fmt: skip
-    t0 = time.perf_counter()
-    with inject(faults, t0) as windows:
-        until(lambda: "a-" in calls, "fault a ended")
-    assert calls == ["a+", "a-"]  # b never began, so it is not ended either
+    # the block ends at once: the schedule still runs to its end, every window complete
+    with inject(faults, time.perf_counter()) as windows:
+        pass
+    assert calls == ["a+", "a-", "b+", "b-"]
     frame = windows_frame(windows).set_index("name")
-    assert frame.loc["a", "end_s"] >= frame.loc["a", "start_s"]
+    assert frame.index.tolist() == ["a", "b", "trace-carried"]
+    assert (frame.end_s >= frame.start_s).all()
     assert frame.loc["trace-carried"].tolist() == [0.0, 0.5]  # planned times
-    # a block that raises still ends what began
+    # a block that raises: no new fault begins, what began is ended
     calls.clear()
     started.clear()
-    with pytest.raises(KeyError), inject(faults[:1] + faults[1:2], time.perf_counter()):
+    late = [faults[0], Fault("late", 30.0, 1.0, begin=lambda: calls.append("late+"))]
+    with pytest.raises(KeyError), inject(late, time.perf_counter()) as windows:
         until(started.is_set, "fault a began")
         raise KeyError("boom")
-    assert calls[-1] == "a-"
+    assert calls[0] == "a+" and "late+" not in calls and calls[-1] == "a-"
+    assert [w["name"] for w in windows] == ["a"]
+    with pytest.raises(ValueError, match="distinct"), inject([faults[0], faults[0]], 0.0):
+        pass
 
 
 def test_stack_leaves_nothing_running() -> None:

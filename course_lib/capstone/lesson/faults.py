@@ -37,54 +37,73 @@ class Fault:
 @contextlib.contextmanager
 def inject(faults: Sequence[Fault], t0: float) -> Iterator[list[dict[str, object]]]:
     """Run ``faults`` on the clock of ``t0`` in a thread; yield the list of windows
-    (``name``, ``start_s``, ``end_s``: seconds since ``t0``), filled as they happen and
-    complete once the block exits (the thread is joined)."""
-    windows: list[dict[str, object]] = []
+    (``name``, ``start_s``, ``end_s``: seconds since ``t0``), filled as they happen.
+
+    When the block ends normally, the rest of the schedule still runs (a fault due after
+    the load ended still begins and ends) and every window is complete on exit; when it
+    raises, no further fault begins and each one that began is ended. Windows are in the
+    order of ``faults``; names must be distinct (``ValueError``). An action that raises stops
+    the schedule, and its exception is raised here once the block has ended.
+    """
+    if len({f.name for f in faults}) != len(faults):
+        raise ValueError("faults must have distinct names")
+    windows = {f.name: {"name": f.name, "start_s": None, "end_s": None} for f in faults}
+    for fault in faults:
+        if fault.begin is None and fault.end is None:  # the trace carries it: as planned
+            windows[fault.name].update(start_s=fault.at, end_s=fault.at + fault.duration)
+    acting = [f for f in faults if f.begin is not None or f.end is not None]
     pending: list[Fault] = []  # begun, not yet ended
+    errors: list[BaseException] = []  # an action that raised, re-raised in the caller
     stop = threading.Event()
 
     def clock() -> float:
         return time.perf_counter() - t0
 
-    def wait_until(at: float) -> bool:
-        return not stop.wait(max(0.0, at - clock()))
-
-    def run() -> None:
-        events = sorted(
-            [(f.at, "begin", f) for f in faults] + [(f.at + f.duration, "end", f) for f in faults],
-            key=lambda event: event[0],
-        )
-        for at, what, fault in events:
-            if not wait_until(at):
-                return
-            if what == "begin":
-                # the window opens as the fault is injected (a kill acts before it returns)
-                start = clock() if fault.begin is not None else fault.at
-                if fault.begin is not None:
-                    fault.begin()
-                pending.append(fault)
-                windows.append({"name": fault.name, "start_s": start, "end_s": None})
-            else:
-                _finish(fault)
-
-    def _finish(fault: Fault) -> None:
+    def finish(fault: Fault) -> None:
         if fault in pending:
             pending.remove(fault)
             if fault.end is not None:
                 fault.end()
-            window = next(w for w in windows if w["name"] == fault.name)
-            actions = fault.begin is not None or fault.end is not None
-            window["end_s"] = clock() if actions else fault.at + fault.duration
+            windows[fault.name]["end_s"] = clock()  # the service is back
+
+    def run() -> None:
+        try:
+            play_schedule()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def play_schedule() -> None:
+        events = sorted(
+            [(f.at, 0, f) for f in acting] + [(f.at + f.duration, 1, f) for f in acting],
+            key=lambda event: (event[0], event[1]),
+        )
+        for at, ends, fault in events:
+            if stop.wait(max(0.0, at - clock())):
+                return
+            if ends:
+                finish(fault)
+                continue
+            # the window opens as the fault is injected (a kill acts before it returns)
+            windows[fault.name]["start_s"] = clock()
+            pending.append(fault)
+            if fault.begin is not None:
+                fault.begin()
 
     thread = threading.Thread(target=run, name="fault-injector", daemon=True)
     thread.start()
+    listed = [windows[f.name] for f in faults]
     try:
-        yield windows
-    finally:
+        yield listed
+    except BaseException:
         stop.set()
+        raise
+    finally:
         thread.join()
-        for fault in list(pending):  # a block that ended early: restart what was stopped
-            _finish(fault)
+        for fault in list(pending):  # the block raised: restart what was stopped
+            finish(fault)
+        listed[:] = [w for w in listed if w["start_s"] is not None]
+    if errors:
+        raise errors[0]
 
 
 def windows_frame(windows: Sequence[dict[str, object]]) -> pd.DataFrame:
