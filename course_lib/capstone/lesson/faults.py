@@ -85,9 +85,9 @@ def inject(faults: Sequence[Fault], t0: float) -> Iterator[list[dict[str, object
                 continue
             # the window opens as the fault is injected (a kill acts before it returns)
             windows[fault.name]["start_s"] = clock()
-            pending.append(fault)
             if fault.begin is not None:
                 fault.begin()
+            pending.append(fault)  # only a fault that began is ended
 
     thread = threading.Thread(target=run, name="fault-injector", daemon=True)
     thread.start()
