@@ -1,0 +1,111 @@
+"""The fault injector: a schedule of faults played on the load's clock, in a thread.
+
+A :class:`Fault` starts ``at`` seconds after ``t0`` (the trace's start, a
+``time.perf_counter()`` value shared with :func:`.load.play`) by calling ``begin`` and, if it
+has one, ends ``duration`` seconds later by calling ``end`` (a restart). A window opens when
+its ``begin`` is called and closes when its ``end`` has returned (the service is back), so
+the chart shades what happened, not what was planned;
+a fault the trace carries (no actions) is recorded at its planned times, which the trace keeps.
+Every fault whose ``begin`` ran gets its ``end`` run on exit, also when the block raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+__all__ = ["Fault", "inject", "windows_frame"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """``begin`` at ``at`` s, ``end`` (if any) ``duration`` s later; ``None`` actions are
+    faults the trace itself carries (a client's burst)."""
+
+    name: str
+    at: float
+    duration: float
+    begin: Callable[[], object] | None = None
+    end: Callable[[], object] | None = None
+
+
+@contextlib.contextmanager
+def inject(faults: Sequence[Fault], t0: float) -> Iterator[list[dict[str, object]]]:
+    """Run ``faults`` on the clock of ``t0`` in a thread; yield the list of windows
+    (``name``, ``start_s``, ``end_s``: seconds since ``t0``), filled as they happen.
+
+    When the block ends normally, the rest of the schedule still runs (a fault due after
+    the load ended still begins and ends) and every window is complete on exit; when it
+    raises, no further fault begins and each one that began is ended. Windows are in the
+    order of ``faults``; names must be distinct (``ValueError``). An action that raises stops
+    the schedule, and its exception is raised here once the block has ended.
+    """
+    if len({f.name for f in faults}) != len(faults):
+        raise ValueError("faults must have distinct names")
+    windows = {f.name: {"name": f.name, "start_s": None, "end_s": None} for f in faults}
+    for fault in faults:
+        if fault.begin is None and fault.end is None:  # the trace carries it: as planned
+            windows[fault.name].update(start_s=fault.at, end_s=fault.at + fault.duration)
+    acting = [f for f in faults if f.begin is not None or f.end is not None]
+    pending: list[Fault] = []  # begun, not yet ended
+    errors: list[BaseException] = []  # an action that raised, re-raised in the caller
+    stop = threading.Event()
+
+    def clock() -> float:
+        return time.perf_counter() - t0
+
+    def finish(fault: Fault) -> None:
+        if fault in pending:
+            pending.remove(fault)
+            if fault.end is not None:
+                fault.end()
+            windows[fault.name]["end_s"] = clock()  # the service is back
+
+    def run() -> None:
+        try:
+            play_schedule()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def play_schedule() -> None:
+        events = sorted(
+            [(f.at, 0, f) for f in acting] + [(f.at + f.duration, 1, f) for f in acting],
+            key=lambda event: (event[0], event[1]),
+        )
+        for at, ends, fault in events:
+            if stop.wait(max(0.0, at - clock())):
+                return
+            if ends:
+                finish(fault)
+                continue
+            # the window opens as the fault is injected (a kill acts before it returns)
+            windows[fault.name]["start_s"] = clock()
+            if fault.begin is not None:
+                fault.begin()
+            pending.append(fault)  # only a fault that began is ended
+
+    thread = threading.Thread(target=run, name="fault-injector", daemon=True)
+    thread.start()
+    listed = [windows[f.name] for f in faults]
+    try:
+        yield listed
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        thread.join()
+        for fault in list(pending):  # the block raised: restart what was stopped
+            finish(fault)
+        listed[:] = [w for w in listed if w["start_s"] is not None]
+    if errors:
+        raise errors[0]
+
+
+def windows_frame(windows: Sequence[dict[str, object]]) -> pd.DataFrame:
+    """The windows as a DataFrame, one row per fault, in the order they began."""
+    return pd.DataFrame(list(windows), columns=["name", "start_s", "end_s"])
