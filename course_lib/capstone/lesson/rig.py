@@ -31,7 +31,8 @@ from pathlib import Path
 
 import psutil
 
-from course_lib.db import ReplicaSet, add_post_user_index, populate
+from course_lib.db import add_post_user_index, populate
+from course_lib.db.lesson.replicas import ReplicaSet
 from course_lib.http import ServerProcess, serve_processes
 from course_lib.services import EmbeddedRedis, fail_fast_redis
 
