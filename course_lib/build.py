@@ -347,12 +347,16 @@ def _slides(nb: nbformat.NotebookNode) -> str:
 
 # What a line of a notebook's code calls when it uses a server (``services.status()``, the
 # status line every notebook prints, only reports on the servers and is not counted).
+# ``stack(...)`` (not pandas' ``frame.stack()``) is notebook 06's rig: a Redis and a
+# PostgreSQL primary and replica of its own, started from the same servers' binaries.
 _SERVER_CALLS = {
     "redis": re.compile(
         r"\b(redis_client|redis_url|fail_fast_redis|fail_fast_async_redis|EmbeddedRedis)\s*\("
+        r"|(?<![.\w])stack\s*\("
     ),
     "postgres": re.compile(
         r"\b(engine|schema_engine|database_url|unique_schema|EmbeddedPostgres)\s*\("
+        r"|(?<![.\w])stack\s*\("
     ),
     "nginx": re.compile(r"\brun_nginx\s*\("),
 }

@@ -305,6 +305,7 @@ def test_servers_used_counts_calls_of_cells_that_ran() -> None:
             ran("client = services.redis_client()"),
             new_code_cell("engine = services.engine()"),  # never ran (the run stopped)
             ran("# with run_nginx(config) as nginx: commented out"),
+            ran("frame.stack()"),  # pandas, not notebook 06's rig
         ]
     )
     assert servers_used(nb) == ["redis"]
@@ -368,6 +369,7 @@ def test_the_committed_notebooks_declare_the_servers_they_use_by_using_them() ->
     assert used["02_load_balancing"] == ["nginx"]
     assert used["00_setup"] == ["redis", "postgres"]  # the latency ladder measures both
     assert "postgres" in used["04_db_optimization"] and "redis" in used["03_rate_limiting"]
+    assert used["06_capstone"][:2] == ["redis", "postgres"]  # its rig starts its own of both
 
 
 def test_nginx_is_shown_with_its_version_or_as_not_installed() -> None:
