@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import httpx
 import pytest
 import redis as redis_lib
 import redis.asyncio as aredis
+from ordering import until
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
@@ -51,6 +51,13 @@ def _binaries() -> list[str]:
     return sorted(found)
 
 
+def _answers(client: redis_lib.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis_lib.ConnectionError:
+        return False
+
+
 @contextlib.contextmanager
 def full_redis(binary: str) -> Iterator[redis_lib.Redis]:
     """A private server whose memory is full: every write is refused with OOM."""
@@ -62,11 +69,9 @@ def full_redis(binary: str) -> Iterator[redis_lib.Redis]:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 20
-            while not sock.exists():
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
             client = services.fail_fast_redis(f"unix://{sock}", timeout=2)
+            # The socket file exists from bind(), before listen(): poll for an answer instead.
+            until(lambda: _answers(client), "redis-server answers on its socket", timeout=20)
             used = int(client.info("memory")["used_memory"])
             client.config_set("maxmemory", used + 256 * 1024)
             with pytest.raises(redis_lib.RedisError) as refused:

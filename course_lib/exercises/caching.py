@@ -215,13 +215,21 @@ class SlowKey:
     check-then-insert passes most runs. Every lookup and insert hashes the key, so a key that
     sleeps while being hashed opens that gap every time, the way any I/O between a check and
     the write that depends on it would. Equal keys have equal hashes, as a key must.
+
+    ``on_hash``, if given, is called (in the hashing thread) each time the key is hashed: a
+    checker learns from it that a caller has reached its lookup.
     """
 
-    def __init__(self, name: str, pause: float = 0.002) -> None:
+    def __init__(
+        self, name: str, pause: float = 0.002, on_hash: Callable[[], None] | None = None
+    ) -> None:
         self.name = name
         self.pause = pause
+        self.on_hash = on_hash
 
     def __hash__(self) -> int:
+        if self.on_hash is not None:
+            self.on_hash()
         time.sleep(self.pause)
         return hash(self.name)
 
@@ -235,30 +243,44 @@ class SlowKey:
 def check_single_flight(get_once: Callable[[Any, Callable[[], Any]], Any]) -> CheckResult:
     """50 threads call ``get_once(key, fn)`` together: 1 call of ``fn``, all get its result;
     with a failing ``fn``: 1 call, all 50 raise within 6 s (``fn`` lasts until every caller
-    has started, then 0.2 s). Once a
-    flight has finished, the next call for its key calls ``fn`` again, after a success as
-    after a failure. The keys are :class:`SlowKey`: an unlocked check-then-insert lets
-    several threads lead, every run."""
+    has looked its key up, then 0.2 s). Once a flight has finished, the next call for its
+    key calls ``fn`` again, after a success as after a failure. The keys are
+    :class:`SlowKey`: an unlocked check-then-insert lets several threads lead, every run."""
     name = "check_single_flight"
     run = uuid.uuid4().hex[:8]
-    key, bad_key = SlowKey(f"ex01:flight:{run}"), SlowKey(f"ex01:flight:{run}:bad")
-    calls = {"ok": 0, "bad": 0}
-    entered = {"ok": 0, "bad": 0}
+    callers: dict[str, set[int]] = {"ok": set(), "bad": set()}
+    looked_up: dict[str, set[int]] = {"ok": set(), "bad": set()}
     everyone = {"ok": threading.Event(), "bad": threading.Event()}
+    calls = {"ok": 0, "bad": 0}
     lock = threading.Lock()
+
+    def lookup_by(which: str) -> Callable[[], None]:
+        # A caller's thread hashing the key is inside get_once, at its lookup: once all 50
+        # have got there, every one of them is concurrent with the flight.
+        def note() -> None:
+            me = threading.get_ident()
+            with lock:
+                if me in callers[which]:
+                    looked_up[which].add(me)
+                    if len(looked_up[which]) == 50:
+                        everyone[which].set()
+
+        return note
+
+    key = SlowKey(f"ex01:flight:{run}", on_hash=lookup_by("ok"))
+    bad_key = SlowKey(f"ex01:flight:{run}:bad", on_hash=lookup_by("bad"))
 
     def caller(which: str, flight_key: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
         def call() -> Any:
             with lock:
-                entered[which] += 1
-                if entered[which] == 50:
-                    everyone[which].set()
+                callers[which].add(threading.get_ident())
             return get_once(flight_key, fn)
 
         return call
 
-    # fn holds its flight until all 50 callers have started their call (then 0.2 s more), so
-    # on a busy machine a caller that starts late still finds the flight, not its result.
+    # fn holds its flight until all 50 callers have looked the key up (at most 4 s, for an
+    # answer that never hashes the key), then 0.2 s more: on a busy machine a caller that
+    # starts late still finds the flight, not its result.
     def slow() -> str:
         with lock:
             calls["ok"] += 1
