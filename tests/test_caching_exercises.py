@@ -192,12 +192,15 @@ _memo: dict = {}
 
 
 def memoises_forever(key, fn):
-    """Shares the flight and its failure, but keeps a success for ever: a cache without a TTL."""
-    if key in _memo:
+    """Shares the flight and its failure, but keeps a success for ever: a cache without a TTL.
+    (The memo is read inside the flight, so its callers reach the flight's lookup first.)"""
+
+    def remembered():
+        if key not in _memo:
+            _memo[key] = fn()
         return _memo[key]
-    value = good_get_once(key, fn)
-    _memo[key] = value
-    return value
+
+    return good_get_once(key, remembered)
 
 
 def not_attempted(*args):
