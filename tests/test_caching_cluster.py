@@ -311,6 +311,13 @@ def test_cluster_demo_spreads_keys_over_the_three_primaries(local_cluster):
         cluster_demo(0, cluster=local_cluster)
 
 
+def test_slots_per_primary_follows_cluster_slots_in_slot_order(local_cluster):
+    slots = local_cluster.slots_per_primary()
+    assert list(slots.values()) == [5461, 5462, 5461]  # redis-cli's split, lowest slot first
+    assert sorted(slots) == sorted(local_cluster.alive())  # every node is a primary here
+    assert next(iter(slots)) == local_cluster.port_of("{06S}")  # "06S" hashes to slot 0
+
+
 # --- Failover: 3 primaries + 3 replicas, one primary SIGKILLed, its replica promoted ------
 
 

@@ -151,6 +151,18 @@ class LocalCluster:
                 out[port] = r.info("replication")["role"]
         return out
 
+    def slots_per_primary(self) -> dict[int, int]:
+        """``{port: slots it owns}`` of each primary, as ``CLUSTER SLOTS`` says now, ordered
+        by each primary's lowest slot (an order that stays the same across runs)."""
+        slots: dict[int, int] = {}
+        first: dict[int, int] = {}
+        with self.node(self.alive()[0]) as node:
+            for start, end, primary, *_ in node.execute_command("CLUSTER SLOTS"):
+                port = int(primary[1])
+                slots[port] = slots.get(port, 0) + end - start + 1
+                first[port] = min(first.get(port, start), start)
+        return {port: slots[port] for port in sorted(slots, key=first.__getitem__)}
+
     def port_of(self, key: str) -> int:
         """The port of the primary that owns ``key``'s slot now."""
         for port in self.alive():

@@ -57,13 +57,7 @@ def _run(cluster: LocalCluster, client: Any, keys: int) -> pd.DataFrame:
     for key in ids:
         port = int(client.get_node_from_key(cache.key(key)).port)
         per_port[port] = per_port.get(port, 0) + 1
-    slots: dict[int, int] = {}
-    first: dict[int, int] = {}  # each primary's lowest slot: a stable order across runs
-    with cluster.node(cluster.alive()[0]) as node:
-        for start, end, primary, *_ in node.execute_command("CLUSTER SLOTS"):
-            port = int(primary[1])
-            slots[port] = slots.get(port, 0) + end - start + 1
-            first[port] = min(first.get(port, start), start)
+    slots = cluster.slots_per_primary()
     rows = [
         {
             "primary": rank,
@@ -71,7 +65,7 @@ def _run(cluster: LocalCluster, client: Any, keys: int) -> pd.DataFrame:
             "slots": slots[port],
             "node": f"127.0.0.1:{port}",
         }
-        for rank, port in enumerate(sorted(slots, key=first.__getitem__), start=1)
+        for rank, port in enumerate(slots, start=1)
     ]
     frame = pd.DataFrame(rows)
     frame.attrs["stats"] = cache.stats

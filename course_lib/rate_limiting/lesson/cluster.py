@@ -122,13 +122,7 @@ def _per_primary(
     admitted: Counter[str],
     decisions: list[tuple[str, bool, bool]],
 ) -> pd.DataFrame:
-    slots: dict[int, int] = {}
-    first: dict[int, int] = {}  # each primary's lowest slot: a stable order across runs
-    with cluster.node(cluster.alive()[0]) as node:
-        for start, end, primary, *_ in node.execute_command("CLUSTER SLOTS"):
-            port = int(primary[1])
-            slots[port] = slots.get(port, 0) + end - start + 1
-            first[port] = min(first.get(port, start), start)
+    slots = cluster.slots_per_primary()
     attempts = Counter(home[name] for name, _, _ in decisions)
     rows: list[dict[str, Any]] = [
         {
@@ -139,7 +133,7 @@ def _per_primary(
             "slots": slots[port],
             "node": f"127.0.0.1:{port}",
         }
-        for rank, port in enumerate(sorted(slots, key=first.__getitem__), start=1)
+        for rank, port in enumerate(slots, start=1)
     ]
     frame = pd.DataFrame(rows)
     frame.attrs["admitted"] = {name: admitted[name] for name in names}
