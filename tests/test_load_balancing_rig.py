@@ -9,10 +9,12 @@ import socket
 import urllib.request
 from collections.abc import Iterator
 
+import pandas as pd
 import pytest
 
 from course_lib.http import ServerProcess, serve_processes
 from course_lib.load_balancing import IpHash, RoundRobin, WeightedRoundRobin
+from course_lib.load_balancing.lesson.rig import busy_signs
 from course_lib.load_balancing.loadgen import run_load
 from course_lib.load_balancing.nginx import nginx_binary, nginx_config, run_nginx
 from course_lib.load_balancing.proxy import Proxy
@@ -251,3 +253,26 @@ def test_nginx_config_accepts_ipv6_and_names() -> None:
         {"web-1.eu": "http://[::1]:8001", "b": "http://backend.local:8002"}, port=1, prefix="/p"
     )
     assert "server [::1]:8001 " in conf and "server backend.local:8002 " in conf
+
+
+def _run(late_s: float, fast_ms: float) -> pd.DataFrame:
+    rows = []
+    for i in range(300):
+        backend = NAMES[i % 3]
+        intended = i / 100
+        latency = 600.0 if backend == "server3" else fast_ms
+        rows.append((intended, intended + late_s, latency, backend))
+    return pd.DataFrame(rows, columns=["intended_s", "sent_s", "latency_ms", "backend"])
+
+
+def test_busy_signs_name_what_makes_a_tail_comparison_meaningless() -> None:
+    fast = ["server1", "server2"]
+    # server3's own queue (600 ms) is the experiment, not a sign of a busy machine.
+    assert busy_signs(_run(0.002, 8.0), fast=fast, work_ms=4) == []
+    late = busy_signs(_run(0.150, 8.0), fast=fast, work_ms=4)
+    assert late == ["the client sent its p99 request 150 ms late"]
+    slow = busy_signs(_run(0.002, 40.0), fast=fast, work_ms=4)
+    assert slow == ["the fast backends' median took 40 ms for 4 ms of work"]
+    assert len(busy_signs(_run(0.150, 40.0), fast=fast, work_ms=4)) == 2
+    with pytest.raises(ValueError, match="work_ms"):
+        busy_signs(_run(0, 8.0), fast=fast, work_ms=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import tempfile
@@ -33,6 +34,7 @@ from .users import UserStore, users_table
 
 __all__ = [
     "CrashResult",
+    "LoopStall",
     "StampedeResult",
     "count_lost",
     "hit_ratio_series",
@@ -537,14 +539,28 @@ def write_latencies(fn: Callable[[int], object], keys: list[int]) -> list[float]
     return out
 
 
-def loop_stall(pause: float = 0.2) -> dict[str, float]:
-    """How long one cache write stalls an event loop when Redis is slow to answer.
+@dataclass(frozen=True)
+class LoopStall:
+    """One slow write seen from an event loop: how long it took, and what the loop did meanwhile.
+
+    ``beats_during_write`` counts the heartbeat's ticks that happened while the ``SET`` was
+    in flight: 0 means the loop was frozen for the whole write, whatever the machine's load.
+    """
+
+    write_s: float
+    beats_during_write: int
+    longest_gap_s: float
+
+
+def loop_stall(pause: float = 0.2) -> dict[str, LoopStall]:
+    """How one cache write stalls an event loop when Redis is slow to answer.
 
     On a private Redis, writes are held for ``pause`` s (``CLIENT PAUSE ... WRITE``, as a
     slow server or a failover would). A heartbeat task ticks every 5 ms while one task does
     a ``SET`` with the blocking client, as the seed's ``get_with_lock`` does inside
-    ``async def``, and then with ``redis.asyncio``. Returns the heartbeat's longest gap, in
-    seconds, for each: the blocking call freezes every task of the loop for the pause.
+    ``async def``, and then with ``redis.asyncio``. For each client: how long the write took,
+    how many heartbeat ticks happened during it (none with the blocking client: the call
+    holds the loop's only thread), and the heartbeat's longest gap, in seconds.
     """
     with tempfile.TemporaryDirectory(prefix="nb01-stall-", dir="/tmp") as folder:
         server = services.EmbeddedRedis(Path(folder) / "redis")
@@ -558,19 +574,17 @@ def loop_stall(pause: float = 0.2) -> dict[str, float]:
             server.stop()
 
 
-async def _heartbeat_during_set(url: str, pause: float, *, blocking: bool) -> float:
+async def _heartbeat_during_set(url: str, pause: float, *, blocking: bool) -> LoopStall:
     sync_client = services.fail_fast_redis(url, timeout=5)
     async_client = aredis.Redis.from_url(url)
-    gaps: list[float] = []
+    beats: list[float] = []
     done = asyncio.Event()
 
     async def heartbeat() -> None:
-        last = time.perf_counter()
+        beats.append(time.perf_counter())
         while not done.is_set():
             await asyncio.sleep(0.005)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
+            beats.append(time.perf_counter())
 
     try:
         await async_client.ping()
@@ -578,14 +592,20 @@ async def _heartbeat_during_set(url: str, pause: float, *, blocking: bool) -> fl
         beat = asyncio.create_task(heartbeat())
         await asyncio.sleep(0.05)
         sync_client.client_pause(int(pause * 1000), all=False)  # holds writes only
+        started = time.perf_counter()
         if blocking:
             sync_client.set("k", "v")  # inside async code: the whole loop waits
         else:
             await async_client.set("k", "v")  # only this task waits
+        ended = time.perf_counter()
         await asyncio.sleep(0.05)
         done.set()
         await beat
-        return max(gaps)
+        return LoopStall(
+            write_s=ended - started,
+            beats_during_write=sum(started < t < ended for t in beats),
+            longest_gap_s=max(later - earlier for earlier, later in itertools.pairwise(beats)),
+        )
     finally:
         sync_client.close()
         await async_client.aclose()
