@@ -149,9 +149,10 @@ def cell_seconds(nb: nbformat.NotebookNode) -> dict[int, float]:
 
 def runs_alone(nb: nbformat.NotebookNode) -> bool:
     """Whether the notebook ``nb`` asks to run with no other kernel beside it: its metadata
-    holds ``"course": {"run_alone": true}``. A notebook whose claims compare timings of
-    CPU-bound runs (the cost of a profiler, round by round) asks for it: a kernel on the other
-    core makes some rounds slower than others for reasons the claim is not about."""
+    holds ``"course": {"run_alone": true}``. A notebook whose claims compare timings (the
+    cost of a profiler round by round, latency tails through a live rig) asks for it: a
+    kernel on the other core makes some runs slower than others for reasons the claim is not
+    about."""
     return bool(nb.metadata.get("course", {}).get("run_alone", False))
 
 
