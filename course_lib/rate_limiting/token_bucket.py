@@ -24,6 +24,9 @@ from .decision import Decision
 
 __all__ = ["TokenBucket"]
 
+_COST_TYPES = (int, float)
+"""What a cost may be (``bool`` aside): built once, not on every call."""
+
 
 class TokenBucket:
     """``capacity`` tokens, refilled continuously at ``refill_rate`` tokens per second."""
@@ -65,12 +68,13 @@ class TokenBucket:
         """Take ``tokens`` if they are all available; otherwise take nothing.
 
         Raises ``ValueError`` if ``tokens`` is negative, NaN or larger than ``capacity`` (such
-        a request could never be admitted), ``TypeError`` if it is not a number (``True``
+        a request could never be admitted; within 1e-9 of a full bucket, the float rounding
+        allowance, it takes the whole bucket), ``TypeError`` if it is not a number (``True``
         is not a number of tokens).
         """
         # Plain ints and floats: checked on every call, so not with the general
         # numbers.Real check of course_lib.validation, which costs a third of a decision.
-        if isinstance(tokens, bool) or not isinstance(tokens, (int, float)):
+        if isinstance(tokens, bool) or not isinstance(tokens, _COST_TYPES):
             raise TypeError(f"tokens must be an int or a float, got {type(tokens).__name__}")
         if not tokens >= 0.0:  # NaN fails every comparison
             raise ValueError(self._impossible(tokens))
@@ -93,7 +97,7 @@ class TokenBucket:
         reset_after = (self._capacity - level) / self._rate
         if allowed:
             return Decision(True, int(level), 0.0, reset_after)
-        # A cost above capacity is never admitted, so it is only looked for among refusals.
+        # A cost above capacity is never admitted, so it is looked for among refusals only.
         if tokens > self._capacity:
             raise ValueError(self._impossible(tokens))
         return Decision(False, int(level), (tokens - level) / self._rate, reset_after)
