@@ -134,8 +134,11 @@ def test_token_bucket_states_its_policy() -> None:
 
 @pytest.mark.parametrize("tokens", [-1, 11, float("nan")])
 def test_token_bucket_rejects_impossible_costs(tokens: int) -> None:
+    bucket = TokenBucket(10, 1, clock=ManualClock())
+    bucket.consume(4)
     with pytest.raises(ValueError, match="tokens"):
-        TokenBucket(10, 1, clock=ManualClock()).consume(tokens)
+        bucket.consume(tokens)
+    assert bucket.tokens == 6  # nothing was taken (above capacity: found among refusals)
 
 
 @pytest.mark.parametrize("tokens", [True, "1", None])

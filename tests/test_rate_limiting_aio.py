@@ -259,6 +259,17 @@ def test_the_asyncio_shell_is_not_the_blocking_one(redis: redis_lib.Redis, name:
     assert repr(limiter) == repr(blocking)
 
 
+@pytest.mark.parametrize("shell", [sync, aio])
+def test_each_shell_declares_its_limiters_by_their_names(shell: Any) -> None:
+    """``limiters_on`` declares a shell's five classes in one call, unpacked by name: each
+    is named as it is bound, lives in the shell's module and reads as its core's docs."""
+    for name in set(shell.__all__) - {"RedisLimiter", "AsyncRedisLimiter"}:
+        cls = getattr(shell, name)
+        core = cls.__bases__[0]
+        assert (cls.__name__, cls.__qualname__, cls.__module__) == (name, name, shell.__name__)
+        assert core.__name__ == f"{name}Core" and cls.__doc__ == core.__doc__
+
+
 def test_an_empty_async_batch_sends_nothing(ns: str) -> None:
     async def main() -> list[Any]:
         # nothing listens on port 1: any command would fail

@@ -27,13 +27,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 
-from .algorithms import (
-    FixedWindowCore,
-    GCRACore,
-    RedisTokenBucketCore,
-    SlidingWindowCounterCore,
-    SlidingWindowLogCore,
-)
+from .algorithms import limiters_on
 from .decision import Decision
 from .redis_base import LimiterCore
 
@@ -79,26 +73,12 @@ class AsyncRedisLimiter(LimiterCore):
         try:
             replies = await self.script.apipeline(self.redis, batch.calls)
         except redis.RedisError as exc:
-            replies = [exc] * len(batch.calls)
+            return self.batch_decisions_on_error(batch, exc)
         return self.batch_decisions(batch, replies)
 
 
-# The algorithm's core first: its constructor, docstring and script.
-class FixedWindow(FixedWindowCore, AsyncRedisLimiter):
-    __doc__ = FixedWindowCore.__doc__
-
-
-class SlidingWindowLog(SlidingWindowLogCore, AsyncRedisLimiter):
-    __doc__ = SlidingWindowLogCore.__doc__
-
-
-class SlidingWindowCounter(SlidingWindowCounterCore, AsyncRedisLimiter):
-    __doc__ = SlidingWindowCounterCore.__doc__
-
-
-class RedisTokenBucket(RedisTokenBucketCore, AsyncRedisLimiter):
-    __doc__ = RedisTokenBucketCore.__doc__
-
-
-class GCRA(GCRACore, AsyncRedisLimiter):
-    __doc__ = GCRACore.__doc__
+# One class per algorithm, its core with this shell: class FixedWindow(FixedWindowCore,
+# AsyncRedisLimiter) and so on (see limiters_on).
+FixedWindow, SlidingWindowLog, SlidingWindowCounter, RedisTokenBucket, GCRA = limiters_on(
+    AsyncRedisLimiter
+)

@@ -127,7 +127,12 @@ class LimiterCore:
     """Keys, script arguments, decisions and the failure policy of a Redis limiter, without
     I/O (see the module docstring). Subclasses set :attr:`script_name`, :attr:`quota`,
     :attr:`window` and the script's two parameters (:attr:`_params`); a shell adds ``hit``
-    and ``hit_many`` and says which clients it takes (:attr:`client_types`)."""
+    and ``hit_many`` and says which clients it takes (:attr:`client_types`).
+
+    A shell's ``hit`` is :meth:`script_call`, the one script call (sent or awaited), then
+    :meth:`decision` of its reply or :meth:`decision_on_error` of its ``redis.RedisError``;
+    its ``hit_many`` is :meth:`batch`, the one pipeline, then :meth:`batch_decisions` or
+    :meth:`batch_decisions_on_error`."""
 
     script_name: ClassVar[str]
     """The algorithm's Lua script, ``<script_name>.lua`` beside this module."""
@@ -257,6 +262,11 @@ class LimiterCore:
             for position, decision in zip(part, answers, strict=True):
                 decisions[position] = decision
         return decisions  # type: ignore[return-value]  # every position is filled
+
+    def batch_decisions_on_error(self, batch: Batch, exc: redis.RedisError) -> list[Decision]:
+        """One decision per input item of ``batch`` when its pipeline failed as a whole
+        (every call got ``exc``); see :meth:`decision_on_error`."""
+        return self.batch_decisions(batch, [exc] * len(batch.calls))
 
     def decision_on_error(self, exc: redis.RedisError) -> Decision:
         """The ``fail_open`` answer when Redis cannot count now (see the module docstring).

@@ -14,13 +14,7 @@ from typing import ClassVar
 import redis
 from redis.cluster import RedisCluster
 
-from .algorithms import (
-    FixedWindowCore,
-    GCRACore,
-    RedisTokenBucketCore,
-    SlidingWindowCounterCore,
-    SlidingWindowLogCore,
-)
+from .algorithms import limiters_on
 from .decision import Decision
 from .redis_base import LimiterCore
 
@@ -69,26 +63,12 @@ class RedisLimiter(LimiterCore):
         try:
             replies = self.script.pipeline(self.redis, batch.calls)
         except redis.RedisError as exc:
-            replies = [exc] * len(batch.calls)
+            return self.batch_decisions_on_error(batch, exc)
         return self.batch_decisions(batch, replies)
 
 
-# The algorithm's core first: its constructor, docstring and script.
-class FixedWindow(FixedWindowCore, RedisLimiter):
-    __doc__ = FixedWindowCore.__doc__
-
-
-class SlidingWindowLog(SlidingWindowLogCore, RedisLimiter):
-    __doc__ = SlidingWindowLogCore.__doc__
-
-
-class SlidingWindowCounter(SlidingWindowCounterCore, RedisLimiter):
-    __doc__ = SlidingWindowCounterCore.__doc__
-
-
-class RedisTokenBucket(RedisTokenBucketCore, RedisLimiter):
-    __doc__ = RedisTokenBucketCore.__doc__
-
-
-class GCRA(GCRACore, RedisLimiter):
-    __doc__ = GCRACore.__doc__
+# One class per algorithm, its core with this shell: class FixedWindow(FixedWindowCore,
+# RedisLimiter) and so on (see limiters_on).
+FixedWindow, SlidingWindowLog, SlidingWindowCounter, RedisTokenBucket, GCRA = limiters_on(
+    RedisLimiter
+)

@@ -24,6 +24,9 @@ from .decision import Decision
 
 __all__ = ["TokenBucket"]
 
+_COST_TYPES = (int, float)
+"""What a cost may be (``bool`` aside): built once, not on every call."""
+
 
 class TokenBucket:
     """``capacity`` tokens, refilled continuously at ``refill_rate`` tokens per second."""
@@ -61,27 +64,28 @@ class TokenBucket:
             elapsed = self._clock() - self._last
             return min(self._capacity, self._tokens + max(elapsed, 0.0) * self._rate)
 
-    def consume(self, tokens: float = 1) -> Decision:
+    def consume(self, tokens: float = 1.0) -> Decision:
         """Take ``tokens`` if they are all available; otherwise take nothing.
 
         Raises ``ValueError`` if ``tokens`` is negative, NaN or larger than ``capacity`` (such
-        a request could never be admitted), ``TypeError`` if it is not a number (``True``
+        a request could never be admitted; within 1e-9 of a full bucket, the float rounding
+        allowance, it takes the whole bucket), ``TypeError`` if it is not a number (``True``
         is not a number of tokens).
         """
         # Plain ints and floats: checked on every call, so not with the general
         # numbers.Real check of course_lib.validation, which costs a third of a decision.
-        if isinstance(tokens, bool) or not isinstance(tokens, (int, float)):
+        if isinstance(tokens, bool) or not isinstance(tokens, _COST_TYPES):
             raise TypeError(f"tokens must be an int or a float, got {type(tokens).__name__}")
-        if not 0 <= tokens <= self._capacity:  # NaN fails every comparison
-            raise ValueError(
-                f"tokens must be between 0 and capacity={self._capacity:g}, got {tokens}"
-            )
+        if not tokens >= 0.0:  # NaN fails every comparison
+            raise ValueError(self._impossible(tokens))
+        # The bucket counts in floats (capacity, rate, level, the default cost), so each
+        # step below is float arithmetic.
         with self._lock:  # the refill and the take as one step
             now = self._clock()
             elapsed = now - self._last
             self._last = now
             level = self._tokens
-            if elapsed > 0:  # an injected clock that steps back counts as no time passing
+            if elapsed > 0.0:  # an injected clock that steps back counts as no time passing
                 level += elapsed * self._rate
                 if level > self._capacity:
                     level = self._capacity
@@ -93,4 +97,10 @@ class TokenBucket:
         reset_after = (self._capacity - level) / self._rate
         if allowed:
             return Decision(True, int(level), 0.0, reset_after)
+        # A cost above capacity is never admitted, so it is looked for among refusals only.
+        if tokens > self._capacity:
+            raise ValueError(self._impossible(tokens))
         return Decision(False, int(level), (tokens - level) / self._rate, reset_after)
+
+    def _impossible(self, tokens: float) -> str:
+        return f"tokens must be between 0 and capacity={self._capacity:g}, got {tokens}"
