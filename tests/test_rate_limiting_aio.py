@@ -261,8 +261,8 @@ def test_the_asyncio_shell_is_not_the_blocking_one(redis: redis_lib.Redis, name:
 
 @pytest.mark.parametrize("shell", [sync, aio])
 def test_each_shell_declares_its_limiters_by_their_names(shell: Any) -> None:
-    """``limiters_on`` declares a shell's five classes in one call, unpacked by name: each
-    is named as it is bound, lives in the shell's module and reads as its core's docs."""
+    """Each shell declares its five classes, its core first: each lives in the shell's module
+    and reads as its core's docs."""
     for name in set(shell.__all__) - {"RedisLimiter", "AsyncRedisLimiter"}:
         cls = getattr(shell, name)
         core = cls.__bases__[0]

@@ -27,7 +27,13 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 
-from .algorithms import limiters_on
+from .algorithms import (
+    FixedWindowCore,
+    GCRACore,
+    RedisTokenBucketCore,
+    SlidingWindowCounterCore,
+    SlidingWindowLogCore,
+)
 from .decision import Decision
 from .redis_base import LimiterCore
 
@@ -77,8 +83,24 @@ class AsyncRedisLimiter(LimiterCore):
         return self.batch_decisions(batch, replies)
 
 
-# One class per algorithm, its core with this shell: class FixedWindow(FixedWindowCore,
-# AsyncRedisLimiter) and so on (see limiters_on).
-FixedWindow, SlidingWindowLog, SlidingWindowCounter, RedisTokenBucket, GCRA = limiters_on(
-    AsyncRedisLimiter
-)
+# One class per algorithm: its core (arguments, guarantees, script), then this shell's I/O.
+
+
+class FixedWindow(FixedWindowCore, AsyncRedisLimiter):
+    __doc__ = FixedWindowCore.__doc__
+
+
+class SlidingWindowLog(SlidingWindowLogCore, AsyncRedisLimiter):
+    __doc__ = SlidingWindowLogCore.__doc__
+
+
+class SlidingWindowCounter(SlidingWindowCounterCore, AsyncRedisLimiter):
+    __doc__ = SlidingWindowCounterCore.__doc__
+
+
+class RedisTokenBucket(RedisTokenBucketCore, AsyncRedisLimiter):
+    __doc__ = RedisTokenBucketCore.__doc__
+
+
+class GCRA(GCRACore, AsyncRedisLimiter):
+    __doc__ = GCRACore.__doc__

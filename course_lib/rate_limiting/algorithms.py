@@ -34,14 +34,12 @@ from course_lib.validation import positive_int, positive_number
 from .redis_base import LimiterCore
 
 __all__ = [
-    "CORES",
     "MAX_BUCKET_CAPACITY",
     "FixedWindowCore",
     "GCRACore",
     "RedisTokenBucketCore",
     "SlidingWindowCounterCore",
     "SlidingWindowLogCore",
-    "limiters_on",
 ]
 
 Clock = Callable[[], float] | None
@@ -210,28 +208,3 @@ class GCRACore(LimiterCore):
         self.window = self.burst / self.rate
         self._params = (interval, self.burst)
         super().__init__(redis, prefix=prefix, fail_open=fail_open, clock=clock)
-
-
-CORES = (
-    FixedWindowCore,
-    SlidingWindowLogCore,
-    SlidingWindowCounterCore,
-    RedisTokenBucketCore,
-    GCRACore,
-)
-"""The five algorithms, in the order :func:`limiters_on` returns their limiters."""
-
-
-def limiters_on(shell: type[LimiterCore]) -> tuple[type[Any], ...]:
-    """The five limiters on ``shell``, in the order of :data:`CORES`: for each
-    ``<Name>Core``, the class ``<Name>(<Name>Core, shell)`` with the core's docstring,
-    declared in the shell's module. The core comes first among the bases: its constructor,
-    docstring and script; the shell adds ``hit`` and ``hit_many``. Each shell module
-    declares its five limiters with this one call, so the two families cannot drift apart."""
-    limiters = []
-    for core in CORES:
-        name = core.__name__.removesuffix("Core")
-        namespace = {"__doc__": core.__doc__, "__module__": shell.__module__, "__qualname__": name}
-        # what a class statement `class <name>(core, shell): ...` in the shell's module runs
-        limiters.append(type(name, (core, shell), namespace))
-    return tuple(limiters)

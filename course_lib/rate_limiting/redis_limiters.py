@@ -14,7 +14,13 @@ from typing import ClassVar
 import redis
 from redis.cluster import RedisCluster
 
-from .algorithms import limiters_on
+from .algorithms import (
+    FixedWindowCore,
+    GCRACore,
+    RedisTokenBucketCore,
+    SlidingWindowCounterCore,
+    SlidingWindowLogCore,
+)
 from .decision import Decision
 from .redis_base import LimiterCore
 
@@ -67,8 +73,24 @@ class RedisLimiter(LimiterCore):
         return self.batch_decisions(batch, replies)
 
 
-# One class per algorithm, its core with this shell: class FixedWindow(FixedWindowCore,
-# RedisLimiter) and so on (see limiters_on).
-FixedWindow, SlidingWindowLog, SlidingWindowCounter, RedisTokenBucket, GCRA = limiters_on(
-    RedisLimiter
-)
+# One class per algorithm: its core (arguments, guarantees, script), then this shell's I/O.
+
+
+class FixedWindow(FixedWindowCore, RedisLimiter):
+    __doc__ = FixedWindowCore.__doc__
+
+
+class SlidingWindowLog(SlidingWindowLogCore, RedisLimiter):
+    __doc__ = SlidingWindowLogCore.__doc__
+
+
+class SlidingWindowCounter(SlidingWindowCounterCore, RedisLimiter):
+    __doc__ = SlidingWindowCounterCore.__doc__
+
+
+class RedisTokenBucket(RedisTokenBucketCore, RedisLimiter):
+    __doc__ = RedisTokenBucketCore.__doc__
+
+
+class GCRA(GCRACore, RedisLimiter):
+    __doc__ = GCRACore.__doc__
