@@ -194,20 +194,28 @@ def test_make_trace_is_deterministic_and_spaced() -> None:
 def test_injector_runs_the_whole_schedule_and_ends_begun_faults_on_error() -> None:
     calls: list[str] = []
     started = threading.Event()
+    acted: dict[str, float] = {}  # when a's begin action returned, when its end action began
     faults = [
-        Fault("a", 0.0, 0.05, begin=lambda: (calls.append("a+"), started.set()),
-              end=lambda: calls.append("a-")),
+        Fault("a", 0.0, 0.05,
+              begin=lambda: (calls.append("a+"), started.set(),
+                             acted.setdefault("down", time.perf_counter())),
+              end=lambda: (acted.setdefault("up", time.perf_counter()), calls.append("a-"))),
         Fault("b", 0.1, 0.05, begin=lambda: calls.append("b+"), end=lambda: calls.append("b-")),
         Fault("trace-carried", 0.0, 0.5),
     ]  # fmt: skip
     # the block ends at once: the schedule still runs to its end, every window complete
-    with inject(faults, time.perf_counter()) as windows:
+    t0 = time.perf_counter()
+    with inject(faults, t0) as windows:
         pass
     assert calls == ["a+", "a-", "b+", "b-"]
     frame = windows_frame(windows).set_index("name")
     assert frame.index.tolist() == ["a", "b", "trace-carried"]
-    assert (frame.end_s >= frame.start_s).all()
-    assert frame.loc["trace-carried"].tolist() == [0.0, 0.5]  # planned times
+    for _, w in frame.iterrows():
+        assert w.start_s <= w.in_effect_s <= w.lifted_s <= w.end_s
+    # the fault holds for certain between in_effect_s and lifted_s
+    assert frame.loc["a", "in_effect_s"] >= acted["down"] - t0
+    assert frame.loc["a", "lifted_s"] <= acted["up"] - t0
+    assert frame.loc["trace-carried"].tolist() == [0.0, 0.0, 0.5, 0.5]  # planned times
     # a block that raises: no new fault begins, what began is ended
     calls.clear()
     started.clear()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-__all__ = ["Fault", "inject", "windows_frame"]
+__all__ = ["WINDOW_COLUMNS", "Fault", "inject", "windows_frame"]
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,18 @@ class Fault:
     end: Callable[[], object] | None = None
 
 
+# A window's fields, in the order the fault passes them (see inject).
+WINDOW_COLUMNS = ["name", "start_s", "in_effect_s", "lifted_s", "end_s"]
+
+
 @contextlib.contextmanager
 def inject(faults: Sequence[Fault], t0: float) -> Iterator[list[dict[str, object]]]:
-    """Run ``faults`` on the clock of ``t0`` in a thread; yield the list of windows
-    (``name``, ``start_s``, ``end_s``: seconds since ``t0``), filled as they happen.
+    """Run ``faults`` on the clock of ``t0`` in a thread; yield the list of windows, filled
+    as they happen, in seconds since ``t0``: ``start_s`` as the fault's action starts,
+    ``in_effect_s`` when it has returned (the server is down by then), ``lifted_s`` as the
+    end action starts (the server is still down until then) and ``end_s`` when it has
+    returned. Between ``in_effect_s`` and ``lifted_s`` the fault holds for certain, however
+    long the actions took on a busy machine.
 
     When the block ends normally, the rest of the schedule still runs (a fault due after
     the load ended still begins and ends) and every window is complete on exit; when it
@@ -47,10 +55,11 @@ def inject(faults: Sequence[Fault], t0: float) -> Iterator[list[dict[str, object
     """
     if len({f.name for f in faults}) != len(faults):
         raise ValueError("faults must have distinct names")
-    windows = {f.name: {"name": f.name, "start_s": None, "end_s": None} for f in faults}
+    windows = {f.name: dict.fromkeys(WINDOW_COLUMNS) | {"name": f.name} for f in faults}
     for fault in faults:
         if fault.begin is None and fault.end is None:  # the trace carries it: as planned
-            windows[fault.name].update(start_s=fault.at, end_s=fault.at + fault.duration)
+            start, end = fault.at, fault.at + fault.duration
+            windows[fault.name].update(start_s=start, in_effect_s=start, lifted_s=end, end_s=end)
     acting = [f for f in faults if f.begin is not None or f.end is not None]
     pending: list[Fault] = []  # begun, not yet ended
     errors: list[BaseException] = []  # an action that raised, re-raised in the caller
@@ -62,6 +71,7 @@ def inject(faults: Sequence[Fault], t0: float) -> Iterator[list[dict[str, object
     def finish(fault: Fault) -> None:
         if fault in pending:
             pending.remove(fault)
+            windows[fault.name]["lifted_s"] = clock()
             if fault.end is not None:
                 fault.end()
             windows[fault.name]["end_s"] = clock()  # the service is back
@@ -87,6 +97,7 @@ def inject(faults: Sequence[Fault], t0: float) -> Iterator[list[dict[str, object
             windows[fault.name]["start_s"] = clock()
             if fault.begin is not None:
                 fault.begin()
+            windows[fault.name]["in_effect_s"] = clock()
             pending.append(fault)  # only a fault that began is ended
 
     thread = threading.Thread(target=run, name="fault-injector", daemon=True)
@@ -108,4 +119,4 @@ def inject(faults: Sequence[Fault], t0: float) -> Iterator[list[dict[str, object
 
 def windows_frame(windows: Sequence[dict[str, object]]) -> pd.DataFrame:
     """The windows as a DataFrame, one row per fault, in the order they began."""
-    return pd.DataFrame(list(windows), columns=["name", "start_s", "end_s"])
+    return pd.DataFrame(list(windows), columns=WINDOW_COLUMNS)
