@@ -299,43 +299,45 @@ def check_single_flight(get_once: Callable[[Any, Callable[[], Any]], Any]) -> Ch
         get_once(SlowKey(f"ex01:flight:{run}:probe"), lambda: "probe")
     except NotImplementedError:
         return not_attempted(name, "write get_once")
-    stuck = "some callers were still waiting after 6 s (a waiter that never wakes?)"
+    race = (
+        "several callers found no flight and each started one: the check and the insert "
+        "must be one step, under a lock"
+    )
+
+    def stuck(runs: int) -> str:
+        if runs > 1:
+            # Two leaders raced to insert: a waiter that read the flight which lost the
+            # race waits on an event no leader will ever set.
+            return (
+                f"fn ran {runs} times and some callers were still waiting after 6 s: {race} "
+                "(a caller left waiting on a flight nobody runs never wakes)"
+            )
+        return "some callers were still waiting after 6 s (a waiter that never wakes?)"
+
+    def why(runs: int) -> str:
+        return f" ({race})" if runs > 1 else ""
+
     try:
         good = run_threads(caller("ok", key, slow), 50, timeout=6)
     except TimeoutError:
-        if calls["ok"] > 1:
-            # Two leaders raced to insert: a waiter that read the flight which lost the
-            # race waits on an event no leader will ever set.
-            return failed(
-                name,
-                f"fn ran {calls['ok']} times and some callers were still waiting after 6 s: "
-                "several callers found no flight and each started one, and a caller left "
-                "waiting on a flight nobody runs never wakes; the check and the insert must "
-                "be one step, under a lock",
-            )
-        return failed(name, stuck)
+        return failed(name, stuck(calls["ok"]))
     if calls["ok"] != 1 or good.values.count("value") != 50:
         return failed(
             name,
             f"50 concurrent calls: fn ran {calls['ok']} times, "
             f"{good.values.count('value')} callers got its value; expected 1 and 50"
-            + (
-                " (several callers found no flight and each started one: the check and the "
-                "insert must be one step, under a lock)"
-                if calls["ok"] > 1
-                else ""
-            ),
+            + why(calls["ok"]),
         )
     try:
         bad = run_threads(caller("bad", bad_key, broken), 50, timeout=6)
     except TimeoutError:
-        return failed(name, stuck)
+        return failed(name, stuck(calls["bad"]))
     raised = sum("ConnectionError" in e for e in bad.errors)
     if calls["bad"] != 1 or raised != 50:
         return failed(
             name,
             f"failing fn: ran {calls['bad']} times, {raised}/50 callers got its exception; "
-            "expected 1 and 50",
+            "expected 1 and 50" + why(calls["bad"]),
         )
     with contextlib.suppress(ConnectionError):
         get_once(bad_key, broken)

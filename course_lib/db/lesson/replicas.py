@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -253,6 +253,18 @@ class ReplicaSet:
     def start_replica(self, timeout: float = 60.0, *, index: int = 0) -> None:
         """Start replica ``index`` again after :meth:`stop_replica`."""
         self.replicas[self._index(index)].start(positive_number("timeout", timeout))
+
+    @contextlib.contextmanager
+    def replay_paused(self, *, index: int = 0) -> Iterator[None]:
+        """Hold replica ``index``'s replay for the block (``pg_wal_replay_pause()``), resumed
+        on exit, also on error: WAL still arrives, nothing past the pause is applied, however
+        long the block takes. A replica busy replaying a long migration lags like this."""
+        with self.engine("replica", index).connect() as conn:
+            conn.execute(text("SELECT pg_wal_replay_pause()"))
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_wal_replay_resume()"))
 
     def restart_primary(self, timeout: float = 60.0) -> None:
         """Stop and start the primary: every connection open to it is broken."""
