@@ -295,3 +295,21 @@ def test_the_lesson_demo_shows_each_rule(rs: ReplicaSet, own_set: bool) -> None:
     assert set(capped.saw[-2:]) == {"Carol v2"}
     assert list(phase["no replica has it"].went_to) == ["primary", "replica1"]
     assert set(phase["no replica has it"].saw) == {"Alice v3"}
+
+
+def test_replay_paused_holds_what_arrives_until_the_block_ends(
+    rs: ReplicaSet, router: db.Router
+) -> None:
+    replica0 = rs.engine("replica", 0)
+
+    def received() -> int:
+        with replica0.connect() as conn:
+            lsn = conn.execute(select(func.pg_last_wal_receive_lsn())).scalar_one()
+        return db.parse_lsn(lsn)
+
+    with rs.replay_paused(index=0):
+        lsn = _write(router, None, 5, "paused")
+        assert _wait_for(lambda: received() >= lsn)  # the WAL is on replica0...
+        assert (router.replayed_lsn(0) or 0) < lsn  # ...and not applied
+        assert _read(router, None, 5) != ("replica0", "paused")
+    assert _wait_for(lambda: (router.replayed_lsn(0) or 0) >= lsn)  # resumed on exit
