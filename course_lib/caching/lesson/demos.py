@@ -268,29 +268,41 @@ def _seed_stampede(
 def seed_hang_demo(namespace: str, *, waiters: int = 10, timeout: float = 0.5) -> dict[str, int]:
     """The seed's ``get_with_lock`` with a loader that raises: who returns, who hangs.
 
-    Every call runs under ``asyncio.wait_for(timeout)``; without it they would wait forever.
+    ``waiters`` concurrent calls; once the loader has raised, each still waiting gets
+    ``timeout`` more seconds, then counts as timed out (cancelled: without the limit they
+    would wait forever). Then one later call of the same key, under the same limit. The
+    clock starts when the loader raises, so how long the calls took to get there on a busy
+    machine does not change the counts.
     """
     loads = {"n": 0}
+    raised = asyncio.Event()
 
     async def failing_fetch(key: str) -> str:
         loads["n"] += 1
         await asyncio.sleep(0.05)
+        raised.set()
         raise ConnectionError("database unavailable")
 
     key = f"{namespace}:seed:failing"
 
-    async def scenario() -> dict[str, int]:
-        async def one() -> str:
-            try:
-                await asyncio.wait_for(as_written.get_with_lock(key), timeout)
-                return "returned"
-            except TimeoutError:
-                return "timed_out"
-            except ConnectionError:
-                return "raised"
+    async def call() -> str:
+        try:
+            await as_written.get_with_lock(key)
+        except ConnectionError:
+            return "raised"
+        return "returned"
 
-        first = await asyncio.gather(*(one() for _ in range(waiters)))
-        later = await one()
+    async def scenario() -> dict[str, int]:
+        tasks = [asyncio.create_task(call()) for _ in range(waiters)]
+        await asyncio.wait_for(raised.wait(), 30)  # the leader reaches the loader
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        first = [task.result() if task in done else "timed_out" for task in tasks]
+        try:
+            later = await asyncio.wait_for(call(), timeout)
+        except TimeoutError:
+            later = "timed_out"
         return {
             "loader_calls": loads["n"],
             "raised": first.count("raised"),
