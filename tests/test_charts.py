@@ -12,6 +12,9 @@ from matplotlib.figure import Figure
 
 from course_lib import charts
 
+# Charts use no server: one pass of `make test` covers them.
+pytestmark = pytest.mark.one_pass
+
 rng = random.Random(1)
 FAST = [rng.uniform(0.0001, 0.0002) for _ in range(200)]
 SLOW = [rng.uniform(0.002, 0.004) for _ in range(200)]

@@ -44,6 +44,9 @@ def test_doctor_reports_both_services() -> None:
     assert rows["python"].startswith("3.")
 
 
+# The tests of an unreachable URL set COURSE_SERVICES=auto themselves: the pass's setting
+# does not change what they check, so one pass of `make test` covers them.
+@pytest.mark.one_pass
 def test_doctor_with_unreachable_url_fails_with_one_clear_line() -> None:
     # auto: an explicit URL is only ignored when COURSE_SERVICES=embedded forces the embedded.
     done = course("doctor", env={"REDIS_URL": "redis://127.0.0.1:1", "COURSE_SERVICES": "auto"})
@@ -114,6 +117,7 @@ def test_lab_provisions_services_then_hands_over_to_jupyter() -> None:
     assert settings["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
 
 
+@pytest.mark.one_pass
 def test_lab_passes_allow_root_to_root_only_and_opens_on_the_start_page(tmp_path: Path) -> None:
     as_user, notes = lab_command(tmp_path, ["--port=9"], as_root=False, start="START_HERE.md")
     assert "--allow-root" not in as_user and notes == []
@@ -161,6 +165,7 @@ def test_index_keeps_the_rows_of_notebooks_built_earlier(tmp_path: Path) -> None
 
 
 # Each form of issue 18 (finding 6) that `course doctor` once printed in part or in clear.
+@pytest.mark.one_pass
 @pytest.mark.parametrize(
     ("variable", "value", "secrets"),
     [

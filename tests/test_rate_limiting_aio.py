@@ -182,6 +182,7 @@ def test_each_family_refuses_the_other_familys_client(redis: redis_lib.Redis) ->
         aio.FixedWindow(client, 0, 60, prefix="x")
 
 
+@pytest.mark.one_pass
 def test_fail_open_when_redis_is_stopped(embedded_dir) -> None:
     server = services.EmbeddedRedis(embedded_dir / "redis")
     url = server.start()
