@@ -69,17 +69,6 @@ def _notebook(path: Path, *sources: str) -> Path:
 
 
 @pytest.mark.one_pass
-@pytest.mark.timeout(180)
-def test_build_names_the_failing_notebook_and_cell(tmp_path: Path) -> None:
-    broken = _notebook(tmp_path / "99_broken.ipynb", "x = 1", "assert x == 2, 'x is not 2'")
-    done = course("build", str(broken), "--out", str(tmp_path / "out"))
-    assert done.returncode == 1
-    assert f"FAILED  {broken} cell 2: AssertionError: x is not 2" in done.stdout
-    index = (tmp_path / "out" / "index.html").read_text()
-    assert "A broken notebook" in index and "FAILED at cell 2" in index
-
-
-@pytest.mark.one_pass
 @pytest.mark.timeout(300)
 def test_build_with_embedded_services(tmp_path: Path) -> None:
     state = Path(f"/tmp/pc-build-{os.getpid()}")
@@ -152,14 +141,19 @@ def test_build_refuses_a_missing_notebook_before_running_anything(tmp_path: Path
     assert not (tmp_path / "out" / "index.html").exists()
 
 
+# One pair of builds (each a `course` process and a kernel) for both claims.
 @pytest.mark.one_pass
 @pytest.mark.timeout(180)
-def test_index_keeps_the_rows_of_notebooks_built_earlier(tmp_path: Path) -> None:
+def test_build_names_the_failing_notebook_and_cell_and_keeps_earlier_rows(tmp_path: Path) -> None:
     good = _notebook(tmp_path / "01_good.ipynb", "x = 1")
-    broken = _notebook(tmp_path / "02_broken.ipynb", "assert False, 'no'")
+    broken = _notebook(tmp_path / "02_broken.ipynb", "x = 1", "assert x == 2, 'x is not 2'")
     assert course("build", str(good), "--out", str(tmp_path / "out")).returncode == 0
-    assert course("build", str(broken), "--out", str(tmp_path / "out")).returncode == 1
+    done = course("build", str(broken), "--out", str(tmp_path / "out"))
+    assert done.returncode == 1
+    assert f"FAILED  {broken} cell 2: AssertionError: x is not 2" in done.stdout
     index = (tmp_path / "out" / "index.html").read_text()
+    assert "A broken notebook" in index and "FAILED at cell 2" in index
+    # the index keeps the row of the notebook built earlier
     assert "01_good.html" in index and "02_broken.html" in index
     assert index.count("class='ok'") == 1 and index.count("class='fail'") == 1
 
