@@ -260,6 +260,7 @@ def test_the_asyncio_shell_is_not_the_blocking_one(redis: redis_lib.Redis, name:
     assert repr(limiter) == repr(blocking)
 
 
+@pytest.mark.one_pass
 @pytest.mark.parametrize("shell", [sync, aio])
 def test_each_shell_declares_its_limiters_by_their_names(shell: Any) -> None:
     """Each shell declares its five classes, its core first: each lives in the shell's module
