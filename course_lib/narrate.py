@@ -17,11 +17,12 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import nbformat
+from typing import TYPE_CHECKING, Any
 
 from .progress import in_kernel
+
+if TYPE_CHECKING:  # nbformat imports jsonschema, seconds of imports a notebook's kernel skips
+    import nbformat
 
 __all__ = ["METADATA_KEY", "Figure", "figures_of", "record", "say"]
 

@@ -11,10 +11,14 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 NAMES = sorted(p.stem.removeprefix("bench_") for p in BENCHMARKS.glob("bench_*.py"))
+# Benchmarks of no Redis or PostgreSQL: one pass of `make test` covers them.
+NO_SERVICE = {"load_balancing"}
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.one_pass) if n in NO_SERVICE else n for n in NAMES]
+)
 def test_benchmark_runs_and_prints_ratios(name: str) -> None:
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "run.py"), "--quick", name],
@@ -31,6 +35,7 @@ def test_benchmark_runs_and_prints_ratios(name: str) -> None:
     assert all(re.search(r" = [\d.e+-]+ \S+ +[\d.e+-]+x", line) for line in rows), done.stdout
 
 
+@pytest.mark.one_pass
 def test_unknown_benchmark_is_refused() -> None:
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "run.py"), "nope"], capture_output=True, text=True

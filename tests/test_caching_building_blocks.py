@@ -36,6 +36,7 @@ from course_lib.caching.xfetch import should_refresh
 from course_lib.measure import run_threads
 
 
+@pytest.mark.one_pass
 @pytest.mark.timeout(30)
 def test_single_flight_shares_result_and_exception():
     flight: SingleFlight = SingleFlight(timeout=5)
@@ -66,6 +67,7 @@ def test_single_flight_shares_result_and_exception():
     assert flight.do("k", lambda: "again") == "again"
 
 
+@pytest.mark.one_pass
 @pytest.mark.timeout(10)
 def test_single_flight_waiter_timeout():
     flight: SingleFlight = SingleFlight(timeout=0.2)
@@ -85,6 +87,7 @@ def test_single_flight_waiter_timeout():
     leader.join()
 
 
+@pytest.mark.one_pass
 @pytest.mark.timeout(10)
 def test_async_single_flight_shares_exception_and_recovers():
     async def scenario():
@@ -235,6 +238,7 @@ def test_lock_validation(redis):
         RedisLock(redis, "x", ttl=5, wait=None)  # type: ignore[arg-type]
 
 
+@pytest.mark.one_pass
 def test_single_flight_validation():
     with pytest.raises(TypeError, match="timeout"):
         SingleFlight(timeout="x")  # type: ignore[arg-type]
@@ -276,6 +280,7 @@ def test_seed_bound_restores_the_previous_binding(redis, pg_engine, as_written_r
     assert as_written.PREFIX == "outer" and as_written.db is outer_db
 
 
+@pytest.mark.one_pass
 def test_xfetch_probability_grows_near_expiry():
     rng = random.Random(0)
     far = sum(should_refresh(now=0, delta=0.1, expiry=10, rng=rng) for _ in range(1000))
@@ -305,6 +310,7 @@ def test_xfetch_refreshes_before_expiry(redis, ns):
     assert stats["misses"] == 1  # only the cold start: every expiry was pre-empted
 
 
+@pytest.mark.one_pass
 def test_serialisation_is_json_only():
     value = {
         "when": dt.datetime(2024, 1, 2, 3, 4, 5),
@@ -331,6 +337,7 @@ def test_with_a_busy_lock_raises_lock_not_acquired(redis, ns):
     assert busy.token is None and redis.get(f"{ns}:busy") == b"someone"
 
 
+@pytest.mark.one_pass
 def test_orm_objects_and_mappings_are_cached_as_their_columns():
     user = User(id=1, name="Ana", email="ana@example.com", plan="pro", score=3, version=0)
     assert to_jsonable([user, MappingProxyType({"a": 1})]) == [

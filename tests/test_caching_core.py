@@ -41,6 +41,9 @@ from course_lib.caching.core.steps import (
 )
 from course_lib.caching.serialization import dumps
 
+# The sans-I/O core, no server: one pass of `make test` covers it.
+pytestmark = pytest.mark.one_pass
+
 
 def core(stampede: Any = "lock", **settings: Any) -> CacheAsideCore:
     defaults: dict[str, Any] = {

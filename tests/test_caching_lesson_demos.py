@@ -23,6 +23,7 @@ def test_replay_refuses_a_negative_interval(redis, ns):
         demos.replay(CacheAside(redis, lambda k: k, ttl=60, namespace=ns), [1], interval=-1)
 
 
+@pytest.mark.one_pass
 def test_hit_ratio_series_is_a_ratio_of_equal_runs_of_calls():
     # 30 calls alternating hit/miss, then 2 misses: runs of 10 calls, the short last run left out
     times = [i * 0.01 for i in range(32)]

@@ -109,6 +109,7 @@ def test_same_process_waiters_load_themselves_after_their_wait(redis, ns, mode) 
     assert cache.stats["lock_timeouts"] >= 1
 
 
+@pytest.mark.one_pass
 def test_thread_flight_timeout_is_not_the_leaders_timeout_error() -> None:
     flight: SingleFlight[str] = SingleFlight(timeout=5)
     gate = threading.Event()
@@ -147,6 +148,7 @@ def _catch(fn):  # type: ignore[no-untyped-def]
     return None
 
 
+@pytest.mark.one_pass
 def test_async_waiters_take_over_when_the_leader_is_cancelled() -> None:
     async def scenario() -> tuple[list[object], int]:
         flight: AsyncSingleFlight[str] = AsyncSingleFlight(timeout=5)

@@ -148,6 +148,7 @@ def test_write_behind_with_replicas_refuses_to_confirm_on_a_lone_primary(any_red
     assert redis.xrange(wb.stream)[0][0].decode() == refused.value.entry
 
 
+@pytest.mark.one_pass
 def test_entry_version_orders_stream_ids():
     assert entry_version("5-1") < entry_version("5-2") < entry_version("6-0")
 
@@ -490,6 +491,7 @@ def test_worker_process_stop_kills_a_worker_that_does_not_exit(redis, ns, store)
     assert not worker.is_alive()
 
 
+@pytest.mark.one_pass
 def test_database_unavailable_tells_an_absent_database_from_a_refused_entry():
     """By PEP 249's names, whichever driver or wrapper raised: an absent database is
     retried later, a refused entry is kept pending (then dead-lettered)."""

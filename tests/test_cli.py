@@ -44,6 +44,9 @@ def test_doctor_reports_both_services() -> None:
     assert rows["python"].startswith("3.")
 
 
+# The tests of an unreachable URL set COURSE_SERVICES=auto themselves: the pass's setting
+# does not change what they check, so one pass of `make test` covers them.
+@pytest.mark.one_pass
 def test_doctor_with_unreachable_url_fails_with_one_clear_line() -> None:
     # auto: an explicit URL is only ignored when COURSE_SERVICES=embedded forces the embedded.
     done = course("doctor", env={"REDIS_URL": "redis://127.0.0.1:1", "COURSE_SERVICES": "auto"})
@@ -63,17 +66,6 @@ def _notebook(path: Path, *sources: str) -> Path:
     }
     nbformat.write(nb, path)
     return path
-
-
-@pytest.mark.one_pass
-@pytest.mark.timeout(180)
-def test_build_names_the_failing_notebook_and_cell(tmp_path: Path) -> None:
-    broken = _notebook(tmp_path / "99_broken.ipynb", "x = 1", "assert x == 2, 'x is not 2'")
-    done = course("build", str(broken), "--out", str(tmp_path / "out"))
-    assert done.returncode == 1
-    assert f"FAILED  {broken} cell 2: AssertionError: x is not 2" in done.stdout
-    index = (tmp_path / "out" / "index.html").read_text()
-    assert "A broken notebook" in index and "FAILED at cell 2" in index
 
 
 @pytest.mark.one_pass
@@ -114,6 +106,7 @@ def test_lab_provisions_services_then_hands_over_to_jupyter() -> None:
     assert settings["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
 
 
+@pytest.mark.one_pass
 def test_lab_passes_allow_root_to_root_only_and_opens_on_the_start_page(tmp_path: Path) -> None:
     as_user, notes = lab_command(tmp_path, ["--port=9"], as_root=False, start="START_HERE.md")
     assert "--allow-root" not in as_user and notes == []
@@ -148,19 +141,25 @@ def test_build_refuses_a_missing_notebook_before_running_anything(tmp_path: Path
     assert not (tmp_path / "out" / "index.html").exists()
 
 
+# One pair of builds (each a `course` process and a kernel) for both claims.
 @pytest.mark.one_pass
 @pytest.mark.timeout(180)
-def test_index_keeps_the_rows_of_notebooks_built_earlier(tmp_path: Path) -> None:
+def test_build_names_the_failing_notebook_and_cell_and_keeps_earlier_rows(tmp_path: Path) -> None:
     good = _notebook(tmp_path / "01_good.ipynb", "x = 1")
-    broken = _notebook(tmp_path / "02_broken.ipynb", "assert False, 'no'")
+    broken = _notebook(tmp_path / "02_broken.ipynb", "x = 1", "assert x == 2, 'x is not 2'")
     assert course("build", str(good), "--out", str(tmp_path / "out")).returncode == 0
-    assert course("build", str(broken), "--out", str(tmp_path / "out")).returncode == 1
+    done = course("build", str(broken), "--out", str(tmp_path / "out"))
+    assert done.returncode == 1
+    assert f"FAILED  {broken} cell 2: AssertionError: x is not 2" in done.stdout
     index = (tmp_path / "out" / "index.html").read_text()
+    assert "A broken notebook" in index and "FAILED at cell 2" in index
+    # the index keeps the row of the notebook built earlier
     assert "01_good.html" in index and "02_broken.html" in index
     assert index.count("class='ok'") == 1 and index.count("class='fail'") == 1
 
 
 # Each form of issue 18 (finding 6) that `course doctor` once printed in part or in clear.
+@pytest.mark.one_pass
 @pytest.mark.parametrize(
     ("variable", "value", "secrets"),
     [

@@ -23,6 +23,10 @@ from course_lib.db.lesson.replicas import ReplicaSet
 from course_lib.services.embedded import find_postgres_bin_dir
 from course_lib.services.errors import ServiceError
 
+# Every server here is a ReplicaSet of the test's own (the same PostgreSQL binaries in
+# both passes of `make test`): one pass covers them.
+pytestmark = pytest.mark.one_pass
+
 
 def _wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout

@@ -24,6 +24,10 @@ from course_lib.db.lesson.replicas import ReplicaSet
 from course_lib.db.lesson.several_replicas import two_replicas_demo
 from course_lib.services.embedded import find_postgres_bin_dir
 
+# Every server here is a ReplicaSet of the test's own (the same PostgreSQL binaries in
+# both passes of `make test`): one pass covers them.
+pytestmark = pytest.mark.one_pass
+
 DELAY = 1.5
 
 

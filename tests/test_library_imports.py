@@ -13,6 +13,9 @@ import pytest
 
 import course_lib
 
+# Imports in a fresh interpreter, no server: one pass of `make test` covers them.
+pytestmark = pytest.mark.one_pass
+
 TOPICS = ["caching", "rate_limiting", "load_balancing", "db", "profiling"]
 REDIS_ONLY = {"caching", "rate_limiting"}
 

@@ -26,6 +26,9 @@ from course_lib.load_balancing.lesson.demos import get_server_with_log, longest_
 from course_lib.measure import run_threads
 from course_lib.workloads import zipf_keys
 
+# In-memory strategies, no Redis or PostgreSQL: one pass of `make test` covers them.
+pytestmark = pytest.mark.one_pass
+
 THREE = ["server1", "server2", "server3"]
 TEN = [f"s{i}" for i in range(10)]
 

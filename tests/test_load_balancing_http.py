@@ -27,6 +27,9 @@ from course_lib.load_balancing.backends import backend_app
 from course_lib.load_balancing.loadgen import run_load
 from course_lib.load_balancing.proxy import Proxy
 
+# The proxy and its backends only, no Redis or PostgreSQL: one pass of `make test` covers them.
+pytestmark = pytest.mark.one_pass
+
 FACTORY = "course_lib.load_balancing.backends:backend_app"
 RESET = None  # a script step: reset the connection instead of replying
 

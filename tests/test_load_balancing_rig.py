@@ -19,6 +19,10 @@ from course_lib.load_balancing.loadgen import run_load
 from course_lib.load_balancing.nginx import nginx_binary, nginx_config, run_nginx
 from course_lib.load_balancing.proxy import Proxy
 
+# The proxy, its backends and nginx only, no Redis or PostgreSQL: one pass of `make test`
+# covers them.
+pytestmark = pytest.mark.one_pass
+
 FACTORY = "course_lib.load_balancing.backends:backend_app"
 NAMES = ["server1", "server2", "server3"]
 

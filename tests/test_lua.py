@@ -31,6 +31,7 @@ def private_url() -> Iterator[str]:
             server.stop()
 
 
+@pytest.mark.one_pass
 def test_every_lua_file_of_the_package_loads() -> None:
     names = [
         (package, entry.name[:-4])
@@ -45,6 +46,7 @@ def test_every_lua_file_of_the_package_loads() -> None:
         assert lua.load(package, name) is script  # read once
 
 
+@pytest.mark.one_pass
 def test_unknown_script_and_empty_source_are_refused() -> None:
     with pytest.raises(ValueError, match="nope"):
         lua.load("course_lib.caching", "nope")
@@ -52,6 +54,7 @@ def test_unknown_script_and_empty_source_are_refused() -> None:
         lua.Script("empty", "  ")
 
 
+@pytest.mark.one_pass
 def test_prelude_comes_first_and_epilogue_last() -> None:
     script = lua.load("course_lib.rate_limiting", "gcra", prelude="_now", epilogue="_batch")
     now = lua.load("course_lib.rate_limiting", "_now").source

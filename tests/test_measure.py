@@ -26,6 +26,7 @@ from course_lib.measure import (
 )
 
 
+@pytest.mark.one_pass
 def test_percentiles_are_nearest_rank() -> None:
     samples = list(range(1, 101))
     assert percentiles(samples) == {"p50": 50, "p95": 95, "p99": 99}
@@ -33,22 +34,26 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentiles([3, 1, 2], ps=(100,)) == {"p100": 3}
 
 
+@pytest.mark.one_pass
 def test_percentiles_reject_no_samples() -> None:
     with pytest.raises(ValueError, match="samples"):
         percentiles([])
 
 
+@pytest.mark.one_pass
 def test_percentile_outside_range_is_rejected() -> None:
     with pytest.raises(ValueError, match="ps must"):
         percentiles([1, 2], ps=(0,))
 
 
+@pytest.mark.one_pass
 def test_summarize_scales() -> None:
     summary = summarize([0.001, 0.002, 0.003], scale=1e3)
     assert summary["n"] == 3 and summary["p50"] == pytest.approx(2.0)
     assert summary["max"] == pytest.approx(3.0)
 
 
+@pytest.mark.one_pass
 def test_time_calls_counts_calls() -> None:
     calls = []
     samples = time_calls(lambda: calls.append(1), 5, warmup=2)
@@ -61,6 +66,7 @@ def test_time_calls_counts_calls() -> None:
         time_calls(lambda: None, 1, warmup=-1)
 
 
+@pytest.mark.one_pass
 def test_threads_really_run_together() -> None:
     # Each call waits for all the others: it only completes if the 8 threads overlap.
     rendezvous = threading.Barrier(8, timeout=10)
@@ -69,6 +75,7 @@ def test_threads_really_run_together() -> None:
     assert result.errors == [] and sorted(result.values) == list(range(8))
 
 
+@pytest.mark.one_pass
 def test_threads_record_exceptions_and_workers() -> None:
     def fn(worker: int, index: int) -> int:
         if worker == 1:
@@ -83,12 +90,14 @@ def test_threads_record_exceptions_and_workers() -> None:
     assert frame["start"].min() == 0.0
 
 
+@pytest.mark.one_pass
 def test_threads_time_out_instead_of_hanging() -> None:
     never = threading.Event()
     with pytest.raises(TimeoutError):
         run_threads(lambda: never.wait(), 2, timeout=0.3)
 
 
+@pytest.mark.one_pass
 @pytest.mark.parametrize("runner", [run_threads, run_processes, run_tasks])
 def test_bad_counts_are_rejected(runner) -> None:
     with pytest.raises(ValueError, match="workers"):
@@ -107,17 +116,20 @@ def _pid() -> int:
     return os.getpid()
 
 
+@pytest.mark.one_pass
 def test_processes_are_distinct_processes() -> None:
     result = run_processes(_pid, 4, calls=3)
     assert len(result) == 12 and result.errors == []
     assert len(set(result.values)) == 4 and os.getpid() not in result.values
 
 
+@pytest.mark.one_pass
 def test_processes_time_out() -> None:
     with pytest.raises(TimeoutError):
         run_processes(lambda: time.sleep(30), 2, timeout=1)
 
 
+@pytest.mark.one_pass
 def test_tasks_run_concurrently_on_one_loop() -> None:
     async def fn() -> int:
         await rendezvous.wait()
@@ -128,6 +140,7 @@ def test_tasks_run_concurrently_on_one_loop() -> None:
     assert len(result) == 20 and result.errors == [] and len(set(result.values)) == 1
 
 
+@pytest.mark.one_pass
 def test_tasks_time_out() -> None:
     async def forever() -> None:
         await asyncio.sleep(60)
@@ -152,6 +165,7 @@ def test_round_trip_counter_counts_requests_not_commands(ns: str) -> None:
     client.close()
 
 
+@pytest.mark.one_pass
 @given(
     st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=200),
     st.floats(min_value=0.001, max_value=100),
@@ -164,6 +178,7 @@ def test_percentiles_are_observed_values_and_monotonic(samples, p, q) -> None:
     assert values[0] <= values[1] <= values[2] == max(samples)
 
 
+@pytest.mark.one_pass
 def test_sys_exit_in_a_thread_is_recorded_not_lost() -> None:
     result = run_threads(lambda: sys.exit(3), 2)
     assert len(result) == 2 and result.errors == ["SystemExit: 3", "SystemExit: 3"]
@@ -177,6 +192,7 @@ def _unpicklable() -> object:
     return threading.Lock()
 
 
+@pytest.mark.one_pass
 @pytest.mark.parametrize(
     ("fn", "message"), [(_die, "died with exit code -9"), (_unpicklable, "without reporting")]
 )
@@ -187,11 +203,13 @@ def test_processes_that_cannot_report_are_named_quickly(fn, message: str) -> Non
     assert time.monotonic() - start < 20  # well before the timeout
 
 
+@pytest.mark.one_pass
 def test_tasks_need_an_awaitable() -> None:
     with pytest.raises(TypeError, match="awaitable"):
         run_tasks(lambda: 42, 2)
 
 
+@pytest.mark.one_pass
 def test_tasks_blocking_the_loop_time_out() -> None:
     async def blocking() -> None:
         time.sleep(3)

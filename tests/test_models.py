@@ -17,6 +17,8 @@ from course_lib import db, models
 from course_lib.caching.lesson import users
 
 
+# The first two tests use no server: one pass of `make test` covers them.
+@pytest.mark.one_pass
 def test_both_topics_map_users_with_the_one_model() -> None:
     assert db.User is users.User is models.User
     assert db.Post is models.Post and db.Base is models.Base
@@ -24,6 +26,7 @@ def test_both_topics_map_users_with_the_one_model() -> None:
     assert users.COLUMNS == ("id", "name", "email", "plan", "score", "version")
 
 
+@pytest.mark.one_pass
 @pytest.mark.parametrize(
     ("module", "other_topic"),
     [("course_lib.caching.lesson.users", "course_lib.db"), ("course_lib.db", "course_lib.caching")],

@@ -26,7 +26,9 @@ def test_say_in_a_kernel_shows_markdown_and_records_what_it_showed() -> None:
         "from course_lib.narrate import say, record\n"
         "import numpy as np\n"
         "say('p99 is {p99:.1f} ms over {n:,} calls', p99=np.float64(12.345), n=12000)\n"
-        "record('.2f', ratio=1.23456)"
+        "record('.2f', ratio=1.23456)",
+        # narrating costs a kernel no nbformat (and its jsonschema: seconds of imports)
+        "import sys\nassert 'nbformat' not in sys.modules",
     )
     shown = [o for o in nb.cells[0].outputs if "text/markdown" in o.get("data", {})]
     assert [o.data["text/markdown"] for o in shown] == ["p99 is 12.3 ms over 12,000 calls"]

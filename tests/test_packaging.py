@@ -7,7 +7,11 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
+
+# Reads the project's files, no server: one pass of `make test` covers them.
+pytestmark = pytest.mark.one_pass
 
 ROOT = Path(__file__).resolve().parent.parent
 # conda-forge names that differ from PyPI's

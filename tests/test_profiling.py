@@ -22,6 +22,9 @@ from course_lib.profiling import (
 )
 from course_lib.profiling.flame import flame_graph, read_collapsed, stack_share
 
+# Profilers on in-process work, no server: one pass of `make test` covers them.
+pytestmark = pytest.mark.one_pass
+
 
 def leaf(x: int) -> int:
     return x + 1

@@ -16,6 +16,7 @@ from course_lib.profiling.lesson import leak, workload
 from course_lib.profiling.lesson.service import seed_blog
 
 
+@pytest.mark.one_pass
 def test_unbounded_cache_keeps_every_page_and_the_bounded_one_keeps_the_recent_ones() -> None:
     unbounded, bounded = leak.UnboundedPageCache(), leak.BoundedPageCache(10)
     queries = leak.query_strings(100)

@@ -45,6 +45,7 @@ def by_name(spans: list, name: str) -> list:
     return [s for s in spans if s.name == name]
 
 
+@pytest.mark.one_pass
 def test_traced_spans_have_correct_parent_child_links() -> None:
     with tracing() as spans:
         assert outer() == 6
@@ -58,6 +59,7 @@ def test_traced_spans_have_correct_parent_child_links() -> None:
     assert root.attributes["code.function"] == "outer"
 
 
+@pytest.mark.one_pass
 def test_traced_records_an_exception_and_reraises_it() -> None:
     with tracing() as spans, pytest.raises(RuntimeError, match="planted"):
         fails()
@@ -66,6 +68,7 @@ def test_traced_records_an_exception_and_reraises_it() -> None:
     assert [e.name for e in span.events] == ["exception"]
 
 
+@pytest.mark.one_pass
 def test_traced_async_function_and_the_modules_processar_task() -> None:
     @traced("async_work")
     async def work() -> int:
@@ -79,6 +82,7 @@ def test_traced_async_function_and_the_modules_processar_task() -> None:
     assert child.parent.span_id == parent.context.span_id
 
 
+@pytest.mark.one_pass
 def test_traced_rejects_a_bare_function_and_a_bad_name() -> None:
     with pytest.raises(TypeError, match=r"@traced\(\)"):
         traced(outer)  # type: ignore[arg-type]
@@ -152,6 +156,7 @@ def test_spans_finished_in_other_threads_land_in_the_list(redis: redis_lib.Redis
     assert len(by_name(spans, "outer")) == 4 and len(by_name(spans, "inner")) == 8
 
 
+@pytest.mark.one_pass
 def test_waterfall_renders_one_bar_per_span() -> None:
     with tracing() as spans:
         outer()
@@ -237,6 +242,7 @@ def consumer_step() -> None:
     pass
 
 
+@pytest.mark.one_pass
 def test_traced_generator_spans_the_iteration_and_parents_only_its_body() -> None:
     with tracing() as spans:
         got = []
@@ -254,6 +260,7 @@ def test_traced_generator_spans_the_iteration_and_parents_only_its_body() -> Non
     assert all(span.start_time <= c.start_time <= c.end_time <= span.end_time for c in children)
 
 
+@pytest.mark.one_pass
 def test_traced_generator_records_an_exception_and_keeps_send_and_return() -> None:
     with tracing() as spans, pytest.raises(ValueError, match="planted in the generator"):
         list(rows(3, fail_at=1))
@@ -287,6 +294,7 @@ def test_traced_generator_records_an_exception_and_keeps_send_and_return() -> No
     assert span.status.status_code is StatusCode.UNSET
 
 
+@pytest.mark.one_pass
 def test_traced_generator_closed_early_ends_its_span_and_runs_its_finally() -> None:
     cleaned = []
 
@@ -314,6 +322,7 @@ def test_traced_generator_closed_early_ends_its_span_and_runs_its_finally() -> N
     assert parents.count(second.context.span_id) == 2
 
 
+@pytest.mark.one_pass
 def test_traced_async_generator_spans_the_iteration() -> None:
     @traced("ticks")
     async def ticks(n: int, fail: bool = False):

@@ -17,6 +17,9 @@ from course_lib.concurrency import (
 from course_lib.rate_limiting import Decision, TokenBucket, token_bucket
 from course_lib.rate_limiting.lesson import as_written
 
+# The in-process token bucket, no server: one pass of `make test` covers it.
+pytestmark = pytest.mark.one_pass
+
 
 def test_decision_truthiness_follows_allowed() -> None:
     assert bool(Decision(True, 3, 0.0, 1.0)) is True

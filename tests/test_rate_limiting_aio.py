@@ -182,6 +182,7 @@ def test_each_family_refuses_the_other_familys_client(redis: redis_lib.Redis) ->
         aio.FixedWindow(client, 0, 60, prefix="x")
 
 
+@pytest.mark.one_pass
 def test_fail_open_when_redis_is_stopped(embedded_dir) -> None:
     server = services.EmbeddedRedis(embedded_dir / "redis")
     url = server.start()
@@ -259,6 +260,7 @@ def test_the_asyncio_shell_is_not_the_blocking_one(redis: redis_lib.Redis, name:
     assert repr(limiter) == repr(blocking)
 
 
+@pytest.mark.one_pass
 @pytest.mark.parametrize("shell", [sync, aio])
 def test_each_shell_declares_its_limiters_by_their_names(shell: Any) -> None:
     """Each shell declares its five classes, its core first: each lives in the shell's module

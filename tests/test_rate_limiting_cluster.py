@@ -31,6 +31,10 @@ from course_lib.rate_limiting import (
 from course_lib.rate_limiting.lesson.cluster import cluster_demo
 from course_lib.services.cluster import LocalCluster
 
+# Every cluster here is the test's own (redis-server is found the same way in both passes
+# of `make test`): one pass covers them.
+pytestmark = pytest.mark.one_pass
+
 
 @pytest.fixture(scope="module")
 def cluster(local_cluster: LocalCluster) -> Iterator[RedisCluster]:

@@ -131,16 +131,19 @@ def _fails(result: CheckResult, reason: str) -> bool:
     return not result and reason in result.message
 
 
+@pytest.mark.one_pass
 def test_window_counter_checker_reports_what_failed(capsys: pytest.CaptureFixture[str]) -> None:
     assert not check_window_counter(UnclampedCounter)
     line = capsys.readouterr().out
     assert line.startswith("FAIL check_window_counter") and "clock stepped back 1 h" in line
 
 
+@pytest.mark.one_pass
 def test_window_counter_checker_passes_the_reference() -> None:
     assert check_window_counter(ReferenceCounter)
 
 
+@pytest.mark.one_pass
 @pytest.mark.parametrize(
     ("answer", "reason"),
     [
@@ -155,6 +158,7 @@ def test_window_counter_checker_fails_planted_answers(answer: type, reason: str)
     assert _fails(check_window_counter(answer), reason)
 
 
+@pytest.mark.one_pass
 @pytest.mark.parametrize("answer", [UnlockedCounter, FloatUnlockedCounter])
 def test_window_counter_checker_refuses_a_lock_free_answer_every_time(answer: type) -> None:
     # every run, not by luck: a thread switch is forced between every bytecode of the answer
@@ -162,6 +166,7 @@ def test_window_counter_checker_refuses_a_lock_free_answer_every_time(answer: ty
         assert _fails(check_window_counter(answer), "8 threads x 30 calls on one key")
 
 
+@pytest.mark.one_pass
 def test_window_counter_checker_needs_time_from_the_clock_it_is_given() -> None:
     class WallClock(ReferenceCounter):
         def __init__(self, limit, window, clock):
@@ -254,6 +259,7 @@ def test_atomic_limiter_checker_drops_the_connection_between_commands() -> None:
     assert check_atomic_limiter(transaction)
 
 
+@pytest.mark.one_pass
 def test_retry_delays_checker() -> None:
     assert check_retry_delays(reference_delay)
     # the old reference: jittered, never early, but the same pace however often refused

@@ -94,6 +94,7 @@ def test_rotating_unknown_api_keys_buys_no_extra_quota(redis: redis_lib.Redis, n
         api_key_or_ip("alice")  # type: ignore[arg-type]
 
 
+@pytest.mark.one_pass
 def test_retry_after_is_whole_seconds_and_at_least_one() -> None:
     limiter = types.SimpleNamespace(quota=5, window=2.5)  # all the headers read
     headers = dict(rate_limit_headers(limiter, Decision(False, 0, 0.2, 2.2)))
@@ -195,6 +196,7 @@ def test_demo_server_sends_small_responses_without_delay(redis: redis_lib.Redis,
             assert _server_side_nodelay(port, conn.getsockname()[1]) == 1
 
 
+@pytest.mark.one_pass
 @pytest.mark.timeout(60)
 def test_fail_fast_client_lets_the_middleware_fail_open(embedded_dir) -> None:
     server = services.EmbeddedRedis(embedded_dir / "redis")
@@ -211,6 +213,7 @@ def test_fail_fast_client_lets_the_middleware_fail_open(embedded_dir) -> None:
         services.fail_fast_redis(server.url, timeout=0)
 
 
+@pytest.mark.one_pass
 def test_middleware_runs_without_redis_on_keyed_in_process_buckets() -> None:
     clock = ManualClock(0.0)
     limiter = KeyedTokenBucket(2, 0.5, clock=clock)
@@ -224,6 +227,7 @@ def test_middleware_runs_without_redis_on_keyed_in_process_buckets() -> None:
     assert [r.status_code for r in get_all(app, [alice, alice])] == [200, 429]
 
 
+@pytest.mark.one_pass
 def test_keyed_bucket_is_exact_under_threads_and_bounded_in_memory() -> None:
     limiter = KeyedTokenBucket(100, 1e-9, max_keys=3)
     allowed = run_threads(lambda: bool(limiter.hit("k")), 8, calls=50)
@@ -245,6 +249,7 @@ def test_keyed_bucket_is_exact_under_threads_and_bounded_in_memory() -> None:
         limiter.hit("k", 101)
 
 
+@pytest.mark.one_pass
 @pytest.mark.timeout(60)
 def test_polite_client_never_waits_longer_than_max_wait() -> None:
     # Once, Retry-After: 86400 meant sleeping a day, an HTTP-date crashed float(), and a

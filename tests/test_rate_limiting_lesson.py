@@ -9,6 +9,9 @@ import pytest
 
 from course_lib.rate_limiting.lesson import replay as rp
 
+# Replays and charts, no server: one pass of `make test` covers them.
+pytestmark = pytest.mark.one_pass
+
 
 def _slopes(xs: list[float], ys: list[float]) -> list[float]:
     points = pairwise(zip(xs, ys, strict=True))

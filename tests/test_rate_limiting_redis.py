@@ -338,6 +338,7 @@ def test_hit_many_decides_exactly_as_hit_one_by_one(
         assert any(d.allowed for d in got) and not all(d.allowed for d in got)
 
 
+@pytest.mark.one_pass
 def test_a_huge_batch_is_cut_into_calls_in_one_round_trip(embedded_dir) -> None:
     server = services.EmbeddedRedis(embedded_dir / "redis")
     client = _private_client(server.start())
@@ -479,6 +480,7 @@ def _wait_dead(pid: int, timeout: float = 10.0) -> None:
     raise AssertionError(f"process {pid} still running {timeout} s after SIGKILL")
 
 
+@pytest.mark.one_pass
 @pytest.mark.parametrize("death", ["shutdown", "sigkill"])
 def test_redis_unavailable_follows_fail_open(embedded_dir, death: str) -> None:
     server = services.EmbeddedRedis(embedded_dir / "redis")
@@ -517,6 +519,7 @@ def test_redis_unavailable_follows_fail_open(embedded_dir, death: str) -> None:
     server.stop()
 
 
+@pytest.mark.one_pass
 def test_noscript_is_recovered_for_hit_and_hit_many(embedded_dir) -> None:
     server = services.EmbeddedRedis(embedded_dir / "redis")
     client = _private_client(server.start())
@@ -570,6 +573,7 @@ def _server_binaries() -> list[str]:
     return found
 
 
+@pytest.mark.one_pass
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("binary", _server_binaries())
 def test_a_read_only_replica_counts_as_unreachable(embedded_dir: Path, binary: str) -> None:

@@ -95,6 +95,7 @@ def _limiters(client: redis_lib.Redis) -> list[object]:
     ]
 
 
+@pytest.mark.one_pass
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("binary", _binaries())
 def test_limiters_and_caches_fail_open_when_redis_is_out_of_memory(binary: str) -> None:
@@ -134,6 +135,7 @@ def test_limiters_and_caches_fail_open_when_redis_is_out_of_memory(binary: str) 
         assert asyncio.run(call()) == 200
 
 
+@pytest.mark.one_pass
 def test_unavailable_replies_are_recognised_and_command_errors_are_not() -> None:
     unavailable = [
         redis_lib.exceptions.OutOfMemoryError("command not allowed when used memory > ..."),
@@ -159,10 +161,12 @@ def test_unavailable_replies_are_recognised_and_command_errors_are_not() -> None
     assert not any(services.redis_unavailable(e) for e in faults)
 
 
+@pytest.mark.one_pass
 def test_a_full_client_pool_is_not_an_outage() -> None:
     assert not services.redis_unavailable(redis_lib.exceptions.MaxConnectionsError("Too many"))
 
 
+@pytest.mark.one_pass
 def test_a_blocking_pool_whose_wait_timed_out_is_not_an_outage() -> None:
     # What redis-py's BlockingConnectionPool (sync and asyncio) raises when its wait ends.
     timed_out = redis_lib.ConnectionError("No connection available.")

@@ -24,6 +24,7 @@ from course_lib.measure import QueryCounter, run_async
 from course_lib.workloads import zipf_keys
 
 
+@pytest.mark.one_pass
 def test_serve_many_runs_apps_in_threads_and_stops_them() -> None:
     with http.serve_many([http.echo_app("a"), http.echo_app("b")]) as urls:
         names = [httpx.get(url).json()["name"] for url in urls]
@@ -33,6 +34,7 @@ def test_serve_many_runs_apps_in_threads_and_stops_them() -> None:
         httpx.get(urls[0], timeout=2)
 
 
+@pytest.mark.one_pass
 def test_serve_processes_gives_killable_processes_and_leaves_nothing_behind() -> None:
     with http.serve_processes("course_lib.http:echo_app", [{"name": "a"}, {"name": "b"}]) as ps:
         replies = [httpx.get(p.url).json() for p in ps]
@@ -48,6 +50,7 @@ def test_serve_processes_gives_killable_processes_and_leaves_nothing_behind() ->
     assert not any(psutil.pid_exists(p.pid) for p in ps)
 
 
+@pytest.mark.one_pass
 def test_serve_processes_stops_everything_when_the_block_raises() -> None:
     started: list[http.ServerProcess] = []
     with pytest.raises(KeyError), http.serve_processes("course_lib.http:echo_app", [{}] * 3) as ps:
@@ -57,6 +60,7 @@ def test_serve_processes_stops_everything_when_the_block_raises() -> None:
     assert not any(psutil.pid_exists(p.pid) for p in started)
 
 
+@pytest.mark.one_pass
 def test_serve_processes_reports_a_server_that_cannot_start() -> None:
     with (
         pytest.raises(TimeoutError, match="ModuleNotFoundError"),
@@ -65,6 +69,7 @@ def test_serve_processes_reports_a_server_that_cannot_start() -> None:
         pass
 
 
+@pytest.mark.one_pass
 @pytest.mark.parametrize(
     ("factory", "kwargs_list", "error"),
     [
@@ -124,6 +129,7 @@ def test_schema_engine_isolates_and_drop_schema_removes() -> None:
         services.unique_schema("bad prefix")
 
 
+@pytest.mark.one_pass
 def test_zipf_keys_are_deterministic_and_skewed() -> None:
     keys = zipf_keys(1000, 20_000, s=1.1, seed=3)
     assert keys == zipf_keys(1000, 20_000, s=1.1, seed=3)
@@ -137,6 +143,7 @@ def test_zipf_keys_are_deterministic_and_skewed() -> None:
         zipf_keys(10, 10, s=True)  # type: ignore[arg-type]
 
 
+@pytest.mark.one_pass
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_validation_refuses_nan_and_infinity(bad: float) -> None:
     for check in (validation.positive_number, validation.non_negative_number):
@@ -144,6 +151,7 @@ def test_validation_refuses_nan_and_infinity(bad: float) -> None:
             check("ttl", bad)
 
 
+@pytest.mark.one_pass
 def test_validation_names_the_parameter_and_refuses_bools() -> None:
     assert validation.positive_number("ttl", 2) == 2.0
     assert validation.non_negative_int("n", 0) == 0
@@ -164,6 +172,7 @@ def test_validation_names_the_parameter_and_refuses_bools() -> None:
         validation.cost_within(11, 10, "limit")
 
 
+@pytest.mark.one_pass
 def test_validation_ranges_and_choices() -> None:
     assert validation.int_in_range("index", 2, 0, 2) == 2
     assert validation.int_in_range("primaries", 7, 3) == 7
@@ -194,6 +203,7 @@ def test_validation_ranges_and_choices() -> None:
             call()
 
 
+@pytest.mark.one_pass
 def test_validation_of_ttls_names_and_protocols() -> None:
     assert validation.whole_milliseconds("ttl", 0.001) == 1
     assert validation.whole_milliseconds("ttl", 3600) == 3_600_000
@@ -211,6 +221,7 @@ def test_validation_of_ttls_names_and_protocols() -> None:
             check(*args)
 
 
+@pytest.mark.one_pass
 def test_run_async_runs_inside_a_running_loop_and_propagates_errors() -> None:
     async def inner() -> str:
         await asyncio.sleep(0)
@@ -234,6 +245,7 @@ def test_run_async_runs_inside_a_running_loop_and_propagates_errors() -> None:
         run_async(stuck(), timeout=0.2)
 
 
+@pytest.mark.one_pass
 def test_fail_fast_async_redis_gives_up_fast(embedded_dir) -> None:
     server = services.EmbeddedRedis(embedded_dir / "redis")
     url = server.start()
@@ -254,6 +266,7 @@ def test_fail_fast_async_redis_gives_up_fast(embedded_dir) -> None:
         services.fail_fast_async_redis(url, timeout=0)
 
 
+@pytest.mark.one_pass
 def test_watch_parent_fires_only_once_the_expected_parent_is_gone() -> None:
     fired = threading.Event()
     orphans.watch_parent(fired.set, interval=0.01)  # our parent (pytest's launcher) lives
@@ -297,7 +310,14 @@ def _gone(pid: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("child", ORPHAN_SCRIPTS)
+# The HTTP server's case uses no service of the course: one pass of `make test` covers it.
+@pytest.mark.parametrize(
+    "child",
+    [
+        pytest.param(n, marks=pytest.mark.one_pass) if n == "http server" else n
+        for n in ORPHAN_SCRIPTS
+    ],
+)
 def test_a_child_whose_parent_is_killed_stops_itself(child: str) -> None:
     key = f"orphan-test-{os.getpid()}-{time.monotonic_ns()}"
     prelude = f"import time\nfrom course_lib import services\nKEY = {key!r}\n"
