@@ -101,9 +101,21 @@ class StampedeResult:
     errors: int
 
 
-def _counting_loader(client: Any, counter: str, delay: float) -> Callable[[Any], Any]:
+def _counting_loader(
+    client: Any, counter: str, delay: float, *, hold_for: int | None = None
+) -> Callable[[Any], Any]:
+    """A loader that counts its calls in Redis and takes ``delay`` s. With ``hold_for``, each
+    call first waits until that many calls have started: no value is cached before every
+    caller has missed, however late a thread starts on a busy machine."""
+
     def loader(key: Any) -> dict[str, Any]:
-        client.incr(counter)
+        started = client.incr(counter)
+        deadline = time.monotonic() + 60
+        while hold_for is not None and started < hold_for:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{hold_for} loader calls did not start within 60 s")
+            time.sleep(0.001)
+            started = int(client.get(counter))
         time.sleep(delay)
         return {"key": key, "computed_by": os.getpid()}
 
@@ -126,7 +138,10 @@ def stampede(
     (``CacheAside(stampede="lock")``). ``model``: the callers are ``"threads"`` or
     ``"asyncio"`` tasks of one event loop (then the caches are :class:`AsyncCacheAside`), so
     strategies can be compared under the same concurrency model. The loader sleeps
-    ``delay`` seconds: an expensive query.
+    ``delay`` seconds: an expensive query. Staged for ``"naive"`` threads: each load first
+    waits until every caller has missed (on a busy machine a thread that starts after a fill
+    would find the value cached; in production, the callers that arrive while a load runs).
+    asyncio tasks need no staging: each sends its lookup before any reply is read.
     """
     if strategy not in ("naive", "seed", "course_lib"):
         raise ValueError(f"strategy must be naive, seed or course_lib, got {strategy!r}")
@@ -159,7 +174,9 @@ def stampede(
 
     def in_one_process() -> list[tuple[float, bool]]:
         with contextlib.closing(services.redis_client()) as own:
-            loader = _counting_loader(own, counter, delay)
+            # Naive threads all miss only if none starts after a fill; held, none can.
+            hold = callers if strategy == "naive" and model == "threads" else None
+            loader = _counting_loader(own, counter, delay, hold_for=hold)
             ready = all_ready(own)
             if strategy == "seed":
                 calls: Calls = _seed_stampede(own, loader, key, per_process, ready)
