@@ -30,6 +30,7 @@ from ..aio import AsyncCacheAside
 from ..cache_aside import CacheAside
 from ..write_behind import WorkerProcess, WriteBehind
 from . import as_written
+from .rq_write_behind import wait_until
 from .users import UserStore, users_table
 
 __all__ = [
@@ -109,13 +110,13 @@ def _counting_loader(
     caller has missed, however late a thread starts on a busy machine."""
 
     def loader(key: Any) -> dict[str, Any]:
-        started = client.incr(counter)
-        deadline = time.monotonic() + 60
-        while hold_for is not None and started < hold_for:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{hold_for} loader calls did not start within 60 s")
-            time.sleep(0.001)
-            started = int(client.get(counter))
+        client.incr(counter)
+        if hold_for is not None:
+            wait_until(
+                lambda: int(client.get(counter)) >= hold_for,
+                f"{hold_for} loader calls started",
+                timeout=60,
+            )
         time.sleep(delay)
         return {"key": key, "computed_by": os.getpid()}
 
