@@ -4,6 +4,7 @@ load generator, and nginx's config (and a live nginx where it is installed)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import urllib.request
@@ -48,6 +49,23 @@ def test_proxy_balances_and_records(procs: list[ServerProcess]) -> None:
         NAMES, 10
     )
     assert (records.attempts == 1).all() and (records.latency_ms > 0).all()
+
+
+def test_load_runs_with_the_collector_paused_and_restores_it(procs: list[ServerProcess]) -> None:
+    # The proxy runs in this process: its key function sees the process's collector state
+    # as each request goes through.
+    seen = []
+
+    def key(client: str, target: str, request: object) -> str:
+        seen.append(gc.isenabled())
+        return client
+
+    proxy = Proxy(urls(procs), RoundRobin(NAMES), key=key)
+    assert gc.isenabled()
+    with proxy.serve() as url:
+        df = run_load(url, requests=6, concurrency=2, progress=False)
+    assert set(df.status) == {200} and seen == [False] * 6
+    assert gc.isenabled()
 
 
 def test_proxy_trusts_x_forwarded_for_from_loopback(procs: list[ServerProcess]) -> None:

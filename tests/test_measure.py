@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ from course_lib import services
 from course_lib.measure import (
     QueryCounter,
     RoundTripCounter,
+    collector_paused,
     percentiles,
     run_processes,
     run_tasks,
@@ -64,6 +66,22 @@ def test_time_calls_counts_calls() -> None:
         time_calls(lambda: None, 2.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^warmup must be >= 0"):
         time_calls(lambda: None, 1, warmup=-1)
+
+
+@pytest.mark.one_pass
+def test_collector_paused_restores_the_state_it_found() -> None:
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("the block failed")
+    assert gc.isenabled()  # back on, even after a raise
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # off before, left off
+    finally:
+        gc.enable()
 
 
 @pytest.mark.one_pass

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
-from course_lib.measure import run_async
+from course_lib.measure import collector_paused, run_async
 from course_lib.progress import progress as progress_bar
 from course_lib.validation import optional_positive_number, positive_int, positive_number
 
@@ -55,7 +55,8 @@ def run_load(
     """Send ``requests`` requests to ``url``; one row per request (see :data:`COLUMNS`).
 
     Times are seconds since the start; ``latency_ms`` runs from the intended send time
-    (open loop) or the actual send time (closed loop) to the end of the response.
+    (open loop) or the actual send time (closed loop) to the end of the response. The
+    cyclic garbage collector is off during the run (:func:`.measure.collector_paused`).
     """
     requests = positive_int("requests", requests)
     concurrency = positive_int("concurrency", concurrency)
@@ -74,21 +75,24 @@ def run_load(
     for client in clients or ():
         if not isinstance(client, str) or not _FIELD.fullmatch(client):
             raise ValueError(f"clients must be header-safe strings, got {client!r}")
-    return run_async(
-        _load(
-            parts.hostname,
-            parts.port,
-            requests=requests,
-            concurrency=concurrency,
-            rate=rate,
-            clients=list(clients) if clients else None,
-            method=method,
-            path=path,
-            timeout=timeout,
-            progress=progress,
-            desc=desc,
+    # The client and a proxy in this process share one heap: a full collection mid-run
+    # would stall both and turn the schedule into a burst (see collector_paused).
+    with collector_paused():
+        return run_async(
+            _load(
+                parts.hostname,
+                parts.port,
+                requests=requests,
+                concurrency=concurrency,
+                rate=rate,
+                clients=list(clients) if clients else None,
+                method=method,
+                path=path,
+                timeout=timeout,
+                progress=progress,
+                desc=desc,
+            )
         )
-    )
 
 
 async def _load(
