@@ -8,6 +8,7 @@ services, so the embedded pass would only repeat it.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import shutil
 import subprocess
@@ -196,6 +197,21 @@ def test_killed_process_loses_no_read_behind_the_proxy(service: Stack) -> None:
     assert windows_frame(windows).name.tolist() == ["kill"]
     assert service.revive(ALL_ON) == [1]
     assert service.procs[1].alive and _feed(service.procs[1].url, 3).status_code == 200
+
+
+def test_play_runs_with_the_collector_paused_and_restores_it(service: Stack) -> None:
+    service.configure(Config(eager=True))
+    seen = []
+
+    def key(client: str, target: str, request: object) -> str:
+        seen.append(gc.isenabled())  # the proxy runs in this process: it sees the state
+        return client
+
+    trace = [Op(k / 100, "c0", "read", 1 + k) for k in range(5)]
+    with Proxy(service.urls, LeastConnections(list(service.urls), seed=1), key=key).serve() as url:
+        rows = play(url, trace)
+    assert rows.status.eq(200).all() and seen == [False] * 5
+    assert gc.isenabled()
 
 
 def test_make_trace_is_deterministic_and_spaced() -> None:

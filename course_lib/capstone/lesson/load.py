@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
-from course_lib.measure import run_async
+from course_lib.measure import collector_paused, run_async
 from course_lib.validation import positive_int, positive_number
 
 __all__ = ["COLUMNS", "NOISY", "Op", "make_trace", "play"]
@@ -134,7 +134,8 @@ def play(
     and ``redis`` come from the app's ``X-Statements``/``X-Redis`` (summed over both requests
     of a write); ``ryw`` is ``None`` for reads. Clients send their name as ``X-Api-Key``.
     ``t0`` (a ``time.perf_counter()`` value, default now) is when the trace starts, so a
-    thread injecting faults can share the clock.
+    thread injecting faults can share the clock. The cyclic garbage collector is off
+    during the play (:func:`course_lib.measure.collector_paused`).
     """
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname or not parts.port:
@@ -142,7 +143,12 @@ def play(
     concurrency = positive_int("concurrency", concurrency)
     timeout = positive_number("timeout", timeout)
     start = time.perf_counter() if t0 is None else t0
-    return run_async(_play(parts.hostname, parts.port, list(trace), concurrency, timeout, start))
+    # A proxy in this process shares the heap: a full collection would stall both (see
+    # collector_paused).
+    with collector_paused():
+        return run_async(
+            _play(parts.hostname, parts.port, list(trace), concurrency, timeout, start)
+        )
 
 
 async def _play(
