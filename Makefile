@@ -35,28 +35,23 @@ lint: install
 # Each pass runs its files on PYTEST_WORKERS processes (pytest-xdist; 0 for one process): a
 # file stays on one worker, in order (a notebook's cells share its kernel, a module's tests
 # its fixtures), and files keep their state apart as notebooks do (a Redis namespace and a
-# schema per test, servers on free ports or private sockets). Files go to the workers in
-# collection order, notebooks first (the longest files), not xdist's default of the files
-# with the most tests first, which left the few long test files (builds, browsers,
-# benchmarks) for last, one worker running them while the other had nothing left.
+# schema per test, servers on free ports or private sockets). The longer pass, which alone
+# runs the one_pass tests, no longer waits on one file at a time while the other has ended.
 PYTEST_WORKERS ?= 2
-PYTEST := $(VENV)/bin/pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+PYTEST := $(VENV)/bin/pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
 SYNC := $(if $(filter output-sync,$(.FEATURES)),--output-sync=target)
 test: lint  ## set up, lint, run the suite against both kinds of services (side by side)
 	@$(MAKE) --no-print-directory -j2 $(SYNC) test-services test-embedded
 
-# Tests marked one_pass do not depend on which servers the pass uses (they set up their own,
-# or use none), so they run in one pass only: the services pass, or the embedded pass for
-# those marked one_pass(in_pass="embedded"), chosen so that the two passes take about as
-# long. `make test` runs every test; each pass alone runs its share of the one_pass ones.
 test-services: install  ## the suite (unit tests + every notebook via nbval) on the services the course picks
-	$(PYTEST) -m "not one_pass(in_pass='embedded')"
+	$(PYTEST)
 
 # The same suite on embedded servers only, as on a laptop with nothing installed; they run
-# in a folder of their own and are stopped afterwards.
+# in a folder of their own and are stopped afterwards. Tests marked one_pass do not depend
+# on which servers the pass uses (they set up their own), so the first pass covers them.
 TEST_STATE := /tmp/perf-course-test-$(shell id -u)
 test-embedded: install
-	@status=0; COURSE_SERVICES=embedded COURSE_STATE_DIR=$(TEST_STATE) $(PYTEST) -m "not one_pass or one_pass(in_pass='embedded')" || status=$$?; \
+	@status=0; COURSE_SERVICES=embedded COURSE_STATE_DIR=$(TEST_STATE) $(PYTEST) -m "not one_pass" || status=$$?; \
 	COURSE_STATE_DIR=$(TEST_STATE) $(VENV)/bin/course services stop >/dev/null; \
 	rm -rf $(TEST_STATE); exit $$status
 

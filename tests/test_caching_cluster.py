@@ -41,8 +41,7 @@ from course_lib.measure import run_processes, run_threads
 from course_lib.rate_limiting import FixedWindow, aio
 from course_lib.services.cluster import LocalCluster
 
-# Run in the embedded pass of `make test`, where it evens out the two passes' times.
-pytestmark = pytest.mark.one_pass(in_pass="embedded")
+pytestmark = pytest.mark.one_pass
 
 
 def _ns() -> str:

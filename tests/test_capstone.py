@@ -42,8 +42,7 @@ from course_lib.load_balancing import LeastConnections
 from course_lib.load_balancing.proxy import Proxy
 from course_lib.services import EmbeddedRedis
 
-# Run in the embedded pass of `make test`, where it evens out the two passes' times.
-pytestmark = pytest.mark.one_pass(in_pass="embedded")
+pytestmark = pytest.mark.one_pass
 
 ALL_ON = Config(eager=True, cache=True, replica=True, limit=True)
 

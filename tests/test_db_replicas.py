@@ -25,8 +25,7 @@ from course_lib.services.errors import ServiceError
 
 # Every server here is a ReplicaSet of the test's own (the same PostgreSQL binaries in
 # both passes of `make test`): one pass covers them.
-# Run in the embedded pass of `make test`, where it evens out the two passes' times.
-pytestmark = pytest.mark.one_pass(in_pass="embedded")
+pytestmark = pytest.mark.one_pass
 
 
 def _wait_for(predicate, timeout: float = 30.0) -> bool:

@@ -26,8 +26,7 @@ from course_lib.services.embedded import find_postgres_bin_dir
 
 # Every server here is a ReplicaSet of the test's own (the same PostgreSQL binaries in
 # both passes of `make test`): one pass covers them.
-# Run in the embedded pass of `make test`, where it evens out the two passes' times.
-pytestmark = pytest.mark.one_pass(in_pass="embedded")
+pytestmark = pytest.mark.one_pass
 
 DELAY = 1.5
 
