@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import cProfile
 import sys
+import time
 import tracemalloc
 import warnings
 
@@ -19,6 +20,7 @@ from course_lib.profiling import (
     builtin_profiler,
     overhead,
     profile_call,
+    profile_fastest,
 )
 from course_lib.profiling.flame import flame_graph, read_collapsed, stack_share
 
@@ -43,6 +45,23 @@ def cold() -> int:
 
 def request(n: int) -> int:
     return hot(n) + cold()
+
+
+def test_profile_fastest_keeps_the_least_disturbed_run() -> None:
+    pauses = iter([0.3, 0.0, 0.2])  # the first and last runs "preempted" for 0.3 and 0.2 s
+    calls = []
+
+    def request() -> int:
+        calls.append(1)
+        time.sleep(next(pauses))
+        return len(calls)
+
+    fastest = profile_fastest(request, 3)
+    assert len(calls) == 3 and fastest.value == 2 and fastest.total_s < 0.2
+    # counts are the kept run's, exact
+    assert fastest.stats.set_index("function").at["<built-in method time.sleep>", "calls"] == 1
+    with pytest.raises(ValueError, match="repeats"):
+        profile_fastest(request, 0)
 
 
 def test_profile_call_finds_the_planted_hot_function_and_counts_calls_exactly() -> None:

@@ -1,7 +1,8 @@
 """Profiling and APM: find where a request spends its time and memory.
 
 - :func:`profile_call` -> :class:`ProfileResult`: one call under cProfile, its ``pstats`` as
-  a DataFrame (``.stats``: calls, own and cumulative time per function; ``.top(n)``).
+  a DataFrame (``.stats``: calls, own and cumulative time per function; ``.top(n)``);
+  :func:`profile_fastest`: the least disturbed of several such runs.
 - :func:`overhead`: what cProfile, pyinstrument, tracemalloc (or any profiler you pass) add
   to a function, as ratios to the unprofiled run measured in the same interleaved rounds,
   with their range over the rounds; :func:`noise_verdict` says whether that range can tell a
@@ -35,6 +36,7 @@ __all__ = [
     "noise_verdict",
     "overhead",
     "profile_call",
+    "profile_fastest",
     "span_table",
     "stats_frame",
     "traced",
@@ -53,6 +55,7 @@ _HOME = {
     "noise_verdict": "costs",
     "overhead": "costs",
     "profile_call": "calls",
+    "profile_fastest": "calls",
     "span_table": "spans",
     "stats_frame": "calls",
     "traced": "apm",
