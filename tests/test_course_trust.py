@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from nbval.plugin import comment_markers
 
 from course_lib.build import fill_instructor_page
 from course_lib.narrate import figures_of
@@ -164,6 +165,23 @@ def test_chart_headlines_go_through_claim(path: Path) -> None:
         ):
             bad.append(f"cell {index}: {cell.source[match.start() : match.start() + 60]!r}")
     assert not bad, "chart titles must be charts.claim(text, holds=...):\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda p: p.stem)
+def test_every_nbval_marker_is_one_nbval_reads(path: Path) -> None:
+    # nbval matches a comment line against its markers exactly: "# NBVAL_IGNORE_OUTPUT (why)"
+    # is no marker, and the cell's volatile output is then compared.
+    nb = nbformat.read(path, as_version=4)
+    bad = [
+        f"cell {index}: {line.strip()!r}"
+        for index, cell in enumerate(nb.cells)
+        if cell.cell_type == "code"
+        for line in cell.source.splitlines()
+        if line.strip().startswith("#")
+        and "NBVAL" in line
+        and line.strip().lstrip("#").strip() not in comment_markers
+    ]
+    assert not bad, "comments nbval does not read as markers:\n" + "\n".join(bad)
 
 
 PROGRESS_FRAME = re.compile(r"\d+%\|.*\||\d+/\d+ \[\d+:\d+")
