@@ -97,16 +97,18 @@ def test_a_lagging_replica_is_left_out_until_it_catches_up(
 ) -> None:
     router = db.Router(rs.engine("primary"), *rs.replica_engines(), probe_interval=0, **limit)
     try:
-        lsn = _write(router, None, 4, f"lag-{limit}")
-        # replica1 applies the commit DELAY s late: over the limit soon after it (at once
-        # in bytes, after 0.5 s in seconds), while it has not replayed it
-        usable = [True, False]  # replica0 replays in ms, replica1 waits DELAY s
-        assert _wait_for(lambda: [r.usable for r in router.replica_status()] == usable)
-        lagging = router.replica_status()
-        assert (lagging[1].replayed or 0) < lsn  # still behind: the exclusion is the lag's
-        assert lagging[0].usable and lagging[1].lag_bytes > 0  # type: ignore[operator]
-        servers = [_read(router)[0] for _ in range(6)]
-        still_behind = (router.replayed_lsn(1) or 0) < lsn
+        # replica1's replay is held for the block (its DELAY is no bound on a busy machine):
+        # over the limit soon after the commit (at once in bytes, after 0.5 s in seconds),
+        # while it has not replayed it
+        with rs.replay_paused(index=1):
+            lsn = _write(router, None, 4, f"lag-{limit}")
+            usable = [True, False]  # replica0 replays in ms, replica1 is held
+            assert _wait_for(lambda: [r.usable for r in router.replica_status()] == usable)
+            lagging = router.replica_status()
+            assert (lagging[1].replayed or 0) < lsn  # still behind: the exclusion is the lag's
+            assert lagging[0].usable and lagging[1].lag_bytes > 0  # type: ignore[operator]
+            servers = [_read(router)[0] for _ in range(6)]
+            still_behind = (router.replayed_lsn(1) or 0) < lsn
         assert servers == ["replica0"] * 6 and still_behind
         rs.wait_for_replay(index=1)
         assert _wait_for(lambda: router.replica_status()[1].usable)
@@ -123,13 +125,15 @@ def test_read_your_writes_from_the_replica_that_has_the_lsn(
     rs: ReplicaSet, router: db.Router
 ) -> None:
     old = _read(router, user_id=5)[1]
-    lsn = _write(router, "alice", 5, "Alice v2")
-    # replica0 replays at once, replica1 DELAY s later: wait for the first only
-    assert _wait_for(lambda: (router.replayed_lsn(0) or 0) >= lsn)
-    alice = [_read(router, "alice", user_id=5) for _ in range(4)]
-    bob = [_read(router, "bob", user_id=5) for _ in range(4)]
-    replica1_behind = (router.replayed_lsn(1) or 0) < lsn
-    assert replica1_behind, "replica1 replayed the write too early for this test"
+    # replica0 replays at once; replica1's replay is held for the block (its DELAY is no
+    # bound on a busy machine): wait for the first only
+    with rs.replay_paused(index=1):
+        lsn = _write(router, "alice", 5, "Alice v2")
+        assert _wait_for(lambda: (router.replayed_lsn(0) or 0) >= lsn)
+        alice = [_read(router, "alice", user_id=5) for _ in range(4)]
+        bob = [_read(router, "bob", user_id=5) for _ in range(4)]
+        replica1_behind = (router.replayed_lsn(1) or 0) < lsn
+    assert replica1_behind, "replica1 replayed the write before the reads ended"
     assert alice == [("replica0", "Alice v2")] * 4  # not the primary: replica0 has the LSN
     assert sorted(server for server, _ in bob) == ["replica0", "replica0", "replica1", "replica1"]
     assert ("replica1", old) in bob  # bob, not pinned, may read the stale replica
@@ -147,9 +151,12 @@ def test_a_pinned_read_goes_to_the_primary_only_when_no_replica_has_the_lsn(
 ) -> None:
     rs.stop_replica(index=0)
     try:
-        lsn = _write(router, "carol", 6, "Carol v2")
-        carol = _read(router, "carol", user_id=6)
-        behind = (router.replayed_lsn(1) or 0) < lsn
+        # replica1's 1.5 s delay is no bound on a busy machine, where the write and the read
+        # took longer than that: its replay is held instead, so it certainly lacks the write.
+        with rs.replay_paused(index=1):
+            lsn = _write(router, "carol", 6, "Carol v2")
+            carol = _read(router, "carol", user_id=6)
+            behind = (router.replayed_lsn(1) or 0) < lsn
         assert carol == ("primary", "Carol v2") and behind  # nobody has it: the primary
         rs.wait_for_replay(index=1)
         assert _read(router, "carol", user_id=6) == ("replica1", "Carol v2")
