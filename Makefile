@@ -12,12 +12,14 @@ PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
 # uv installs what pip would (the same wheels from PyPI, the same versions), in parallel: 9 s
 # against pip's 3 min for the course's 161 packages, measured one after the other on the same
 # machine with empty caches (pip spent 48 s resolving, the rest downloading and installing one
-# package at a time). pip only installs uv itself.
+# package at a time). pip only installs uv itself. --compile-bytecode writes the .pyc files
+# at install, as pip does and uv does not by default: otherwise the first `make course`
+# compiles them in every kernel it starts, side by side.
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: Python >= 3.11 not found (3.11 or 3.12 recommended, see README); or run make PYTHON=/path/to/python3.12"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[dev]'
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -e '.[dev]'
 	@touch $@
 
 install: $(VENV)/.installed
