@@ -14,6 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
+from ordering import until
 from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.exc import InternalError, OperationalError
 from suspend import running, suspended
@@ -28,13 +29,8 @@ from course_lib.services.errors import ServiceError
 pytestmark = pytest.mark.one_pass
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+# A replica set changes state within this (s): its servers start, stream and replay.
+REPLICA_WAIT = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +58,8 @@ def test_a_committed_row_becomes_visible_on_the_replica(rs: ReplicaSet) -> None:
         with rs.engine("replica").connect() as conn:
             return conn.execute(text("SELECT name FROM users WHERE id = 1")).scalar() == "Visible"
 
-    assert _wait_for(visible)
-    assert _wait_for(lambda: rs.lag_bytes() == 0)
+    until(visible, "the replica shows the write", REPLICA_WAIT)
+    until(lambda: rs.lag_bytes() == 0, "the replica has replayed all it received", REPLICA_WAIT)
     with rs.engine("replica").connect() as conn, pytest.raises(InternalError, match="read-only"):
         conn.execute(text("UPDATE users SET name = 'no' WHERE id = 1"))
 
@@ -140,7 +136,7 @@ def test_pre_ping_recovers_after_the_primary_restarts(rs: ReplicaSet) -> None:
     finally:
         plain.dispose()
         pinged.dispose()
-    assert _wait_for(lambda: rs.streaming_replicas() == 1)
+    until(lambda: rs.streaming_replicas() == 1, "the replica streams again", REPLICA_WAIT)
 
 
 def test_nothing_is_left_running_after_the_block_even_when_it_raises() -> None:
@@ -179,8 +175,12 @@ def test_servers_whose_program_is_killed_outright_are_stopped_by_the_reaper() ->
         assert len(seen["pids"]) >= 4 and all(running(pid) for pid in seen["pids"])
         program.kill()  # no atexit, no context manager: a kernel killed with SIGKILL
         program.wait(10)
-        assert _wait_for(lambda: not any(running(pid) for pid in seen["pids"]), timeout=60)
-        assert _wait_for(lambda: not Path(seen["root"]).exists(), timeout=10)
+        until(
+            lambda: not any(running(pid) for pid in seen["pids"]),
+            "the reaper stops every server",
+            60,
+        )
+        until(lambda: not Path(seen["root"]).exists(), "the reaper removes the set's folder", 10)
     finally:
         program.kill()
         if seen and Path(seen["root"]).exists():  # the test failed: stop what it left
@@ -366,7 +366,7 @@ def test_a_hung_replica_is_skipped_within_the_probe_timeout(rs: ReplicaSet) -> N
         # one wait of probe_timeout (1 s), then no more: the hung probe is not repeated
         assert outcome["probes"] == 1
         assert outcome["seconds"] < 1 + 10
-        assert _wait_for(router.replica_available)  # the stuck probe answered after SIGCONT
+        until(router.replica_available, "the stuck probe answers after SIGCONT", REPLICA_WAIT)
         with router.session() as session:
             assert session.scalar(query) is not None
         assert router.routed["replica"] == 2
@@ -421,7 +421,11 @@ def test_pins_of_clients_that_never_read_again_are_forgotten(rs: ReplicaSet) -> 
         assert len(router.pins) == 3
         target = router.primary_lsn()
         # no session of theirs reads again; the router's own probes catch up with them
-        assert _wait_for(lambda: (router.replayed_lsn() or 0) >= target)
+        until(
+            lambda: (router.replayed_lsn() or 0) >= target,
+            "the probes see the target replayed",
+            REPLICA_WAIT,
+        )
         assert len(router.pins) == 0  # before: kept forever
     finally:
         router.dispose()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ordering import until
 from sqlalchemy import func, select, update
 from suspend import running, suspended
 
@@ -31,13 +32,8 @@ pytestmark = pytest.mark.one_pass
 DELAY = 1.5
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+# A replica set changes state within this (s): its servers start, stream and replay.
+REPLICA_WAIT = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +99,11 @@ def test_a_lagging_replica_is_left_out_until_it_catches_up(
         with rs.replay_paused(index=1):
             lsn = _write(router, None, 4, f"lag-{limit}")
             usable = [True, False]  # replica0 replays in ms, replica1 is held
-            assert _wait_for(lambda: [r.usable for r in router.replica_status()] == usable)
+            until(
+                lambda: [r.usable for r in router.replica_status()] == usable,
+                "replica1 is left out",
+                REPLICA_WAIT,
+            )
             lagging = router.replica_status()
             assert (lagging[1].replayed or 0) < lsn  # still behind: the exclusion is the lag's
             assert lagging[0].usable and lagging[1].lag_bytes > 0  # type: ignore[operator]
@@ -111,7 +111,7 @@ def test_a_lagging_replica_is_left_out_until_it_catches_up(
             still_behind = (router.replayed_lsn(1) or 0) < lsn
         assert servers == ["replica0"] * 6 and still_behind
         rs.wait_for_replay(index=1)
-        assert _wait_for(lambda: router.replica_status()[1].usable)
+        until(lambda: router.replica_status()[1].usable, "replica1 is usable again", REPLICA_WAIT)
         caught_up = router.replica_status()
         assert caught_up[1].lag_bytes == 0 and caught_up[1].lag_seconds == 0.0
         servers = [_read(router)[0] for _ in range(4)]
@@ -129,7 +129,9 @@ def test_read_your_writes_from_the_replica_that_has_the_lsn(
     # bound on a busy machine): wait for the first only
     with rs.replay_paused(index=1):
         lsn = _write(router, "alice", 5, "Alice v2")
-        assert _wait_for(lambda: (router.replayed_lsn(0) or 0) >= lsn)
+        until(
+            lambda: (router.replayed_lsn(0) or 0) >= lsn, "replica0 replays the write", REPLICA_WAIT
+        )
         alice = [_read(router, "alice", user_id=5) for _ in range(4)]
         bob = [_read(router, "bob", user_id=5) for _ in range(4)]
         replica1_behind = (router.replayed_lsn(1) or 0) < lsn
@@ -164,7 +166,7 @@ def test_a_pinned_read_goes_to_the_primary_only_when_no_replica_has_the_lsn(
         assert router.pins.required("carol") == lsn  # replica0 is down: the pin is kept
     finally:
         rs.start_replica(index=0)
-    assert _wait_for(lambda: rs.streaming_replicas() == 2)
+    until(lambda: rs.streaming_replicas() == 2, "both replicas stream", REPLICA_WAIT)
 
 
 def test_one_replica_stopped_reads_go_to_the_other(rs: ReplicaSet, router: db.Router) -> None:
@@ -175,7 +177,7 @@ def test_one_replica_stopped_reads_go_to_the_other(rs: ReplicaSet, router: db.Ro
         assert not router.replica_available(1) and router.replica_available()
     finally:
         rs.start_replica(index=1)
-    assert _wait_for(lambda: router.replica_available(1))
+    until(lambda: router.replica_available(1), "replica1 is available again", REPLICA_WAIT)
     assert sorted(_read(router)[0] for _ in range(2)) == ["replica0", "replica1"]
 
 
@@ -207,7 +209,7 @@ def test_a_hung_replica_is_skipped_within_the_probe_timeout(
     assert outcome["probes"] == 1  # the hung probe is not repeated
     # one wait of probe_timeout (1 s) in all, then none: bounded, with room for a busy machine
     assert outcome["seconds"] < 1 + 5
-    assert _wait_for(lambda: router.replica_available(1))
+    until(lambda: router.replica_available(1), "replica1 is available again", REPLICA_WAIT)
     assert sorted(_read(router)[0] for _ in range(2)) == ["replica0", "replica1"]
 
 
@@ -231,8 +233,12 @@ def test_the_reaper_stops_every_replica_of_a_program_killed_outright() -> None:
         assert len(seen["pids"]) >= 6 and all(running(pid) for pid in seen["pids"])
         program.kill()  # no atexit, no context manager
         program.wait(10)
-        assert _wait_for(lambda: not any(running(pid) for pid in seen["pids"]), timeout=60)
-        assert _wait_for(lambda: not Path(seen["root"]).exists(), timeout=10)
+        until(
+            lambda: not any(running(pid) for pid in seen["pids"]),
+            "the reaper stops every server",
+            60,
+        )
+        until(lambda: not Path(seen["root"]).exists(), "the reaper removes the set's folder", 10)
     finally:
         program.kill()
         if seen and Path(seen["root"]).exists():  # the test failed: stop what it left
@@ -287,7 +293,7 @@ def test_the_lesson_demo_shows_each_rule(rs: ReplicaSet, own_set: bool) -> None:
         reads = two_replicas_demo(apply_delay=1.0, max_lag=0.5, every_s=0.05)
     else:
         reads = two_replicas_demo(rs, max_lag=0.5, every_s=0.05)
-        assert _wait_for(lambda: rs.streaming_replicas() == 2)  # replica0 started again
+        until(lambda: rs.streaming_replicas() == 2, "replica0 streams again", REPLICA_WAIT)
     phase = {name: rows for name, rows in reads.groupby("phase", sort=False)}
     assert list(phase["caught up"].went_to) == ["replica0", "replica1"] * 3
     wrote = phase["alice wrote"]
@@ -320,7 +326,11 @@ def test_replay_paused_holds_what_arrives_until_the_block_ends(
 
     with rs.replay_paused(index=0):
         lsn = _write(router, None, 5, "paused")
-        assert _wait_for(lambda: received() >= lsn)  # the WAL is on replica0...
+        until(
+            lambda: received() >= lsn, "the WAL reaches replica0", REPLICA_WAIT
+        )  # the WAL is on replica0...
         assert (router.replayed_lsn(0) or 0) < lsn  # ...and not applied
         assert _read(router, None, 5) != ("replica0", "paused")
-    assert _wait_for(lambda: (router.replayed_lsn(0) or 0) >= lsn)  # resumed on exit
+    until(
+        lambda: (router.replayed_lsn(0) or 0) >= lsn, "replica0 replays on resuming", REPLICA_WAIT
+    )
