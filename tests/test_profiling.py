@@ -63,6 +63,13 @@ def test_profile_fastest_keeps_the_least_disturbed_run() -> None:
     with pytest.raises(ValueError, match="repeats"):
         profile_fastest(request, 0)
 
+    async def handler() -> None:  # profile_call's refusals reach the caller, before any run
+        calls.append(1)
+
+    with pytest.raises(TypeError, match="async"):
+        profile_fastest(handler, 3)
+    assert len(calls) == 3
+
 
 def test_profile_call_finds_the_planted_hot_function_and_counts_calls_exactly() -> None:
     result = profile_call(request, 200_000)
